@@ -1,0 +1,66 @@
+"""Public attention functions: Lighthouse (pool, select, gather, SDPA, scatter) and dense causal.
+
+Layouts follow the public API: q [B, N, H, D], k and v [B, N, Hkv, D], output [B, N, H, D].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lh_cp.config import LighthouseConfig
+from lh_cp.pyramid import gather_entries
+from lh_cp.scatter import scatter_entries
+from lh_cp.select import Selection, check_heads, select
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Shapes, dtypes and devices every attention entry point requires."""
+    check_heads(q, k)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not q.is_floating_point():
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA on [B, H, S, D] tensors (k, v may have fewer heads: GQA), scale 1/sqrt(D)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_selected(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: Selection, cfg: LighthouseConfig
+) -> torch.Tensor:
+    """Lighthouse attention with a given selection (differentiable in q, k, v): [B, N, H, D]."""
+    n = q.shape[1]
+    slots = sel.slots(n, cfg)  # [B, H, S] rows of the pooled pyramid
+    q_entries = gather_entries(q, slots, cfg)  # [B, H, S, D]
+    k_entries = gather_entries(k, slots, cfg)  # [B, H, S, D], kv head h // group
+    v_entries = gather_entries(v, slots, cfg)
+    # Entries are sorted by the causal key, so "key_i <= key_j" is plain position causality.
+    out_entries = sdpa_causal(q_entries, k_entries, v_entries)
+    return scatter_entries(out_entries, sel, n, cfg)
+
+
+def lighthouse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+) -> torch.Tensor:
+    """Lighthouse attention (LIGHTHOUSE.md): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
+
+    The selection is computed without gradient from float32 norms; gradients flow through
+    pooling, gather, SDPA and scatter.
+    """
+    check_qkv(q, k, v)
+    sel = select(q.detach(), k.detach(), cfg)
+    return attend_selected(q, k, v, sel, cfg)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention in the public layout: q [B, N, H, D], k/v [B, N, Hkv, D]."""
+    check_qkv(q, k, v)
+    out = sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)

@@ -1,0 +1,135 @@
+"""Gradient-free selection of the causal sub-sequence (LIGHTHOUSE.md s.4 and s.5).
+
+Vectorised over batch, heads and tiles; the only Python loop is over pyramid levels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lh_cp.config import LighthouseConfig
+from lh_cp.pyramid import level_offsets, reduce_levels, token_scores
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The entries chosen for every (batch, head), sorted by their causal key.
+
+    start, end: int64 [B, H, S], the token span [start, end) of each entry.
+    level: int64 [B, H, S], the pyramid level (1 = single token).
+    internal: bool [B, H, S], True for refined entries kept besides their children.
+    levels: the pyramid depth L the keys are computed with.
+    """
+
+    start: torch.Tensor
+    end: torch.Tensor
+    level: torch.Tensor
+    internal: torch.Tensor
+    levels: int
+
+    @property
+    def key(self) -> torch.Tensor:
+        """Causal key: L*start for leaves, L*(end-1) + (level-1) for internal entries."""
+        leaf_key = self.levels * self.start
+        internal_key = self.levels * (self.end - 1) + (self.level - 1)
+        return torch.where(self.internal, internal_key, leaf_key)
+
+    def slots(self, rows: int, cfg: LighthouseConfig, shift: int = 0) -> torch.Tensor:
+        """Index of each entry in a flat level-major pyramid whose level 1 has `rows` rows.
+
+        The entry of level l starting at token s is row s / c_l + shift of level l.
+        """
+        offsets = torch.tensor(level_offsets(rows, cfg)[:-1], device=self.start.device)
+        span = self.end - self.start
+        return offsets[self.level - 1] + self.start // span + shift
+
+    def shifted(self, offset: int) -> "Selection":
+        """The same entries with token positions moved by `offset` (a chunk's global start)."""
+        return Selection(self.start + offset, self.end + offset, self.level, self.internal, self.levels)
+
+
+def _top_half_budget(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Slots of the `count` largest scores along the last dim; ties go to the lower slot."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :count]
+
+
+def select_from_scores(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig) -> Selection:
+    """Selection from per-token scores [B, H, N] (float32), one set per selection head."""
+    batch, heads, n = query_scores.shape
+    tile = cfg.tile_size(n)
+    if torch.isnan(query_scores).any() or torch.isnan(key_scores).any():
+        raise ValueError("NaN in the query or key norms: selection scores must not be NaN")
+    pool, levels, budget, tiles = cfg.pool, cfg.levels, cfg.tile_budget, cfg.tiles
+    device = query_scores.device
+    q_pyramid = reduce_levels(query_scores, pool, levels, "max", dim=2)  # level l: [B, H, N / c_l]
+    k_pyramid = reduce_levels(key_scores, pool, levels, "max", dim=2)
+
+    # Candidates of the coarsest level: every entry of each tile, in index order.
+    per_tile = tile // cfg.coarsest_span
+    candidates = torch.arange(tiles * per_tile, device=device).view(1, 1, tiles, per_tile)
+    candidates = candidates.expand(batch, heads, tiles, per_tile)
+
+    emitted_level, emitted_index, emitted_internal = [], [], []
+    children = torch.arange(pool, device=device)
+    for level in range(levels, 1, -1):
+        width = candidates.shape[-1]
+        flat = candidates.reshape(batch, heads, tiles * width)
+        q_score = q_pyramid[level - 1].gather(2, flat).view(batch, heads, tiles, width)
+        k_score = k_pyramid[level - 1].gather(2, flat).view(batch, heads, tiles, width)
+        refined = torch.zeros_like(candidates, dtype=torch.bool)
+        refined.scatter_(-1, _top_half_budget(q_score, budget // 2), True)
+        # Norms are >= 0, so -inf removes the query-chosen entries from the key round.
+        k_score = k_score.masked_fill(refined, float("-inf"))
+        refined.scatter_(-1, _top_half_budget(k_score, budget // 2), True)
+        emitted_level.append(torch.full_like(candidates, level))
+        emitted_index.append(candidates)
+        emitted_internal.append(refined)
+        # Boolean indexing keeps row-major order, so refined entries stay in index order and
+        # so do their children: the next round's ties again go to the lower index.
+        kept = candidates[refined].view(batch, heads, tiles, budget)
+        candidates = (kept.unsqueeze(-1) * pool + children).reshape(batch, heads, tiles, budget * pool)
+    emitted_level.append(torch.ones_like(candidates))
+    emitted_index.append(candidates)
+    emitted_internal.append(torch.zeros_like(candidates, dtype=torch.bool))
+
+    level_t = torch.cat(emitted_level, dim=-1)  # [B, H, tiles, E]
+    span = pool ** (level_t - 1)
+    start = torch.cat(emitted_index, dim=-1) * span
+    internal = torch.cat(emitted_internal, dim=-1)
+    unsorted = Selection(start, start + span, level_t, internal, levels)
+    # Keys are unique within a head and tiles are contiguous: sorting inside each tile and
+    # concatenating tiles gives the global causal order.
+    order = torch.argsort(unsorted.key, dim=-1)
+    fields = [t.gather(-1, order).reshape(batch, heads, -1) for t in (start, unsorted.end, level_t, internal)]
+    return Selection(*fields, levels=levels)
+
+
+def check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
+    """q [B, N, H, D] and k [B, N, Hkv, D] must agree on B, N, D, and H % Hkv == 0."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"expected q [B, N, H, D] and k [B, N, Hkv, D], got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B, N and D")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads (GQA): H={q.shape[2]}, Hkv={k.shape[2]}"
+        )
+
+
+@torch.no_grad()
+def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig) -> Selection:
+    """Entries chosen for q [B, N, H, D], k [B, N, Hkv, D]; sorted, int64 [B, H, S] fields.
+
+    With GQA the key norms of kv head h // (H // Hkv) score query head h (selection is per
+    query head). Scores are float32 whatever the input dtype; no gradient flows through here.
+    """
+    check_heads(q, k)
+    heads, kv_heads = q.shape[2], k.shape[2]
+    query_scores = token_scores(q)
+    key_scores = token_scores(k)
+    if kv_heads != heads:
+        key_scores = key_scores.repeat_interleave(heads // kv_heads, dim=1)
+    return select_from_scores(query_scores, key_scores, cfg)

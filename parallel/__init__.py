@@ -1,0 +1,1 @@
+"""lh_cp.parallel: everything that talks to other ranks (context parallelism, FSDP2, launch)."""
