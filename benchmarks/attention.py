@@ -1,0 +1,163 @@
+"""One attention layer on one GPU: Lighthouse versus dense causal SDPA, forward and backward.
+
+For every N it prints a row: S, dense SDPA ms, Lighthouse ms (forward, forward+backward),
+the floor (SDPA forward+backward on the selected length S, measured in the same run, plus
+the bytes that must cross memory over the measured bandwidth), the ratio to the floor, the
+speedup over dense and the peak memory of the Lighthouse step.
+
+Timing: CUDA events around each call, warm-up first, median of the repeats, a fresh set of
+random inputs (never zeros) for every repeat, drawn from a small pool of pre-generated sets
+so that generating them is not timed.
+
+    python benchmarks/attention.py --ns 32768,131072 --levels 3 --out benchmarks/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
+
+HBM_BYTES_PER_S = 3.0e12  # H100 SXM device-to-device copy, read+write (device/KINDS.md)
+
+
+def minimal_bytes(n: int, s: int, heads: int, dim: int, itemsize: int) -> int:
+    """Bytes a Lighthouse forward+backward must move outside SDPA itself.
+
+    Token level: read q, k, v and write out (forward); read dout and write dq, dk, dv
+    (backward): 8 N-length tensors. Entry level, not counted inside SDPA: write the gathered
+    q, k, v and read the entry outputs (forward); write the entry output gradients and read
+    the entry q, k, v gradients (backward): 8 S-length tensors.
+    """
+    return 8 * (n + s) * heads * dim * itemsize
+
+
+def _random_sets(count: int, shapes: list[tuple[int, ...]], dtype, device) -> list[list[torch.Tensor]]:
+    return [[torch.randn(shape, dtype=dtype, device=device).requires_grad_() for shape in shapes] for _ in range(count)]
+
+
+def time_ms(fn, input_sets: list[list[torch.Tensor]], backward: bool, warmup: int, repeats: int) -> float:
+    """Median CUDA-event time of fn(*inputs) (and its backward) over fresh input sets."""
+    if backward:
+        with torch.no_grad():
+            grad_out = torch.randn_like(fn(*input_sets[0]))
+    times = []
+    for i in range(warmup + repeats):
+        inputs = input_sets[i % len(input_sets)]
+        for t in inputs:
+            t.grad = None
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        if backward:
+            fn(*inputs).backward(grad_out)
+        else:
+            with torch.no_grad():
+                fn(*inputs)
+        stop.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def peak_memory_gb(fn, inputs: list[torch.Tensor]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(*inputs)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_one(n: int, cfg: LighthouseConfig, args, impls: dict) -> dict:
+    dtype = getattr(torch, args.dtype)
+    heads, dim = args.heads, args.dim
+    s = cfg.selected_length(n)
+    token_shapes = [(1, n, heads, dim)] * 3
+    entry_shapes = [(1, heads, s, dim)] * 3
+    token_sets = _random_sets(args.sets, token_shapes, dtype, "cuda")
+    entry_sets = _random_sets(args.sets, entry_shapes, dtype, "cuda")
+    sdpa_on_entries = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    row = {"N": n, "S": s, "config": vars(cfg) | {"heads": heads, "dim": dim, "dtype": args.dtype, "batch": 1}}
+    row["sdpa_selected_ms"] = time_ms(sdpa_on_entries, entry_sets, True, args.warmup, args.repeats)
+    nbytes = minimal_bytes(n, s, heads, dim, torch.tensor([], dtype=dtype).element_size())
+    row["min_bytes"] = nbytes
+    row["floor_ms"] = row["sdpa_selected_ms"] + nbytes / HBM_BYTES_PER_S * 1e3
+    for name, fn in impls.items():
+        layer = lambda q, k, v, fn=fn: fn(q, k, v, cfg)
+        row[f"{name}_fwd_ms"] = time_ms(layer, token_sets, False, args.warmup, args.repeats)
+        row[f"{name}_ms"] = time_ms(layer, token_sets, True, args.warmup, args.repeats)
+        row[f"{name}_peak_mem_gb"] = peak_memory_gb(layer, token_sets[0])
+    dense_repeats = max(1, args.repeats if n <= 131072 else args.repeats // 3)
+    row["sdpa_fwd_ms"] = time_ms(causal_attention, token_sets, False, 1, dense_repeats)
+    row["sdpa_ms"] = time_ms(causal_attention, token_sets, True, 1, dense_repeats)
+    first = next(iter(impls))
+    row["lighthouse_ms"] = row[f"{first}_ms"]
+    row["lighthouse_fwd_ms"] = row[f"{first}_fwd_ms"]
+    row["peak_mem_gb"] = row[f"{first}_peak_mem_gb"]
+    row["ratio_to_floor"] = row["lighthouse_ms"] / row["floor_ms"]
+    row["speedup"] = row["sdpa_ms"] / row["lighthouse_ms"]
+    row["device"] = torch.cuda.get_device_name()
+    row["torch"] = torch.__version__
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'N':>8} {'S':>7} {'sdpa ms':>9} {'LH fwd':>8} {'LH f+b':>8} {'floor':>7} {'/floor':>7} {'speedup':>8} {'peak GB':>8}"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['N']:>8} {r['S']:>7} {r['sdpa_ms']:>9.2f} {r['lighthouse_fwd_ms']:>8.2f} {r['lighthouse_ms']:>8.2f} "
+            f"{r['floor_ms']:>7.2f} {r['ratio_to_floor']:>7.2f} {r['speedup']:>7.1f}x {r['peak_mem_gb']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ns", default="32768,131072", help="comma-separated sequence lengths")
+    p.add_argument("--levels", default="3", help="levels for every N, or N:levels pairs, e.g. 131072:3,524288:4")
+    p.add_argument("--pool", type=int, default=4)
+    p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--tile-budget", type=int, default=128)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--sets", type=int, default=2, help="random input sets rotated between repeats")
+    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/attention.py needs a CUDA device", file=sys.stderr)
+        return 2
+    ns = [int(x) for x in args.ns.split(",")]
+    if ":" in args.levels:
+        levels_of = {int(a): int(b) for a, b in (pair.split(":") for pair in args.levels.split(","))}
+    else:
+        levels_of = {n: int(args.levels) for n in ns}
+    impls = {"lighthouse": lighthouse_attention}
+    rows = []
+    for n in ns:
+        cfg = LighthouseConfig(pool=args.pool, levels=levels_of[n], topk=args.topk, tile_budget=args.tile_budget)
+        rows.append(bench_one(n, cfg, args, impls))
+        print(format_table(rows[-1:]), flush=True)
+        torch.cuda.empty_cache()
+    print(f"\n{rows[0]['device']}, torch {torch.__version__}, B=1 H={args.heads} D={args.dim} {args.dtype}, "
+          f"pool={args.pool} topk={args.topk} tile_budget={args.tile_budget}; times are medians in ms")
+    print(format_table(rows))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
