@@ -47,20 +47,40 @@ def attend_selected(
 
 
 def lighthouse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: LighthouseConfig,
+    cp=None,
+    exchange: str = "allgather",
 ) -> torch.Tensor:
     """Lighthouse attention (LIGHTHOUSE.md): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
     The selection is computed without gradient from float32 norms; gradients flow through
-    pooling, gather, SDPA and scatter.
+    pooling, gather, SDPA and scatter. With `cp` a ProcessGroup, q/k/v are this rank's
+    head-tail shard and compressed K/V are exchanged by `exchange` ("allgather" or "ring").
     """
+    if cp is not None:
+        # Lazy import: single-device use never loads the distributed code.
+        from lh_cp.parallel.cp_attention import lighthouse_attention_cp
+
+        return lighthouse_attention_cp(q, k, v, cfg, cp, exchange)
     check_qkv(q, k, v)
     sel = select(q.detach(), k.detach(), cfg)
     return attend_selected(q, k, v, sel, cfg)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense causal attention in the public layout: q [B, N, H, D], k/v [B, N, Hkv, D]."""
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp=None, exchange: str = "allgather"
+) -> torch.Tensor:
+    """Dense causal attention in the public layout: q [B, N, H, D], k/v [B, N, Hkv, D].
+
+    With `cp` a ProcessGroup, q/k/v are this rank's head-tail shard (see lighthouse_attention).
+    """
+    if cp is not None:
+        from lh_cp.parallel.cp_attention import causal_attention_cp
+
+        return causal_attention_cp(q, k, v, cp, exchange)
     check_qkv(q, k, v)
     out = sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)

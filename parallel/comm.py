@@ -1,0 +1,109 @@
+"""Closed-form bytes each rank sends per attention layer under CP (forward and backward).
+
+The categories are those transport.SentBytes records, so a test can compare this accounting
+with what the code actually sends. Conventions (they follow the implementation):
+- K and V travel in the activation dtype; gradients dK/dV are accumulated and sent in float32
+  (float64 for float64 activations), see ring.py.
+- Ring: W - 1 K/V hops forward, W - 1 again in backward (K/V are not kept), and W dK/dV hops
+  (the accumulator returns to its owner). All-gather: W - 1 shares forward, W - 1 gradient
+  shares in the reduce-scatter (ring-algorithm volume), and no K/V traffic in backward.
+- Lighthouse exchanges compressed entries of every *query* head (selection is per query head,
+  LIGHTHOUSE.md s.3), S_c per chunk; dense attention exchanges tokens of the Hkv K/V heads.
+- Halo (Lighthouse only): each spill is c_L - 1 positions of the output, activation dtype; an
+  interior rank sends two per direction, the first and last rank one (see halo.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lh_cp.config import LighthouseConfig
+from lh_cp.parallel.exchange import check_exchange
+
+
+@dataclass(frozen=True)
+class CommBytes:
+    """Bytes one rank sends for one layer, by category (SentBytes category names)."""
+
+    kv_forward: int = 0
+    kv_backward: int = 0
+    dkv_backward: int = 0
+    halo_forward: int = 0
+    halo_backward: int = 0
+
+    @property
+    def forward(self) -> int:
+        return self.kv_forward + self.halo_forward
+
+    @property
+    def backward(self) -> int:
+        return self.kv_backward + self.dkv_backward + self.halo_backward
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+    def nonzero(self) -> dict[str, int]:
+        """Categories with traffic, as SentBytes.by_category lists them."""
+        return {name: value for name, value in asdict(self).items() if value}
+
+
+def _grad_bytes(dtype_bytes: int) -> int:
+    return 8 if dtype_bytes == 8 else 4
+
+
+def _exchange_bytes(block_elements: int, world: int, dtype_bytes: int, exchange: str) -> dict[str, int]:
+    """Traffic of one exchange of a K+V block of `block_elements` elements per rank."""
+    check_exchange(exchange)
+    if world == 1:
+        return {}
+    grad = _grad_bytes(dtype_bytes)
+    if exchange == "ring":
+        return {
+            "kv_forward": (world - 1) * block_elements * dtype_bytes,
+            "kv_backward": (world - 1) * block_elements * dtype_bytes,
+            "dkv_backward": world * block_elements * grad,
+        }
+    return {
+        "kv_forward": (world - 1) * block_elements * dtype_bytes,
+        "dkv_backward": (world - 1) * block_elements * grad,
+    }
+
+
+def lighthouse_cp_bytes(
+    n: int,
+    world: int,
+    rank: int,
+    cfg: LighthouseConfig,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    exchange: str,
+) -> CommBytes:
+    """Bytes rank `rank` of `world` sends in one Lighthouse layer (forward + backward) at length n."""
+    from lh_cp.parallel.cp_attention import chunk_config
+
+    local_cfg = chunk_config(cfg, n, world)
+    chunk = n // (2 * world)
+    entries_per_chunk = local_cfg.selected_length(chunk)  # S_c
+    block = 2 * batch * heads * 2 * entries_per_chunk * head_dim  # K and V of two chunks
+    counts = _exchange_bytes(block, world, dtype_bytes, exchange)
+    spill = local_cfg.coarsest_span - 1
+    if spill and world > 1:
+        messages = int(rank < world - 1) + int(rank > 0)
+        halo = messages * batch * spill * heads * head_dim * dtype_bytes
+        counts["halo_forward"] = halo
+        counts["halo_backward"] = halo
+    return CommBytes(**counts)
+
+
+def dense_cp_bytes(
+    n: int, world: int, *, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, exchange: str
+) -> CommBytes:
+    """Bytes each rank sends in one dense causal layer under CP (forward + backward) at length n."""
+    if n % (2 * world) != 0:
+        raise ValueError(f"N must be a multiple of 2 * W for head-tail sharding: N={n}, W={world}")
+    block = 2 * batch * kv_heads * (n // world) * head_dim
+    return CommBytes(**_exchange_bytes(block, world, dtype_bytes, exchange))

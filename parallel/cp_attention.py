@@ -1,0 +1,129 @@
+"""Lighthouse and dense causal attention over a context-parallel group (LIGHTHOUSE.md s.8).
+
+Inputs are this rank's head-tail shard: q [B, 2C, H, D], k and v [B, 2C, Hkv, D], holding
+global chunks r and 2W-1-r of length C each. The result is the matching shard of the
+single-device output.
+
+Lighthouse: the two chunks are processed as a batch of 2B independent sequences for pyramid,
+selection, gather and scatter (tiles never straddle chunks, so each chunk's entries are the
+single-device entries of its tokens); only the compressed q/k/v entries reach the exchange;
+the scatter's spill past each chunk end travels as a halo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from lh_cp.attention import check_qkv
+from lh_cp.config import LighthouseConfig
+from lh_cp.parallel.exchange import check_exchange, exchange_attention
+from lh_cp.parallel.halo import exchange_halo
+from lh_cp.pyramid import gather_entries
+from lh_cp.scatter import scatter_entries
+from lh_cp.select import select
+
+
+def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> LighthouseConfig:
+    """The config that selects inside one chunk of N / (2W) tokens exactly as `cfg` does on N.
+
+    Tiles of T = N * tile_budget / topk tokens must tile each chunk; the chunk config keeps T
+    by scaling topk to the chunk's share, topk / (2W). Raises ValueError, naming the numbers,
+    when the global rules fail or a chunk is not a whole number of tiles.
+    """
+    tile = cfg.tile_size(n_global)
+    chunks = 2 * world
+    if n_global % chunks != 0 or (n_global // chunks) % tile != 0:
+        raise ValueError(
+            f"context parallelism needs each chunk to be a whole number of tiles: chunk length "
+            f"N / (2W) = {n_global} / {chunks} = {n_global / chunks:g} is not a multiple of the tile "
+            f"size T = N * tile_budget / topk = {tile} (W={world}); use a longer sequence, a "
+            f"smaller CP degree, or a larger topk"
+        )
+    return replace(cfg, topk=cfg.topk // chunks)
+
+
+def _to_exchange_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-chunk entries [2B, H, S, D] (row 2b + slot) -> [B, H, 2, S, D]."""
+    return x.unflatten(0, (batch, 2)).transpose(1, 2)
+
+
+def _from_exchange_layout(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, 2, S, D] -> [2B, H, S, D] (row 2b + slot)."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def lighthouse_attention_cp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: LighthouseConfig,
+    group: dist.ProcessGroup,
+    exchange: str = "allgather",
+) -> torch.Tensor:
+    """Lighthouse attention of this rank's head-tail shard: q [B, 2C, H, D] -> [B, 2C, H, D]."""
+    check_qkv(q, k, v)
+    check_exchange(exchange)
+    batch, n_local, heads, dim = q.shape
+    world = dist.get_world_size(group)
+    if n_local % 2 != 0:
+        raise ValueError(f"a head-tail shard holds two equal chunks: local length {n_local} must be even")
+    chunk = n_local // 2
+    local_cfg = chunk_config(cfg, n_local * world, world)
+
+    # Chunks as batch rows: [B, 2C, H, D] -> [2B, C, H, D], row 2b + slot.
+    q_chunks = q.reshape(2 * batch, chunk, heads, dim)
+    k_chunks = k.reshape(2 * batch, chunk, *k.shape[2:])
+    v_chunks = v.reshape(2 * batch, chunk, *v.shape[2:])
+    sel = select(q_chunks.detach(), k_chunks.detach(), local_cfg)  # [2B, H, S_c] chunk-local spans
+    slots = sel.slots(chunk, local_cfg)
+    q_entries = gather_entries(q_chunks, slots, local_cfg)  # [2B, H, S_c, D]
+    k_entries = gather_entries(k_chunks, slots, local_cfg)  # per query head (selection is)
+    v_entries = gather_entries(v_chunks, slots, local_cfg)
+
+    out_entries = exchange_attention(
+        _to_exchange_layout(q_entries, batch),
+        _to_exchange_layout(k_entries, batch),
+        _to_exchange_layout(v_entries, batch),
+        group,
+        exchange,
+    )  # [B, H, 2, S_c, D]
+    out_entries = _from_exchange_layout(out_entries)  # [2B, H, S_c, D]
+
+    # Scatter onto C + c_L positions (a multiple of c_L, as the pyramid needs): rows C ..
+    # C + c_L - 2 are the spill into the next chunk, row C + c_L - 1 never receives anything.
+    spill = local_cfg.coarsest_span - 1
+    delivered = scatter_entries(out_entries, sel, chunk + local_cfg.coarsest_span, local_cfg)
+    delivered = delivered.unflatten(0, (batch, 2))  # [B, 2, C + c_L, H, D]
+    own = delivered[:, :, :chunk]  # [B, 2, C, H, D]
+    if spill == 0:
+        return own.reshape(batch, n_local, heads, dim)
+    spills = delivered[:, :, chunk : chunk + spill]  # [B, 2, c_L - 1, H, D]
+    halo_first, halo_second = exchange_halo(spills[:, 0], spills[:, 1], group)
+    halo = torch.stack([halo_first, halo_second], dim=1)  # [B, 2, c_L - 1, H, D]
+    out = torch.cat([own[:, :, :spill] + halo, own[:, :, spill:]], dim=2)
+    return out.reshape(batch, n_local, heads, dim)
+
+
+def causal_attention_cp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, exchange: str = "allgather"
+) -> torch.Tensor:
+    """Dense causal attention of this rank's head-tail shard: q [B, 2C, H, D] -> [B, 2C, H, D].
+
+    The levels=1 case of Lighthouse: every token is an entry, so the same exchange runs on the
+    uncompressed K/V (with Hkv heads: GQA is resolved inside the block attention).
+    """
+    check_qkv(q, k, v)
+    check_exchange(exchange)
+    batch, n_local, heads, dim = q.shape
+    if n_local % 2 != 0:
+        raise ValueError(f"a head-tail shard holds two equal chunks: local length {n_local} must be even")
+    chunk = n_local // 2
+
+    def to_layout(x: torch.Tensor) -> torch.Tensor:  # [B, 2C, Hx, D] -> [B, Hx, 2, C, D]
+        return x.unflatten(1, (2, chunk)).permute(0, 3, 1, 2, 4)
+
+    out = exchange_attention(to_layout(q), to_layout(k), to_layout(v), group, exchange)  # [B, H, 2, C, D]
+    return out.permute(0, 2, 3, 1, 4).reshape(batch, n_local, heads, dim)

@@ -1,0 +1,82 @@
+"""parallelize(model, mesh, cfg): activation checkpointing, compile, then FSDP2, in that order.
+
+Contract on the model (any nn.Module):
+- its repeated blocks live in `model.layers`, an nn.ModuleList or nn.ModuleDict; each block is
+  one checkpointing, compile and FSDP unit; every other parameter (embeddings, final norm,
+  output head) belongs to the root unit;
+- it holds no distributed state: the CP group reaches attention as a forward argument, so
+  nothing here needs to know which layers are Lighthouse and which dense;
+- its parameters are float32 and already on the mesh's device.
+
+cfg is any object with bool attributes `activation_checkpoint` and `compile` (the recipe's
+parallel section). Weights are sharded over the flattened dp_shard x cp axis (CP ranks hold
+the same weights and their gradients must be summed, so they shard them too), replicated
+over dp_replicate (HSDP) when it is > 1. On CUDA parameters are cast to bfloat16 for compute
+and gradients reduced in float32; elsewhere (CPU, gloo) everything stays in the parameters'
+dtype. Gradients are averaged over all mesh ranks, which global_token_mean_loss accounts for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return [(str(i), block) for i, block in enumerate(layers)]
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.items())
+    raise ValueError(
+        f"parallelize needs the model's blocks in model.layers (nn.ModuleList or nn.ModuleDict), "
+        f"got {type(layers).__name__} on {type(model).__name__}"
+    )
+
+
+def _flag(cfg, name: str) -> bool:
+    value = getattr(cfg, name, None)
+    if not isinstance(value, bool):
+        raise ValueError(f"parallelize reads cfg.{name} as a bool, got {value!r} on {type(cfg).__name__}")
+    return value
+
+
+def _replace_block(model: nn.Module, name: str, block: nn.Module) -> None:
+    model.layers.register_module(name, block)
+
+
+def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
+    """bfloat16 compute with float32 gradient reduction on CUDA; no casting elsewhere."""
+    if device_type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, cfg) -> nn.Module:
+    """Apply activation checkpointing, optional torch.compile and FSDP2 to `model` in place.
+
+    mesh: from lh_cp.parallel.build_mesh (axes dp_replicate, dp_shard, cp and the flattened
+    dp_shard_cp). Returns the model (now an FSDPModule).
+    """
+    checkpoint, compile_blocks = _flag(cfg, "activation_checkpoint"), _flag(cfg, "compile")
+    blocks = _blocks(model)
+    for name, block in blocks:
+        # Non-reentrant checkpointing recomputes the block (its CP exchange included) in
+        # backward; every CP rank recomputes in the same order, so collectives still match.
+        if checkpoint:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if compile_blocks:
+            block = torch.compile(block)
+        _replace_block(model, name, block)
+
+    shard_mesh = mesh["dp_replicate", "dp_shard_cp"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard_cp"]
+    policy = mixed_precision_policy(mesh.device_type)
+    blocks = _blocks(model)
+    for index, (_, block) in enumerate(blocks):
+        # The last block's weights are needed again right away by backward: keep them gathered.
+        fully_shard(block, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    fully_shard(model, mesh=shard_mesh, mp_policy=policy)
+    return model
