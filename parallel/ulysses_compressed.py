@@ -1,0 +1,109 @@
+"""Compressed Ulysses: Lighthouse whose all-to-all moves only the compressed entries.
+
+Plain Ulysses (ulysses.py) all-to-alls uncompressed q, k, v and the output, so its traffic
+grows with the token count C of a shard. Here each rank compresses its own contiguous shard
+first (pyramid, scores, selection and gather of LIGHTHOUSE.md s.3-4 are local to a tile, and
+a shard is a whole number of tiles), so only S_c entries per head travel, S_c = C / c_L +
+(L-1) * pool * topk / W, a fraction of C at long context:
+
+  rank r: q,k,v [B, C, H(kv), D] -> select + gather -> entries [B, H, S_c, D] (all heads)
+  all-to-all (shards -> head groups): [B, H/W, W * S_c, D], every shard's entries of H/W heads
+  causal SDPA over that full compressed sequence (shards concatenate in causal order)
+  all-to-all back (head groups -> shards): [B, H, S_c, D]
+  scatter onto C + c_L positions; the spill of c_L - 1 rows goes to rank r + 1 (halo).
+
+Entries are per query head (selection is, s.3), so GQA needs only H % W == 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from lh_cp.attention import check_qkv, sdpa_causal
+from lh_cp.config import LighthouseConfig
+from lh_cp.parallel.ulysses_comm import all_to_all_rows, shift_to_next_rank
+from lh_cp.pyramid import gather_entries
+from lh_cp.scatter import scatter_entries
+from lh_cp.select import select
+
+
+def check_heads_divisible(heads: int, world: int) -> None:
+    """Ulysses gives every rank the same number of whole query heads."""
+    if heads % world != 0:
+        raise ValueError(
+            f"Ulysses needs the query heads to be a multiple of the sequence-parallel size: "
+            f"H={heads} is not a multiple of W={world}"
+        )
+
+
+def shard_config(cfg: LighthouseConfig, shard_len: int, world: int) -> LighthouseConfig:
+    """Config selecting inside one contiguous shard of `shard_len` tokens as `cfg` does on N = W * shard_len.
+
+    The tile size T = N * tile_budget / topk must tile each shard; keeping T means scaling
+    topk to the shard's share, topk / W. Raises ValueError, naming the numbers, otherwise.
+    """
+    n = shard_len * world
+    tile = cfg.tile_size(n)
+    if shard_len % tile != 0:
+        raise ValueError(
+            f"compressed Ulysses compresses each contiguous shard on its own rank, so the shard "
+            f"length must be a multiple of the tile size: shard length C = N / W = {n} / {world} = "
+            f"{shard_len} is not a multiple of T = N * tile_budget / topk = {n} * {cfg.tile_budget} / "
+            f"{cfg.topk} = {tile}; use a longer sequence, fewer ranks, or a larger topk"
+        )
+    return replace(cfg, topk=cfg.topk // world)
+
+
+def _shards_to_heads(entries: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[P, B, H, S_c, D] (this shard, all heads) -> [P, B, H/W, W * S_c, D] (all shards, my heads)."""
+    world = dist.get_world_size(group)
+    send = entries.unflatten(2, (world, -1)).permute(2, 0, 1, 3, 4, 5)  # [W (head group), P, B, H/W, S_c, D]
+    recv = all_to_all_rows(send, group)  # [W (source shard), P, B, H/W, S_c, D]
+    return recv.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
+
+
+def _heads_to_shards(out: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, H/W, W * S_c, D] (all shards, my heads) -> [B, H, S_c, D] (this shard, all heads)."""
+    world = dist.get_world_size(group)
+    send = out.unflatten(2, (world, -1)).permute(2, 0, 1, 3, 4)  # [W (shard), B, H/W, S_c, D]
+    recv = all_to_all_rows(send, group)  # [W (head group), B, H/W, S_c, D]
+    return recv.permute(1, 0, 2, 3, 4).flatten(1, 2)
+
+
+def compressed_ulysses_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """Lighthouse attention of rank r's contiguous shard: q [B, C, H, D], k/v [B, C, Hkv, D] -> [B, C, H, D].
+
+    The shards of the W ranks of `group`, in rank order, form the sequence of N = W * C
+    tokens; the result is rank r's shard of the single-device lighthouse_attention. All shape
+    rules are checked before any communication.
+    """
+    check_qkv(q, k, v)
+    batch, shard_len, heads, _ = q.shape
+    world = dist.get_world_size(group)
+    check_heads_divisible(heads, world)
+    local_cfg = shard_config(cfg, shard_len, world)
+
+    sel = select(q.detach(), k.detach(), local_cfg)  # [B, H, S_c], spans local to the shard
+    slots = sel.slots(shard_len, local_cfg)
+    entries = torch.stack(
+        [gather_entries(x, slots, local_cfg) for x in (q, k, v)]
+    )  # [3, B, H, S_c, D]; k, v per query head
+    q_all, k_all, v_all = _shards_to_heads(entries, group)  # each [B, H/W, W * S_c, D]
+    # Shards are contiguous and each one's entries are sorted by the causal key, so the
+    # concatenation in rank order is the single-device causal order.
+    out_entries = _heads_to_shards(sdpa_causal(q_all, k_all, v_all), group)  # [B, H, S_c, D]
+
+    # Scatter onto C + c_L rows (a multiple of c_L, as the pyramid needs); rows C .. C+c_L-2
+    # are the spill into the next shard, row C + c_L - 1 never receives anything.
+    spill = local_cfg.coarsest_span - 1
+    delivered = scatter_entries(out_entries, sel, shard_len + local_cfg.coarsest_span, local_cfg)
+    own = delivered[:, :shard_len]  # [B, C, H, D]
+    if spill == 0:
+        return own
+    halo = shift_to_next_rank(delivered[:, shard_len : shard_len + spill], group)  # [B, c_L - 1, H, D]
+    return torch.cat([own[:, :spill] + halo, own[:, spill:]], dim=1)
