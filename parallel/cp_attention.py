@@ -39,8 +39,9 @@ def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> Lighthouse
         raise ValueError(
             f"context parallelism needs each chunk to be a whole number of tiles: chunk length "
             f"N / (2W) = {n_global} / {chunks} = {n_global / chunks:g} is not a multiple of the tile "
-            f"size T = N * tile_budget / topk = {tile} (W={world}); use a longer sequence, a "
-            f"smaller CP degree, or a larger topk"
+            f"size T = N * tile_budget / topk = {tile} (W={world}); since C / T = topk / "
+            f"(2W * tile_budget), topk={cfg.topk} must be a multiple of 2W * tile_budget = "
+            f"{chunks * cfg.tile_budget}: use a larger topk or a smaller CP degree"
         )
     return replace(cfg, topk=cfg.topk // chunks)
 

@@ -58,7 +58,9 @@ def test_chunk_config_rejects_chunks_that_split_tiles():
         chunk_config(cfg, 64, 2)
     with pytest.raises(ValueError, match="N % T == 0 fails"):
         chunk_config(cfg, 61, 2)
-    assert chunk_config(cfg, 128, 2).topk == 1
+    with pytest.raises(ValueError, match=r"topk=4 must be a multiple of 2W \* tile_budget = 8"):
+        chunk_config(cfg, 128, 2)  # a longer sequence does not help: C / T = topk / (2W b)
+    assert chunk_config(LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=2), 128, 2).topk == 2
 
 
 def test_mesh_shape_and_exchange_errors_name_the_values():
