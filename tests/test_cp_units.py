@@ -123,3 +123,12 @@ def test_comm_accounting_relations():
     dense = dense_cp_bytes(n, world, batch=1, kv_heads=8, head_dim=128, dtype_bytes=2, exchange="ring")
     assert dense.kv_forward == 7 * 2 * 8 * (n // 8) * 128 * 2
     assert dense.total > 5 * ring.total
+
+
+def test_comm_table_prints_one_row_per_length(capsys):
+    from lh_cp.parallel.comm_table import main
+
+    main(["--lengths", "131072", "1048576"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "W=8" in lines[0] and "topk=2048" in lines[0]
+    assert lines[-2].startswith("| 128K | 24576 |") and lines[-1].startswith("| 1M | 81920 |")
