@@ -1,0 +1,73 @@
+"""The lh-cp recipes behind the named torchtitan configs (each a two-stage run).
+
+- debugmodel: 6 layers of width 128 on the byte tokenizer and this Python's standard library;
+  runs anywhere (its forward/backward is tested on CPU), 10 Lighthouse + 5 recovery steps.
+- 270M: dim 1024, 30 layers, FFN 1536, 8 heads; 267.4M parameters without embeddings.
+- 530M: dim 1536, 28 layers, FFN 2048, 12 heads; 528.5M parameters without embeddings.
+The two Llama-3 sizes use the Llama-3 vocabulary (128256) with its tokenizer read from
+./assets/hf/Llama-3.1-8B (override with --tokenizer.name), train on local JSONL documents
+under ./data (override with --dataloader.dataset_path) at 98304 tokens with the reference
+Lighthouse settings (pool 4, 3 levels, topk 1536, tile budget 128: tile T = 8192), dense
+layers the first two and the last two, 10000 Lighthouse steps then 6000 dense recovery steps.
+"""
+
+from __future__ import annotations
+
+from lh_cp.data import DataConfig
+from lh_cp.model import ModelConfig
+from lh_cp.recipe import (
+    CheckpointConfig, LighthouseSection, MetricsConfig, OptimConfig, ParallelConfig, Recipe, RunConfig,
+    ScheduleConfig, StageConfig,
+)
+
+LLAMA3_VOCAB = 128256
+LLAMA3_TOKENIZER = "./assets/hf/Llama-3.1-8B"
+
+
+def _stages(lighthouse_steps: int, recovery_steps: int) -> list[StageConfig]:
+    return [
+        StageConfig(name="lighthouse", attention="lighthouse", steps=lighthouse_steps),
+        StageConfig(name="recovery", attention="dense", steps=recovery_steps),
+    ]
+
+
+def debugmodel() -> Recipe:
+    return Recipe(
+        run=RunConfig(name="lighthouse_debugmodel", out_dir="./outputs/lighthouse_debugmodel"),
+        model=ModelConfig(vocab_size=258, dim=128, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=384, rope_theta=10000.0),
+        lighthouse=LighthouseSection(pool=4, levels=3, topk=64, tile_budget=16, dense_layers=[0, 1, -2, -1]),
+        data=DataConfig(source="stdlib", tokenizer="bytes", seq_len=1024, batch_size=2),
+        optim=OptimConfig(lr=8e-4),
+        schedule=ScheduleConfig(warmup_steps=2, decay="linear", min_lr_ratio=0.0),
+        stages=_stages(10, 5),
+        checkpoint=CheckpointConfig(interval=5, keep_last=3),
+        metrics=MetricsConfig(log_interval=1),
+    )
+
+
+def _llama3(name: str, model: ModelConfig, dense_layers: list[int]) -> Recipe:
+    return Recipe(
+        run=RunConfig(name=name, out_dir=f"./outputs/{name}"),
+        model=model,
+        lighthouse=LighthouseSection(pool=4, levels=3, topk=1536, tile_budget=128, dense_layers=dense_layers),
+        parallel=ParallelConfig(activation_checkpoint=True),
+        data=DataConfig(
+            source="hf", path="./data", format="jsonl", tokenizer=LLAMA3_TOKENIZER,
+            eod_token="<|end_of_text|>", seq_len=98304, batch_size=1,
+        ),
+        optim=OptimConfig(lr=3e-4, weight_decay=0.1, grad_clip=1.0),
+        schedule=ScheduleConfig(warmup_steps=500, decay="cosine", min_lr_ratio=0.1),
+        stages=_stages(10000, 6000),
+        checkpoint=CheckpointConfig(interval=500, keep_last=3),
+        metrics=MetricsConfig(log_interval=10),
+    )
+
+
+def llama3_270m() -> Recipe:
+    model = ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1024, n_layers=30, n_heads=8, n_kv_heads=8, ffn_dim=1536, rope_theta=500000.0)
+    return _llama3("lighthouse_270m", model, [0, 1, 28, 29])
+
+
+def llama3_530m() -> Recipe:
+    model = ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1536, n_layers=28, n_heads=12, n_kv_heads=12, ffn_dim=2048, rope_theta=500000.0)
+    return _llama3("lighthouse_530m", model, [0, 1, 26, 27])
