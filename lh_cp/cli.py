@@ -41,19 +41,71 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_recipe_command(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help_text)
+    p.add_argument("recipe", help="recipe TOML file (see recipes/)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one recipe value (TOML syntax; repeatable), e.g. --set data.seq_len=2048 --set stages.1.steps=10",
+    )
+    return p
+
+
+def _run_plan(args) -> int:
+    import os
+
+    from lh_cp.plan import check_recipe, format_plan, plan_numbers
+    from lh_cp.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = args.world_size or (int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None)
+    errors = check_recipe(recipe, world)
+    if errors:
+        print(f"recipe {args.recipe}: {len(errors)} problem(s)", file=sys.stderr)
+        for error in errors:
+            print(f"  - {error}", file=sys.stderr)
+        return 2
+    print(format_plan(recipe, plan_numbers(recipe)))
+    return 0
+
+
+def _run_train(args) -> int:
+    from lh_cp.recipe import load_recipe
+    from lh_cp.train import train
+
+    train(load_recipe(args.recipe, args.overrides))
+    return 0
+
+
+def _run_plot(args) -> int:
+    from lh_cp.plot import plot_losses
+
+    print(f"wrote {plot_losses(args.logdir, args.output)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lh-cp", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
+    _add_recipe_command(subparsers, "train", "train a recipe (alone, or one rank under torchrun)")
+    plan = _add_recipe_command(subparsers, "plan", "check a recipe and print tile size, S, ranks, tokens and memory")
+    plan.add_argument("--world-size", type=int, default=None, help="check against this many processes (default: $WORLD_SIZE if set)")
+    plot = subparsers.add_parser("plot", help="PNG of train/validation loss from a run's TensorBoard logs, stages marked")
+    plot.add_argument("logdir", help="TensorBoard folder of a run (e.g. runs/quickstart/tensorboard)")
+    plot.add_argument("--output", default=None, help="PNG path (default: <logdir>/../loss.png)")
     args = parser.parse_args(argv)
+    commands = {"demo": _run_demo, "plan": _run_plan, "train": _run_train, "plot": _run_plot}
+    # Errors in what the user gave (recipe, paths, missing packages) print one message; any
+    # other exception during training keeps its traceback.
+    from lh_cp.recipe import RecipeError
+
+    user_errors = (RecipeError, FileNotFoundError, ImportError) if args.command == "train" else (ValueError, FileNotFoundError, ImportError, KeyError)
     try:
-        if args.command == "demo":
-            return _run_demo(args)
-    except ValueError as err:
+        return commands[args.command](args)
+    except user_errors as err:
         print(f"lh-cp {args.command}: error: {err}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command!r}")
-    return 2
 
 
 if __name__ == "__main__":

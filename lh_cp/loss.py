@@ -37,3 +37,14 @@ def cross_entropy_sum(
             total = total + _chunk_loss_sum(flat_hidden[piece], weight, flat_targets[piece], ignore_index)
     count = (flat_targets != ignore_index).sum()
     return total, count
+
+
+@torch.no_grad()
+def chunked_argmax(hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Most likely next token at every position: hidden [B, n, dim] -> int64 [B, n]."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [B * n, dim]
+    pieces = [
+        F.linear(flat_hidden[begin : begin + chunk_tokens], weight).argmax(dim=-1)
+        for begin in range(0, flat_hidden.shape[0], chunk_tokens)
+    ]
+    return torch.cat(pieces).view(hidden.shape[:-1])

@@ -18,7 +18,7 @@ from torch import nn
 
 from lh_cp.attention import causal_attention, lighthouse_attention
 from lh_cp.config import LighthouseConfig
-from lh_cp.loss import cross_entropy_sum
+from lh_cp.loss import chunked_argmax, cross_entropy_sum
 
 AttentionMode = Literal["lighthouse", "dense"]
 
@@ -54,7 +54,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
-    loss_chunk_tokens: int = 8192
+    loss_chunk_tokens: int = 4096
 
     def validate(self) -> None:
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "loss_chunk_tokens")
@@ -239,18 +239,22 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor | None = None,
         cp_group=None, exchange: str = "allgather", dense_exchange: str = "ring", ignore_index: int = -100,
+        predict: bool = False,
     ):
         """tokens [B, n] int64 at global positions [n] int64 (the rank's shard under CP).
 
-        Without targets: logits [B, n, vocab]. With targets [B, n]: (sum of the token
-        cross-entropies, number of targets != ignore_index), both scalars, so the caller can
-        form the mean over every real token of the global batch.
+        With targets [B, n]: (sum of the token cross-entropies, number of targets !=
+        ignore_index), both scalars, so the caller can form the mean over every real token of
+        the global batch. With predict=True: the argmax next token, int64 [B, n], formed chunk
+        by chunk. Otherwise: logits [B, n, vocab].
         """
         h = self.tok_embeddings(tokens)  # [B, n, dim]
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, cp_group, exchange, dense_exchange)
         h = self.norm(h)
+        if predict:
+            return chunked_argmax(h, self.output_weight, self.cfg.loss_chunk_tokens)
         if targets is None:
             return F.linear(h, self.output_weight)
         return cross_entropy_sum(h, self.output_weight, targets, self.cfg.loss_chunk_tokens, ignore_index)

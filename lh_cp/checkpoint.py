@@ -1,0 +1,87 @@
+"""Training checkpoints as torch.distributed.checkpoint (DCP) folders.
+
+A checkpoint holds the model and optimizer state (sharded as FSDP2 holds them), the number
+of completed steps and the data position, so loading one and continuing reproduces the
+uninterrupted run. Each is written to `step_XXXXXXXX.partial` and renamed to `step_XXXXXXXX`
+by rank 0 once every rank has finished, so a folder without the suffix is always complete;
+a run killed mid-save leaves only a `.partial` folder, which is ignored and later replaced.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+PREFIX = "step_"
+PARTIAL = ".partial"
+
+
+def checkpoint_path(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> dict[int, Path]:
+    """Completed checkpoints under `root` by step."""
+    if not root.is_dir():
+        return {}
+    found = {}
+    for path in root.iterdir():
+        name = path.name
+        if path.is_dir() and name.startswith(PREFIX) and name[len(PREFIX):].isdigit():
+            found[int(name[len(PREFIX):])] = path
+    return found
+
+
+def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
+    found = complete_checkpoints(root)
+    if not found:
+        return None
+    step = max(found)
+    return step, found[step]
+
+
+def _train_state(step: int, data_state: dict[str, torch.Tensor]) -> dict:
+    return {"step": torch.tensor(step, dtype=torch.int64), "data": dict(data_state)}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, data_state: dict, group: dist.ProcessGroup) -> Path:
+    """Collective over `group` (every rank of the job): write the checkpoint of `step`."""
+    final = checkpoint_path(root, step)
+    partial = final.with_name(final.name + PARTIAL)
+    rank = dist.get_rank(group)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier(group)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state, "train": _train_state(step, data_state)}
+    dcp.save(state, checkpoint_id=str(partial), process_group=group)
+    dist.barrier(group)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    dist.barrier(group)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, data_state: dict, group: dist.ProcessGroup) -> tuple[int, dict]:
+    """Collective: load `path` into model and optimizer in place; returns (step, data state)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state, "train": _train_state(0, data_state)}
+    dcp.load(state, checkpoint_id=str(path), process_group=group)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return int(state["train"]["step"]), state["train"]["data"]
+
+
+def prune_checkpoints(root: Path, keep_last: int, protected: set[int], group: dist.ProcessGroup) -> None:
+    """Delete all but the newest `keep_last` checkpoints whose step is not in `protected`
+    (stage ends). Rank 0 deletes; every rank waits so no one reads a folder being removed."""
+    if dist.get_rank(group) == 0:
+        candidates = sorted(step for step in complete_checkpoints(root) if step not in protected)
+        for step in candidates[:-keep_last] if keep_last > 0 else candidates:
+            shutil.rmtree(checkpoint_path(root, step), ignore_errors=True)
+    dist.barrier(group)

@@ -1,0 +1,233 @@
+"""`lh-cp plan`: every rule a recipe must satisfy, and the numbers it implies.
+
+`check_recipe` runs before any process group exists (the trainer calls it first too) and
+returns every violated rule, each naming the keys and numbers involved. `plan_numbers`
+derives tile size, selected length, ranks, tokens per rank, parameters and a memory estimate.
+Data paths are not required to exist here: the plan describes shapes, so it can be made on a
+laptop for a cluster; training checks paths when it opens the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lh_cp.config import LighthouseConfig
+from lh_cp.model import ModelConfig, count_parameters, normalize_layer_indices
+from lh_cp.recipe import Recipe
+
+EXCHANGES = ("allgather", "ring")
+ATTENTION_MODES = ("lighthouse", "dense")
+DECAYS = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
+    """Shape rules for running `mode` attention over sequences of n tokens under the recipe's CP."""
+    errors = []
+    cp = recipe.parallel.cp
+    if cp > 1 and n % (2 * cp) != 0:
+        errors.append(
+            f"{what}={n} must split into 2 * parallel.cp = {2 * cp} equal head-tail chunks: {n} % {2 * cp} != 0"
+        )
+        return errors
+    if mode != "lighthouse":
+        return errors
+    try:
+        cfg = recipe.lighthouse.config()
+        tile = cfg.tile_size(n)
+    except ValueError as err:
+        return [f"{what}={n} with [lighthouse]: {err}"]
+    chunk = n // (2 * cp)
+    if cp > 1 and chunk % tile != 0:
+        errors.append(
+            f"{what}={n} under parallel.cp={cp}: each head-tail chunk of {n} / {2 * cp} = {chunk} tokens "
+            f"must be a multiple of the tile size T={tile} (tiles never straddle chunks)"
+        )
+    return errors
+
+
+def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
+    """Every violated rule of `recipe` (empty when it is valid). `world_size`: the number of
+    processes that will run it, when known (torchrun's WORLD_SIZE)."""
+    errors: list[str] = []
+
+    def attempt(fn) -> None:
+        try:
+            fn()
+        except ValueError as err:
+            errors.append(str(err))
+
+    attempt(recipe.model.validate)
+    attempt(recipe.data.validate)
+    attempt(recipe.eval.passkey.validate)
+    attempt(lambda: normalize_layer_indices(recipe.lighthouse.dense_layers, max(recipe.model.n_layers, 1)))
+    attempt(recipe.lighthouse.config)
+
+    run, par, data = recipe.run, recipe.parallel, recipe.data
+    if run.device not in DEVICES:
+        errors.append(f"run.device must be one of {DEVICES}, got {run.device!r}")
+    if run.stop_after_step < 0:
+        errors.append(f"run.stop_after_step must be >= 0, got {run.stop_after_step}")
+    for name in ("cp", "dp_shard", "dp_replicate"):
+        if getattr(par, name) < 1:
+            errors.append(f"parallel.{name} must be >= 1, got {getattr(par, name)}")
+    for name in ("exchange", "dense_exchange"):
+        if getattr(par, name) not in EXCHANGES:
+            errors.append(f"parallel.{name} must be one of {EXCHANGES}, got {getattr(par, name)!r}")
+    if world_size is not None and par.world_size != world_size:
+        errors.append(
+            f"parallel.cp * dp_shard * dp_replicate = {par.cp} * {par.dp_shard} * {par.dp_replicate} = "
+            f"{par.world_size} must equal the number of processes, {world_size}"
+        )
+    vocab = data.tokenizer_vocab_size()
+    if vocab is not None and recipe.model.vocab_size < vocab:
+        errors.append(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+
+    if not recipe.stages:
+        errors.append("the recipe has no [[stages]]; add at least one (attention = 'lighthouse' or 'dense')")
+    names = [s.name for s in recipe.stages]
+    for i, stage in enumerate(recipe.stages):
+        if stage.attention not in ATTENTION_MODES:
+            errors.append(f"stages.{i}.attention must be one of {ATTENTION_MODES}, got {stage.attention!r}")
+        if stage.steps < 1:
+            errors.append(f"stages.{i}.steps must be >= 1, got {stage.steps}")
+        if names.count(stage.name) > 1:
+            errors.append(f"stages.{i}.name={stage.name!r} is used by more than one stage")
+    modes = sorted({s.attention for s in recipe.stages if s.attention in ATTENTION_MODES})
+    if data.seq_len >= 2:
+        for mode in modes:
+            errors.extend(_sequence_rules(recipe, data.seq_len, mode, "data.seq_len"))
+    if recipe.eval.passkey.enabled and recipe.stages and recipe.eval.passkey.length > 0:
+        final_mode = recipe.stages[-1].attention
+        errors.extend(_sequence_rules(recipe, recipe.eval.passkey.length, final_mode, "eval.passkey.length"))
+
+    opt, sched = recipe.optim, recipe.schedule
+    if opt.lr <= 0 or opt.eps <= 0 or opt.weight_decay < 0 or opt.grad_clip < 0:
+        errors.append(
+            f"optim needs lr > 0, eps > 0, weight_decay >= 0, grad_clip >= 0; got lr={opt.lr}, "
+            f"eps={opt.eps}, weight_decay={opt.weight_decay}, grad_clip={opt.grad_clip}"
+        )
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        errors.append(f"optim.betas must be two numbers in [0, 1), got {opt.betas}")
+    if sched.decay not in DECAYS:
+        errors.append(f"schedule.decay must be one of {DECAYS}, got {sched.decay!r}")
+    if not 0.0 <= sched.min_lr_ratio <= 1.0:
+        errors.append(f"schedule.min_lr_ratio must lie in [0, 1], got {sched.min_lr_ratio}")
+    if sched.warmup_steps < 0 or (recipe.stages and sched.warmup_steps >= recipe.total_steps):
+        errors.append(
+            f"schedule.warmup_steps={sched.warmup_steps} must be >= 0 and below the total steps of all stages, {recipe.total_steps}"
+        )
+    ckpt, metrics, ev = recipe.checkpoint, recipe.metrics, recipe.eval
+    if ckpt.interval < 0 or ckpt.keep_last < 1:
+        errors.append(f"checkpoint.interval must be >= 0 and keep_last >= 1, got {ckpt.interval} and {ckpt.keep_last}")
+    if metrics.log_interval < 1 or metrics.peak_tflops < 0:
+        errors.append(f"metrics.log_interval must be >= 1 and peak_tflops >= 0, got {metrics.log_interval} and {metrics.peak_tflops}")
+    if ev.val_interval < 0 or ev.val_batches < 1:
+        errors.append(f"eval.val_interval must be >= 0 and val_batches >= 1, got {ev.val_interval} and {ev.val_batches}")
+    return errors
+
+
+@dataclass
+class PlanNumbers:
+    world_size: int
+    seq_len: int
+    tokens_per_rank: int  # sequence tokens each rank holds per step (batch_size * seq_len / cp)
+    tokens_per_step: int  # tokens of one global batch
+    tile: int | None  # Lighthouse tile size T (None when no stage uses Lighthouse)
+    chunk: int  # head-tail chunk length under CP
+    selected: int | None  # S, entries per head of a Lighthouse layer
+    params: int
+    embedding_params: int
+    lighthouse_layers: int
+    memory_gib: float
+    total_steps: int
+
+
+def _bytes_per_token_per_layer(m: ModelConfig, act_bytes: int) -> int:
+    """Activations a decoder block keeps for backward per token (no recomputation): inputs of
+    both norms (float32 copies), q/k/v/attention output, attention output projection input,
+    and the SwiGLU hidden tensors (w1, w3, silu, product)."""
+    kv = m.n_kv_heads * m.head_dim
+    return act_bytes * (6 * m.dim + 2 * kv + 4 * m.ffn_dim) + 4 * 2 * m.dim
+
+
+def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True) -> float:
+    """Peak memory per rank, roughly: sharded fp32 weights + gradients + AdamW moments
+    (16 bytes per parameter over dp_shard * cp ranks), two all-gathered bf16 blocks (FSDP
+    prefetch), stored activations (one block input per layer with activation checkpointing,
+    every block's activations without), one block recomputed, and one loss chunk's logits.
+    Lighthouse layers' compressed tensors are smaller than a dense block's and not counted apart."""
+    m, par, data = recipe.model, recipe.parallel, recipe.data
+    params = count_parameters(m)
+    act_bytes = 2 if on_gpu else 4
+    shards = par.dp_shard * par.cp
+    block = 4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim  # upper bound of one block's weights
+    tokens = data.batch_size * data.seq_len // par.cp
+    per_layer = _bytes_per_token_per_layer(m, act_bytes) * tokens
+    if par.activation_checkpoint:
+        activations = m.n_layers * tokens * m.dim * act_bytes + per_layer
+    else:
+        activations = m.n_layers * per_layer
+    logits = 3 * min(m.loss_chunk_tokens, tokens) * m.vocab_size * 4  # float32 logits, softmax, grad
+    total = 16 * params / shards + 2 * block * act_bytes + activations + logits
+    return total / 2**30
+
+
+def plan_numbers(recipe: Recipe) -> PlanNumbers:
+    par, data, m = recipe.parallel, recipe.data, recipe.model
+    uses_lighthouse = any(s.attention == "lighthouse" for s in recipe.stages)
+    cfg: LighthouseConfig = recipe.lighthouse.config()
+    n = data.seq_len
+    lighthouse_layers = m.n_layers - len(normalize_layer_indices(recipe.lighthouse.dense_layers, m.n_layers))
+    return PlanNumbers(
+        world_size=par.world_size,
+        seq_len=n,
+        tokens_per_rank=data.batch_size * n // par.cp,
+        tokens_per_step=data.batch_size * n * par.dp,
+        tile=cfg.tile_size(n) if uses_lighthouse else None,
+        chunk=n // (2 * par.cp) if par.cp > 1 else n,
+        selected=cfg.selected_length(n) if uses_lighthouse else None,
+        params=count_parameters(m),
+        embedding_params=m.vocab_size * m.dim * (1 if m.tie_embeddings else 2),
+        lighthouse_layers=lighthouse_layers,
+        memory_gib=memory_estimate_gib(recipe, on_gpu=recipe.run.device != "cpu"),
+        total_steps=recipe.total_steps,
+    )
+
+
+def _count(x: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.2f}{unit}"
+    return str(int(x))
+
+
+def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
+    par, m = recipe.parallel, recipe.model
+    accelerator = "CPU processes" if recipe.run.device == "cpu" else "GPUs"
+    lines = [
+        f"recipe {recipe.run.name!r}: valid",
+        f"  {accelerator}: {numbers.world_size} = cp {par.cp} x dp_shard {par.dp_shard} x dp_replicate {par.dp_replicate}",
+        f"  model: {_count(numbers.params)} parameters ({numbers.params:,}; {_count(numbers.params - numbers.embedding_params)} "
+        f"without embeddings), {m.n_layers} layers, dim {m.dim}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}",
+        f"  sequence: N = {numbers.seq_len:,} tokens; per rank per step {numbers.tokens_per_rank:,} tokens; "
+        f"global batch {numbers.tokens_per_step:,} tokens",
+    ]
+    if par.cp > 1:
+        lines.append(f"  context parallel: {2 * par.cp} head-tail chunks of {numbers.chunk:,} tokens, exchange "
+                     f"{par.exchange} (lighthouse) / {par.dense_exchange} (dense)")
+    if numbers.tile is not None:
+        lh = recipe.lighthouse
+        chunk_tiles = f", {numbers.chunk // numbers.tile} per chunk" if par.cp > 1 else ""
+        lines.append(
+            f"  lighthouse: pool {lh.pool}, levels {lh.levels}, topk {lh.topk}, tile_budget {lh.tile_budget} -> "
+            f"tile T = {numbers.tile:,} ({numbers.seq_len // numbers.tile} tiles{chunk_tiles}), "
+            f"S = {numbers.selected:,} = {numbers.selected / numbers.seq_len:.2%} of N, in "
+            f"{numbers.lighthouse_layers} of {m.n_layers} layers"
+        )
+    stages = ", ".join(f"{s.name} ({s.attention}, {s.steps:,} steps)" for s in recipe.stages)
+    lines.append(f"  stages: {stages}; {numbers.total_steps:,} steps, "
+                 f"{_count(numbers.total_steps * numbers.tokens_per_step)} tokens")
+    checkpointing = "with" if par.activation_checkpoint else "without"
+    lines.append(f"  memory estimate per rank: {numbers.memory_gib:.1f} GiB ({checkpointing} activation checkpointing)")
+    return "\n".join(lines)

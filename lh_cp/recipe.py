@@ -1,0 +1,309 @@
+"""Run recipes: TOML -> nested dataclasses, strictly.
+
+Every option is documented once, in the dataclass it loads into (sections below, plus
+ModelConfig in model.py, DataConfig in data.py, PasskeyConfig in passkey.py). An unknown key
+or a value of the wrong type is an error naming the key. `--set section.key=value` overrides
+are applied to the parsed TOML before conversion, so they go through the same checks;
+`stages.1.steps=5` addresses the second stage. Rules that relate several options (tile size,
+CP divisibility, world size) are checked by plan.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lh_cp.config import LighthouseConfig
+from lh_cp.data import DataConfig
+from lh_cp.model import ModelConfig
+from lh_cp.passkey import PasskeyConfig
+
+
+@dataclass
+class RunConfig:
+    """The run as a whole (recipe section [run]).
+
+    name: shown in console lines and TensorBoard.
+    out_dir: folder of the run: checkpoints/, tensorboard/, metrics.jsonl (one JSON line per
+        logged step, rank 0) and passkey.json. Relative paths are relative to the working folder.
+    seed: seed of the weight initialisation (identical on every rank).
+    device: 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'. CUDA trains in bf16
+        (fp32 master weights and gradient reduction), CPU in fp32.
+    stop_after_step: end this invocation once this global step is done, after saving a
+        checkpoint there; a later invocation resumes. 0 = run every stage to the end.
+    """
+
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = 0
+    device: str = "auto"
+    stop_after_step: int = 0
+
+
+@dataclass
+class LighthouseSection:
+    """Lighthouse attention of the non-dense layers (recipe section [lighthouse]).
+
+    pool, levels, topk, tile_budget: see LighthouseConfig (lh_cp/config.py); the tile size is
+        T = data.seq_len * tile_budget / topk.
+    dense_layers: layers that keep dense attention in the Lighthouse stage; negative indices
+        count from the end. The default is the first two and the last two layers.
+    """
+
+    pool: int = 4
+    levels: int = 3
+    topk: int = 2048
+    tile_budget: int = 128
+    dense_layers: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
+
+    def config(self) -> LighthouseConfig:
+        return LighthouseConfig(pool=self.pool, levels=self.levels, topk=self.topk, tile_budget=self.tile_budget)
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks split the work (recipe section [parallel]). World size = cp * dp_shard * dp_replicate.
+
+    cp: context-parallel degree: each sequence is cut into 2*cp chunks, rank r of a CP group
+        holds chunks r and 2*cp-1-r (head-tail load balance).
+    dp_shard: data-parallel replicas whose weights, gradients and optimizer state FSDP2 shards
+        (sharding spans dp_shard x cp ranks).
+    dp_replicate: data-parallel replicas that each hold a full (sharded) copy (HSDP).
+    exchange: how Lighthouse layers exchange the compressed K/V under CP: 'allgather' or 'ring'.
+    dense_exchange: the same for dense layers and the recovery stage: 'ring' or 'allgather'.
+    activation_checkpoint: recompute each decoder block in backward instead of storing its
+        activations (needed at long context).
+    compile: torch.compile each decoder block.
+    """
+
+    cp: int = 1
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    exchange: str = "allgather"
+    dense_exchange: str = "ring"
+    activation_checkpoint: bool = False
+    compile: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.cp * self.dp_shard * self.dp_replicate
+
+    @property
+    def dp(self) -> int:
+        return self.dp_shard * self.dp_replicate
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and gradient clipping (recipe section [optim]).
+
+    lr: peak learning rate (reached at the end of warmup).
+    betas: AdamW (beta1, beta2).
+    eps: AdamW epsilon.
+    weight_decay: decoupled weight decay of matrices; norms' weights are not decayed.
+    grad_clip: clip the global gradient norm to this value; 0 = no clipping (the norm is still logged).
+    """
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over all stages together (recipe section [schedule]).
+
+    warmup_steps: linear warmup from lr / warmup_steps to lr over this many steps.
+    decay: 'cosine', 'linear' or 'constant' from the end of warmup to the last step of the
+        last stage; the recovery stage continues the same curve.
+    min_lr_ratio: the learning rate at the last step, as a fraction of optim.lr.
+    """
+
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class StageConfig:
+    """One training stage (recipe array [[stages]]); stages run in order.
+
+    name: shown in logs; unique.
+    attention: 'lighthouse' (Lighthouse in every layer but lighthouse.dense_layers) or
+        'dense' (every layer dense: the recovery stage).
+    steps: optimizer steps in this stage.
+    """
+
+    name: str = "lighthouse"
+    attention: str = "lighthouse"
+    steps: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint) (recipe section [checkpoint]).
+
+    interval: save every this many global steps; 0 = only at stage ends. The end of every
+        stage is always saved and never deleted.
+    keep_last: interval checkpoints kept (older ones are deleted once a newer one is complete).
+    dir: checkpoint folder; empty = <run.out_dir>/checkpoints. A run resumes from the newest
+        complete checkpoint found there.
+    """
+
+    interval: int = 0
+    keep_last: int = 2
+    dir: str = ""
+
+
+@dataclass
+class MetricsConfig:
+    """Logging (recipe section [metrics]).
+
+    tensorboard_dir: TensorBoard event files; empty = <run.out_dir>/tensorboard.
+    log_interval: log (TensorBoard, console, metrics.jsonl) every this many steps, and the last step of each stage.
+    peak_tflops: per-device peak for MFU; 0 = known GPUs' bf16 dense peak, or on CPU a
+        float32 matmul measured at start.
+    """
+
+    tensorboard_dir: str = ""
+    log_interval: int = 1
+    peak_tflops: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (recipe section [eval], with [eval.passkey]).
+
+    val_interval: validation loss every this many global steps; 0 = only at stage ends
+        (stage ends are always evaluated).
+    val_batches: global batches of the validation split per evaluation (the same ones each time).
+    passkey: the passkey retrieval evaluation, run once after the last stage.
+    """
+
+    val_interval: int = 0
+    val_batches: int = 2
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lighthouse: LighthouseSection = field(default_factory=LighthouseSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+    def stage_ends(self) -> list[int]:
+        """Global step at which each stage ends (steps are counted from 1)."""
+        ends, total = [], 0
+        for stage in self.stages:
+            total += stage.steps
+            ends.append(total)
+        return ends
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run.out_dir) / "checkpoints")
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return Path(self.metrics.tensorboard_dir or Path(self.run.out_dir) / "tensorboard")
+
+
+class RecipeError(ValueError):
+    """A recipe key that does not exist or holds a value of the wrong type."""
+
+
+def _convert(value, kind, key: str):
+    """`value` as type `kind` (a dataclass, list[...], int, float, bool or str), else RecipeError."""
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key {key}: expected a table, got {type(value).__name__} {value!r}")
+        return _from_dict(kind, value, key)
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise RecipeError(f"recipe key {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool) and type(value) is kind:
+        return value
+    raise RecipeError(f"recipe key {key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _from_dict(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else key
+        if key not in names:
+            raise RecipeError(f"unknown recipe key {full!r}; valid keys{' in [' + where + ']' if where else ''}: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'section.key=value' -> (['section', 'key'], value); the value is read as a TOML value
+    (numbers, booleans, quoted strings, [lists]); anything else is taken as a bare string."""
+    if "=" not in text:
+        raise RecipeError(f"--set expects section.key=value, got {text!r}")
+    path, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path.strip().split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value, text: str) -> None:
+    node = data
+    for depth, part in enumerate(path[:-1]):
+        here = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {text}: {here} is not an existing list index (the list has {len(node)} entries)")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"--set {text}: {here} is a value, not a section")
+    if isinstance(node, list):
+        raise RecipeError(f"--set {text}: cannot replace a whole list entry; set one of its keys")
+    node[path[-1]] = value
+
+
+def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
+    for text in overrides:
+        path, value = parse_override(text)
+        _apply_override(data, path, value, text)
+    return _from_dict(Recipe, data, "")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe TOML file and apply `--set` overrides; structure and types are checked."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"recipe file {str(file)!r} does not exist")
+    with file.open("rb") as handle:
+        try:
+            data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as err:
+            raise RecipeError(f"{file}: invalid TOML: {err}") from err
+    return recipe_from_dict(data, overrides)

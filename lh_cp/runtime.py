@@ -1,0 +1,86 @@
+"""Process-group start and the explicit groups a training run passes around.
+
+One process (no torchrun) still gets a process group of size 1, so a run has a single code
+path: FSDP2, DCP checkpoints and the loss normaliser behave the same at any world size.
+torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from lh_cp.parallel import build_mesh
+from lh_cp.recipe import Recipe
+
+
+def launched_world_size() -> int:
+    """Processes of this job: torchrun's WORLD_SIZE, or 1 for a plain `lh-cp train`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device='cuda' but torch sees no CUDA device")
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+@dataclass
+class Runtime:
+    """Device, mesh and the groups of this rank.
+
+    cp_group: the context-parallel group, None when parallel.cp == 1 (single-device attention).
+    loss_group: every rank holding different tokens of the global batch (mesh axis dp_cp).
+    dp_rank, dp_size: this rank's data-parallel replica and their number (mesh axis dp).
+    """
+
+    device: torch.device
+    mesh: DeviceMesh
+    world: dist.ProcessGroup
+    cp_group: dist.ProcessGroup | None
+    loss_group: dist.ProcessGroup
+    dp_rank: int
+    dp_size: int
+    rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start(recipe: Recipe) -> Runtime:
+    device = pick_device(recipe.run.device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Long first steps (compilation, corpus tokenization) must not trip the collective timeout.
+    timeout = datetime.timedelta(minutes=30)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    par = recipe.parallel
+    mesh = build_mesh(device.type, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, cp=par.cp)
+    return Runtime(
+        device=device,
+        mesh=mesh,
+        world=dist.group.WORLD,
+        cp_group=mesh["cp"].get_group() if par.cp > 1 else None,
+        loss_group=mesh["dp_cp"].get_group(),
+        dp_rank=mesh["dp"].get_local_rank(),
+        dp_size=mesh["dp"].size(),
+        rank=dist.get_rank(),
+    )
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

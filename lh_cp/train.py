@@ -1,0 +1,230 @@
+"""`lh-cp train`: run a recipe's stages in order, alone or under torchrun.
+
+Order of events: check the recipe and data paths (no process group yet), start the process
+group and mesh, build the model identically on every rank, parallelize it (activation
+checkpointing, compile, FSDP2), resume from the newest complete checkpoint if there is one,
+then train stage after stage. Stage boundaries only switch the attention functions
+(Transformer.set_attention); weights, optimizer state, learning-rate curve and data position
+carry on, and every stage end is validated and checkpointed. After the last stage the
+passkey evaluation runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lh_cp.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from lh_cp.data import BatchLoader, make_tokenizer, token_stream
+from lh_cp.metrics import MetricsWriter, flops_per_token, format_duration, peak_flops, peak_memory_gib
+from lh_cp.model import Transformer
+from lh_cp.parallel import parallelize
+from lh_cp.passkey import passkey_accuracy
+from lh_cp.plan import check_recipe
+from lh_cp.recipe import Recipe, RecipeError
+from lh_cp.runtime import Runtime, launched_world_size, start, stop
+from lh_cp.schedule import lr_at
+from lh_cp.steps import greedy_predictor, training_loss, validation_loss
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or stopped) invocation reports; rank 0's view."""
+
+    last_step: int
+    resumed_from: int
+    train_loss: dict[int, float] = field(default_factory=dict)  # logged steps
+    val_loss: dict[int, float] = field(default_factory=dict)
+    passkey: dict[float, float] | None = None
+    seconds: float = 0.0
+
+
+def check_data_paths(recipe: Recipe) -> list[str]:
+    """Paths training needs that do not exist (plan does not require them)."""
+    data, missing = recipe.data, []
+    if data.source != "stdlib" and not Path(data.path).exists():
+        missing.append(f"data.path={data.path!r} does not exist (data.source={data.source!r})")
+    if data.tokenizer != "bytes" and not Path(data.tokenizer).exists():
+        missing.append(f"data.tokenizer={data.tokenizer!r} does not exist (use 'bytes' or a local tokenizer.json)")
+    return missing
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW; matrices (and embeddings) decay, norm weights (1-D) do not."""
+    opt = recipe.optim
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+def stage_index(recipe: Recipe, step: int) -> int:
+    """Index of the stage global step `step` (1-based) belongs to."""
+    for index, end in enumerate(recipe.stage_ends()):
+        if step <= end:
+            return index
+    return len(recipe.stages) - 1
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, rt: Runtime) -> None:
+        self.recipe, self.rt = recipe, rt
+        data, par = recipe.data, recipe.parallel
+        self.tokenizer = make_tokenizer(data)
+        if self.tokenizer.vocab_size > recipe.model.vocab_size:
+            raise ValueError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens")
+        self.train_stream = token_stream(data, self.tokenizer, "train")
+        self.val_stream = token_stream(data, self.tokenizer, "validation")
+        self.loader = BatchLoader(self.train_stream, data.seq_len, data.batch_size, rt.dp_rank, rt.dp_size, data.seed, shuffle=True)
+        # Same seed on every rank: identical initial weights before FSDP shards them.
+        torch.manual_seed(recipe.run.seed)
+        self.lighthouse = recipe.lighthouse.config()
+        model = Transformer(recipe.model, self.lighthouse, tuple(recipe.lighthouse.dense_layers)).to(rt.device)
+        self.model = parallelize(model, rt.mesh, par)
+        self.optimizer = build_optimizer(self.model, recipe)
+        self.ckpt_dir = recipe.checkpoint_dir
+        self.stage_ends = set(recipe.stage_ends())
+        self.tokens_per_step = data.seq_len * data.batch_size * rt.dp_size
+
+    def resume(self) -> int:
+        found = latest_checkpoint(self.ckpt_dir)
+        if found is None:
+            return 0
+        step, data_state = load_checkpoint(found[1], self.model, self.optimizer, self.loader.state_dict(), self.rt.world)
+        self.loader.load_state_dict(data_state)
+        return step
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, self.loader.state_dict(), self.rt.world)
+        prune_checkpoints(self.ckpt_dir, self.recipe.checkpoint.keep_last, self.stage_ends, self.rt.world)
+
+    def step(self, step: int) -> tuple[float, float, float]:
+        """One optimizer step; returns (global mean loss, gradient norm before clipping, lr)."""
+        lr = lr_at(step, self.recipe.total_steps, self.recipe.optim, self.recipe.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, mean_loss = training_loss(self.model, self.rt, self.recipe, *self.loader.next_batch())
+        loss.backward()
+        clip = self.recipe.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(mean_loss), float(norm), lr
+
+
+def _stage_scalars(trainer: Trainer, stage: int) -> tuple[int, float]:
+    """(Lighthouse layers in use, selected fraction S/N of a Lighthouse layer) of a stage."""
+    recipe = trainer.recipe
+    if recipe.stages[stage].attention != "lighthouse":
+        return 0, 1.0
+    n = recipe.data.seq_len
+    return len(trainer.model.lighthouse_layers), trainer.lighthouse.selected_length(n) / n
+
+
+def train(recipe: Recipe) -> TrainSummary:
+    """Run `recipe` in this process (one rank of a torchrun job, or the only process)."""
+    problems = check_recipe(recipe, launched_world_size()) + check_data_paths(recipe)
+    if problems:
+        raise RecipeError("the recipe is not valid:\n  " + "\n  ".join(problems))
+    rt = start(recipe)
+    try:
+        return _train(recipe, rt)
+    finally:
+        stop()
+
+
+def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
+    began = time.perf_counter()
+    trainer = Trainer(recipe, rt)
+    resumed = trainer.resume()
+    summary = TrainSummary(last_step=resumed, resumed_from=resumed)
+    out_dir = Path(recipe.run.out_dir)
+    writer = MetricsWriter(recipe.tensorboard_dir, out_dir / "metrics.jsonl", resumed, recipe.run.name) if rt.is_main else None
+    peak, peak_source = peak_flops(rt.device, recipe.metrics.peak_tflops)
+    total = recipe.total_steps
+    if writer:
+        where = f"resumed from step {resumed}" if resumed else "from scratch"
+        writer.console(f"{total} steps in {len(recipe.stages)} stages, {rt.mesh.size()} ranks on {rt.device.type}, "
+                       f"{where}; checkpoints in {trainer.ckpt_dir}, TensorBoard in {recipe.tensorboard_dir}; "
+                       f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    stop_at = recipe.run.stop_after_step or total
+    current_stage, recent = -1, []
+    for step in range(resumed + 1, min(stop_at, total) + 1):
+        stage = stage_index(recipe, step)
+        if stage != current_stage:
+            trainer.model.set_attention(recipe.stages[stage].attention)
+            current_stage = stage
+            if writer:
+                writer.console(f"stage {stage + 1}/{len(recipe.stages)} {recipe.stages[stage].name!r}: "
+                               f"{recipe.stages[stage].attention} attention from step {step}")
+        tick = time.perf_counter()
+        loss, norm, lr = trainer.step(step)
+        elapsed = time.perf_counter() - tick
+        recent = (recent + [elapsed])[-20:]
+        stage_end = step in trainer.stage_ends
+        if writer and (step % recipe.metrics.log_interval == 0 or stage_end or step == stop_at):
+            lh_layers, fraction = _stage_scalars(trainer, stage)
+            flops = flops_per_token(recipe.model, recipe.data.seq_len, trainer.lighthouse, lh_layers) * trainer.tokens_per_step
+            mfu = flops / (elapsed * rt.mesh.size() * peak)
+            memory = peak_memory_gib(rt.device)
+            eta = (total - step) * sorted(recent)[len(recent) // 2]
+            writer.scalars(step, {
+                "train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
+                "perf/tokens_per_s": trainer.tokens_per_step / elapsed, "perf/mfu": mfu,
+                "perf/peak_memory_gib": memory, "train/stage": stage, "lighthouse/selected_fraction": fraction,
+            })
+            writer.console(
+                f"step {step}/{total} {recipe.stages[stage].name} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"gnorm {norm:.3f} | {trainer.tokens_per_step / elapsed:,.0f} tok/s | mfu {mfu:.1%} | "
+                f"mem {memory:.2f} GiB | S/N {fraction:.3f} | eta {format_duration(eta)}"
+            )
+            summary.train_loss[step] = loss
+        val_interval = recipe.eval.val_interval
+        if stage_end or (val_interval and step % val_interval == 0):
+            val = validation_loss(trainer.model, rt, recipe, trainer.val_stream)
+            summary.val_loss[step] = val
+            if writer:
+                writer.scalars(step, {"val/loss": val}, kind="val")
+                writer.console(f"step {step} validation loss {val:.4f} ({recipe.stages[stage].name})")
+        interval = recipe.checkpoint.interval
+        if stage_end or step == stop_at or (interval and step % interval == 0):
+            trainer.save(step)
+        summary.last_step = step
+    if summary.last_step >= total and recipe.eval.passkey.enabled:
+        summary.passkey = _passkey(trainer, rt, recipe, writer, out_dir)
+    summary.seconds = time.perf_counter() - began
+    if writer:
+        if summary.last_step < total:
+            writer.console(f"stopped after step {summary.last_step} (run.stop_after_step); run again to resume")
+        else:
+            writer.console(f"done: {total} steps in {format_duration(summary.seconds)} "
+                           f"(this invocation), checkpoints in {trainer.ckpt_dir}")
+        writer.close()
+    return summary
+
+
+def _passkey(trainer: Trainer, rt: Runtime, recipe: Recipe, writer: MetricsWriter | None, out_dir: Path) -> dict[float, float]:
+    final = recipe.stages[-1]
+    trainer.model.set_attention(final.attention)
+    length = recipe.eval.passkey.length or recipe.data.seq_len
+    predict = greedy_predictor(trainer.model, rt, recipe)
+    accuracy = passkey_accuracy(predict, trainer.tokenizer, recipe.eval.passkey, length)
+    if writer:
+        step = recipe.total_steps
+        writer.scalars(step, {f"passkey/depth_{depth:g}": acc for depth, acc in accuracy.items()}, kind="passkey")
+        mean = sum(accuracy.values()) / len(accuracy)
+        table = ", ".join(f"{depth:g}: {acc:.0%}" for depth, acc in accuracy.items())
+        writer.console(f"passkey retrieval at {length} tokens ({final.attention} attention), accuracy by depth: "
+                       f"{table}; mean {mean:.0%}")
+        (out_dir / "passkey.json").write_text(json.dumps(
+            {"length": length, "attention": final.attention, "accuracy_by_depth": {str(d): a for d, a in accuracy.items()}}, indent=2
+        ) + "\n")
+    return accuracy
