@@ -156,37 +156,28 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
                        f"{where}; checkpoints in {trainer.ckpt_dir}, TensorBoard in {recipe.tensorboard_dir}; "
                        f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     stop_at = recipe.run.stop_after_step or total
-    current_stage, recent = -1, []
+    current_stage, window, recent = -1, LogWindow(), []
     for step in range(resumed + 1, min(stop_at, total) + 1):
         stage = stage_index(recipe, step)
         if stage != current_stage:
             trainer.model.set_attention(recipe.stages[stage].attention)
             current_stage = stage
             if writer:
+                # Logged at the stage's first step whatever the log interval, so plots mark the boundary exactly.
+                writer.scalars(step, {"train/stage": stage}, kind="stage")
                 writer.console(f"stage {stage + 1}/{len(recipe.stages)} {recipe.stages[stage].name!r}: "
                                f"{recipe.stages[stage].attention} attention from step {step}")
         tick = time.perf_counter()
         loss, norm, lr = trainer.step(step)
         elapsed = time.perf_counter() - tick
+        window.add(loss, norm, elapsed)
         recent = (recent + [elapsed])[-20:]
         stage_end = step in trainer.stage_ends
-        if writer and (step % recipe.metrics.log_interval == 0 or stage_end or step == stop_at):
-            lh_layers, fraction = _stage_scalars(trainer, stage)
-            flops = flops_per_token(recipe.model, recipe.data.seq_len, trainer.lighthouse, lh_layers) * trainer.tokens_per_step
-            mfu = flops / (elapsed * rt.mesh.size() * peak)
-            memory = peak_memory_gib(rt.device)
-            eta = (total - step) * sorted(recent)[len(recent) // 2]
-            writer.scalars(step, {
-                "train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
-                "perf/tokens_per_s": trainer.tokens_per_step / elapsed, "perf/mfu": mfu,
-                "perf/peak_memory_gib": memory, "train/stage": stage, "lighthouse/selected_fraction": fraction,
-            })
-            writer.console(
-                f"step {step}/{total} {recipe.stages[stage].name} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"gnorm {norm:.3f} | {trainer.tokens_per_step / elapsed:,.0f} tok/s | mfu {mfu:.1%} | "
-                f"mem {memory:.2f} GiB | S/N {fraction:.3f} | eta {format_duration(eta)}"
-            )
-            summary.train_loss[step] = loss
+        log_now = step % recipe.metrics.log_interval == 0 or stage_end or step in (stop_at, resumed + 1)
+        if writer and log_now:
+            summary.train_loss[step] = _log_step(writer, trainer, recipe, rt, step, stage, lr, window, peak, recent)
+        if log_now:
+            window = LogWindow()
         val_interval = recipe.eval.val_interval
         if stage_end or (val_interval and step % val_interval == 0):
             val = validation_loss(trainer.model, rt, recipe, trainer.val_stream)
@@ -209,6 +200,45 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
                            f"(this invocation), checkpoints in {trainer.ckpt_dir}")
         writer.close()
     return summary
+
+
+@dataclass
+class LogWindow:
+    """Steps since the previous log line: their losses, gradient norms and wall times."""
+
+    losses: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, loss: float, norm: float, seconds: float) -> None:
+        self.losses.append(loss)
+        self.norms.append(norm)
+        self.seconds += seconds
+
+
+def _log_step(writer: MetricsWriter, trainer: Trainer, recipe: Recipe, rt: Runtime, step: int, stage: int,
+              lr: float, window: LogWindow, peak: float, recent: list[float]) -> float:
+    """TensorBoard, metrics.jsonl and console line for `step`. Loss, gradient norm, tokens/s and
+    MFU are means over the steps since the previous log line, so a sparse log interval still
+    shows the trend rather than one step's noise. Returns the logged loss."""
+    steps = len(window.losses)
+    loss, norm = sum(window.losses) / steps, sum(window.norms) / steps
+    lh_layers, fraction = _stage_scalars(trainer, stage)
+    tokens_per_s = trainer.tokens_per_step * steps / window.seconds
+    flops = flops_per_token(recipe.model, recipe.data.seq_len, trainer.lighthouse, lh_layers) * tokens_per_s
+    mfu = flops / (rt.mesh.size() * peak)
+    memory = peak_memory_gib(rt.device)
+    eta = (recipe.total_steps - step) * sorted(recent)[len(recent) // 2]
+    writer.scalars(step, {
+        "train/loss": loss, "train/lr": lr, "train/grad_norm": norm, "perf/tokens_per_s": tokens_per_s,
+        "perf/mfu": mfu, "perf/peak_memory_gib": memory, "train/stage": stage, "lighthouse/selected_fraction": fraction,
+    })
+    writer.console(
+        f"step {step}/{recipe.total_steps} {recipe.stages[stage].name} | loss {loss:.4f} | lr {lr:.2e} | "
+        f"gnorm {norm:.3f} | {tokens_per_s:,.0f} tok/s | mfu {mfu:.1%} | mem {memory:.2f} GiB | "
+        f"S/N {fraction:.3f} | eta {format_duration(eta)}"
+    )
+    return loss
 
 
 def _passkey(trainer: Trainer, rt: Runtime, recipe: Recipe, writer: MetricsWriter | None, out_dir: Path) -> dict[float, float]:

@@ -1,0 +1,126 @@
+"""Recipes: strict loading (errors name the key and the rule), overrides, the plan's rules and
+numbers, and the shipped recipes (all must pass `lh-cp plan`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lh_cp.cli import main
+from lh_cp.model import count_parameters
+from lh_cp.plan import check_recipe, plan_numbers
+from lh_cp.recipe import RecipeError, load_recipe, recipe_from_dict
+from lh_cp.schedule import lr_at
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+LONG_RECIPES = {"128k.toml": (131072, 8), "256k.toml": (262144, 16), "512k.toml": (524288, 16), "1m.toml": (1048576, 32)}
+
+
+def _valid() -> dict:
+    return {
+        "model": {"vocab_size": 258, "dim": 64, "n_layers": 6, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128},
+        "lighthouse": {"pool": 4, "levels": 3, "topk": 64, "tile_budget": 8},
+        "parallel": {"cp": 2},
+        "data": {"seq_len": 2048},
+        "schedule": {"warmup_steps": 1},
+        "stages": [{"name": "a", "attention": "lighthouse", "steps": 2}, {"name": "b", "attention": "dense", "steps": 2}],
+    }
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones():
+    data = _valid()
+    data["model"]["hidden"] = 3
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'model.hidden'.*valid keys in \[model\]: vocab_size, dim"):
+        recipe_from_dict(data)
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'optimizer'"):
+        recipe_from_dict({**_valid(), "optimizer": {}})
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'stages.1.step'"):
+        recipe_from_dict(_valid(), ["stages.1.step=3"])
+
+
+def test_wrong_type_names_the_key_and_the_expected_type():
+    data = _valid()
+    data["model"]["dim"] = "wide"
+    with pytest.raises(RecipeError, match=r"recipe key model.dim: expected int, got str 'wide'"):
+        recipe_from_dict(data)
+    with pytest.raises(RecipeError, match=r"recipe key parallel.compile: expected bool, got int 1"):
+        recipe_from_dict(_valid(), ["parallel.compile=1"])
+
+
+def test_overrides_reach_nested_tables_and_list_entries():
+    recipe = recipe_from_dict(_valid(), ["stages.1.steps=7", "optim.lr=1e-3", "eval.passkey.depths=[0.5]", "data.source=files"])
+    assert recipe.stages[1].steps == 7 and recipe.optim.lr == 1e-3
+    assert recipe.eval.passkey.depths == [0.5] and recipe.data.source == "files"
+    with pytest.raises(RecipeError, match=r"stages.5 is not an existing list index"):
+        recipe_from_dict(_valid(), ["stages.5.steps=1"])
+
+
+@pytest.mark.parametrize(
+    "override, rule",
+    [
+        ("data.seq_len=2052", r"data.seq_len=2052 with \[lighthouse\]: N % T == 0 fails"),
+        ("parallel.cp=8", r"chunk of 2048 / 16 = 128 tokens must be a multiple of the tile size T=256"),
+        ("parallel.cp=3", r"2 \* parallel.cp = 6 equal head-tail chunks: 2048 % 6 != 0"),
+        ("model.n_kv_heads=3", r"n_heads must be a multiple of model.n_kv_heads \(GQA\): n_heads=4, n_kv_heads=3"),
+        ("model.n_heads=6", r"model.dim must be a multiple of model.n_heads: dim=64, n_heads=6"),
+        ("lighthouse.tile_budget=6", r"topk must be a positive multiple of tile_budget"),
+        ("lighthouse.dense_layers=[0, 9]", r"dense_layers index 9 is out of range for n_layers=6"),
+        ("model.vocab_size=100", r"model.vocab_size=100 is smaller than the tokenizer's 258 tokens"),
+        ("stages.1.attention='sparse'", r"stages.1.attention must be one of \('lighthouse', 'dense'\), got 'sparse'"),
+        ("schedule.warmup_steps=4", r"schedule.warmup_steps=4 must be >= 0 and below the total steps of all stages, 4"),
+        ("parallel.exchange='tree'", r"parallel.exchange must be one of \('allgather', 'ring'\), got 'tree'"),
+    ],
+)
+def test_plan_rules_name_the_key_and_the_numbers(override, rule):
+    errors = check_recipe(recipe_from_dict(_valid(), [override]))
+    assert any(__import__("re").search(rule, e) for e in errors), errors
+
+
+def test_world_size_must_match_the_degrees():
+    errors = check_recipe(recipe_from_dict(_valid()), world_size=4)
+    assert errors == ["parallel.cp * dp_shard * dp_replicate = 2 * 1 * 1 = 2 must equal the number of processes, 4"]
+    assert check_recipe(recipe_from_dict(_valid()), world_size=2) == []
+
+
+def test_plan_collects_every_problem_at_once(capsys, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[model]\nn_kv_heads = 3\n[data]\nseq_len = 1000\n[[stages]]\nattention = "lighthouse"\nsteps = 0\n')
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "n_kv_heads" in err and "stages.0.steps must be >= 1" in err and "N % T == 0 fails" in err
+
+
+def test_schedule_warmup_then_cosine_to_the_floor():
+    recipe = recipe_from_dict(_valid(), ["schedule.warmup_steps=2", "schedule.min_lr_ratio=0.1", "optim.lr=1.0"])
+    total = recipe.total_steps
+    values = [lr_at(s, total, recipe.optim, recipe.schedule) for s in range(1, total + 1)]
+    assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1)
+    linear = recipe_from_dict(_valid(), ["schedule.warmup_steps=1", "schedule.decay='linear'", "optim.lr=1.0", "schedule.min_lr_ratio=0.0"])
+    assert [lr_at(s, 4, linear.optim, linear.schedule) for s in (1, 2, 3, 4)] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+
+
+def test_quickstart_recipe_plans(capsys):
+    assert main(["plan", str(RECIPES / "quickstart.toml"), "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "tile T = " in out and "CPU processes: 2" in out
+
+
+@pytest.mark.parametrize("name", sorted(LONG_RECIPES))
+def test_long_recipes_plan_at_their_length_and_gpu_count(name, capsys):
+    seq_len, gpus = LONG_RECIPES[name]
+    recipe = load_recipe(RECIPES / name)
+    assert check_recipe(recipe, world_size=gpus) == []
+    numbers = plan_numbers(recipe)
+    assert numbers.seq_len == seq_len and numbers.world_size == gpus
+    assert 520e6 <= numbers.params <= 540e6, numbers.params  # "about 530M", as in the paper
+    assert [s.attention for s in recipe.stages] == ["lighthouse", "dense"]
+    assert recipe.data.source == "hf"
+    assert numbers.memory_gib < 70, f"{name}: estimated {numbers.memory_gib:.1f} GiB per 80 GB GPU"
+    assert main(["plan", str(RECIPES / name), "--world-size", str(gpus)]) == 0
+    assert f"GPUs: {gpus}" in capsys.readouterr().out
+
+
+def test_530m_parameter_count_is_what_the_readme_states():
+    recipe = load_recipe(RECIPES / "128k.toml")
+    assert count_parameters(recipe.model) == 530_088_960

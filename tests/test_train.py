@@ -1,0 +1,138 @@
+"""Trainer: exact resume, recovery from the stage-1 checkpoint, a killed run that loses
+nothing, checkpoint retention, metrics and the plot. One process each (gloo world of 1), a
+tiny model on a small local corpus, so each run takes seconds.
+
+Losses are compared for exact equality: on one CPU process with the same thread count the
+same inputs give bit-identical results, and a resumed run must reproduce the uninterrupted
+one bit for bit (weights, AdamW moments and step, learning-rate step, data position).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lh_cp.checkpoint import complete_checkpoints
+from lh_cp.train import train
+from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus):
+    """The uninterrupted 6-step run (4 Lighthouse + 2 dense) every resume is compared with."""
+    out = tmp_path_factory.mktemp("straight")
+    summary = train(tiny_recipe(out, corpus))
+    return out, summary
+
+
+def test_straight_run_trains_both_stages_and_writes_everything(straight):
+    out, summary = straight
+    assert sorted(summary.train_loss) == [1, 2, 3, 4, 5, 6]
+    assert summary.train_loss[6] < summary.train_loss[1]
+    assert sorted(summary.val_loss) == [4, 6]  # each stage end is validated
+    assert sorted(complete_checkpoints(out / "checkpoints")) == [4, 6]  # stage ends
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert logged_losses(out) == summary.train_loss
+
+
+def test_exact_resume_mid_stage(tmp_path, corpus, straight):
+    """6 steps straight == 3 steps, stop, resume, 3 more steps: the same six losses."""
+    _, reference = straight
+    first = train(tiny_recipe(tmp_path, corpus, ["run.stop_after_step=3"]))
+    assert sorted(first.train_loss) == [1, 2, 3] and 3 in complete_checkpoints(tmp_path / "checkpoints")
+    second = train(tiny_recipe(tmp_path, corpus))
+    assert second.resumed_from == 3 and sorted(second.train_loss) == [4, 5, 6]
+    assert {**first.train_loss, **second.train_loss} == reference.train_loss
+    assert logged_losses(tmp_path) == reference.train_loss
+    assert second.val_loss == {k: v for k, v in reference.val_loss.items() if k > 3}
+
+
+def test_recovery_resumes_from_the_stage_1_checkpoint(tmp_path, corpus, straight):
+    """Stage 1 alone, then a new invocation: it loads the stage-1 checkpoint (weights,
+    optimizer, schedule, data position) and its dense steps equal the uninterrupted run's."""
+    _, reference = straight
+    stage1 = train(tiny_recipe(tmp_path, corpus, ["run.stop_after_step=4"]))
+    assert sorted(complete_checkpoints(tmp_path / "checkpoints")) == [4]
+    recovery = train(tiny_recipe(tmp_path, corpus))
+    assert recovery.resumed_from == 4
+    assert {s: recovery.train_loss[s] for s in (5, 6)} == {s: reference.train_loss[s] for s in (5, 6)}
+    assert stage1.val_loss[4] == reference.val_loss[4]
+
+
+def test_interval_checkpoints_keep_the_last_k_and_every_stage_end(tmp_path, corpus):
+    train(tiny_recipe(tmp_path, corpus, ["checkpoint.interval=1", "checkpoint.keep_last=2"], lighthouse_steps=5, dense_steps=3))
+    # steps 1..8; stage ends 5 and 8 are protected; the newest two others are 6 and 7.
+    assert sorted(complete_checkpoints(tmp_path / "checkpoints")) == [5, 6, 7, 8]
+
+
+def test_killed_run_resumes_and_loses_nothing(tmp_path, corpus):
+    """SIGKILL a training process right after its first checkpoint; the rerun resumes there
+    and its losses equal an uninterrupted run's, step for step."""
+    steps = (20, 10)
+    reference = train(tiny_recipe(tmp_path / "reference", corpus, lighthouse_steps=steps[0], dense_steps=steps[1]))
+    out = tmp_path / "killed"
+    recipe_file = tmp_path / "killed.toml"
+    _write_toml(recipe_file, tiny_recipe_dict(out, corpus, lighthouse_steps=steps[0], dense_steps=steps[1]))
+    command = [sys.executable, "-m", "lh_cp.cli", "train", str(recipe_file), "--set", "checkpoint.interval=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.environ.get("OMP_NUM_THREADS", "") or __import__("torch").get_num_threads())}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not complete_checkpoints(out / "checkpoints") and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = max(complete_checkpoints(out / "checkpoints"), default=0)
+    assert 0 < killed_at < sum(steps), f"the run was not killed mid-way (checkpoint at {killed_at}): {process.stdout.read()!r}"
+    resumed = train(tiny_recipe(out, corpus, ["checkpoint.interval=3"], lighthouse_steps=steps[0], dense_steps=steps[1]))
+    assert resumed.resumed_from == killed_at
+    assert logged_losses(out) == reference.train_loss
+
+
+def test_plot_marks_the_stage_boundary(straight, tmp_path):
+    from lh_cp.plot import plot_losses, read_scalars, stage_starts
+
+    out, _ = straight
+    assert stage_starts(read_scalars(out / "tensorboard")["train/stage"]) == [(5, 1)]
+    png = plot_losses(out / "tensorboard", tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_data_path_fails_before_any_process_group(tmp_path):
+    import torch.distributed as dist
+
+    from lh_cp.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"data.path='/nonexistent/data' does not exist"):
+        train(tiny_recipe(tmp_path, Path("/nonexistent/data")))
+    assert not dist.is_initialized()
+
+
+def _write_toml(path: Path, data: dict) -> None:
+    """Enough TOML for the test recipes: tables, arrays of tables, scalars and lists."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for section, body in data.items():
+        tables = body if isinstance(body, list) else [body]
+        for table in tables:
+            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in table.items())
+    path.write_text("\n".join(lines) + "\n")

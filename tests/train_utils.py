@@ -1,0 +1,51 @@
+"""Shared pieces of the training tests: a small local corpus and a tiny two-stage recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lh_cp.recipe import Recipe, recipe_from_dict
+
+
+def write_corpus(folder: Path, files: int = 24, lines: int = 60) -> Path:
+    """Deterministic .txt documents (Python-like lines) under `folder`; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        body = "".join(f"def fn_{f}_{i}(x):\n    return x * {i} + {f}  # line {i}\n" for i in range(lines))
+        (folder / f"doc_{f:03d}.txt").write_text(body)
+    return folder
+
+
+def tiny_recipe_dict(out_dir: Path, corpus: Path, lighthouse_steps: int = 4, dense_steps: int = 2) -> dict:
+    """A two-stage recipe small enough to run a step in a fraction of a second on one CPU."""
+    return {
+        "run": {"name": "tiny", "out_dir": str(out_dir), "seed": 3, "device": "cpu"},
+        "model": {"vocab_size": 258, "dim": 64, "n_layers": 5, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128},
+        "lighthouse": {"pool": 2, "levels": 2, "topk": 8, "tile_budget": 4, "dense_layers": [0, -1]},
+        "data": {"source": "files", "path": str(corpus), "format": "text", "seq_len": 128, "batch_size": 2,
+                 "validation_fraction": 0.3},
+        "optim": {"lr": 2e-3},
+        "schedule": {"warmup_steps": 2, "decay": "cosine"},
+        "stages": [
+            {"name": "lighthouse", "attention": "lighthouse", "steps": lighthouse_steps},
+            {"name": "recovery", "attention": "dense", "steps": dense_steps},
+        ],
+        "checkpoint": {"interval": 0, "keep_last": 2},
+        "metrics": {"log_interval": 1, "peak_tflops": 1.0},
+        "eval": {"val_batches": 1},
+    }
+
+
+def tiny_recipe(out_dir: Path, corpus: Path, overrides: list[str] = (), **kwargs) -> Recipe:
+    return recipe_from_dict(tiny_recipe_dict(out_dir, corpus, **kwargs), list(overrides))
+
+
+def logged_losses(out_dir: Path, kind: str = "train") -> dict[int, float]:
+    """Step -> loss from a run's metrics.jsonl (the trainer keeps one line per step)."""
+    losses = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == kind:
+            losses[record["step"]] = record[f"{kind}/loss"]
+    return losses
