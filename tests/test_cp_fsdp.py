@@ -1,5 +1,7 @@
 """A full training step under FSDP2 with dp_shard=2 x cp=2 (4 gloo ranks) equals one process.
 
+HSDP (dp_replicate=2 x cp=2) is checked in the same job.
+
 The model is a tiny decoder defined here (one Lighthouse layer, one dense layer, RoPE at
 explicit global positions), so this test does not depend on lh_cp.model. Activation
 checkpointing is on (it recomputes the CP exchange in backward). Float32 throughout;
@@ -98,8 +100,13 @@ def reference_step() -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def fsdp_cp_job(rank: int, world: int) -> dict:
-    mesh = build_mesh("cpu", dp_replicate=1, dp_shard=2, cp=2)
-    return {exchange: fsdp_cp_step(mesh, exchange) for exchange in ("ring", "allgather")}
+    fsdp = build_mesh("cpu", dp_replicate=1, dp_shard=2, cp=2)
+    hsdp = build_mesh("cpu", dp_replicate=2, dp_shard=1, cp=2)
+    return {
+        "dp_shard=2 x cp=2, ring": fsdp_cp_step(fsdp, "ring"),
+        "dp_shard=2 x cp=2, allgather": fsdp_cp_step(fsdp, "allgather"),
+        "dp_replicate=2 x cp=2, ring": fsdp_cp_step(hsdp, "ring"),
+    }
 
 
 def fsdp_cp_step(mesh, exchange: str) -> dict:
@@ -128,13 +135,14 @@ def fsdp_cp_step(mesh, exchange: str) -> dict:
 @pytest.mark.timeout(240)
 def test_fsdp_cp_training_step_matches_single_process():
     """Loss and SGD-updated weights of dp_shard=2 x cp=2 (ring, then all-gather exchange, both
-    layers) equal one process (float32, <= 1e-5); padded tokens are excluded from the global
-    token mean (a per-rank mean instead moves the weights by ~6e-3: the test sees it)."""
+    layers) and of HSDP dp_replicate=2 x cp=2 equal one process (float32, <= 1e-5); padded
+    tokens are excluded from the global token mean (a per-rank mean instead moves the weights
+    by ~6e-3: the test sees it)."""
     results = run_distributed(fsdp_cp_job, 4, timeout=200)
     ref_loss, ref_weights = reference_step()
-    for rank, per_exchange in enumerate(results):
-        for exchange, res in per_exchange.items():
-            where = f"rank {rank}, {exchange}"
+    for rank, per_setup in enumerate(results):
+        for setup, res in per_setup.items():
+            where = f"rank {rank}, {setup}"
             assert abs(res["loss"] - ref_loss) <= 1e-5, f"{where}: loss {res['loss']} != {ref_loss}"
             assert res["weights"].keys() == ref_weights.keys()
             for name, ref in ref_weights.items():
