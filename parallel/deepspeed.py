@@ -1,20 +1,21 @@
 """DeepSpeed as an alternative training engine: ZeRO stage 1-3 around an lh_cp model.
 
-`build_deepspeed_engine` turns the numbers of a recipe's [optim] section into a DeepSpeed
-config and calls `deepspeed.initialize` with a torch AdamW (a ZeRO-supported optimizer, so
-no DeepSpeed op has to be compiled, which also keeps it working on DeepSpeed's CPU
-accelerator). The engine then replaces FSDP2 + optimizer in a training step:
+`build_deepspeed_engine` wraps the model and the trainer's torch AdamW (a ZeRO-supported
+optimizer, so no DeepSpeed optimizer op has to be compiled, which also keeps it working on
+DeepSpeed's CPU accelerator) into a DeepSpeed engine whose config comes from a few recipe
+numbers. The engine then replaces FSDP2 + optimizer in a training step:
 
-    engine = build_deepspeed_engine(model, lr=..., betas=..., weight_decay=..., grad_clip=..., zero_stage=3)
+    engine = build_deepspeed_engine(model, build_optimizer(model, recipe), zero_stage=3, grad_clip=1.0)
     set_learning_rate(engine, lr_at(step, ...))     # the schedule stays a pure function of the step
-    loss_sum, count = engine(tokens, positions, targets)
-    loss = loss_sum * world / global_count          # global token mean, see below
+    loss, mean_loss = training_loss(engine, rt, recipe, inputs, targets)   # lh_cp/steps.py
     engine.backward(loss)
-    engine.step()
+    engine.step()                                   # clips, steps, zeroes the gradients
+    norm = engine.get_global_grad_norm()
 
-DeepSpeed averages gradients over its data-parallel group, which is every rank here
-(sequence-parallel ranks hold the same weights and their gradients must be combined too),
-so each rank's loss is scaled as parallel/loss.py's global_token_mean_loss does.
+DeepSpeed averages gradients over its data-parallel group, which is every rank of the job
+(context-parallel ranks hold the same weights and their gradients must be combined too,
+as FSDP2 does over dp_shard x cp), so each rank's loss must be W * (local loss sum) / (real
+tokens of the global batch), the normaliser training_loss and global_token_mean_loss use.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 ZERO_STAGES = (1, 2, 3)
+# Torch optimizers DeepSpeed runs under ZeRO without compiling any op of its own.
+SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
 
 
 def deepspeed_config(
@@ -59,45 +62,37 @@ def deepspeed_config(
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices (linear and embedding weights) decay, vectors (norm weights) do not."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def build_deepspeed_engine(
     model: nn.Module,
+    optimizer: torch.optim.Optimizer,
     *,
-    lr: float,
-    betas: tuple[float, float] | list[float],
-    weight_decay: float,
-    grad_clip: float,
     zero_stage: int,
-    eps: float = 1e-8,
+    grad_clip: float,
     micro_batch_size: int = 1,
     grad_accum_steps: int = 1,
     bf16: bool = False,
 ):
-    """deepspeed.initialize(model, AdamW, config) -> the DeepSpeedEngine.
+    """deepspeed.initialize(model, optimizer, deepspeed_config(...)) -> the DeepSpeedEngine.
 
-    Collective over every rank of the default process group (initialised by the launcher,
-    torchrun or `deepspeed`; DeepSpeed wraps an already-initialised group). The model must be
-    built identically on every rank (same seed) before the call; ZeRO-3 then partitions it.
+    optimizer: torch.optim.AdamW (as lh_cp.train.build_optimizer makes) or torch.optim.Adam over
+        the model's parameters, param groups included; ZeRO repartitions its state.
+    The other arguments are those of deepspeed_config. Collective over every rank of the
+    default process group (started by the launcher, torchrun or `deepspeed`; DeepSpeed wraps
+    an already-started group). The model must be built identically on every rank (same seed)
+    before the call; ZeRO-3 then partitions it.
     """
     import deepspeed
 
-    if len(betas) != 2:
-        raise ValueError(f"betas must be two numbers (beta1, beta2), got {betas!r}")
-    if lr <= 0 or eps <= 0 or weight_decay < 0:
-        raise ValueError(f"need lr > 0, eps > 0, weight_decay >= 0; got lr={lr}, eps={eps}, weight_decay={weight_decay}")
     config = deepspeed_config(
         zero_stage=zero_stage, grad_clip=grad_clip, micro_batch_size=micro_batch_size,
         grad_accum_steps=grad_accum_steps, bf16=bf16,
     )
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    # Exact types, as DeepSpeed checks them: a subclass may change the step ZeRO relies on.
+    if type(optimizer) not in SUPPORTED_OPTIMIZERS:
+        raise ValueError(
+            f"ZeRO stage {zero_stage} needs an optimizer DeepSpeed supports under ZeRO: torch.optim.AdamW or "
+            f"torch.optim.Adam, got {type(optimizer).__module__}.{type(optimizer).__name__}"
+        )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 

@@ -1,54 +1,52 @@
-"""Checkpoints of a DeepSpeed engine: DeepSpeed's own format, tagged like lh_cp's DCP ones.
+"""Checkpoints of a DeepSpeed engine, laid out like lh_cp's DCP checkpoints (lh_cp/checkpoint.py).
 
-A checkpoint is the folder <root>/step_XXXXXXXX that engine.save_checkpoint writes (model,
-ZeRO-sharded optimizer state, one file per rank) plus the trainer state (completed steps and
-data position) as DeepSpeed "client state". DeepSpeed writes <root>/latest only after every
-rank has finished the folder, so a run killed mid-save resumes from the previous checkpoint.
+A checkpoint is the folder <root>/step_XXXXXXXX that engine.save_checkpoint writes (module
+weights, ZeRO-sharded optimizer state, one file per rank) with the trainer state (completed
+steps, data position) as DeepSpeed "client state". It is written as step_XXXXXXXX.partial and
+renamed once every rank has finished, as lh_cp.checkpoint does, so latest_checkpoint and
+prune_checkpoints of lh_cp.checkpoint work unchanged on a DeepSpeed run's folder, and a run
+killed mid-save leaves only a .partial folder that is ignored. (DeepSpeed's own `latest` file
+is not used: rank 0 writes it without waiting for the other ranks' shards.)
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from lh_cp.checkpoint import PREFIX
+import torch.distributed as dist
+
+from lh_cp.checkpoint import PARTIAL, checkpoint_path
 
 
-def deepspeed_tag(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
+def save_deepspeed_checkpoint(engine, root: str | Path, step: int, data_state: dict, group: dist.ProcessGroup) -> Path:
+    """Collective over `group` (every rank of the job): write the checkpoint of `step`; returns its folder."""
+    final = checkpoint_path(Path(root), step)
+    partial = final.with_name(final.name + PARTIAL)
+    rank = dist.get_rank(group)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier(group)
+    engine.save_checkpoint(str(partial.parent), tag=partial.name, client_state={"step": step, "data": dict(data_state)}, save_latest=False)
+    dist.barrier(group)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    dist.barrier(group)
+    return final
 
 
-def save_deepspeed_checkpoint(engine, root: str | Path, step: int, data_state: dict) -> Path:
-    """Collective over every rank: write the checkpoint of `step` and point <root>/latest at it."""
-    root = Path(root)
-    tag = deepspeed_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "data": dict(data_state)})
-    return root / tag
+def load_deepspeed_checkpoint(engine, path: str | Path) -> tuple[int, dict]:
+    """Collective: load the checkpoint folder `path` into the engine in place; returns (step, data state).
 
-
-def latest_deepspeed_step(root: str | Path) -> int | None:
-    """Step of the checkpoint <root>/latest names, or None when there is none."""
-    latest = Path(root) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not (tag.startswith(PREFIX) and tag[len(PREFIX):].isdigit()):
-        raise ValueError(f"{latest} names {tag!r}, not a checkpoint written by save_deepspeed_checkpoint ({PREFIX}XXXXXXXX)")
-    return int(tag[len(PREFIX):])
-
-
-def load_deepspeed_checkpoint(engine, root: str | Path, step: int | None = None) -> tuple[int, dict]:
-    """Collective: load the checkpoint of `step` (default: the latest) into the engine in place.
-
-    Returns (completed steps, data state). Model weights, optimizer state and the optimizer's
-    step counters are restored; the learning rate is the trainer's to set (a pure function of
-    the step).
+    Restores module weights, optimizer state and DeepSpeed's step counters; the learning rate
+    is the trainer's to set (a pure function of the step). Under ZeRO-3 load into a freshly
+    built engine (DeepSpeed's rule: not into one that has already saved).
     """
-    root = Path(root)
-    if step is None:
-        step = latest_deepspeed_step(root)
-        if step is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {root}: {root / 'latest'} does not exist")
-    path, client_state = engine.load_checkpoint(str(root), tag=deepspeed_tag(step))
-    if path is None or client_state is None:
-        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / deepspeed_tag(step)}")
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"DeepSpeed checkpoint folder {path} does not exist")
+    loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None or client_state is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path} (see its log above)")
     return int(client_state["step"]), dict(client_state["data"])

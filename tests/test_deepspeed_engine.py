@@ -18,6 +18,7 @@ scale of the learning rate (1e-2).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,16 @@ from lh_cp.model import ModelConfig, Transformer  # noqa: E402
 TOLERANCE = 1e-5
 SEQ, ROWS = 64, 2
 LRS = (1e-2, 5e-3)
-OPTIM = dict(betas=(0.9, 0.95), eps=1e-6, weight_decay=1.0, grad_clip=0.05)
+GRAD_CLIP = 0.05
+
+
+def optimizer(model: Transformer) -> torch.optim.Optimizer:
+    """The trainer's AdamW (decay groups included) at LRS[0]."""
+    from lh_cp.recipe import OptimConfig, Recipe
+    from lh_cp.train import build_optimizer
+
+    optim = OptimConfig(lr=LRS[0], betas=[0.9, 0.95], eps=1e-6, weight_decay=1.0, grad_clip=GRAD_CLIP)
+    return build_optimizer(model, Recipe(optim=optim))
 
 
 def small_model() -> Transformer:
@@ -50,22 +60,20 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def reference() -> dict:
     """Two plain steps on the whole batch: losses and weights after each."""
-    from lh_cp.parallel.deepspeed import param_groups
-
     model = small_model()
-    optimizer = torch.optim.AdamW(param_groups(model, OPTIM["weight_decay"]), lr=LRS[0], betas=OPTIM["betas"], eps=OPTIM["eps"])
+    adamw = optimizer(model)
     tokens, targets = batch()
     positions = torch.arange(SEQ)
     out = {"loss": [], "weights": []}
     for lr in LRS:
-        for group in optimizer.param_groups:
+        for group in adamw.param_groups:
             group["lr"] = lr
         loss_sum, count = model(tokens, positions, targets)
         loss = loss_sum / count
-        optimizer.zero_grad()
+        adamw.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"])
-        optimizer.step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        adamw.step()
         out["loss"].append(loss.item())
         out["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
     return out
@@ -103,24 +111,28 @@ def zero_job(rank: int, world: int, checkpoint_root: str) -> dict:
     import deepspeed
 
     from lh_cp.parallel.deepspeed import build_deepspeed_engine
+    from lh_cp.checkpoint import latest_checkpoint
     from lh_cp.parallel.deepspeed_checkpoint import load_deepspeed_checkpoint, save_deepspeed_checkpoint
 
     # DeepSpeed's ZeRO-3 helpers read the launcher's environment even with a group in place.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
+    world_group = dist.group.WORLD
     for stage in (1, 2, 3):
-        engine = build_deepspeed_engine(small_model(), lr=LRS[0], zero_stage=stage, **OPTIM)
+        model = small_model()
+        engine = build_deepspeed_engine(model, optimizer(model), zero_stage=stage, grad_clip=GRAD_CLIP)
         losses, weights = [], []
         for i, lr in enumerate(LRS):
             losses.append(_step(engine, lr, rank, world))
             weights.append(_weights(engine))
             if stage == 3 and i == 0:
-                saved = save_deepspeed_checkpoint(engine, checkpoint_root, 1, {"position": torch.tensor(7)})
+                saved = save_deepspeed_checkpoint(engine, checkpoint_root, 1, {"position": torch.tensor(7)}, world_group)
         results[stage] = {"loss": losses, "weights": weights}
     # Resume: a fresh engine (fresh model) loads step 1 and repeats step 2.
-    fresh = build_deepspeed_engine(small_model(), lr=LRS[0], zero_stage=3, **OPTIM)
-    step, data = load_deepspeed_checkpoint(fresh, checkpoint_root)
+    model = small_model()
+    fresh = build_deepspeed_engine(model, optimizer(model), zero_stage=3, grad_clip=GRAD_CLIP)
+    step, data = load_deepspeed_checkpoint(fresh, latest_checkpoint(Path(checkpoint_root))[1])
     resumed_loss = _step(fresh, LRS[1], rank, world)
     results["resume"] = {"step": step, "data": data, "path": str(saved), "loss": resumed_loss, "weights": _weights(fresh)}
     return results
@@ -147,6 +159,9 @@ def test_deepspeed_zero_step_equals_plain_step(tmp_path):
         assert resume["path"] == str(tmp_path / "step_00000001")
         assert abs(resume["loss"] - ref["loss"][1]) <= TOLERANCE
         assert _max_error(resume["weights"], ref["weights"][1]) <= TOLERANCE
+    # No .partial folder left, no DeepSpeed `latest` file (DeepSpeed adds its zero_to_fp32 scripts).
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["step_00000001"]
+    assert not (tmp_path / "latest").exists()
     # The weights moved: the comparison is not between two unchanged models.
     initial = dict(small_model().named_parameters())
     assert _max_error({n: p.detach() for n, p in initial.items()}, ref["weights"][0]) > 1e-3
@@ -158,6 +173,11 @@ def test_deepspeed_config_rejects_bad_values():
     config = deepspeed_config(zero_stage=3, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=4, bf16=True)
     assert config["zero_optimization"] == {"stage": 3} and config["bf16"] == {"enabled": True}
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
+    from lh_cp.parallel.deepspeed import build_deepspeed_engine
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="needs an optimizer DeepSpeed supports under ZeRO: torch.optim.AdamW or torch.optim.Adam, got torch.optim.sgd.SGD"):
+        build_deepspeed_engine(model, torch.optim.SGD(model.parameters(), lr=0.1), zero_stage=1, grad_clip=1.0)
     with pytest.raises(ValueError, match="zero_stage must be one of"):
         deepspeed_config(zero_stage=4, grad_clip=1.0)
     with pytest.raises(ValueError, match="grad_clip must be >= 0"):
