@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# DeepSpeed engine (ZeRO) through the `deepspeed` launcher, on one node or on the nodes of a hostfile.
+#   One node:   NGPU=8 RECIPE=recipes/128k.toml launch/deepspeed.sh [--set section.key=value ...]
+#   Multi-node: HOSTFILE=launch/hostfile.example RECIPE=recipes/1m.toml launch/deepspeed.sh [--set ...]
+# The recipe runs with parallel.engine = "deepspeed" (set here) and its parallel.zero_stage.
+# A hostfile lists one node per line with its GPU count ("node0 slots=8"); the launcher starts
+# the ranks of every node over passwordless ssh (pdsh) in this folder with this Python, so each
+# node needs the same checkout and environment at the same path. MASTER_ADDR defaults to the
+# first host of the hostfile; MASTER_PORT to a free local port on one node, else 29500.
+# PROGRAM=path/to/script.py runs that script under the launcher instead of `lh-cp train`.
+# Install DeepSpeed after torch: pip install --no-build-isolation deepspeed
+set -euo pipefail
+PYTHON="${PYTHON:-python}"
+launcher_args=(--no_local_rank)
+if [[ -n "${HOSTFILE:-}" ]]; then
+  [[ -f "$HOSTFILE" ]] || { echo "HOSTFILE=$HOSTFILE does not exist" >&2; exit 2; }
+  launcher_args+=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}")
+  if [[ -n "${MASTER_ADDR:-}" ]]; then launcher_args+=(--master_addr "$MASTER_ADDR"); fi
+else
+  NGPU="${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}"
+  [[ "${NGPU:-0}" -ge 1 ]] || NGPU=1
+  # Bind port 0 and read back the port the kernel chose: free a moment ago, never hard-coded.
+  port="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+  launcher_args+=(--num_gpus "$NGPU" --master_port "$port")
+fi
+if [[ -n "${PROGRAM:-}" ]]; then
+  exec "$PYTHON" -m deepspeed.launcher.runner "${launcher_args[@]}" "$PROGRAM" "$@"
+fi
+: "${RECIPE:?set RECIPE to a recipe TOML (or PROGRAM to a script)}"
+exec "$PYTHON" -m deepspeed.launcher.runner "${launcher_args[@]}" --module lh_cp.cli train "$RECIPE" \
+  --set parallel.engine=deepspeed "$@"
