@@ -8,7 +8,10 @@ receives from r - 1 in one batch_isend_irecv, so the pattern is symmetric and ca
 Backward runs the same ring again. Each block travels with its dK/dV accumulator: rank r adds
 its contribution and passes the accumulator on, and after W hops it reaches its owner holding
 the sum over all ranks. Gradients are accumulated and sent in float32 (float64 for float64)
-so that low-precision inputs do not lose the sum over W partial gradients.
+so that low-precision inputs do not lose the sum over W partial gradients. Backward holds two
+K/V blocks and up to three dK/dV buffers (one in flight, one arriving, one being computed):
+the arriving accumulator is added after the local contribution, so its transfer overlaps
+the compute.
 """
 
 from __future__ import annotations
