@@ -93,6 +93,7 @@ def _case(variant: str, cfg, inputs, group) -> dict:
     """Errors against one process, and bytes sent forward/backward (measured and expected)."""
     from lh_cp.parallel.ulysses import ulysses_attention
     from lh_cp.parallel.ulysses_compressed import compressed_ulysses_attention
+    from lh_cp.parallel.ulysses_sharding import ulysses_shard, ulysses_unshard
     from lh_cp.parallel.ulysses_traffic import compressed_ulysses_bytes, plain_ulysses_bytes
 
     q, k, v, dout = inputs
@@ -105,7 +106,7 @@ def _case(variant: str, cfg, inputs, group) -> dict:
     out_ref = causal_attention(*ref) if cfg is None else lighthouse_attention(*ref, cfg)
     (out_ref * dout).sum().backward()
 
-    loc = [t[:, local].clone().requires_grad_() for t in (q, k, v)]
+    loc = [ulysses_shard(t, group).clone().requires_grad_() for t in (q, k, v)]
     with WireTap() as forward_tap:
         if variant == "ulysses":
             out = ulysses_attention(*loc, cfg, group)
@@ -115,6 +116,7 @@ def _case(variant: str, cfg, inputs, group) -> dict:
         (out * dout[:, local]).sum().backward()
 
     errors = {"out": (out - out_ref[:, local]).abs().max().item()}
+    errors["unshard"] = (ulysses_unshard(out, group) - out_ref).abs().max().item()
     for name, a, b in zip(("dq", "dk", "dv"), loc, ref):
         errors[name] = (a.grad - b.grad[:, local]).abs().max().item()
     size = q.element_size()
@@ -157,7 +159,9 @@ def ulysses_job(rank: int, world: int) -> dict:
 
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the job's gloo group
     group = dist.new_group(list(range(world)))
-    results = {"cases": {}, "rejections": _rejections(group)}
+    from lh_cp.parallel.ulysses_sharding import ulysses_positions
+
+    results = {"cases": {}, "rejections": _rejections(group), "positions": ulysses_positions(world * SHARD, group).tolist()}
     for (name, cfg), (heads, kv_heads), dtype, variant in itertools.product(
         configs(world).items(), head_cases(world), (torch.float64, torch.float32), ("ulysses", "compressed")
     ):
@@ -180,6 +184,7 @@ def test_deepspeed_ulysses_equals_single_process(world):
             assert worst <= TOLERANCE[dtype], f"rank {rank} case {key}: errors {case['errors']}"
             assert case["sent"] == case["expected"], f"rank {rank} case {key}: sent {case['sent']}, expected {case['expected']}"
             assert case["sent"][0] > 0 and case["sent"][1] > 0
+        assert result["positions"] == list(range(rank * SHARD, (rank + 1) * SHARD))
         rejections = result["rejections"]
         assert "C = N / W = " + str(24 * world) + " / " + str(world) + " = 24 is not a multiple of T" in rejections["compressed_tiles"]
         for name in ("compressed_heads", "ulysses_heads"):
