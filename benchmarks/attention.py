@@ -10,6 +10,15 @@ random inputs (never zeros) for every repeat, drawn from a small pool of pre-gen
 so that generating them is not timed.
 
     python benchmarks/attention.py --ns 32768,131072 --levels 3 --out benchmarks/results/x.json
+
+On CUDA `lighthouse_attention` runs the Triton kernels of lh_cp/kernels; `--reference` adds
+a column for the pure-PyTorch path (the same call inside `kernels.disabled()`). SDPA on the
+selected entries, in Lighthouse and in the floor alike, goes through
+lh_cp.kernels.sdpa.sdpa_causal_fast, and the row records which backend PyTorch picked.
+Dense SDPA is the library's `causal_attention` (PyTorch's default backend choice); above
+`--dense-max-n` it is measured once, without warm-up, and the row says so
+(`sdpa_repeats`). `--profile N,...` prints the CUDA kernels of one Lighthouse
+forward+backward at those N, sorted by time.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
+from lh_cp import LighthouseConfig, causal_attention, kernels, lighthouse_attention
 
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM device-to-device copy, read+write (device/KINDS.md)
 
@@ -83,10 +92,14 @@ def bench_one(n: int, cfg: LighthouseConfig, args, impls: dict) -> dict:
     entry_shapes = [(1, heads, s, dim)] * 3
     token_sets = _random_sets(args.sets, token_shapes, dtype, "cuda")
     entry_sets = _random_sets(args.sets, entry_shapes, dtype, "cuda")
-    sdpa_on_entries = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from lh_cp.kernels.sdpa import backend_name, sdpa_causal_fast
+
+    sdpa_on_entries = sdpa_causal_fast
 
     row = {"N": n, "S": s, "config": vars(cfg) | {"heads": heads, "dim": dim, "dtype": args.dtype, "batch": 1}}
     row["sdpa_selected_ms"] = time_ms(sdpa_on_entries, entry_sets, True, args.warmup, args.repeats)
+    row["sdpa_selected_backend"] = backend_name(*entry_sets[0])
+    del entry_sets
     nbytes = minimal_bytes(n, s, heads, dim, torch.tensor([], dtype=dtype).element_size())
     row["min_bytes"] = nbytes
     row["floor_ms"] = row["sdpa_selected_ms"] + nbytes / HBM_BYTES_PER_S * 1e3
@@ -96,8 +109,12 @@ def bench_one(n: int, cfg: LighthouseConfig, args, impls: dict) -> dict:
         row[f"{name}_ms"] = time_ms(layer, token_sets, True, args.warmup, args.repeats)
         row[f"{name}_peak_mem_gb"] = peak_memory_gb(layer, token_sets[0])
     dense_repeats = max(1, args.repeats if n <= 131072 else args.repeats // 3)
-    row["sdpa_fwd_ms"] = time_ms(causal_attention, token_sets, False, 1, dense_repeats)
-    row["sdpa_ms"] = time_ms(causal_attention, token_sets, True, 1, dense_repeats)
+    dense_warmup = 1
+    if n > args.dense_max_n:
+        dense_repeats, dense_warmup = 1, 0
+    row["sdpa_repeats"] = dense_repeats
+    row["sdpa_fwd_ms"] = time_ms(causal_attention, token_sets, False, dense_warmup, dense_repeats)
+    row["sdpa_ms"] = time_ms(causal_attention, token_sets, True, dense_warmup, dense_repeats)
     first = next(iter(impls))
     row["lighthouse_ms"] = row[f"{first}_ms"]
     row["lighthouse_fwd_ms"] = row[f"{first}_fwd_ms"]
@@ -109,13 +126,45 @@ def bench_one(n: int, cfg: LighthouseConfig, args, impls: dict) -> dict:
     return row
 
 
+def reference_attention(q, k, v, cfg):
+    """The pure-PyTorch path on the same device (kernels disabled)."""
+    with kernels.disabled():
+        return lighthouse_attention(q, k, v, cfg)
+
+
+def profile_table(n: int, cfg: LighthouseConfig, args, top: int = 14) -> str:
+    """CUDA kernel times of one Lighthouse forward+backward (after a warm-up), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = getattr(torch, args.dtype)
+    q, k, v = (torch.randn(1, n, args.heads, args.dim, dtype=dtype, device="cuda").requires_grad_() for _ in range(3))
+    grad = torch.randn(1, n, args.heads, args.dim, dtype=dtype, device="cuda")
+    for _ in range(2):
+        lighthouse_attention(q, k, v, cfg).backward(grad)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        lighthouse_attention(q, k, v, cfg).backward(grad)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / 1e3
+    lines = [f"profile N={n} levels={cfg.levels}: {total:.2f} ms of CUDA kernels in one forward+backward"]
+    for e in events[:top]:
+        lines.append(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:90]}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'N':>8} {'S':>7} {'sdpa ms':>9} {'LH fwd':>8} {'LH f+b':>8} {'floor':>7} {'/floor':>7} {'speedup':>8} {'peak GB':>8}"
+    if rows and "reference_ms" in rows[0]:
+        head += f" {'ref f+b':>8}"
     lines = [head]
     for r in rows:
         lines.append(
             f"{r['N']:>8} {r['S']:>7} {r['sdpa_ms']:>9.2f} {r['lighthouse_fwd_ms']:>8.2f} {r['lighthouse_ms']:>8.2f} "
             f"{r['floor_ms']:>7.2f} {r['ratio_to_floor']:>7.2f} {r['speedup']:>7.1f}x {r['peak_mem_gb']:>8.2f}"
+            + (f" {r['reference_ms']:>8.2f}" if "reference_ms" in r else "")
+            + ("" if r.get("sdpa_repeats", 2) > 1 else "  (dense: one run)")
         )
     return "\n".join(lines)
 
@@ -134,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sets", type=int, default=2, help="random input sets rotated between repeats")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument("--reference", action="store_true", help="also time the pure-PyTorch path")
+    p.add_argument("--dense-max-n", type=int, default=524288, help="above this N, dense SDPA runs once")
+    p.add_argument("--profile", default="", help="comma-separated N to profile (kernel time table)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA device", file=sys.stderr)
@@ -144,6 +196,11 @@ def main(argv=None) -> int:
     else:
         levels_of = {n: int(args.levels) for n in ns}
     impls = {"lighthouse": lighthouse_attention}
+    if args.reference:
+        impls["reference"] = reference_attention
+    for n in [int(x) for x in args.profile.split(",") if x]:
+        cfg = LighthouseConfig(pool=args.pool, levels=levels_of.get(n, 3), topk=args.topk, tile_budget=args.tile_budget)
+        print(profile_table(n, cfg, args), flush=True)
     rows = []
     for n in ns:
         cfg = LighthouseConfig(pool=args.pool, levels=levels_of[n], topk=args.topk, tile_budget=args.tile_budget)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lh_cp import kernels
 from lh_cp.config import LighthouseConfig
 from lh_cp.pyramid import gather_entries
 from lh_cp.scatter import scatter_entries
@@ -36,6 +37,10 @@ def attend_selected(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: Selection, cfg: LighthouseConfig
 ) -> torch.Tensor:
     """Lighthouse attention with a given selection (differentiable in q, k, v): [B, N, H, D]."""
+    if kernels.available(q, k, v):  # Triton gather/scatter on CUDA; this body is the reference
+        from lh_cp.kernels.ops import attend_selected as attend_selected_cuda
+
+        return attend_selected_cuda(q, k, v, sel, cfg)
     n = q.shape[1]
     slots = sel.slots(n, cfg)  # [B, H, S] rows of the pooled pyramid
     q_entries = gather_entries(q, slots, cfg)  # [B, H, S, D]
@@ -66,6 +71,10 @@ def lighthouse_attention(
 
         return lighthouse_attention_cp(q, k, v, cfg, cp, exchange)
     check_qkv(q, k, v)
+    if kernels.available(q, k, v):  # Triton scores, selection, gather, scatter on CUDA
+        from lh_cp.kernels.ops import lighthouse_attention as lighthouse_attention_cuda
+
+        return lighthouse_attention_cuda(q, k, v, cfg)
     sel = select(q.detach(), k.detach(), cfg)
     return attend_selected(q, k, v, sel, cfg)
 

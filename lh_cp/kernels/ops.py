@@ -1,0 +1,99 @@
+"""Lighthouse attention on CUDA: Triton scores, selection, gather and scatter around fused SDPA.
+
+Same signatures and results as lh_cp.attention (reference) up to float32 summation order.
+Gather and scatter are autograd Functions whose forward and backward are the two row kernels
+of rows.py, each writing every output row once: the whole path is deterministic given a
+deterministic SDPA backend (benchmarks/NOTES.md records which are).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lh_cp.config import LighthouseConfig
+from lh_cp.kernels.plan import Plan, selection_from_fields
+from lh_cp.kernels.rows import expand_rows, pool_rows
+from lh_cp.kernels.scores import token_norms
+from lh_cp.kernels.sdpa import sdpa_causal_fast
+from lh_cp.kernels.selection import select_plan
+from lh_cp.select import Selection
+
+
+def _plan_tensors(ctx) -> Plan:
+    slot_map, index, position = ctx.saved_tensors
+    return Plan(slot_map, index, position, ctx.n)
+
+
+class _GatherEntries(torch.autograd.Function):
+    """q [B, N, H, D], k/v [B, N, Hkv, D] -> pooled entries [B, H, S, D] each (mean of a span).
+
+    Saved for backward: the int32 plan only (pooling is linear).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, cfg):
+        group = q.shape[2] // k.shape[2]
+        ctx.save_for_backward(plan.slot_map, plan.level_index, plan.level_position)
+        ctx.n, ctx.cfg, ctx.group = plan.n, cfg, group
+        return tuple(pool_rows([q, k, v], plan, cfg, shift=0, mean=True, group=group))
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        plan = _plan_tensors(ctx)
+        grads = [g if g is not None else torch.zeros_like(ref) for g, ref in zip((grad_q, grad_k, grad_v), (grad_q, grad_k, grad_v)) if ref is not None]
+        if len(grads) != 3:
+            raise RuntimeError("gather backward expects gradients for all of q, k, v entries")
+        (dq,) = expand_rows([grads[0]], plan, ctx.cfg, shift=0, mean=True, group=1)
+        dk, dv = expand_rows([grads[1], grads[2]], plan, ctx.cfg, shift=0, mean=True, group=ctx.group)
+        return dq, dk, dv, None, None
+
+
+class _ScatterEntries(torch.autograd.Function):
+    """Entry outputs [B, H, S, D] -> token outputs [B, N, H, D] (sum of deliveries)."""
+
+    @staticmethod
+    def forward(ctx, entries, plan, cfg):
+        ctx.save_for_backward(plan.slot_map, plan.level_index, plan.level_position)
+        ctx.n, ctx.cfg = plan.n, cfg
+        return expand_rows([entries], plan, cfg, shift=1, mean=False)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        plan = _plan_tensors(ctx)
+        return pool_rows([grad_out], plan, ctx.cfg, shift=1, mean=False)[0], None, None
+
+
+def attend_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, cfg: LighthouseConfig) -> torch.Tensor:
+    """Gather, causal SDPA over the entries (already in causal order), scatter: [B, N, H, D]."""
+    q_entries, k_entries, v_entries = _GatherEntries.apply(q, k, v, plan, cfg)  # [B, H, S, D]
+    out_entries = sdpa_causal_fast(q_entries, k_entries, v_entries)
+    return _ScatterEntries.apply(out_entries, plan, cfg)
+
+
+def select_with_plan(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig):
+    """Triton scores and selection: (plan, start int32, level int8, internal int8)."""
+    with torch.no_grad():
+        return select_plan(token_norms(q.detach()), token_norms(k.detach()), cfg)
+
+
+def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig) -> Selection:
+    """Kernel twin of lh_cp.select.select: the public Selection, int64 fields in causal order."""
+    _, start, level, internal = select_with_plan(q, k, cfg)
+    return selection_from_fields(start, level, internal, cfg)
+
+
+def attend_selected(q, k, v, sel: Selection, cfg: LighthouseConfig) -> torch.Tensor:
+    """Kernel twin of lh_cp.attention.attend_selected (selection given, differentiable in q, k, v)."""
+    return attend_plan(q, k, v, Plan.from_selection(sel, q.shape[1], cfg), cfg)
+
+
+def lighthouse_attention(q, k, v, cfg: LighthouseConfig) -> torch.Tensor:
+    """Kernel twin of lh_cp.attention.lighthouse_attention; levels=1 is dense causal SDPA."""
+    if cfg.levels == 1:
+        group = q.shape[2] // k.shape[2]
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        if group > 1:
+            kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+        return sdpa_causal_fast(qt, kt, vt).transpose(1, 2)
+    plan, _, _, _ = select_with_plan(q, k, cfg)
+    return attend_plan(q, k, v, plan, cfg)

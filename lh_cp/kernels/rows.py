@@ -1,0 +1,202 @@
+"""Triton row kernels: pool (gather forward, scatter backward) and expand (gather backward,
+scatter forward). Twins: rows_reference.py, same arguments and results.
+
+Both write every output row exactly once from a fixed-order fp32 sum: no atomics, so the same
+input gives the same bits. All memory offsets are int64 (N * H * D passes 2**31 at 2M tokens);
+grids are one-dimensional (axis 0 allows 2**31 - 1 programs, axes 1 and 2 only 65535).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lh_cp.config import LighthouseConfig
+from lh_cp.kernels.plan import Plan, level_block_offsets
+from lh_cp.kernels.launch import check_grid
+
+ROWS_PER_PROGRAM = 32  # rows of D values loaded per step of the pool kernel
+TOKENS_PER_PROGRAM = 32  # output rows per program of the expand kernel
+
+
+@triton.jit
+def _pool_one(x_ptr, rows, row_ok, x_head_off, stride_n, cols, col_ok, CHUNK: tl.constexpr):
+    """Sum over the CHUNK axis of x rows [BLOCK_E, CHUNK] at one head: [BLOCK_E, BLOCK_D] fp32."""
+    ptr = x_ptr + x_head_off + rows.to(tl.int64)[:, :, None] * stride_n + cols[None, None, :]
+    vals = tl.load(ptr, mask=row_ok[:, :, None] & col_ok[None, None, :], other=0.0)
+    return tl.sum(vals.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _pool_rows_kernel(
+    x1_ptr, x2_ptr, x3_ptr, y1_ptr, y2_ptr, y3_ptr, index_ptr, position_ptr,
+    n, heads, group, count, block_offset, s,
+    sx1_b, sx1_n, sx1_h, sx2_b, sx2_n, sx2_h, sy_b, sy_h, sy_s,
+    SPAN: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, NT: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """y[b, h, position[e]] = sum_{r < SPAN} x[b, index[e]*SPAN + SHIFT*(SPAN-1) + r, head] (/SPAN).
+
+    One program: BLOCK_E entries of one level (one span) of one (b, h). x1 is read at head h,
+    x2 and x3 (NT == 3: k and v) at head h // group.
+    """
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(count, BLOCK_E)
+    bh = pid // blocks
+    e = (pid % blocks) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = e < count
+    b = bh // heads
+    h = bh % heads
+    list_off = bh.to(tl.int64) * s + block_offset
+    index = tl.load(index_ptr + list_off + e, mask=e_ok, other=0).to(tl.int64)
+    position = tl.load(position_ptr + list_off + e, mask=e_ok, other=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    first = index * SPAN + SHIFT * (SPAN - 1)  # [BLOCK_E]
+    acc1 = tl.zeros([BLOCK_E, BLOCK_D], tl.float32)
+    acc2 = tl.zeros([BLOCK_E, BLOCK_D], tl.float32)
+    acc3 = tl.zeros([BLOCK_E, BLOCK_D], tl.float32)
+    off1 = b.to(tl.int64) * sx1_b + h.to(tl.int64) * sx1_h
+    off2 = b.to(tl.int64) * sx2_b + (h // group).to(tl.int64) * sx2_h
+    for r0 in range(0, SPAN, CHUNK):
+        rows = first[:, None] + r0 + tl.arange(0, CHUNK)[None, :]  # [BLOCK_E, CHUNK] int64
+        row_ok = e_ok[:, None] & (rows < n)
+        acc1 += _pool_one(x1_ptr, rows, row_ok, off1, sx1_n, cols, col_ok, CHUNK)
+        if NT == 3:
+            acc2 += _pool_one(x2_ptr, rows, row_ok, off2, sx2_n, cols, col_ok, CHUNK)
+            acc3 += _pool_one(x3_ptr, rows, row_ok, off2, sx2_n, cols, col_ok, CHUNK)
+    if MEAN:
+        acc1 = acc1 / SPAN
+        acc2 = acc2 / SPAN
+        acc3 = acc3 / SPAN
+    out_off = b.to(tl.int64) * sy_b + h.to(tl.int64) * sy_h + position[:, None] * sy_s + cols[None, :]
+    out_ok = e_ok[:, None] & col_ok[None, :]
+    tl.store(y1_ptr + out_off, acc1.to(y1_ptr.dtype.element_ty), mask=out_ok)
+    if NT == 3:
+        tl.store(y2_ptr + out_off, acc2.to(y2_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(y3_ptr + out_off, acc3.to(y3_ptr.dtype.element_ty), mask=out_ok)
+
+
+def pool_rows(
+    xs: list[torch.Tensor], plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1
+) -> list[torch.Tensor]:
+    """Triton twin of pool_rows_reference for one tensor, or three (q at head h; k, v at h // group).
+
+    xs: [B, N, Hx, D] tensors with a unit last stride; returns [B, H, S, D] contiguous each.
+    """
+    if len(xs) not in (1, 3):
+        raise ValueError(f"pool_rows takes 1 or 3 tensors, got {len(xs)}")
+    xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+    if len(xs) == 3 and xs[1].stride() != xs[2].stride():
+        xs = [xs[0], xs[1].contiguous(), xs[2].contiguous()]
+    batch, n, _, dim = xs[0].shape
+    heads, s = plan.level_index.shape[1], plan.level_index.shape[2]
+    ys = [torch.empty((batch, heads, s, dim), dtype=x.dtype, device=x.device) for x in xs]
+    x2 = xs[1] if len(xs) == 3 else xs[0]
+    x3 = xs[2] if len(xs) == 3 else xs[0]
+    y2 = ys[1] if len(ys) == 3 else ys[0]
+    y3 = ys[2] if len(ys) == 3 else ys[0]
+    blocks = level_block_offsets(n, cfg)
+    block_d = triton.next_power_of_2(dim)
+    for level in range(1, cfg.levels + 1):
+        span = cfg.span(level)
+        chunk = min(span, ROWS_PER_PROGRAM)
+        block_e = max(1, ROWS_PER_PROGRAM // chunk)
+        count = blocks[level] - blocks[level - 1]
+        grid = check_grid(batch * heads * triton.cdiv(count, block_e))
+        _pool_rows_kernel[grid](
+            xs[0], x2, x3, ys[0], y2, y3, plan.level_index, plan.level_position,
+            n, heads, group, count, blocks[level - 1], s,
+            xs[0].stride(0), xs[0].stride(1), xs[0].stride(2), x2.stride(0), x2.stride(1), x2.stride(2),
+            ys[0].stride(0), ys[0].stride(1), ys[0].stride(2),
+            SPAN=span, SHIFT=shift, MEAN=mean, NT=len(xs), D=dim, BLOCK_D=block_d, BLOCK_E=block_e, CHUNK=chunk,
+            num_warps=4,
+        )
+    return ys
+
+
+@triton.jit
+def _expand_one(src_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, acc,
+                P: tl.constexpr, L: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr):
+    """acc += sum over levels of src[bh_src, slot_map[bh_src, level slot of t]] (* 1/span)."""
+    map_base = map_ptr + bh_src.to(tl.int64) * m
+    src_base = src_ptr + bh_src.to(tl.int64) * s * sy_s
+    level_start = t * 0  # int64 zeros: slots of the levels below
+    span = 1
+    for level in tl.static_range(L):
+        slot = (t + SHIFT) // span - SHIFT
+        ok = t_ok & (slot >= 0)
+        position = tl.load(map_base + level_start + slot, mask=ok, other=-1)
+        has = position >= 0
+        vals = tl.load(src_base + position.to(tl.int64)[:, None] * sy_s + cols[None, :],
+                       mask=has[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        if MEAN:
+            vals = vals / span
+        acc += vals
+        level_start += n // span
+        span *= P
+    return acc
+
+
+@triton.jit
+def _expand_rows_kernel(
+    s1_ptr, s2_ptr, o1_ptr, o2_ptr, map_ptr,
+    n, out_heads, group, m, s,
+    sy_s, so_b, so_n, so_h,
+    P: tl.constexpr, L: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, NT: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """out[b, t, hx] = sum_{g < group} sum_levels src[b, hx*group + g, slot_map[...]] (* 1/span).
+
+    src tensors are contiguous [B, H, S, D] (H = out_heads * group); one program writes
+    BLOCK_T rows of one (b, hx) of each output once.
+    """
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(n, BLOCK_T)
+    bhx = pid // blocks
+    t = ((pid % blocks) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_ok = t < n
+    b = bhx // out_heads
+    hx = bhx % out_heads
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    acc1 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    acc2 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for g in range(group):
+        bh_src = b * out_heads * group + hx * group + g
+        acc1 = _expand_one(s1_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, acc1, P, L, SHIFT, MEAN)
+        if NT == 2:
+            acc2 = _expand_one(s2_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, acc2, P, L, SHIFT, MEAN)
+    out_off = b.to(tl.int64) * so_b + hx.to(tl.int64) * so_h + t[:, None] * so_n + cols[None, :]
+    out_ok = t_ok[:, None] & col_ok[None, :]
+    tl.store(o1_ptr + out_off, acc1.to(o1_ptr.dtype.element_ty), mask=out_ok)
+    if NT == 2:
+        tl.store(o2_ptr + out_off, acc2.to(o2_ptr.dtype.element_ty), mask=out_ok)
+
+
+def expand_rows(
+    srcs: list[torch.Tensor], plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1
+) -> list[torch.Tensor]:
+    """Triton twin of expand_rows_reference for one or two [B, H, S, D] tensors (same plan).
+
+    Returns [B, N, H // group, D] contiguous tensors.
+    """
+    if len(srcs) not in (1, 2):
+        raise ValueError(f"expand_rows takes 1 or 2 tensors, got {len(srcs)}")
+    srcs = [x.contiguous() for x in srcs]
+    batch, heads, s, dim = srcs[0].shape
+    n, out_heads = plan.n, heads // group
+    m = plan.slot_map.shape[-1]
+    outs = [torch.empty((batch, n, out_heads, dim), dtype=x.dtype, device=x.device) for x in srcs]
+    s2 = srcs[1] if len(srcs) == 2 else srcs[0]
+    o2 = outs[1] if len(outs) == 2 else outs[0]
+    grid = check_grid(batch * out_heads * triton.cdiv(n, TOKENS_PER_PROGRAM))
+    _expand_rows_kernel[grid](
+        srcs[0], s2, outs[0], o2, plan.slot_map,
+        n, out_heads, group, m, s,
+        srcs[0].stride(2), outs[0].stride(0), outs[0].stride(1), outs[0].stride(2),
+        P=cfg.pool, L=cfg.levels, SHIFT=shift, MEAN=mean, NT=len(srcs),
+        D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_T=TOKENS_PER_PROGRAM, num_warps=4,
+    )
+    return outs
