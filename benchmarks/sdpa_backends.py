@@ -45,7 +45,7 @@ def time_backend(backend, s, heads, dim, repeats=10, warmup=3):
 
 def same_bits(backend, s, heads, dim, deterministic):
     q, k, v, grad = (torch.randn(1, heads, s, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic)
     try:
         first, second = fwd_bwd(backend, q, k, v, grad), fwd_bwd(backend, q, k, v, grad)
     finally:

@@ -111,7 +111,7 @@ def pool_rows(
             xs[0].stride(0), xs[0].stride(1), xs[0].stride(2), x2.stride(0), x2.stride(1), x2.stride(2),
             ys[0].stride(0), ys[0].stride(1), ys[0].stride(2),
             SPAN=span, SHIFT=shift, MEAN=mean, NT=len(xs), D=dim, BLOCK_D=block_d, BLOCK_E=block_e, CHUNK=chunk,
-            num_warps=4,
+            num_warps=8 if len(xs) == 3 else 4,
         )
     return ys
 
@@ -191,12 +191,13 @@ def expand_rows(
     outs = [torch.empty((batch, n, out_heads, dim), dtype=x.dtype, device=x.device) for x in srcs]
     s2 = srcs[1] if len(srcs) == 2 else srcs[0]
     o2 = outs[1] if len(outs) == 2 else outs[0]
-    grid = check_grid(batch * out_heads * triton.cdiv(n, TOKENS_PER_PROGRAM))
+    block_t = TOKENS_PER_PROGRAM // len(srcs)  # two accumulators: half the rows, no spills
+    grid = check_grid(batch * out_heads * triton.cdiv(n, block_t))
     _expand_rows_kernel[grid](
         srcs[0], s2, outs[0], o2, plan.slot_map,
         n, out_heads, group, m, s,
         srcs[0].stride(2), outs[0].stride(0), outs[0].stride(1), outs[0].stride(2),
         P=cfg.pool, L=cfg.levels, SHIFT=shift, MEAN=mean, NT=len(srcs),
-        D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_T=TOKENS_PER_PROGRAM, num_warps=4,
+        D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_T=block_t, num_warps=8,
     )
     return outs

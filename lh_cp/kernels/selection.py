@@ -33,7 +33,8 @@ from lh_cp.kernels.plan import Plan
 from lh_cp.pyramid import level_offsets, reduce_levels
 
 INDEX_BITS = 24  # candidate numbers per tile and level must stay below 2**24
-MAX_TOP_IN_REGISTERS = 4096
+MAX_TOP_IN_REGISTERS = 2048
+TOP_CHUNK = 1024  # top-level candidates per step when they do not fit in registers
 
 
 @triton.jit
@@ -81,8 +82,8 @@ def _kth_largest_chunked(q_base, k_base, c_top, thr_q, k, USE_KEY: tl.constexpr,
 def _count_le(r_ptr, value, BUD: tl.constexpr, LOG_BUD: tl.constexpr):
     """Entries of the ascending list r_ptr[0:BUD] that are <= value (vector of int64 values)."""
     pos = tl.zeros_like(value)
-    for i in tl.static_range(LOG_BUD + 1):
-        cand = pos + (1 << (LOG_BUD - i))
+    for i in range(LOG_BUD + 1):
+        cand = pos + (tl.full((), 1, tl.int64) << (LOG_BUD - i))
         ok = cand <= BUD
         r = tl.load(r_ptr + cand - 1, mask=ok, other=0).to(tl.int64)
         pos = tl.where(ok & (r <= value), cand, pos)
@@ -90,7 +91,7 @@ def _count_le(r_ptr, value, BUD: tl.constexpr, LOG_BUD: tl.constexpr):
 
 
 @triton.jit
-def _pow(base: tl.constexpr, exp):
+def _pow(base: tl.constexpr, exp: tl.constexpr):
     """base ** exp for a compile-time exp (a plain loop: also runs under TRITON_INTERPRET)."""
     result = 1
     for _ in tl.static_range(exp):
@@ -205,37 +206,36 @@ def _select_kernel(
                 written += tl.sum(refined.to(tl.int32), axis=0)
         tl.debug_barrier()
         for i in tl.static_range(L - 2):
-            level = L - 1 - i  # levels L-1 .. 2
+            # refines level L - 1 - i: levels L-1 .. 2 (passed inline: constexprs cannot be reassigned)
             j = tl.arange(0, BLOCK_LOW)
             ok = j < low_count
-            parent = tl.load(scratch + (level - 1) * BUD + j // P, mask=ok, other=0).to(tl.int64)
+            parent = tl.load(scratch + (L - 2 - i) * BUD + j // P, mask=ok, other=0).to(tl.int64)
             idx = parent * P + j % P
-            off = _level_offset(n, level, P)
+            off = _level_offset(n, L - 1 - i, P)
             pq = _packed(tl.load(q_pyr + off + idx, mask=ok, other=0.0), j, ok)
             thr_q = _kth_largest(pq, half)
             pk = _packed(tl.load(k_pyr + off + idx, mask=ok, other=0.0), j, ok & (pq < thr_q))
             thr_k = _kth_largest(pk, half)
             refined = (pq >= thr_q) | (pk >= thr_k)
             slot = tl.cumsum(refined.to(tl.int32), axis=0) - 1
-            tl.store(scratch + (level - 2) * BUD + slot, idx.to(tl.int32), mask=refined)
+            tl.store(scratch + (L - 3 - i) * BUD + slot, idx.to(tl.int32), mask=refined)
             tl.debug_barrier()
 
     # Phase 2: every candidate of every level is emitted once, at its causal position.
     top_block = (L - 1) * tiles * low_count
     for j0 in range(0, c_top, BLOCK_TOP):
-        j = j0 + tl.arange(0, BLOCK_TOP)
-        ok = j < c_top
-        _emit(top_first + j, ok, tile.to(tl.int64) * c_top + j, tb, tile, e_per_tile, scratch, bh, n, m_total, s,
+        jt = j0 + tl.arange(0, BLOCK_TOP)
+        _emit(top_first + jt, jt < c_top, tile.to(tl.int64) * c_top + jt, tb, tile, e_per_tile, scratch, bh, n, m_total, s,
               top_block, slot_map_ptr, index_ptr, position_ptr, start_ptr, level_ptr, internal_ptr,
               L, P, L, BUD, LOG_BUD)
     for i in tl.static_range(L - 1):
-        level = L - 1 - i  # levels L-1 .. 1
+        # emits level L - 1 - i: levels L-1 .. 1
         j = tl.arange(0, BLOCK_LOW)
         ok = j < low_count
-        parent = tl.load(scratch + (level - 1) * BUD + j // P, mask=ok, other=0).to(tl.int64)
+        parent = tl.load(scratch + (L - 2 - i) * BUD + j // P, mask=ok, other=0).to(tl.int64)
         _emit(parent * P + j % P, ok, tile.to(tl.int64) * low_count + j, tb, tile, e_per_tile, scratch, bh, n,
-              m_total, s, (level - 1) * tiles * low_count, slot_map_ptr, index_ptr, position_ptr, start_ptr,
-              level_ptr, internal_ptr, level, P, L, BUD, LOG_BUD)
+              m_total, s, (L - 2 - i) * tiles * low_count, slot_map_ptr, index_ptr, position_ptr, start_ptr,
+              level_ptr, internal_ptr, L - 1 - i, P, L, BUD, LOG_BUD)
 
 
 def score_pyramid(token_scores: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
@@ -272,13 +272,13 @@ def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: Light
     level = torch.empty((batch, heads, s), dtype=torch.int8, device=device)
     internal = torch.empty_like(level)
     top_in_registers = c_top <= MAX_TOP_IN_REGISTERS
-    block_top = triton.next_power_of_2(c_top) if top_in_registers else MAX_TOP_IN_REGISTERS
+    block_top = triton.next_power_of_2(c_top) if top_in_registers else TOP_CHUNK
     grid = check_grid(batch * heads * tiles)
     _select_kernel[grid](
         q_pyr, k_pyr, scratch, slot_map, index, position, start, level, internal,
         n, tiles, heads, heads // kv_heads, m_total, s, c_top,
         P=pool, L=levels, BUD=budget, LOG_BUD=budget.bit_length() - 1,
         BLOCK_TOP=block_top, TOP_IN_REGISTERS=top_in_registers,
-        BLOCK_LOW=triton.next_power_of_2(low_count), num_warps=4,
+        BLOCK_LOW=triton.next_power_of_2(low_count), num_warps=8 if max(block_top, low_count) > 512 else 4,
     )
     return Plan(slot_map, index, position, n), start, level, internal
