@@ -59,7 +59,7 @@ class AllGatherAttention(torch.autograd.Function):
         dkv_all = torch.zeros(kv_all.shape, dtype=acc, device=q.device)  # [W, 2, B, Hk, 2, S, D]
         for source in range(world):
             accumulate_backward(
-                dout, q, kv_all[source, 0], kv_all[source, 1], lse, delta, q_ids,
+                dout, q, kv_all[source, 0], kv_all[source, 1], out, lse, delta, q_ids,
                 local_chunk_ids(source, world), dq, dkv_all[source, 0], dkv_all[source, 1],
             )
         dkv = reduce_scatter(dkv_all, group, "dkv_backward")  # [2, B, Hk, 2, S, D]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from lh_cp.parallel.flash_blocks import flash_block_backward, flash_block_forward, flash_supported
 from lh_cp.pyramid import accumulation_dtype
 
 
@@ -80,6 +81,11 @@ def block_backward(
     return dq, dk, dv
 
 
+def _forward_fn(q: torch.Tensor):
+    """The flash-kernel twin on CUDA half precision, the reference everywhere else."""
+    return flash_block_forward if flash_supported(q) else block_forward
+
+
 def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Fold a block result (out [.., S, D], lse [.., S]) into running accumulators, in place.
 
@@ -113,7 +119,7 @@ def accumulate_forward(
     out_acc [B, H, 2, S, D] and lse_acc [B, H, 2, S] in the accumulation dtype.
     """
     for qi, ki, causal in visible_blocks(q_ids, kv_ids):
-        out, lse = block_forward(q[:, :, qi], k[:, :, ki], v[:, :, ki], causal)
+        out, lse = _forward_fn(q)(q[:, :, qi].contiguous(), k[:, :, ki].contiguous(), v[:, :, ki].contiguous(), causal)
         merge_into(out_acc[:, :, qi], lse_acc[:, :, qi], out, lse)
 
 
@@ -122,6 +128,7 @@ def accumulate_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor,
     lse: torch.Tensor,
     delta: torch.Tensor,
     q_ids: tuple[int, ...],
@@ -132,10 +139,16 @@ def accumulate_backward(
 ) -> None:
     """Add one key/value block's contribution to dq_acc [B, H, 2, S, D] and dk/dv_acc [B, Hk, 2, S, D].
 
-    lse and delta [B, H, 2, S] are those of the final (fully merged) output.
+    out [B, H, 2, S, D], lse and delta [B, H, 2, S] are those of the final (fully merged)
+    output; the reference uses delta, the flash kernel recomputes it from out.
     """
+    flash = flash_supported(q)
     for qi, ki, causal in visible_blocks(q_ids, kv_ids):
-        dq, dk, dv = block_backward(dout[:, :, qi], q[:, :, qi], k[:, :, ki], v[:, :, ki], lse[:, :, qi], delta[:, :, qi], causal)
+        q_blk, k_blk, v_blk = q[:, :, qi].contiguous(), k[:, :, ki].contiguous(), v[:, :, ki].contiguous()
+        if flash:
+            dq, dk, dv = flash_block_backward(dout[:, :, qi], q_blk, k_blk, v_blk, out[:, :, qi], lse[:, :, qi], causal)
+        else:
+            dq, dk, dv = block_backward(dout[:, :, qi], q_blk, k_blk, v_blk, lse[:, :, qi], delta[:, :, qi], causal)
         dq_acc[:, :, qi] += dq
         dk_acc[:, :, ki] += dk
         dv_acc[:, :, ki] += dv

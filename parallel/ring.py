@@ -61,7 +61,7 @@ def ring_backward(dout, q, kv, out, lse, group):
         source = (rank - step) % world
         contribution = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # [2, B, Hk, 2, S, D]
         accumulate_backward(
-            dout, q, current[0], current[1], lse, delta, q_ids, local_chunk_ids(source, world),
+            dout, q, current[0], current[1], out, lse, delta, q_ids, local_chunk_ids(source, world),
             dq, contribution[0], contribution[1],
         )
         # The accumulator for this block arrives from rank r - 1 while we computed.
