@@ -68,6 +68,9 @@ def test_config_manager_loads_recipe_stages(monkeypatch):
         assert config.training.steps == ends[index]
         assert config.stage.resume_step == (ends[index - 1] if index else 0)
         assert config.parallelism.context_parallel_degree == recipe.parallel.cp
+    monkeypatch.setenv("LH_CP_SET", "model.dim=64 'run.name=two words'")
+    config = parse("--config", "from_recipe")
+    assert config.model.dim == 64 and config.flavor.startswith("two words:")
 
 
 def test_command_line_overrides_reach_the_model():

@@ -43,6 +43,12 @@ def test_cli_prints_one_torchtitan_command_per_stage(capsys):
     assert "not carried over: run.device" in out
 
 
+def test_cli_carries_overrides_into_the_commands(capsys):
+    assert main([QUICKSTART, "--set", "model.dim=64", "--nproc", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "LH_CP_SET=model.dim=64 torchrun --standalone --nproc-per-node 4" in out
+
+
 def test_cli_json_and_overrides(capsys):
     assert main([QUICKSTART, "--json", "--set", "model.dim=64"]) == 0
     stages = json.loads(capsys.readouterr().out)

@@ -55,6 +55,7 @@ def test_debugmodel_builds_with_lighthouse_in_all_but_first_two_and_last_two_lay
     titan = build_torchtitan_model(config)
     assert _modes(titan) == ["dense", "dense", "lighthouse", "lighthouse", "dense", "dense"]
     assert type(titan).__name__ == "Llama3Model"
+    titan.verify_module_protocol()  # the check torchtitan's Trainer runs right after building
 
 
 def test_debugmodel_forward_backward_equals_lh_cp_model():

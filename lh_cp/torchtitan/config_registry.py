@@ -6,8 +6,9 @@ one stage of a two-stage run (lh_cp.torchtitan.named_recipes): `<name>` trains w
 and saves a full checkpoint at its last step; `<name>_recovery` resumes from it (same
 dump_folder) with every layer dense, continuing the optimizer, schedule and data position.
 
-`from_recipe` converts an lh-cp recipe: LH_CP_RECIPE names the TOML file and LH_CP_STAGE the
-stage (name or index; default the first), e.g.
+`from_recipe` converts an lh-cp recipe: LH_CP_RECIPE names the TOML file, LH_CP_STAGE the
+stage (name or index; default the first) and LH_CP_SET optional recipe overrides
+(`section.key=value`, separated by spaces, shell-quoted as needed), e.g.
 `LH_CP_RECIPE=recipes/quickstart.toml LH_CP_STAGE=recovery torchrun ... --config from_recipe`.
 `python -m lh_cp.torchtitan.convert RECIPE` prints these commands for every stage.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses as _dataclasses
 import os as _os
+import shlex as _shlex
 
 from lh_cp.recipe import Recipe as _Recipe
 from lh_cp.recipe import load_recipe as _load_recipe
@@ -58,6 +60,6 @@ def from_recipe() -> LighthouseTrainer.Config:
     path = _os.environ.get("LH_CP_RECIPE")
     if not path:
         raise ValueError("--config from_recipe reads the lh-cp recipe named by LH_CP_RECIPE, which is not set")
-    recipe: _Recipe = _load_recipe(path)
+    recipe: _Recipe = _load_recipe(path, _shlex.split(_os.environ.get("LH_CP_SET", "")))
     stage = _os.environ.get("LH_CP_STAGE", "0")
     return _from_recipe(recipe, int(stage) if stage.isdigit() else stage)

@@ -4,8 +4,8 @@ Converts an lh-cp recipe into torchtitan trainer configs, one per stage, checks 
 same checks torchtitan's ConfigManager runs through LighthouseTrainer.Config), and prints the
 command that runs each stage under torchtitan's own entry point, plus what the conversion
 could not carry over. --json prints the stage configs (torchtitan's to_dict) instead.
-`--set` overrides are recipe overrides (as for `lh-cp train`); the printed commands repeat
-none of them, so put them in the TOML to run with them.
+`--set` overrides are recipe overrides (as for `lh-cp train`); the printed commands carry them
+in LH_CP_SET.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from lh_cp.recipe import load_recipe
 from lh_cp.torchtitan.recipe_config import UNMAPPED, trainer_config_from_recipe
 
 
-def stage_command(recipe_path: str, stage_name: str, nproc: int) -> str:
+def stage_command(recipe_path: str, stage_name: str, nproc: int, overrides: list[str] = ()) -> str:
     env = f"LH_CP_RECIPE={shlex.quote(recipe_path)} LH_CP_STAGE={shlex.quote(stage_name)}"
+    if overrides:
+        env += f" LH_CP_SET={shlex.quote(shlex.join(overrides))}"
     return (
         f"{env} torchrun --standalone --nproc-per-node {nproc} "
         f"-m torchtitan.train --module lh_cp.torchtitan --config from_recipe"
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, cfg in configs.items():
         print(f"# stage {name!r}: {cfg.stage.attention} attention, global steps "
               f"{cfg.stage.resume_step + 1}..{cfg.training.steps}, dump_folder {cfg.dump_folder}")
-        print(stage_command(args.recipe, name, nproc))
+        print(stage_command(args.recipe, name, nproc, args.set))
     print("# not carried over: " + "; ".join(UNMAPPED))
     return 0
 

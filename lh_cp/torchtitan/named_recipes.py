@@ -6,7 +6,8 @@
 - 530M: dim 1536, 28 layers, FFN 2048, 12 heads; 528.5M parameters without embeddings.
 The two Llama-3 sizes use the Llama-3 vocabulary (128256) with its tokenizer read from
 ./assets/hf/Llama-3.1-8B (override with --tokenizer.name), train on local JSONL documents
-under ./data (override with --dataloader.dataset_path) at 98304 tokens with the reference
+(a "text" field per line) under ./data (override with --dataloader.dataset_path; the token
+stream is cached under the run's folder) at 98304 tokens with the reference
 Lighthouse settings (pool 4, 3 levels, topk 1536, tile budget 128: tile T = 8192), dense
 layers the first two and the last two, 10000 Lighthouse steps then 6000 dense recovery steps.
 """
@@ -52,8 +53,8 @@ def _llama3(name: str, model: ModelConfig, dense_layers: list[int]) -> Recipe:
         lighthouse=LighthouseSection(pool=4, levels=3, topk=1536, tile_budget=128, dense_layers=dense_layers),
         parallel=ParallelConfig(activation_checkpoint=True),
         data=DataConfig(
-            source="hf", path="./data", format="jsonl", tokenizer=LLAMA3_TOKENIZER,
-            eod_token="<|end_of_text|>", seq_len=98304, batch_size=1,
+            source="files", path="./data", format="jsonl", tokenizer=LLAMA3_TOKENIZER,
+            eod_token="<|end_of_text|>", seq_len=98304, batch_size=1, cache_dir=f"./outputs/{name}/tokens",
         ),
         optim=OptimConfig(lr=3e-4, weight_decay=0.1, grad_clip=1.0),
         schedule=ScheduleConfig(warmup_steps=500, decay="cosine", min_lr_ratio=0.1),
