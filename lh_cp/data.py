@@ -37,7 +37,8 @@ class DataConfig:
         (package required) over local files or a save_to_disk folder.
     path: file or folder for 'files' and 'hf'; must exist (checked when training starts).
     format: 'text' or 'jsonl' for 'files'; 'text', 'jsonl', 'parquet' or 'saved'
-        (a save_to_disk folder) for 'hf'. Ignored for 'stdlib'.
+        (a save_to_disk folder) for 'hf'. Ignored for 'stdlib'. Note that the `datasets`
+        'text' builder makes every line a record, whereas 'files' + 'text' keeps a file whole.
     text_field: the field holding a document's text in jsonl, parquet and saved datasets.
     tokenizer: 'bytes' (256 bytes + end-of-document + pad = 258 tokens) or a local path to a
         Hugging Face tokenizer.json (or its folder; package 'tokenizers' required).

@@ -4,6 +4,7 @@ on a real untrained Transformer (the harness runs; its accuracy is whatever it i
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lh_cp.model import ModelConfig, Transformer
@@ -11,6 +12,15 @@ from lh_cp.passkey import NEEDLE, SUFFIX, PasskeyConfig, make_prompt, passkey_ac
 from lh_cp.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids synchronisation waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _find(row: list[int], pattern: list[int]) -> int:
