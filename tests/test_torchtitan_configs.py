@@ -102,3 +102,16 @@ def test_config_errors_name_the_bad_values(monkeypatch, capsys):
     monkeypatch.delenv("LH_CP_RECIPE", raising=False)
     with pytest.raises(ValueError, match="LH_CP_RECIPE"):
         parse("--config", "from_recipe")
+
+
+def test_recovery_refuses_to_start_without_the_lighthouse_checkpoint():
+    """The Trainer needs an accelerator to construct, so the check runs on a bare instance."""
+    trainer = LighthouseTrainer.__new__(LighthouseTrainer)
+    trainer.config = config_registry.lighthouse_debugmodel_recovery()
+    trainer.step = 0  # what Trainer.train() holds when checkpoint.load() found nothing
+    with pytest.raises(RuntimeError, match="stage.resume_step=10: .* would start at step 1"):
+        trainer.should_continue_training()
+    trainer.step = 10  # resumed from the Lighthouse stage's last checkpoint
+    assert trainer.should_continue_training()
+    trainer.step = 15
+    assert not trainer.should_continue_training()

@@ -56,6 +56,8 @@ def test_debugmodel_builds_with_lighthouse_in_all_but_first_two_and_last_two_lay
     assert _modes(titan) == ["dense", "dense", "lighthouse", "lighthouse", "dense", "dense"]
     assert type(titan).__name__ == "Llama3Model"
     titan.verify_module_protocol()  # the check torchtitan's Trainer runs right after building
+    tables = {layer.attention.rope.cache.data_ptr() for layer in titan.layers.values()}
+    assert len(tables) == 1, "layers of one model share a single RoPE table"
 
 
 def test_debugmodel_forward_backward_equals_lh_cp_model():

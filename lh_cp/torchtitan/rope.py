@@ -1,16 +1,35 @@
-"""Rotate-half RoPE (the HF Llama layout lh-cp's model uses) with angles formed in float64.
+"""Rotate-half RoPE (the HF Llama layout lh-cp's model uses), angles in float64, one table per model.
 
 torchtitan's CosSinRoPE forms position * frequency in float32, which at a million positions
-is off by ~0.1 rad; lh-cp forms the angles in float64 (lh_cp.model.rope_tables). Only the
-cache construction differs: applying the cache is CosSinRoPE's own code.
+is off by ~0.1 rad; lh-cp forms the angles in float64 (lh_cp.model.rope_tables). And every
+torchtitan attention layer builds its own [max_seq_len, 2 * head_dim] float32 table: 134 MB per
+layer at 128K tokens and head size 128, 1 GiB per layer at 1M. Here layers of equal shape share
+one table (a read-only buffer), built once per device. Applying the table is CosSinRoPE's code.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torchtitan.models.common.rope import CosSinRoPE
+
+# (dim, max_seq_len, theta, device) -> the table, kept while some module holds it.
+_TABLES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def rope_table(dim: int, max_seq_len: int, theta: float, device: torch.device) -> torch.Tensor:
+    """[max_seq_len, 2 * dim] float32: cos then sin of each rotated pair, duplicated per half."""
+    key = (dim, max_seq_len, float(theta), str(device))
+    table = _TABLES.get(key)
+    if table is None:
+        inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)  # [dim / 2]
+        angles = torch.arange(max_seq_len, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)  # [max_seq_len, dim]
+        table = torch.cat([angles.cos(), angles.sin()], dim=-1).to(torch.float32)
+        _TABLES[key] = table
+    return table
 
 
 class Float64CosSinRoPE(CosSinRoPE):
@@ -23,9 +42,7 @@ class Float64CosSinRoPE(CosSinRoPE):
                 raise ValueError(f"RoPE head dimension must be even, got dim={self.dim}")
 
     def _precompute_cache(self) -> torch.Tensor:
-        """[max_seq_len, 2 * dim]: cos then sin of each rotated pair, duplicated per half."""
-        cfg = self.config
-        inv_freq = cfg.theta ** (-torch.arange(0, cfg.dim, 2, dtype=torch.float64) / cfg.dim)  # [dim / 2]
-        angles = torch.arange(cfg.max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)  # [max_seq_len, dim]
-        return torch.cat([angles.cos(), angles.sin()], dim=-1).to(torch.float32)
+        # torchtitan builds buffers under a `torch.device(...)` context (meta, then the training
+        # device); an empty tensor tells which device that is.
+        device = torch.empty(0).device
+        return rope_table(self.config.dim, self.config.max_seq_len, self.config.theta, device)
