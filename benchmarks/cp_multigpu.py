@@ -160,6 +160,22 @@ def weak_scaling(args, group, rank, world) -> list[dict]:
     return rows
 
 
+def profile_step(args, group, rank) -> None:
+    """One CP Lighthouse forward+backward (all-gather exchange) under torch.profiler."""
+    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+    make = lambda: torch.randn(1, args.tokens_per_gpu, args.heads, args.dim, device="cuda").bfloat16()
+    q, k, v, dout = make(), make(), make(), make()
+    fn = layer("lighthouse", cfg, group, "allgather")
+    for _ in range(2):
+        forward_backward(fn, q, k, v, dout)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+        forward_backward(fn, q, k, v, dout)
+        torch.cuda.synchronize()
+    if rank == 0:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check-tokens", type=int, default=32768)
@@ -174,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print rank 0's CUDA-time profile of one CP Lighthouse step")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     for key, value in NVLS_OFF.items():
@@ -186,6 +203,8 @@ def main(argv=None) -> int:
     group = dist.group.WORLD
     result = {"check": [] if args.skip_check else check_correctness(args, group, rank, world)}
     result["scaling"] = weak_scaling(args, group, rank, world)
+    if args.profile:
+        profile_step(args, group, rank)
     if rank == 0 and args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
