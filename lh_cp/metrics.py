@@ -14,6 +14,8 @@ import torch
 from lh_cp.config import LighthouseConfig
 from lh_cp.model import ModelConfig
 
+STAGES_TAG = "run/stages"  # TensorBoard text: JSON list of [name, attention] per stage
+
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched against the device name.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12}
 

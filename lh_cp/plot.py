@@ -2,28 +2,46 @@
 
 Train loss (every logged step) and validation loss (stage ends and intervals) against the
 global step; a dashed line marks where each stage after the first begins (from the
-`train/stage` scalar the trainer logs).
+`train/stage` scalar the trainer logs), labelled with the stage's name and attention.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from lh_cp.metrics import STAGES_TAG
 
-def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a TensorBoard folder: tag -> [(step, value)] sorted by step."""
+
+def _events(logdir: str | Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     folder = Path(logdir)
     if not folder.is_dir() or not any(folder.glob("events.out.tfevents.*")):
         raise FileNotFoundError(f"no TensorBoard event files in {str(folder)!r}")
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
+    return events
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a TensorBoard folder: tag -> [(step, value)] sorted by step."""
+    events = _events(logdir)
     series = {}
     for tag in events.Tags()["scalars"]:
         latest = {e.step: e.value for e in events.Scalars(tag)}  # a redone step keeps its last value
         series[tag] = sorted(latest.items())
     return series
+
+
+def read_stage_names(logdir: str | Path) -> list[str]:
+    """'name (attention)' of each stage, from the text the trainer logs; [] if absent."""
+    events = _events(logdir)
+    tag = f"{STAGES_TAG}/text_summary"
+    if tag not in events.Tags()["tensors"]:
+        return []
+    stages = json.loads(events.Tensors(tag)[-1].tensor_proto.string_val[0].decode())
+    return [f"{name} ({attention})" for name, attention in stages]
 
 
 def stage_starts(stage_series: list[tuple[int, float]]) -> list[tuple[int, int]]:
@@ -55,9 +73,11 @@ def plot_losses(logdir: str | Path, output: str | Path | None = None) -> Path:
     if "val/loss" in series:
         val_steps, val_values = zip(*series["val/loss"])
         ax.plot(val_steps, val_values, "o-", label="validation loss", markersize=5)
+    names = read_stage_names(logdir)
     for step, stage in stage_starts(series.get("train/stage", [])):
+        label = names[stage] if stage < len(names) else f"stage {stage + 1}"
         ax.axvline(step - 0.5, color="gray", linestyle="--", linewidth=1)
-        ax.annotate(f"stage {stage + 1} starts", (step - 0.5, 1.0), xycoords=("data", "axes fraction"),
+        ax.annotate(f"{label} from step {step}", (step - 0.5, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(4, -14), textcoords="offset points", color="gray")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")

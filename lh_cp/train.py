@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lh_cp.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from lh_cp.data import BatchLoader, make_tokenizer, token_stream
 from lh_cp.metrics import MetricsWriter, flops_per_token, format_duration, peak_flops, peak_memory_gib
+from lh_cp.metrics import STAGES_TAG
 from lh_cp.model import Transformer
 from lh_cp.parallel import parallelize
 from lh_cp.passkey import passkey_accuracy
@@ -151,6 +152,8 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
     peak, peak_source = peak_flops(rt.device, recipe.metrics.peak_tflops)
     total = recipe.total_steps
     if writer:
+        # Stage names and attention, for plots of the TensorBoard logs (lh-cp plot).
+        writer.text(STAGES_TAG, json.dumps([[s.name, s.attention] for s in recipe.stages]), resumed)
         where = f"resumed from step {resumed}" if resumed else "from scratch"
         writer.console(f"{total} steps in {len(recipe.stages)} stages, {rt.mesh.size()} ranks on {rt.device.type}, "
                        f"{where}; checkpoints in {trainer.ckpt_dir}, TensorBoard in {recipe.tensorboard_dir}; "

@@ -111,10 +111,11 @@ def test_killed_run_resumes_and_loses_nothing(tmp_path, corpus):
 
 
 def test_plot_marks_the_stage_boundary(straight, tmp_path):
-    from lh_cp.plot import plot_losses, read_scalars, stage_starts
+    from lh_cp.plot import plot_losses, read_scalars, read_stage_names, stage_starts
 
     out, _ = straight
     assert stage_starts(read_scalars(out / "tensorboard")["train/stage"]) == [(5, 1)]
+    assert read_stage_names(out / "tensorboard") == ["lighthouse (lighthouse)", "recovery (dense)"]
     png = plot_losses(out / "tensorboard", tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
