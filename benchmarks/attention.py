@@ -142,15 +142,21 @@ def profile_table(n: int, cfg: LighthouseConfig, args, top: int = 14) -> str:
     for _ in range(2):
         lighthouse_attention(q, k, v, cfg).backward(grad)
     torch.cuda.synchronize()
+    for x in (q, k, v):
+        x.grad = None
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         lighthouse_attention(q, k, v, cfg).backward(grad)
         torch.cuda.synchronize()
+    launches = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / 1e3
     lines = [f"profile N={n} levels={cfg.levels}: {total:.2f} ms of CUDA kernels in one forward+backward"]
     for e in events[:top]:
         lines.append(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:90]}")
+    lines.append("  launches in order (ms):")
+    for e in launches:
+        lines.append(f"    {e.time_range.elapsed_us() / 1e3:8.3f}  {e.name[:80]}")
     return "\n".join(lines)
 
 

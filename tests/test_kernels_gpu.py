@@ -199,3 +199,12 @@ def test_four_million_tokens_past_int32_offsets():
         got = torch.where((pos >= 0).unsqueeze(-1), entries[0].gather(1, pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)).float(), 0.0)
         ref_tail += got.transpose(0, 1)
     torch.testing.assert_close(out[0, -300:].float(), ref_tail, rtol=1e-2, atol=1e-2)
+
+
+def test_lighthouse_leaves_sdpa_backend_order_alone():
+    """The fast SDPA must not change PyTorch's global backend priority (dense SDPA elsewhere)."""
+    before = torch._C._get_sdp_priority_order()
+    cfg = LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=4)
+    q = torch.randn(1, 256, 2, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    kernel_lighthouse(q, q, q, cfg).sum().backward()
+    assert torch._C._get_sdp_priority_order() == before

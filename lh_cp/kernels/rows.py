@@ -15,8 +15,9 @@ import triton.language as tl
 from lh_cp.config import LighthouseConfig
 from lh_cp.kernels.plan import Plan, level_block_offsets
 from lh_cp.kernels.launch import check_grid
+from lh_cp.kernels.pool_blocks import block_levels, launch_pool_blocks
 
-ROWS_PER_PROGRAM = 32  # rows of D values loaded per step of the pool kernel
+ROWS_PER_PROGRAM = 32  # rows of D values loaded per step of the per-level pool kernel
 TOKENS_PER_PROGRAM = 32  # output rows per program of the expand kernel
 
 
@@ -84,6 +85,8 @@ def pool_rows(
     """Triton twin of pool_rows_reference for one tensor, or three (q at head h; k, v at h // group).
 
     xs: [B, N, Hx, D] tensors with a unit last stride; returns [B, H, S, D] contiguous each.
+    Levels of span <= 64 are pooled by token blocks (pool_blocks.py: each row read once);
+    coarser levels, if any, by the per-level kernel above (each entry reads its span).
     """
     if len(xs) not in (1, 3):
         raise ValueError(f"pool_rows takes 1 or 3 tensors, got {len(xs)}")
@@ -93,13 +96,19 @@ def pool_rows(
     batch, n, _, dim = xs[0].shape
     heads, s = plan.level_index.shape[1], plan.level_index.shape[2]
     ys = [torch.empty((batch, heads, s, dim), dtype=x.dtype, device=x.device) for x in xs]
+    levels_here, rows_per_block = block_levels(cfg.pool, cfg.levels)
+    if len(xs) == 3:
+        launch_pool_blocks(xs[:1], ys[:1], plan.slot_map, n, 1, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
+        launch_pool_blocks(xs[1:], ys[1:], plan.slot_map, n, group, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
+    else:
+        launch_pool_blocks(xs, ys, plan.slot_map, n, group, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
     x2 = xs[1] if len(xs) == 3 else xs[0]
     x3 = xs[2] if len(xs) == 3 else xs[0]
     y2 = ys[1] if len(ys) == 3 else ys[0]
     y3 = ys[2] if len(ys) == 3 else ys[0]
     blocks = level_block_offsets(n, cfg)
     block_d = triton.next_power_of_2(dim)
-    for level in range(1, cfg.levels + 1):
+    for level in range(levels_here + 1, cfg.levels + 1):
         span = cfg.span(level)
         chunk = min(span, ROWS_PER_PROGRAM)
         block_e = max(1, ROWS_PER_PROGRAM // chunk)
