@@ -64,7 +64,7 @@ def reference() -> dict:
     adamw = optimizer(model)
     tokens, targets = batch()
     positions = torch.arange(SEQ)
-    out = {"loss": [], "weights": []}
+    out = {"loss": [], "norm": [], "weights": []}
     for lr in LRS:
         for group in adamw.param_groups:
             group["lr"] = lr
@@ -72,15 +72,16 @@ def reference() -> dict:
         loss = loss_sum / count
         adamw.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         adamw.step()
         out["loss"].append(loss.item())
+        out["norm"].append(norm.item())
         out["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
     return out
 
 
-def _step(engine, lr: float, rank: int, world: int) -> float:
-    """One step on this rank's batch row; returns the global mean loss."""
+def _step(engine, lr: float, rank: int, world: int) -> tuple[float, float]:
+    """One step on this rank's batch row; returns (global mean loss, gradient norm before clipping)."""
     from lh_cp.parallel.deepspeed import set_learning_rate
 
     tokens, targets = batch()
@@ -95,7 +96,7 @@ def _step(engine, lr: float, rank: int, world: int) -> float:
     engine.step()
     logged = loss.detach().clone()
     dist.all_reduce(logged)
-    return logged.item() / world
+    return logged.item() / world, float(engine.get_global_grad_norm())
 
 
 def _weights(engine) -> dict[str, torch.Tensor]:
@@ -122,18 +123,20 @@ def zero_job(rank: int, world: int, checkpoint_root: str) -> dict:
     for stage in (1, 2, 3):
         model = small_model()
         engine = build_deepspeed_engine(model, optimizer(model), zero_stage=stage, grad_clip=GRAD_CLIP)
-        losses, weights = [], []
+        losses, norms, weights = [], [], []
         for i, lr in enumerate(LRS):
-            losses.append(_step(engine, lr, rank, world))
+            loss, norm = _step(engine, lr, rank, world)
+            losses.append(loss)
+            norms.append(norm)
             weights.append(_weights(engine))
             if stage == 3 and i == 0:
                 saved = save_deepspeed_checkpoint(engine, checkpoint_root, 1, {"position": torch.tensor(7)}, world_group)
-        results[stage] = {"loss": losses, "weights": weights}
+        results[stage] = {"loss": losses, "norm": norms, "weights": weights}
     # Resume: a fresh engine (fresh model) loads step 1 and repeats step 2.
     model = small_model()
     fresh = build_deepspeed_engine(model, optimizer(model), zero_stage=3, grad_clip=GRAD_CLIP)
     step, data = load_deepspeed_checkpoint(fresh, latest_checkpoint(Path(checkpoint_root))[1])
-    resumed_loss = _step(fresh, LRS[1], rank, world)
+    resumed_loss, _ = _step(fresh, LRS[1], rank, world)
     results["resume"] = {"step": step, "data": data, "path": str(saved), "loss": resumed_loss, "weights": _weights(fresh)}
     return results
 
@@ -152,6 +155,8 @@ def test_deepspeed_zero_step_equals_plain_step(tmp_path):
             got = result[stage]
             for i in range(len(LRS)):
                 assert abs(got["loss"][i] - ref["loss"][i]) <= TOLERANCE, (rank, stage, i, got["loss"][i], ref["loss"][i])
+                # The norm the trainer logs: before clipping, over the whole model.
+                assert abs(got["norm"][i] - ref["norm"][i]) <= TOLERANCE, (rank, stage, i, got["norm"][i], ref["norm"][i])
                 error = _max_error(got["weights"][i], ref["weights"][i])
                 assert error <= TOLERANCE, f"rank {rank} ZeRO-{stage} step {i + 1}: weights differ by {error}"
         resume = result["resume"]
@@ -165,6 +170,7 @@ def test_deepspeed_zero_step_equals_plain_step(tmp_path):
     # The weights moved: the comparison is not between two unchanged models.
     initial = dict(small_model().named_parameters())
     assert _max_error({n: p.detach() for n, p in initial.items()}, ref["weights"][0]) > 1e-3
+    assert min(ref["norm"]) > 10 * GRAD_CLIP  # clipping is active in both steps
 
 
 def test_deepspeed_config_rejects_bad_values():
