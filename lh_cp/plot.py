@@ -77,8 +77,11 @@ def plot_losses(logdir: str | Path, output: str | Path | None = None) -> Path:
     for step, stage in stage_starts(series.get("train/stage", [])):
         label = names[stage] if stage < len(names) else f"stage {stage + 1}"
         ax.axvline(step - 0.5, color="gray", linestyle="--", linewidth=1)
+        # Text on the side of the line with more room, so it stays inside the axes.
+        right_half = step > (steps[0] + steps[-1]) / 2
         ax.annotate(f"{label} from step {step}", (step - 0.5, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(4, -14), textcoords="offset points", color="gray")
+                    xytext=(-4 if right_half else 4, -14), textcoords="offset points", color="gray",
+                    ha="right" if right_half else "left")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(f"{Path(logdir).resolve().parent.name}: loss by step")
