@@ -46,9 +46,11 @@ class TrainSummary:
     seconds: float = 0.0
 
 
-def check_data_paths(recipe: Recipe) -> list[str]:
-    """Paths training needs that do not exist (plan does not require them)."""
+def check_machine(recipe: Recipe) -> list[str]:
+    """What training needs from this machine that plan does not: data paths, the device."""
     data, missing = recipe.data, []
+    if recipe.run.device == "cuda" and not torch.cuda.is_available():
+        missing.append("run.device='cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
     if data.source != "stdlib" and not Path(data.path).exists():
         missing.append(f"data.path={data.path!r} does not exist (data.source={data.source!r})")
     if data.tokenizer != "bytes" and not Path(data.tokenizer).exists():
@@ -132,7 +134,7 @@ def _stage_scalars(trainer: Trainer, stage: int) -> tuple[int, float]:
 
 def train(recipe: Recipe) -> TrainSummary:
     """Run `recipe` in this process (one rank of a torchrun job, or the only process)."""
-    problems = check_recipe(recipe, launched_world_size()) + check_data_paths(recipe)
+    problems = check_recipe(recipe, launched_world_size()) + check_machine(recipe)
     if problems:
         raise RecipeError("the recipe is not valid:\n  " + "\n  ".join(problems))
     rt = start(recipe)
