@@ -83,12 +83,8 @@ def test_token_norms_match_reference():
     torch.testing.assert_close(token_norms(x), token_scores(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tensor_cores", [False, True])
 @pytest.mark.parametrize("pool,levels,topk,budget,n,batch,heads,kv_heads,dim", CONFIGS[1:6] + CONFIGS[8:9])
-def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv_heads, dim, tensor_cores, monkeypatch):
-    import lh_cp.kernels.pool_blocks as pool_blocks
-
-    monkeypatch.setattr(pool_blocks, "USE_TENSOR_CORES", tensor_cores)
+def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv_heads, dim):
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
     group = heads // kv_heads
     q = torch.randn(batch, n, heads, dim, device=DEV)

@@ -97,11 +97,9 @@ def pool_rows(
     heads, s = plan.level_index.shape[1], plan.level_index.shape[2]
     ys = [torch.empty((batch, heads, s, dim), dtype=x.dtype, device=x.device) for x in xs]
     levels_here, rows_per_block = block_levels(cfg.pool, cfg.levels)
-    if len(xs) == 3:
-        launch_pool_blocks(xs[:1], ys[:1], plan.slot_map, n, 1, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
-        launch_pool_blocks(xs[1:], ys[1:], plan.slot_map, n, group, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
-    else:
-        launch_pool_blocks(xs, ys, plan.slot_map, n, group, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        x_group = 1 if (i == 0 and len(xs) == 3) else group  # q: its own head; k, v: shared by group
+        launch_pool_blocks(x, y, plan.slot_map, n, x_group, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
     x2 = xs[1] if len(xs) == 3 else xs[0]
     x3 = xs[2] if len(xs) == 3 else xs[0]
     y2 = ys[1] if len(ys) == 3 else ys[0]
