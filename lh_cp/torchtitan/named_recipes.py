@@ -3,7 +3,8 @@
 - debugmodel: 6 layers of width 128 on the byte tokenizer and this Python's standard library;
   runs anywhere (its forward/backward is tested on CPU), 10 Lighthouse + 5 recovery steps.
 - 270M: dim 1024, 30 layers, FFN 1536, 8 heads; 267.4M parameters without embeddings.
-- 530M: dim 1536, 28 layers, FFN 2048, 12 heads; 528.5M parameters without embeddings.
+- 530M: the model of recipes/128k.toml..1m.toml: dim 1024, 16 layers, FFN 4416, 16 query and 8
+  key/value heads; 267.4M parameters without embeddings, 530.1M with untied Llama-3 embeddings.
 The two Llama-3 sizes use the Llama-3 vocabulary (128256) with its tokenizer read from
 ./assets/hf/Llama-3.1-8B (override with --tokenizer.name), train on local JSONL documents
 (a "text" field per line) under ./data (override with --dataloader.dataset_path; the token
@@ -70,5 +71,5 @@ def llama3_270m() -> Recipe:
 
 
 def llama3_530m() -> Recipe:
-    model = ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1536, n_layers=28, n_heads=12, n_kv_heads=12, ffn_dim=2048, rope_theta=500000.0)
-    return _llama3("lighthouse_530m", model, [0, 1, 26, 27])
+    model = ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1024, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=4416, rope_theta=500000.0)
+    return _llama3("lighthouse_530m", model, [0, 1, 14, 15])
