@@ -39,6 +39,7 @@ CONFIGS = [
     (8, 3, 4, 2, 2048, 2, 2, 1, 128),
     (4, 5, 4, 4, 16384, 1, 2, 2, 32),
     (4, 3, 2048, 128, 32768, 1, 2, 2, 128),
+    (8, 4, 4, 2, 2048, 1, 2, 1, 64),  # span 512 > 256: the per-level pooling kernel
 ]
 
 
@@ -84,7 +85,7 @@ def test_token_norms_match_reference():
     torch.testing.assert_close(token_norms(x), token_scores(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool,levels,topk,budget,n,batch,heads,kv_heads,dim", CONFIGS[1:6] + CONFIGS[8:9])
+@pytest.mark.parametrize("pool,levels,topk,budget,n,batch,heads,kv_heads,dim", CONFIGS[1:6] + CONFIGS[8:9] + CONFIGS[10:])
 def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv_heads, dim):
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
     group = heads // kv_heads

@@ -85,7 +85,7 @@ def pool_rows(
     """Triton twin of pool_rows_reference for one tensor, or three (q at head h; k, v at h // group).
 
     xs: [B, N, Hx, D] tensors with a unit last stride; returns [B, H, S, D] contiguous each.
-    Levels of span <= 64 are pooled by token blocks (pool_blocks.py: each row read once);
+    Levels of span <= 256 are pooled by token blocks (pool_blocks.py: each row read once);
     coarser levels, if any, by the per-level kernel above (each entry reads its span).
     """
     if len(xs) not in (1, 3):
