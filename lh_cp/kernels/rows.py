@@ -1,6 +1,11 @@
 """Triton row kernels: pool (gather forward, scatter backward) and expand (gather backward,
 scatter forward). Twins: rows_reference.py, same arguments and results.
 
+`pool_rows` pools levels of span <= 256 by token blocks (pool_blocks.py) and any coarser
+level with the per-level kernel below (each entry reads its own span; measured slow, ~0.8
+TB/s, and only reached with pool**(levels-1) > 256). `expand_rows` reads, per output token,
+one slot-map entry per level.
+
 Both write every output row exactly once from a fixed-order fp32 sum: no atomics, so the same
 input gives the same bits. All memory offsets are int64 (N * H * D passes 2**31 at 2M tokens);
 grids are one-dimensional (axis 0 allows 2**31 - 1 programs, axes 1 and 2 only 65535).
@@ -17,7 +22,7 @@ from lh_cp.kernels.plan import Plan, level_block_offsets
 from lh_cp.kernels.launch import check_grid
 from lh_cp.kernels.pool_blocks import block_levels, launch_pool_blocks
 
-ROWS_PER_PROGRAM = 32  # rows of D values loaded per step of the per-level pool kernel
+ROWS_PER_PROGRAM = 32  # rows of D values loaded per step of the per-level pool kernel (fallback)
 TOKENS_PER_PROGRAM = 32  # output rows per program of the expand kernel
 
 
