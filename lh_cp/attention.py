@@ -14,6 +14,15 @@ from lh_cp.pyramid import gather_entries
 from lh_cp.scatter import scatter_entries
 from lh_cp.select import Selection, check_heads, select
 
+# Exchanges of the `exchange` argument under CP. Head-tail layout (each rank holds chunks r and
+# 2W-1-r, lh_cp.parallel.shard_sequence): "allgather", "ring". Contiguous layout (rank r holds
+# tokens [r*C, (r+1)*C), lh_cp.parallel.ulysses_sharding), DeepSpeed-Ulysses all-to-all over
+# heads: "ulysses" (DeepSpeed's DistributedAttention around the attention) and, for Lighthouse
+# only, "ulysses_compressed" (only the compressed entries cross ranks).
+ULYSSES_EXCHANGES = ("ulysses", "ulysses_compressed")
+LIGHTHOUSE_EXCHANGES = ("allgather", "ring", *ULYSSES_EXCHANGES)
+DENSE_EXCHANGES = ("allgather", "ring", "ulysses")
+
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Shapes, dtypes and devices every attention entry point requires."""
@@ -26,6 +35,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_exchange(exchange: str, allowed: tuple[str, ...]) -> None:
+    if exchange not in allowed:
+        raise ValueError(f"exchange must be one of {allowed}, got exchange={exchange!r}")
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -62,11 +76,24 @@ def lighthouse_attention(
     """Lighthouse attention (LIGHTHOUSE.md): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
     The selection is computed without gradient from float32 norms; gradients flow through
-    pooling, gather, SDPA and scatter. With `cp` a ProcessGroup, q/k/v are this rank's
-    head-tail shard and compressed K/V are exchanged by `exchange` ("allgather" or "ring").
+    pooling, gather, SDPA and scatter. With `cp` a ProcessGroup, q/k/v are this rank's shard
+    and the result is that shard of the single-device output. `exchange` "allgather" or
+    "ring": head-tail shards, compressed K/V exchanged (lh_cp.parallel.cp_attention);
+    "ulysses": contiguous shards through DeepSpeed's DistributedAttention (needs
+    deepspeed.comm initialised); "ulysses_compressed": contiguous shards, only compressed
+    entries all-to-all'd (lh_cp.parallel.ulysses_compressed).
     """
     if cp is not None:
-        # Lazy import: single-device use never loads the distributed code.
+        _check_exchange(exchange, LIGHTHOUSE_EXCHANGES)
+        # Lazy imports: single-device use never loads the distributed code.
+        if exchange == "ulysses":
+            from lh_cp.parallel.ulysses import ulysses_attention
+
+            return ulysses_attention(q, k, v, cfg, cp)
+        if exchange == "ulysses_compressed":
+            from lh_cp.parallel.ulysses_compressed import compressed_ulysses_attention
+
+            return compressed_ulysses_attention(q, k, v, cfg, cp)
         from lh_cp.parallel.cp_attention import lighthouse_attention_cp
 
         return lighthouse_attention_cp(q, k, v, cfg, cp, exchange)
@@ -84,9 +111,15 @@ def causal_attention(
 ) -> torch.Tensor:
     """Dense causal attention in the public layout: q [B, N, H, D], k/v [B, N, Hkv, D].
 
-    With `cp` a ProcessGroup, q/k/v are this rank's head-tail shard (see lighthouse_attention).
+    With `cp` a ProcessGroup, q/k/v are this rank's shard: head-tail for exchange "allgather"
+    or "ring", contiguous for "ulysses" (see lighthouse_attention; there is nothing to compress).
     """
     if cp is not None:
+        _check_exchange(exchange, DENSE_EXCHANGES)
+        if exchange == "ulysses":
+            from lh_cp.parallel.ulysses import ulysses_attention
+
+            return ulysses_attention(q, k, v, None, cp)
         from lh_cp.parallel.cp_attention import causal_attention_cp
 
         return causal_attention_cp(q, k, v, cp, exchange)

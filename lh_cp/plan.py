@@ -9,20 +9,45 @@ laptop for a cluster; training checks paths when it opens the data.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
+from lh_cp.attention import DENSE_EXCHANGES, LIGHTHOUSE_EXCHANGES, ULYSSES_EXCHANGES
 from lh_cp.config import LighthouseConfig
 from lh_cp.model import ModelConfig, count_parameters, normalize_layer_indices
 from lh_cp.recipe import Recipe
 
-EXCHANGES = ("allgather", "ring")
+ENGINES = ("fsdp", "deepspeed")
+ZERO_STAGES = (1, 2, 3)
 ATTENTION_MODES = ("lighthouse", "dense")
 DECAYS = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+DEEPSPEED_MIN_VERSION = (0, 19, 8)
+DEEPSPEED_INSTALL = "pip install --no-build-isolation 'deepspeed>=0.19.8' (after torch)"
+
+
+def deepspeed_problem() -> str | None:
+    """Why DeepSpeed cannot be used here (not installed, broken, too old), or None."""
+    try:
+        import deepspeed
+    except Exception as err:  # a broken build can fail at import with any error, not only ImportError
+        return f"DeepSpeed does not import here ({type(err).__name__}: {err}); install it with {DEEPSPEED_INSTALL}"
+    version = tuple(int(part) for part in re.findall(r"\d+", deepspeed.__version__)[:3])
+    if version < DEEPSPEED_MIN_VERSION:
+        return f"DeepSpeed {deepspeed.__version__} is older than 0.19.8; upgrade with {DEEPSPEED_INSTALL}"
+    return None
+
+
+def uses_ulysses(recipe: Recipe) -> bool:
+    """Whether the recipe's CP splits sequences contiguously (Ulysses) rather than head-tail."""
+    return recipe.parallel.exchange in ULYSSES_EXCHANGES
 
 
 def _sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
     """Shape rules for running `mode` attention over sequences of n tokens under the recipe's CP."""
+    if recipe.parallel.cp > 1 and uses_ulysses(recipe):
+        return _ulysses_sequence_rules(recipe, n, mode, what)
     errors = []
     cp = recipe.parallel.cp
     if cp > 1 and n % (2 * cp) != 0:
@@ -43,6 +68,68 @@ def _sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
             f"{what}={n} under parallel.cp={cp}: each head-tail chunk of {n} / {2 * cp} = {chunk} tokens "
             f"must be a multiple of the tile size T={tile} (tiles never straddle chunks)"
         )
+    return errors
+
+
+def _ulysses_sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
+    """The same under a Ulysses exchange: cp contiguous shards; 'ulysses_compressed' compresses
+    each shard on its own rank, so a shard must be a whole number of tiles."""
+    par = recipe.parallel
+    if n % par.cp != 0:
+        return [f"{what}={n} must split into parallel.cp={par.cp} equal contiguous shards "
+                f"(parallel.exchange={par.exchange!r}): {n} % {par.cp} != 0"]
+    if mode != "lighthouse":
+        return []
+    try:
+        tile = recipe.lighthouse.config().tile_size(n)
+    except ValueError as err:
+        return [f"{what}={n} with [lighthouse]: {err}"]
+    shard = n // par.cp
+    if par.exchange == "ulysses_compressed" and shard % tile != 0:
+        return [f"{what}={n} under parallel.exchange='ulysses_compressed' and parallel.cp={par.cp}: each rank "
+                f"compresses its shard of {n} / {par.cp} = {shard} tokens, which must be a multiple of the "
+                f"tile size T={tile} (use a longer sequence, a smaller cp, or a larger lighthouse.topk)"]
+    return []
+
+
+def _parallel_rules(recipe: Recipe) -> list[str]:
+    """Engine and exchange rules of [parallel] that do not depend on a sequence length."""
+    par, errors = recipe.parallel, []
+    if par.engine not in ENGINES:
+        errors.append(f"parallel.engine must be one of {ENGINES}, got {par.engine!r}")
+    if par.zero_stage not in ZERO_STAGES:
+        errors.append(f"parallel.zero_stage must be one of {ZERO_STAGES} (ZeRO shards 1: optimizer state, "
+                      f"2: + gradients, 3: + weights), got {par.zero_stage}")
+    if par.engine == "deepspeed":
+        if par.dp_replicate != 1:
+            errors.append(f"parallel.dp_replicate={par.dp_replicate} must be 1 under parallel.engine='deepspeed': "
+                          f"ZeRO shards over every rank (for the same {par.dp} data-parallel replicas use "
+                          f"dp_shard={par.dp} and dp_replicate=1)")
+        problem = deepspeed_problem()
+        if problem:
+            errors.append(f"parallel.engine='deepspeed' needs DeepSpeed: {problem}")
+    if par.exchange not in LIGHTHOUSE_EXCHANGES:
+        errors.append(f"parallel.exchange must be one of {LIGHTHOUSE_EXCHANGES}, got {par.exchange!r}")
+        return errors
+    if par.dense_exchange not in DENSE_EXCHANGES:
+        errors.append(f"parallel.dense_exchange must be one of {DENSE_EXCHANGES}, got {par.dense_exchange!r}")
+        return errors
+    if uses_ulysses(recipe) != (par.dense_exchange == "ulysses"):
+        errors.append(
+            f"parallel.exchange={par.exchange!r} and parallel.dense_exchange={par.dense_exchange!r} split the "
+            f"sequence differently (Ulysses exchanges: contiguous shards; allgather and ring: head-tail chunks); "
+            f"with exchange 'ulysses' or 'ulysses_compressed' use dense_exchange='ulysses', with 'allgather' "
+            f"or 'ring' use dense_exchange 'ring' or 'allgather'"
+        )
+    ulysses = [f"parallel.{name}={getattr(par, name)!r}" for name in ("exchange", "dense_exchange")
+               if getattr(par, name) in ULYSSES_EXCHANGES]
+    if ulysses and par.engine != "deepspeed":
+        errors.append(f"{' and '.join(ulysses)} run under parallel.engine='deepspeed' only "
+                      f"(DeepSpeed-Ulysses), got parallel.engine={par.engine!r}")
+    heads = recipe.model.n_heads
+    if ulysses and par.cp > 1 and heads % par.cp != 0:
+        errors.append(f"{' and '.join(ulysses)}: the Ulysses all-to-all gives each CP rank whole heads, so "
+                      f"model.n_heads={heads} must be a multiple of parallel.cp={par.cp}")
     return errors
 
 
@@ -71,9 +158,7 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     for name in ("cp", "dp_shard", "dp_replicate"):
         if getattr(par, name) < 1:
             errors.append(f"parallel.{name} must be >= 1, got {getattr(par, name)}")
-    for name in ("exchange", "dense_exchange"):
-        if getattr(par, name) not in EXCHANGES:
-            errors.append(f"parallel.{name} must be one of {EXCHANGES}, got {getattr(par, name)!r}")
+    errors.extend(_parallel_rules(recipe))
     if world_size is not None and par.world_size != world_size:
         errors.append(
             f"parallel.cp * dp_shard * dp_replicate = {par.cp} * {par.dp_shard} * {par.dp_replicate} = "
@@ -134,7 +219,7 @@ class PlanNumbers:
     tokens_per_rank: int  # sequence tokens each rank holds per step (batch_size * seq_len / cp)
     tokens_per_step: int  # tokens of one global batch
     tile: int | None  # Lighthouse tile size T (None when no stage uses Lighthouse)
-    chunk: int  # head-tail chunk length under CP
+    chunk: int  # tokens of one head-tail chunk (allgather, ring) or contiguous shard (Ulysses) under CP
     selected: int | None  # S, entries per head of a Lighthouse layer
     params: int
     embedding_params: int
@@ -151,16 +236,25 @@ def _bytes_per_token_per_layer(m: ModelConfig, act_bytes: int) -> int:
     return act_bytes * (6 * m.dim + 2 * kv + 4 * m.ffn_dim) + 4 * 2 * m.dim
 
 
+def state_bytes_per_rank(recipe: Recipe) -> float:
+    """fp32 weights, gradients and AdamW moments (4 + 4 + 8 bytes per parameter) held by one
+    rank: FSDP2 shards all of them over dp_shard * cp ranks; ZeRO over every rank shards the
+    moments (stage 1), also the gradients (2), also the weights (3)."""
+    par, params = recipe.parallel, count_parameters(recipe.model)
+    if par.engine != "deepspeed":
+        return 16 * params / (par.dp_shard * par.cp)
+    sharded = {1: 8, 2: 12, 3: 16}.get(par.zero_stage, 16)
+    return (16 - sharded) * params + sharded * params / par.world_size
+
+
 def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True) -> float:
-    """Peak memory per rank, roughly: sharded fp32 weights + gradients + AdamW moments
-    (16 bytes per parameter over dp_shard * cp ranks), two all-gathered bf16 blocks (FSDP
-    prefetch), stored activations (one block input per layer with activation checkpointing,
-    every block's activations without), one block recomputed, and one loss chunk's logits.
-    Lighthouse layers' compressed tensors are smaller than a dense block's and not counted apart."""
+    """Peak memory per rank, roughly: weights, gradients and AdamW moments as the engine
+    shards them (state_bytes_per_rank), two all-gathered bf16 blocks (prefetch), stored
+    activations (one block input per layer with activation checkpointing, every block's
+    activations without), one block recomputed, and one loss chunk's logits. Lighthouse
+    layers' compressed tensors are smaller than a dense block's and not counted apart."""
     m, par, data = recipe.model, recipe.parallel, recipe.data
-    params = count_parameters(m)
     act_bytes = 2 if on_gpu else 4
-    shards = par.dp_shard * par.cp
     block = 4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim  # upper bound of one block's weights
     tokens = data.batch_size * data.seq_len // par.cp
     per_layer = _bytes_per_token_per_layer(m, act_bytes) * tokens
@@ -169,7 +263,7 @@ def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True) -> float:
     else:
         activations = m.n_layers * per_layer
     logits = 3 * min(m.loss_chunk_tokens, tokens) * m.vocab_size * 4  # float32 logits, softmax, grad
-    total = 16 * params / shards + 2 * block * act_bytes + activations + logits
+    total = state_bytes_per_rank(recipe) + 2 * block * act_bytes + activations + logits
     return total / 2**30
 
 
@@ -185,7 +279,7 @@ def plan_numbers(recipe: Recipe) -> PlanNumbers:
         tokens_per_rank=data.batch_size * n // par.cp,
         tokens_per_step=data.batch_size * n * par.dp,
         tile=cfg.tile_size(n) if uses_lighthouse else None,
-        chunk=n // (2 * par.cp) if par.cp > 1 else n,
+        chunk=n // (par.cp if uses_ulysses(recipe) else 2 * par.cp) if par.cp > 1 else n,
         selected=cfg.selected_length(n) if uses_lighthouse else None,
         params=count_parameters(m),
         embedding_params=m.vocab_size * m.dim * (1 if m.tie_embeddings else 2),
@@ -213,12 +307,22 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
         f"  sequence: N = {numbers.seq_len:,} tokens; per rank per step {numbers.tokens_per_rank:,} tokens; "
         f"global batch {numbers.tokens_per_step:,} tokens",
     ]
-    if par.cp > 1:
+    if par.engine == "deepspeed":
+        lines.append(f"  engine: DeepSpeed ZeRO stage {par.zero_stage} over all {numbers.world_size} ranks")
+    if par.cp > 1 and uses_ulysses(recipe):
+        repeat = ""
+        if m.n_kv_heads % par.cp:  # DistributedAttention splits kv heads evenly (parallel/ulysses.py)
+            repeat = f", kv heads repeated to {math.lcm(m.n_kv_heads, par.cp)} for plain Ulysses"
+        lines.append(f"  context parallel: {par.cp} contiguous shards of {numbers.chunk:,} tokens, exchange "
+                     f"{par.exchange} (lighthouse) / {par.dense_exchange} (dense), {m.n_heads // par.cp} query "
+                     f"heads per rank after the all-to-all{repeat}")
+    elif par.cp > 1:
         lines.append(f"  context parallel: {2 * par.cp} head-tail chunks of {numbers.chunk:,} tokens, exchange "
                      f"{par.exchange} (lighthouse) / {par.dense_exchange} (dense)")
     if numbers.tile is not None:
         lh = recipe.lighthouse
-        chunk_tiles = f", {numbers.chunk // numbers.tile} per chunk" if par.cp > 1 else ""
+        unit = "shard" if uses_ulysses(recipe) else "chunk"
+        chunk_tiles = f", {numbers.chunk // numbers.tile} per {unit}" if par.cp > 1 else ""
         lines.append(
             f"  lighthouse: pool {lh.pool}, levels {lh.levels}, topk {lh.topk}, tile_budget {lh.tile_budget} -> "
             f"tile T = {numbers.tile:,} ({numbers.seq_len // numbers.tile} tiles{chunk_tiles}), "

@@ -67,18 +67,37 @@ class LighthouseSection:
 class ParallelConfig:
     """How ranks split the work (recipe section [parallel]). World size = cp * dp_shard * dp_replicate.
 
-    cp: context-parallel degree: each sequence is cut into 2*cp chunks, rank r of a CP group
-        holds chunks r and 2*cp-1-r (head-tail load balance).
+    engine: what shards the weights and steps the optimizer: 'fsdp' (FSDP2 over dp_shard x cp,
+        HSDP over dp_replicate; torch.distributed.checkpoint folders) or 'deepspeed' (a
+        DeepSpeed ZeRO engine over every rank, DeepSpeed checkpoint folders; needs
+        `pip install --no-build-isolation 'deepspeed>=0.19.8'` after torch, and dp_replicate = 1).
+        Both train the same model with the same AdamW, schedule, data and stages.
+    zero_stage: under engine='deepspeed', what ZeRO shards over all ranks: 1 optimizer state,
+        2 also gradients, 3 also weights. Ignored by 'fsdp'.
+    cp: context-parallel degree: each sequence is split over cp ranks. With the head-tail
+        exchanges it is cut into 2*cp chunks, rank r of a CP group holding chunks r and
+        2*cp-1-r (load balance); with the Ulysses exchanges into cp contiguous shards.
     dp_shard: data-parallel replicas whose weights, gradients and optimizer state FSDP2 shards
         (sharding spans dp_shard x cp ranks).
     dp_replicate: data-parallel replicas that each hold a full (sharded) copy (HSDP).
-    exchange: how Lighthouse layers exchange the compressed K/V under CP: 'allgather' or 'ring'.
-    dense_exchange: the same for dense layers and the recovery stage: 'ring' or 'allgather'.
+    exchange: how Lighthouse layers attend across the CP ranks. Head-tail layout: 'allgather'
+        or 'ring' (compressed K/V move between ranks). Contiguous layout (DeepSpeed-Ulysses:
+        all-to-all from sequence shards to head groups, which needs n_heads % cp == 0):
+        'ulysses' (DeepSpeed's DistributedAttention around Lighthouse: uncompressed q, k, v
+        and the output move) or 'ulysses_compressed' (each rank compresses its shard, only the
+        compressed entries move; each shard of seq_len / cp tokens must be a whole number of
+        Lighthouse tiles). The Ulysses exchanges run under engine='deepspeed' only.
+    dense_exchange: the same for dense layers and the recovery stage: 'ring' or 'allgather'
+        (head-tail), or 'ulysses' (contiguous). It must use the layout of `exchange`, so
+        under 'ulysses' and 'ulysses_compressed' it must be 'ulysses' (dense attention has
+        nothing to compress).
     activation_checkpoint: recompute each decoder block in backward instead of storing its
         activations (needed at long context).
     compile: torch.compile each decoder block.
     """
 
+    engine: str = "fsdp"
+    zero_stage: int = 3
     cp: int = 1
     dp_shard: int = 1
     dp_replicate: int = 1

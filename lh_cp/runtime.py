@@ -3,7 +3,8 @@
 One process (no torchrun) still gets a process group of size 1, so a run has a single code
 path: FSDP2, DCP checkpoints and the loss normaliser behave the same at any world size.
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read here and
-nowhere else.
+nowhere else. Under parallel.engine = "deepspeed" DeepSpeed's communication layer is started
+on top of the same process group (the `deepspeed` launcher sets the same variables).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from lh_cp.attention import ULYSSES_EXCHANGES
 from lh_cp.parallel import build_mesh
 from lh_cp.recipe import Recipe
 
@@ -40,6 +42,8 @@ class Runtime:
     """Device, mesh and the groups of this rank.
 
     cp_group: the context-parallel group, None when parallel.cp == 1 (single-device attention).
+    contiguous: how sequences are split over cp_group: contiguous shards (Ulysses exchanges)
+        rather than head-tail chunk pairs.
     loss_group: every rank holding different tokens of the global batch (mesh axis dp_cp).
     dp_rank, dp_size: this rank's data-parallel replica and their number (mesh axis dp).
     """
@@ -52,6 +56,7 @@ class Runtime:
     dp_rank: int
     dp_size: int
     rank: int
+    contiguous: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -68,6 +73,8 @@ def start(recipe: Recipe) -> Runtime:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     par = recipe.parallel
+    if par.engine == "deepspeed":
+        _start_deepspeed_comm(backend)
     mesh = build_mesh(device.type, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, cp=par.cp)
     return Runtime(
         device=device,
@@ -78,7 +85,20 @@ def start(recipe: Recipe) -> Runtime:
         dp_rank=mesh["dp"].get_local_rank(),
         dp_size=mesh["dp"].size(),
         rank=dist.get_rank(),
+        contiguous=par.exchange in ULYSSES_EXCHANGES,
     )
+
+
+def _start_deepspeed_comm(backend: str) -> None:
+    """deepspeed.comm over the process group just started (DeepSpeed wraps it, starts nothing).
+
+    DeepSpeed's engine reads LOCAL_RANK from the environment; a plain one-process run has
+    none, so it is set to 0 there.
+    """
+    import deepspeed
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def stop() -> None:

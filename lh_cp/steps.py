@@ -11,12 +11,14 @@ import torch.distributed as dist
 
 from lh_cp.data import BatchLoader
 from lh_cp.parallel import shard_positions, shard_sequence, unshard_sequence
+from lh_cp.parallel.ulysses_sharding import ulysses_positions, ulysses_shard, ulysses_unshard
 from lh_cp.recipe import Recipe
 from lh_cp.runtime import Runtime
 
 
 def local_shard(rt: Runtime, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """This rank's head-tail shard of each [B, N] tensor (dim 1) and its global positions [N / cp].
+    """This rank's CP shard of each [B, N] tensor (dim 1) and its global positions [N / cp]:
+    head-tail chunks, or contiguous shards under the Ulysses exchanges (rt.contiguous).
 
     Targets are shifted before sharding (the loader does it), so a shard's last token is
     labelled by the first token of the next chunk even when that chunk lives elsewhere.
@@ -25,6 +27,8 @@ def local_shard(rt: Runtime, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]
     moved = [t.to(rt.device, non_blocking=True) for t in tensors]
     if rt.cp_group is None:
         return (*moved, torch.arange(n, device=rt.device))
+    if rt.contiguous:
+        return (*(ulysses_shard(t, rt.cp_group, dim=1) for t in moved), ulysses_positions(n, rt.cp_group, rt.device))
     return (*(shard_sequence(t, rt.cp_group, dim=1) for t in moved), shard_positions(n, rt.cp_group, rt.device))
 
 
@@ -38,8 +42,8 @@ def training_loss(model, rt: Runtime, recipe: Recipe, inputs, targets) -> tuple[
     """(loss to backpropagate, global mean loss for logging).
 
     The backpropagated value is W * (local loss sum) / (real tokens of the global batch), W the
-    size of the loss group: FSDP averages gradients over the same W ranks, which leaves the
-    gradient of the global token mean. (lh_cp.parallel.global_token_mean_loss applies the same
+    size of the loss group: FSDP (or DeepSpeed, over every rank) averages gradients over the
+    same W ranks, which leaves the gradient of the global token mean. (lh_cp.parallel.global_token_mean_loss applies the same
     normaliser to full logits; the model's chunked loss never forms them.)
     """
     loss_sum, count = _forward_sums(model, rt, recipe, inputs, targets)
@@ -73,7 +77,8 @@ def greedy_predictor(model, rt: Runtime, recipe: Recipe):
         predicted = model(local, positions, cp_group=rt.cp_group, exchange=par.exchange,
                           dense_exchange=par.dense_exchange, predict=True)  # [B, L / cp]
         if rt.cp_group is not None:
-            predicted = unshard_sequence(predicted, rt.cp_group, dim=1)  # [B, L]
+            unshard = ulysses_unshard if rt.contiguous else unshard_sequence
+            predicted = unshard(predicted, rt.cp_group, dim=1)  # [B, L]
         return predicted.cpu()
 
     return predict

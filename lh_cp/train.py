@@ -1,9 +1,9 @@
 """`lh-cp train`: run a recipe's stages in order, alone or under torchrun.
 
 Order of events: check the recipe and data paths (no process group yet), start the process
-group and mesh, build the model identically on every rank, parallelize it (activation
-checkpointing, compile, FSDP2), resume from the newest complete checkpoint if there is one,
-then train stage after stage. Stage boundaries only switch the attention functions
+group and mesh, build the model identically on every rank, hand it to the engine
+(lh_cp/engines.py: activation checkpointing and compile, then FSDP2 or DeepSpeed ZeRO), resume
+from the newest complete checkpoint if there is one, then train stage after stage. Stage boundaries only switch the attention functions
 (Transformer.set_attention); weights, optimizer state, learning-rate curve and data position
 carry on, and every stage end is validated and checkpointed. After the last stage the
 passkey evaluation runs.
@@ -12,7 +12,6 @@ passkey evaluation runs.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lh_cp.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from lh_cp.checkpoint import latest_checkpoint, prune_checkpoints
 from lh_cp.data import BatchLoader, make_tokenizer, token_stream
+from lh_cp.engines import build_engine, checkpoint_engine
 from lh_cp.metrics import MetricsWriter, flops_per_token, format_duration, peak_flops, peak_memory_gib
 from lh_cp.metrics import STAGES_TAG
 from lh_cp.model import Transformer
-from lh_cp.parallel import parallelize
 from lh_cp.passkey import passkey_accuracy
 from lh_cp.plan import check_recipe
 from lh_cp.recipe import Recipe, RecipeError
@@ -58,15 +57,6 @@ def check_machine(recipe: Recipe) -> list[str]:
     return missing
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW; matrices (and embeddings) decay, norm weights (1-D) do not."""
-    opt = recipe.optim
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
-
-
 def stage_index(recipe: Recipe, step: int) -> int:
     """Index of the stage global step `step` (1-based) belongs to."""
     for index, end in enumerate(recipe.stage_ends()):
@@ -78,19 +68,19 @@ def stage_index(recipe: Recipe, step: int) -> int:
 class Trainer:
     def __init__(self, recipe: Recipe, rt: Runtime) -> None:
         self.recipe, self.rt = recipe, rt
-        data, par = recipe.data, recipe.parallel
+        data = recipe.data
         self.tokenizer = make_tokenizer(data)
         if self.tokenizer.vocab_size > recipe.model.vocab_size:
             raise ValueError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens")
         self.train_stream = token_stream(data, self.tokenizer, "train")
         self.val_stream = token_stream(data, self.tokenizer, "validation")
         self.loader = BatchLoader(self.train_stream, data.seq_len, data.batch_size, rt.dp_rank, rt.dp_size, data.seed, shuffle=True)
-        # Same seed on every rank: identical initial weights before FSDP shards them.
+        # Same seed on every rank: identical initial weights before FSDP or ZeRO shards them.
         torch.manual_seed(recipe.run.seed)
         self.lighthouse = recipe.lighthouse.config()
         model = Transformer(recipe.model, self.lighthouse, tuple(recipe.lighthouse.dense_layers)).to(rt.device)
-        self.model = parallelize(model, rt.mesh, par)
-        self.optimizer = build_optimizer(self.model, recipe)
+        self.engine = build_engine(model, recipe, rt)
+        self.model, self.network = self.engine.model, self.engine.network
         self.ckpt_dir = recipe.checkpoint_dir
         self.stage_ends = set(recipe.stage_ends())
         self.tokens_per_step = data.seq_len * data.batch_size * rt.dp_size
@@ -99,28 +89,24 @@ class Trainer:
         found = latest_checkpoint(self.ckpt_dir)
         if found is None:
             return 0
-        step, data_state = load_checkpoint(found[1], self.model, self.optimizer, self.loader.state_dict(), self.rt.world)
+        engine, written_by = self.recipe.parallel.engine, checkpoint_engine(found[1])
+        if written_by != engine:
+            raise RecipeError(f"checkpoint {found[1]} was written by parallel.engine={written_by!r} but this run uses "
+                              f"parallel.engine={engine!r}; resume with {written_by!r} or set another checkpoint.dir")
+        step, data_state = self.engine.load(found[1], self.loader.state_dict())
         self.loader.load_state_dict(data_state)
         return step
 
     def save(self, step: int) -> None:
-        save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, self.loader.state_dict(), self.rt.world)
+        self.engine.save(self.ckpt_dir, step, self.loader.state_dict())
         prune_checkpoints(self.ckpt_dir, self.recipe.checkpoint.keep_last, self.stage_ends, self.rt.world)
 
     def step(self, step: int) -> tuple[float, float, float]:
         """One optimizer step; returns (global mean loss, gradient norm before clipping, lr)."""
         lr = lr_at(step, self.recipe.total_steps, self.recipe.optim, self.recipe.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         loss, mean_loss = training_loss(self.model, self.rt, self.recipe, *self.loader.next_batch())
-        loss.backward()
-        clip = self.recipe.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(mean_loss), float(norm), lr
+        norm = self.engine.step(loss, lr)
+        return float(mean_loss), norm, lr
 
 
 def _stage_scalars(trainer: Trainer, stage: int) -> tuple[int, float]:
@@ -129,7 +115,7 @@ def _stage_scalars(trainer: Trainer, stage: int) -> tuple[int, float]:
     if recipe.stages[stage].attention != "lighthouse":
         return 0, 1.0
     n = recipe.data.seq_len
-    return len(trainer.model.lighthouse_layers), trainer.lighthouse.selected_length(n) / n
+    return len(trainer.network.lighthouse_layers), trainer.lighthouse.selected_length(n) / n
 
 
 def train(recipe: Recipe) -> TrainSummary:
@@ -165,7 +151,7 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
     for step in range(resumed + 1, min(stop_at, total) + 1):
         stage = stage_index(recipe, step)
         if stage != current_stage:
-            trainer.model.set_attention(recipe.stages[stage].attention)
+            trainer.network.set_attention(recipe.stages[stage].attention)
             current_stage = stage
             if writer:
                 # Logged at the stage's first step whatever the log interval, so plots mark the boundary exactly.
@@ -248,7 +234,7 @@ def _log_step(writer: MetricsWriter, trainer: Trainer, recipe: Recipe, rt: Runti
 
 def _passkey(trainer: Trainer, rt: Runtime, recipe: Recipe, writer: MetricsWriter | None, out_dir: Path) -> dict[float, float]:
     final = recipe.stages[-1]
-    trainer.model.set_attention(final.attention)
+    trainer.network.set_attention(final.attention)
     length = recipe.eval.passkey.length or recipe.data.seq_len
     predict = greedy_predictor(trainer.model, rt, recipe)
     accuracy = passkey_accuracy(predict, trainer.tokenizer, recipe.eval.passkey, length)

@@ -9,7 +9,7 @@ lh_cp.causal_attention(..., cp=group) then compute that shard of the single-devi
 from lh_cp.parallel.comm import CommBytes, dense_cp_bytes, lighthouse_cp_bytes
 from lh_cp.parallel.cp_attention import causal_attention_cp, chunk_config, lighthouse_attention_cp
 from lh_cp.parallel.exchange import EXCHANGES
-from lh_cp.parallel.fsdp import parallelize
+from lh_cp.parallel.fsdp import checkpoint_and_compile, parallelize
 from lh_cp.parallel.loss import global_token_mean_loss
 from lh_cp.parallel.mesh import MESH_AXES, build_mesh, check_mesh_shape
 from lh_cp.parallel.sharding import head_tail_positions, shard_positions, shard_sequence, unshard_sequence
@@ -22,6 +22,7 @@ __all__ = [
     "SentBytes",
     "build_mesh",
     "causal_attention_cp",
+    "checkpoint_and_compile",
     "check_mesh_shape",
     "chunk_config",
     "dense_cp_bytes",

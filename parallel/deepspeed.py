@@ -74,7 +74,7 @@ def build_deepspeed_engine(
 ):
     """deepspeed.initialize(model, optimizer, deepspeed_config(...)) -> the DeepSpeedEngine.
 
-    optimizer: torch.optim.AdamW (as lh_cp.train.build_optimizer makes) or torch.optim.Adam over
+    optimizer: torch.optim.AdamW (as lh_cp.engines.build_optimizer makes) or torch.optim.Adam over
         the model's parameters, param groups included; ZeRO repartitions its state.
     The other arguments are those of deepspeed_config. Collective over every rank of the
     default process group (started by the launcher, torchrun or `deepspeed`; DeepSpeed wraps

@@ -1,4 +1,5 @@
 """parallelize(model, mesh, cfg): activation checkpointing, compile, then FSDP2, in that order.
+checkpoint_and_compile(model, cfg): the first two alone, for engines that shard by themselves.
 
 Contract on the model (any nn.Module):
 - its repeated blocks live in `model.layers`, an nn.ModuleList or nn.ModuleDict; each block is
@@ -55,23 +56,36 @@ def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
+def checkpoint_and_compile(model: nn.Module, cfg, *, compile_in_place: bool = False) -> nn.Module:
+    """Activation checkpointing and/or torch.compile of each block of `model.layers`, as cfg's
+    flags say, in place; no sharding. parallelize's first step, and the whole of it for an
+    engine that shards the weights itself (DeepSpeed ZeRO). Returns the model.
+
+    compile_in_place: compile each block with nn.Module.compile (the block stays the module
+    holding its parameters) instead of wrapping it in torch.compile's OptimizedModule, whose
+    own empty parameter dict breaks DeepSpeed ZeRO-3's parameter hooks.
+    """
+    checkpoint, compile_blocks = _flag(cfg, "activation_checkpoint"), _flag(cfg, "compile")
+    for name, block in _blocks(model):
+        # Non-reentrant checkpointing recomputes the block (its CP exchange included) in
+        # backward; every CP rank recomputes in the same order, so collectives still match.
+        if checkpoint:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if compile_blocks and compile_in_place:
+            block.compile()
+        elif compile_blocks:
+            block = torch.compile(block)
+        _replace_block(model, name, block)
+    return model
+
+
 def parallelize(model: nn.Module, mesh: DeviceMesh, cfg) -> nn.Module:
     """Apply activation checkpointing, optional torch.compile and FSDP2 to `model` in place.
 
     mesh: from lh_cp.parallel.build_mesh (axes dp_replicate, dp_shard, cp and the flattened
     dp_shard_cp). Returns the model (now an FSDPModule).
     """
-    checkpoint, compile_blocks = _flag(cfg, "activation_checkpoint"), _flag(cfg, "compile")
-    blocks = _blocks(model)
-    for name, block in blocks:
-        # Non-reentrant checkpointing recomputes the block (its CP exchange included) in
-        # backward; every CP rank recomputes in the same order, so collectives still match.
-        if checkpoint:
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
-        if compile_blocks:
-            block = torch.compile(block)
-        _replace_block(model, name, block)
-
+    checkpoint_and_compile(model, cfg)
     shard_mesh = mesh["dp_replicate", "dp_shard_cp"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard_cp"]
     policy = mixed_precision_policy(mesh.device_type)
     blocks = _blocks(model)

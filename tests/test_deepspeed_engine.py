@@ -40,7 +40,7 @@ GRAD_CLIP = 0.05
 def optimizer(model: Transformer) -> torch.optim.Optimizer:
     """The trainer's AdamW (decay groups included) at LRS[0]."""
     from lh_cp.recipe import OptimConfig, Recipe
-    from lh_cp.train import build_optimizer
+    from lh_cp.engines import build_optimizer
 
     optim = OptimConfig(lr=LRS[0], betas=[0.9, 0.95], eps=1e-6, weight_decay=1.0, grad_clip=GRAD_CLIP)
     return build_optimizer(model, Recipe(optim=optim))

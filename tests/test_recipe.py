@@ -69,7 +69,7 @@ def test_overrides_reach_nested_tables_and_list_entries():
         ("model.vocab_size=100", r"model.vocab_size=100 is smaller than the tokenizer's 258 tokens"),
         ("stages.1.attention='sparse'", r"stages.1.attention must be one of \('lighthouse', 'dense'\), got 'sparse'"),
         ("schedule.warmup_steps=4", r"schedule.warmup_steps=4 must be >= 0 and below the total steps of all stages, 4"),
-        ("parallel.exchange='tree'", r"parallel.exchange must be one of \('allgather', 'ring'\), got 'tree'"),
+        ("parallel.exchange='tree'", r"parallel.exchange must be one of \('allgather', 'ring', 'ulysses', 'ulysses_compressed'\), got 'tree'"),
     ],
 )
 def test_plan_rules_name_the_key_and_the_numbers(override, rule):

@@ -21,7 +21,7 @@ import torch
 
 from lh_cp.checkpoint import complete_checkpoints
 from lh_cp.train import train
-from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, write_corpus
+from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, write_corpus, write_toml
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -94,7 +94,7 @@ def test_killed_run_resumes_and_loses_nothing(tmp_path, corpus):
     reference = train(tiny_recipe(tmp_path / "reference", corpus, lighthouse_steps=steps[0], dense_steps=steps[1]))
     out = tmp_path / "killed"
     recipe_file = tmp_path / "killed.toml"
-    _write_toml(recipe_file, tiny_recipe_dict(out, corpus, lighthouse_steps=steps[0], dense_steps=steps[1]))
+    write_toml(recipe_file, tiny_recipe_dict(out, corpus, lighthouse_steps=steps[0], dense_steps=steps[1]))
     command = [sys.executable, "-m", "lh_cp.cli", "train", str(recipe_file), "--set", "checkpoint.interval=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -135,23 +135,3 @@ def test_activation_checkpointing_changes_no_loss(tmp_path, corpus, straight):
     _, reference = straight
     checkpointed = train(tiny_recipe(tmp_path, corpus, ["parallel.activation_checkpoint=true"]))
     assert checkpointed.train_loss == reference.train_loss
-
-
-def _write_toml(path: Path, data: dict) -> None:
-    """Enough TOML for the test recipes: tables, arrays of tables, scalars and lists."""
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    lines = []
-    for section, body in data.items():
-        tables = body if isinstance(body, list) else [body]
-        for table in tables:
-            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
-            lines.extend(f"{k} = {value(v)}" for k, v in table.items())
-    path.write_text("\n".join(lines) + "\n")

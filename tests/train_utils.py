@@ -49,3 +49,23 @@ def logged_losses(out_dir: Path, kind: str = "train") -> dict[int, float]:
         if record["kind"] == kind:
             losses[record["step"]] = record[f"{kind}/loss"]
     return losses
+
+
+def write_toml(path: Path, data: dict) -> None:
+    """Enough TOML for the test recipes: tables, arrays of tables, scalars and lists."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for section, body in data.items():
+        tables = body if isinstance(body, list) else [body]
+        for table in tables:
+            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in table.items())
+    path.write_text("\n".join(lines) + "\n")
