@@ -46,7 +46,8 @@ class TrainSummary:
 
 
 def check_machine(recipe: Recipe) -> list[str]:
-    """What training needs from this machine that plan does not: data paths, the device."""
+    """What training needs from this machine that plan does not: data paths, the device, a
+    checkpoint to resume that the recipe's engine can read."""
     data, missing = recipe.data, []
     if recipe.run.device == "cuda" and not torch.cuda.is_available():
         missing.append("run.device='cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
@@ -54,6 +55,10 @@ def check_machine(recipe: Recipe) -> list[str]:
         missing.append(f"data.path={data.path!r} does not exist (data.source={data.source!r})")
     if data.tokenizer != "bytes" and not Path(data.tokenizer).exists():
         missing.append(f"data.tokenizer={data.tokenizer!r} does not exist (use 'bytes' or a local tokenizer.json)")
+    found, engine = latest_checkpoint(recipe.checkpoint_dir), recipe.parallel.engine
+    if found is not None and checkpoint_engine(found[1]) != engine:
+        missing.append(f"the checkpoint to resume, {found[1]}, was written by parallel.engine={checkpoint_engine(found[1])!r} "
+                       f"but this run uses parallel.engine={engine!r}; resume with that engine or set another checkpoint.dir")
     return missing
 
 
@@ -89,10 +94,6 @@ class Trainer:
         found = latest_checkpoint(self.ckpt_dir)
         if found is None:
             return 0
-        engine, written_by = self.recipe.parallel.engine, checkpoint_engine(found[1])
-        if written_by != engine:
-            raise RecipeError(f"checkpoint {found[1]} was written by parallel.engine={written_by!r} but this run uses "
-                              f"parallel.engine={engine!r}; resume with {written_by!r} or set another checkpoint.dir")
         step, data_state = self.engine.load(found[1], self.loader.state_dict())
         self.loader.load_state_dict(data_state)
         return step
