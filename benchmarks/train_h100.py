@@ -67,6 +67,23 @@ def throughput(args) -> list[dict]:
     return rows
 
 
+def fit_probe(args) -> list[dict]:
+    """One training step of the 270M recipe at each context: does it fit, and its peak memory."""
+    rows = []
+    for item in args.fit_probe.split(","):
+        attention, n = item.split(":")
+        run_dir = args.out / f"fit_{attention}_{n}"
+        sets = [f"data.seq_len={int(n)}", f"stages.0.attention='{attention}'", "stages.0.steps=1", "schedule.warmup_steps=0"]
+        seconds, code, tail = train("recipes/h100_270m.toml", run_dir, sets, args.tp_timeout)
+        step = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+        row = {"N": int(n), "attention": attention, "exit_code": code, "wall_s": seconds,
+               "fits": code == 0 and bool(step), "peak_memory_gib": step[0]["perf/peak_memory_gib"] if step else None,
+               "out_of_memory": "OutOfMemoryError" in tail}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def quality(args) -> dict:
     runs = {}
     variants = {
@@ -142,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--quality-timeout", type=float, default=420)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--fit-probe", default="", help="attention:N pairs, one training step each, e.g. lighthouse:524288,dense:262144")
     p.add_argument("--plot", type=Path, default=None, help="only draw the PNGs of an existing result file")
     args = p.parse_args(argv)
     if args.plot:
@@ -159,6 +177,8 @@ def main(argv=None) -> int:
         by = {(r["N"], r["attention"]): r["tokens_per_s"] for r in result["throughput"]}
         if by.get((131072, "lighthouse")) and by.get((131072, "dense")):
             result["throughput_ratio_128k"] = by[(131072, "lighthouse")] / by[(131072, "dense")]
+    if args.fit_probe:
+        result["fit_probe"] = fit_probe(args)
     if not args.skip_quality:
         result["quality"] = quality(args)
         result["dense_final_val_loss"] = result["quality"]["dense"]["final_val_loss"]
