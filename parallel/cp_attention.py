@@ -7,7 +7,8 @@ single-device output.
 Lighthouse: the two chunks are processed as a batch of 2B independent sequences for pyramid,
 selection, gather and scatter (tiles never straddle chunks, so each chunk's entries are the
 single-device entries of its tokens); only the compressed q/k/v entries reach the exchange;
-the scatter's spill past each chunk end travels as a halo.
+the scatter's spill past each chunk end travels as a halo. Selection, gather and scatter run
+as Triton kernels on CUDA and as the pure-PyTorch reference elsewhere (chunk_entries.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import torch.distributed as dist
 
 from lh_cp.attention import check_qkv
 from lh_cp.config import LighthouseConfig
+from lh_cp.parallel.chunk_entries import compress_chunks
 from lh_cp.parallel.exchange import check_exchange, exchange_attention
 from lh_cp.parallel.halo import exchange_halo
-from lh_cp.pyramid import gather_entries
-from lh_cp.scatter import scatter_entries
-from lh_cp.select import select
 
 
 def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> LighthouseConfig:
@@ -78,16 +77,12 @@ def lighthouse_attention_cp(
     q_chunks = q.reshape(2 * batch, chunk, heads, dim)
     k_chunks = k.reshape(2 * batch, chunk, *k.shape[2:])
     v_chunks = v.reshape(2 * batch, chunk, *v.shape[2:])
-    sel = select(q_chunks.detach(), k_chunks.detach(), local_cfg)  # [2B, H, S_c] chunk-local spans
-    slots = sel.slots(chunk, local_cfg)
-    q_entries = gather_entries(q_chunks, slots, local_cfg)  # [2B, H, S_c, D]
-    k_entries = gather_entries(k_chunks, slots, local_cfg)  # per query head (selection is)
-    v_entries = gather_entries(v_chunks, slots, local_cfg)
+    entries = compress_chunks(q_chunks, k_chunks, v_chunks, local_cfg)  # [2B, H, S_c, D] each
 
     out_entries = exchange_attention(
-        _to_exchange_layout(q_entries, batch),
-        _to_exchange_layout(k_entries, batch),
-        _to_exchange_layout(v_entries, batch),
+        _to_exchange_layout(entries.q, batch),
+        _to_exchange_layout(entries.k, batch),
+        _to_exchange_layout(entries.v, batch),
         group,
         exchange,
     )  # [B, H, 2, S_c, D]
@@ -96,7 +91,7 @@ def lighthouse_attention_cp(
     # Scatter onto C + c_L positions (a multiple of c_L, as the pyramid needs): rows C ..
     # C + c_L - 2 are the spill into the next chunk, row C + c_L - 1 never receives anything.
     spill = local_cfg.coarsest_span - 1
-    delivered = scatter_entries(out_entries, sel, chunk + local_cfg.coarsest_span, local_cfg)
+    delivered = entries.deliver(out_entries, chunk + local_cfg.coarsest_span)
     delivered = delivered.unflatten(0, (batch, 2))  # [B, 2, C + c_L, H, D]
     own = delivered[:, :, :chunk]  # [B, 2, C, H, D]
     if spill == 0:

@@ -49,25 +49,39 @@ class _GatherEntries(torch.autograd.Function):
 
 
 class _ScatterEntries(torch.autograd.Function):
-    """Entry outputs [B, H, S, D] -> token outputs [B, N, H, D] (sum of deliveries)."""
+    """Entry outputs [B, H, S, D] -> token outputs [B, R, H, D] (sum of deliveries).
+
+    R = rows >= N: rows past N hold what the last spans deliver beyond the sequence (the
+    spill of a CP chunk into the next one); R = N clips them, as the single-device layer does.
+    """
 
     @staticmethod
-    def forward(ctx, entries, plan, cfg):
+    def forward(ctx, entries, plan, cfg, rows):
         ctx.save_for_backward(plan.slot_map, plan.level_index, plan.level_position)
         ctx.n, ctx.cfg = plan.n, cfg
-        return expand_rows([entries], plan, cfg, shift=1, mean=False)[0]
+        return expand_rows([entries], plan, cfg, shift=1, mean=False, rows=rows)[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         plan = _plan_tensors(ctx)
-        return pool_rows([grad_out], plan, ctx.cfg, shift=1, mean=False)[0], None, None
+        return pool_rows([grad_out], plan, ctx.cfg, shift=1, mean=False)[0], None, None, None
+
+
+def gather_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, cfg: LighthouseConfig):
+    """Pooled entries of the plan (differentiable): q [B, N, H, D], k/v [B, N, Hkv, D] -> 3 x [B, H, S, D]."""
+    return _GatherEntries.apply(q, k, v, plan, cfg)
+
+
+def scatter_plan(entries: torch.Tensor, plan: Plan, cfg: LighthouseConfig, rows: int | None = None) -> torch.Tensor:
+    """Deliver entry outputs [B, H, S, D] to token rows (differentiable): [B, rows, H, D], rows >= N."""
+    return _ScatterEntries.apply(entries, plan, cfg, plan.n if rows is None else rows)
 
 
 def attend_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, cfg: LighthouseConfig) -> torch.Tensor:
     """Gather, causal SDPA over the entries (already in causal order), scatter: [B, N, H, D]."""
-    q_entries, k_entries, v_entries = _GatherEntries.apply(q, k, v, plan, cfg)  # [B, H, S, D]
+    q_entries, k_entries, v_entries = gather_plan(q, k, v, plan, cfg)  # [B, H, S, D]
     out_entries = sdpa_causal_fast(q_entries, k_entries, v_entries)
-    return _ScatterEntries.apply(out_entries, plan, cfg)
+    return scatter_plan(out_entries, plan, cfg)
 
 
 def select_with_plan(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig):

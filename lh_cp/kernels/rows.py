@@ -6,6 +6,11 @@ level with the per-level kernel below (each entry reads its own span; measured s
 TB/s, and only reached with pool**(levels-1) > 256). `expand_rows` reads, per output token,
 one slot-map entry per level.
 
+Under context parallelism a chunk's scatter runs past the chunk end into the next chunk
+(LIGHTHOUSE.md s.8): scatter forward (`expand_rows(..., rows=R)`) then writes R > N rows and
+scatter backward (`pool_rows` of a [B, R, H, D] gradient) reads them; the plan still describes
+the chunk's N tokens, and rows past N receive only what the last entries of each level deliver.
+
 Both write every output row exactly once from a fixed-order fp32 sum: no atomics, so the same
 input gives the same bits. All memory offsets are int64 (N * H * D passes 2**31 at 2M tokens);
 grids are one-dimensional (axis 0 allows 2**31 - 1 programs, axes 1 and 2 only 65535).
@@ -37,12 +42,13 @@ def _pool_one(x_ptr, rows, row_ok, x_head_off, stride_n, cols, col_ok, CHUNK: tl
 @triton.jit
 def _pool_rows_kernel(
     x1_ptr, x2_ptr, x3_ptr, y1_ptr, y2_ptr, y3_ptr, index_ptr, position_ptr,
-    n, heads, group, count, block_offset, s,
+    n, n_rows, heads, group, count, block_offset, s,
     sx1_b, sx1_n, sx1_h, sx2_b, sx2_n, sx2_h, sy_b, sy_h, sy_s,
     SPAN: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, NT: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """y[b, h, position[e]] = sum_{r < SPAN} x[b, index[e]*SPAN + SHIFT*(SPAN-1) + r, head] (/SPAN).
+    """y[b, h, position[e]] = sum_{r < SPAN} x[b, index[e]*SPAN + SHIFT*(SPAN-1) + r, head] (/SPAN),
+    rows r of x beyond n_rows read as 0.
 
     One program: BLOCK_E entries of one level (one span) of one (b, h). x1 is read at head h,
     x2 and x3 (NT == 3: k and v) at head h // group.
@@ -67,7 +73,7 @@ def _pool_rows_kernel(
     off2 = b.to(tl.int64) * sx2_b + (h // group).to(tl.int64) * sx2_h
     for r0 in range(0, SPAN, CHUNK):
         rows = first[:, None] + r0 + tl.arange(0, CHUNK)[None, :]  # [BLOCK_E, CHUNK] int64
-        row_ok = e_ok[:, None] & (rows < n)
+        row_ok = e_ok[:, None] & (rows < n_rows)
         acc1 += _pool_one(x1_ptr, rows, row_ok, off1, sx1_n, cols, col_ok, CHUNK)
         if NT == 3:
             acc2 += _pool_one(x2_ptr, rows, row_ok, off2, sx2_n, cols, col_ok, CHUNK)
@@ -89,7 +95,8 @@ def pool_rows(
 ) -> list[torch.Tensor]:
     """Triton twin of pool_rows_reference for one tensor, or three (q at head h; k, v at h // group).
 
-    xs: [B, N, Hx, D] tensors with a unit last stride; returns [B, H, S, D] contiguous each.
+    xs: [B, R, Hx, D] tensors with a unit last stride, R >= plan.n rows (R > N: the scatter
+    gradient of a CP chunk with its spill rows); returns [B, H, S, D] contiguous each.
     Levels of span <= 256 are pooled by token blocks (pool_blocks.py: each row read once);
     coarser levels, if any, by the per-level kernel above (each entry reads its span).
     """
@@ -98,13 +105,16 @@ def pool_rows(
     xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
     if len(xs) == 3 and xs[1].stride() != xs[2].stride():
         xs = [xs[0], xs[1].contiguous(), xs[2].contiguous()]
-    batch, n, _, dim = xs[0].shape
+    batch, n_rows, _, dim = xs[0].shape
+    n = plan.n
+    if n_rows < n:
+        raise ValueError(f"pool_rows needs at least the plan's {n} rows, got {n_rows}")
     heads, s = plan.level_index.shape[1], plan.level_index.shape[2]
     ys = [torch.empty((batch, heads, s, dim), dtype=x.dtype, device=x.device) for x in xs]
     levels_here, rows_per_block = block_levels(cfg.pool, cfg.levels)
     for i, (x, y) in enumerate(zip(xs, ys)):
         x_group = 1 if (i == 0 and len(xs) == 3) else group  # q: its own head; k, v: shared by group
-        launch_pool_blocks(x, y, plan.slot_map, n, x_group, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
+        launch_pool_blocks(x, y, plan.slot_map, n, n_rows, x_group, cfg.pool, levels_here, rows_per_block, shift, mean, check_grid)
     x2 = xs[1] if len(xs) == 3 else xs[0]
     x3 = xs[2] if len(xs) == 3 else xs[0]
     y2 = ys[1] if len(ys) == 3 else ys[0]
@@ -119,7 +129,7 @@ def pool_rows(
         grid = check_grid(batch * heads * triton.cdiv(count, block_e))
         _pool_rows_kernel[grid](
             xs[0], x2, x3, ys[0], y2, y3, plan.level_index, plan.level_position,
-            n, heads, group, count, blocks[level - 1], s,
+            n, n_rows, heads, group, count, blocks[level - 1], s,
             xs[0].stride(0), xs[0].stride(1), xs[0].stride(2), x2.stride(0), x2.stride(1), x2.stride(2),
             ys[0].stride(0), ys[0].stride(1), ys[0].stride(2),
             SPAN=span, SHIFT=shift, MEAN=mean, NT=len(xs), D=dim, BLOCK_D=block_d, BLOCK_E=block_e, CHUNK=chunk,
@@ -131,14 +141,16 @@ def pool_rows(
 @triton.jit
 def _expand_one(src_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, acc,
                 P: tl.constexpr, L: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr):
-    """acc += sum over levels of src[bh_src, slot_map[bh_src, level slot of t]] (* 1/span)."""
+    """acc += sum over levels of src[bh_src, slot_map[bh_src, level slot of t]] (* 1/span).
+
+    Tokens t >= n (spill rows) only find the slots that exist: slot < n // span."""
     map_base = map_ptr + bh_src.to(tl.int64) * m
     src_base = src_ptr + bh_src.to(tl.int64) * s * sy_s
     level_start = t * 0  # int64 zeros: slots of the levels below
     span = 1
     for level in tl.static_range(L):
         slot = (t + SHIFT) // span - SHIFT
-        ok = t_ok & (slot >= 0)
+        ok = t_ok & (slot >= 0) & (slot < n // span)
         position = tl.load(map_base + level_start + slot, mask=ok, other=-1)
         has = position >= 0
         vals = tl.load(src_base + position.to(tl.int64)[:, None] * sy_s + cols[None, :],
@@ -154,21 +166,22 @@ def _expand_one(src_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, 
 @triton.jit
 def _expand_rows_kernel(
     s1_ptr, s2_ptr, o1_ptr, o2_ptr, map_ptr,
-    n, out_heads, group, m, s,
+    n, n_out, out_heads, group, m, s,
     sy_s, so_b, so_n, so_h,
     P: tl.constexpr, L: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, NT: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """out[b, t, hx] = sum_{g < group} sum_levels src[b, hx*group + g, slot_map[...]] (* 1/span).
 
-    src tensors are contiguous [B, H, S, D] (H = out_heads * group); one program writes
-    BLOCK_T rows of one (b, hx) of each output once.
+    src tensors are contiguous [B, H, S, D] (H = out_heads * group); outputs have n_out rows
+    (n of the plan, or more: spill rows); one program writes BLOCK_T rows of one (b, hx) of
+    each output once.
     """
     pid = tl.program_id(0)
-    blocks = tl.cdiv(n, BLOCK_T)
+    blocks = tl.cdiv(n_out, BLOCK_T)
     bhx = pid // blocks
     t = ((pid % blocks) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    t_ok = t < n
+    t_ok = t < n_out
     b = bhx // out_heads
     hx = bhx % out_heads
     cols = tl.arange(0, BLOCK_D)
@@ -188,26 +201,31 @@ def _expand_rows_kernel(
 
 
 def expand_rows(
-    srcs: list[torch.Tensor], plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1
+    srcs: list[torch.Tensor], plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1,
+    rows: int | None = None,
 ) -> list[torch.Tensor]:
     """Triton twin of expand_rows_reference for one or two [B, H, S, D] tensors (same plan).
 
-    Returns [B, N, H // group, D] contiguous tensors.
+    Returns [B, R, H // group, D] contiguous tensors, R = rows (default plan.n; more for the
+    spill rows of a CP chunk's scatter).
     """
     if len(srcs) not in (1, 2):
         raise ValueError(f"expand_rows takes 1 or 2 tensors, got {len(srcs)}")
     srcs = [x.contiguous() for x in srcs]
     batch, heads, s, dim = srcs[0].shape
     n, out_heads = plan.n, heads // group
+    rows = n if rows is None else rows
+    if rows < n:
+        raise ValueError(f"expand_rows writes at least the plan's {n} rows, got rows={rows}")
     m = plan.slot_map.shape[-1]
-    outs = [torch.empty((batch, n, out_heads, dim), dtype=x.dtype, device=x.device) for x in srcs]
+    outs = [torch.empty((batch, rows, out_heads, dim), dtype=x.dtype, device=x.device) for x in srcs]
     s2 = srcs[1] if len(srcs) == 2 else srcs[0]
     o2 = outs[1] if len(outs) == 2 else outs[0]
     block_t = TOKENS_PER_PROGRAM // len(srcs)  # two accumulators: half the rows, no spills
-    grid = check_grid(batch * out_heads * triton.cdiv(n, block_t))
+    grid = check_grid(batch * out_heads * triton.cdiv(rows, block_t))
     _expand_rows_kernel[grid](
         srcs[0], s2, outs[0], o2, plan.slot_map,
-        n, out_heads, group, m, s,
+        n, rows, out_heads, group, m, s,
         srcs[0].stride(2), outs[0].stride(0), outs[0].stride(1), outs[0].stride(2),
         P=cfg.pool, L=cfg.levels, SHIFT=shift, MEAN=mean, NT=len(srcs),
         D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_T=block_t, num_warps=8,

@@ -3,12 +3,16 @@
 Gather and scatter are each one of two moves over a Plan, and each one's backward is the other:
 
 - pool: for every selected entry (index i of level l, span c), the sum (or mean) of the rows
-  i*c + shift*(c-1) + [0, c) of a token tensor, clipped to [0, N), written to the entry's causal
-  position. shift=0 pools an entry's own span (gather forward, mean); shift=1 sums the window an
+  i*c + shift*(c-1) + [0, c) of a token tensor, clipped to its rows (N, or more: see below),
+  written to the entry's causal position. shift=0 pools an entry's own span (gather forward, mean); shift=1 sums the window an
   entry delivers to (scatter backward).
 - expand: for every token t, the sum over levels of the entry in slot (t + shift) // c - shift of
   that level, if selected, times 1/c (gather backward) or 1 (scatter forward, shift=1); with
   GQA the `group` query heads that share a key/value head are summed too.
+
+Under context parallelism a chunk's scatter runs past the chunk end (LIGHTHOUSE.md s.8): the
+token tensor of expand (output) and pool (input) may then hold `rows` > N rows, rows N.. being
+the spill into the next chunk; the plan still describes the N tokens of the chunk.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from lh_cp.pyramid import accumulation_dtype, level_offsets
 def pool_rows_reference(
     x: torch.Tensor, plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1
 ) -> torch.Tensor:
-    """x [B, N, Hx, D] -> [B, H, S, D]; entry head h reads head h // group of x."""
-    batch, n, _, dim = x.shape
+    """x [B, R, Hx, D] (R >= plan.n rows) -> [B, H, S, D]; entry head h reads head h // group of x."""
+    batch, rows_total, _, dim = x.shape
+    n = plan.n
     heads, s = plan.level_index.shape[1], plan.level_index.shape[2]
     acc = accumulation_dtype(x.dtype)
     out = torch.zeros((batch, heads, s, dim), dtype=acc, device=x.device)
@@ -36,8 +41,8 @@ def pool_rows_reference(
         index = plan.level_index[..., blocks[level - 1] : blocks[level]].to(torch.int64)
         position = plan.level_position[..., blocks[level - 1] : blocks[level]].to(torch.int64)
         rows = index.unsqueeze(-1) * span + shift * (span - 1) + torch.arange(span, device=x.device)
-        valid = rows < n  # [B, H, count, span]; only the scatter window can run past the end
-        values = x[b_idx, rows.clamp(max=n - 1), h_idx].to(acc) * valid.unsqueeze(-1)
+        valid = rows < rows_total  # [B, H, count, span]; only the scatter window can run past the end
+        values = x[b_idx, rows.clamp(max=rows_total - 1), h_idx].to(acc) * valid.unsqueeze(-1)
         total = values.sum(dim=3)  # [B, H, count, D]
         if mean:
             total = total / span
@@ -46,23 +51,26 @@ def pool_rows_reference(
 
 
 def expand_rows_reference(
-    src: torch.Tensor, plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1
+    src: torch.Tensor, plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1,
+    rows: int | None = None,
 ) -> torch.Tensor:
-    """src [B, H, S, D] -> [B, N, H // group, D]: per token, the sum over levels (and group heads)."""
+    """src [B, H, S, D] -> [B, R, H // group, D] (R = rows, default plan.n): per token, the sum
+    over levels (and group heads)."""
     batch, heads, _, dim = src.shape
     n = plan.n
+    rows = n if rows is None else rows
     acc = accumulation_dtype(src.dtype)
     offsets = level_offsets(n, cfg)
-    tokens = torch.arange(n, device=src.device)
-    out = torch.zeros((batch, n, heads, dim), dtype=acc, device=src.device)
+    tokens = torch.arange(rows, device=src.device)
+    out = torch.zeros((batch, rows, heads, dim), dtype=acc, device=src.device)
     padded = torch.cat([src.to(acc), src.new_zeros((batch, heads, 1, dim), dtype=acc)], dim=2)
     for level in range(1, cfg.levels + 1):
         span = cfg.span(level)
-        slot = (tokens + shift) // span - shift  # [N]
-        has_slot = slot >= 0
-        lookup = plan.slot_map[..., offsets[level - 1] + slot.clamp(min=0)].to(torch.int64)  # [B, H, N]
+        slot = (tokens + shift) // span - shift  # [R]
+        has_slot = (slot >= 0) & (slot < n // span)  # past the chunk end: only the last slots deliver
+        lookup = plan.slot_map[..., offsets[level - 1] + slot.clamp(min=0, max=n // span - 1)].to(torch.int64)  # [B, H, R]
         lookup = torch.where(has_slot & (lookup >= 0), lookup, padded.shape[2] - 1)  # zero row
-        rows = padded.gather(2, lookup.unsqueeze(-1).expand(-1, -1, -1, dim))  # [B, H, N, D]
-        out += rows.transpose(1, 2) / span if mean else rows.transpose(1, 2)
-    out = out.view(batch, n, heads // group, group, dim).sum(dim=3)
+        found = padded.gather(2, lookup.unsqueeze(-1).expand(-1, -1, -1, dim))  # [B, H, R, D]
+        out += found.transpose(1, 2) / span if mean else found.transpose(1, 2)
+    out = out.view(batch, rows, heads // group, group, dim).sum(dim=3)
     return out.to(src.dtype)
