@@ -97,9 +97,14 @@ class ZeroEngine:
         return load_deepspeed_checkpoint(self.model, path)
 
 
-def checkpoint_engine(path: Path) -> str:
-    """The engine that wrote the checkpoint folder `path`: DCP (FSDP2) writes a .metadata file."""
-    return "fsdp" if (path / ".metadata").is_file() else "deepspeed"
+def checkpoint_engine(path: Path) -> str | None:
+    """The engine that wrote the checkpoint folder `path`, by the files it holds: DCP (FSDP2)
+    writes .metadata, DeepSpeed *_model_states.pt per rank; None when neither is there."""
+    if (path / ".metadata").is_file():
+        return "fsdp"
+    if any(path.glob("*_model_states.pt")):
+        return "deepspeed"
+    return None
 
 
 def build_engine(model: Transformer, recipe: Recipe, rt: Runtime) -> FsdpEngine | ZeroEngine:

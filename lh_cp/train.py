@@ -3,10 +3,10 @@
 Order of events: check the recipe and data paths (no process group yet), start the process
 group and mesh, build the model identically on every rank, hand it to the engine
 (lh_cp/engines.py: activation checkpointing and compile, then FSDP2 or DeepSpeed ZeRO), resume
-from the newest complete checkpoint if there is one, then train stage after stage. Stage boundaries only switch the attention functions
-(Transformer.set_attention); weights, optimizer state, learning-rate curve and data position
-carry on, and every stage end is validated and checkpointed. After the last stage the
-passkey evaluation runs.
+from the newest complete checkpoint if there is one, then train stage after stage. Stage
+boundaries only switch the attention functions (Transformer.set_attention); weights,
+optimizer state, learning-rate curve and data position carry on, and every stage end is
+validated and checkpointed. After the last stage the passkey evaluation runs.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def check_machine(recipe: Recipe) -> list[str]:
     if data.tokenizer != "bytes" and not Path(data.tokenizer).exists():
         missing.append(f"data.tokenizer={data.tokenizer!r} does not exist (use 'bytes' or a local tokenizer.json)")
     found, engine = latest_checkpoint(recipe.checkpoint_dir), recipe.parallel.engine
-    if found is not None and checkpoint_engine(found[1]) != engine:
-        missing.append(f"the checkpoint to resume, {found[1]}, was written by parallel.engine={checkpoint_engine(found[1])!r} "
+    written_by = checkpoint_engine(found[1]) if found is not None else None
+    if written_by not in (None, engine):
+        missing.append(f"the checkpoint to resume, {found[1]}, was written by parallel.engine={written_by!r} "
                        f"but this run uses parallel.engine={engine!r}; resume with that engine or set another checkpoint.dir")
     return missing
 

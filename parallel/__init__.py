@@ -4,6 +4,9 @@ Context parallelism (CP) of a causal sequence over the W ranks of a ProcessGroup
 shard_sequence / unshard_sequence / shard_positions give each rank its head-tail shard and
 the global positions of its tokens; lh_cp.lighthouse_attention(..., cp=group) and
 lh_cp.causal_attention(..., cp=group) then compute that shard of the single-device result.
+The Ulysses exchanges (exchange="ulysses" or "ulysses_compressed") use contiguous shards
+instead: lh_cp.parallel.ulysses_sharding (ulysses_shard, ulysses_positions, ulysses_unshard).
+Engines: parallelize (FSDP2) or, wrap-free, checkpoint_and_compile plus lh_cp.parallel.deepspeed.
 """
 
 from lh_cp.parallel.comm import CommBytes, dense_cp_bytes, lighthouse_cp_bytes
