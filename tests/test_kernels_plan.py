@@ -68,6 +68,25 @@ def test_plan_twins_equal_reference_gather_and_scatter(pool, levels, topk, budge
     assert int((plan.slot_map >= 0).sum()) == plan.level_position.numel()
 
 
+@pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads", CONFIGS)
+def test_twins_scatter_onto_spill_rows_like_the_reference(pool, levels, topk, budget, n, heads, kv_heads):
+    """A CP chunk scatters onto N + c_L rows (its spill into the next chunk): the twins with
+    rows > N equal scatter_entries onto N + c_L positions, forward and backward (float64)."""
+    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
+    torch.manual_seed(n + 1)
+    q = torch.randn(2, n, heads, 8, dtype=torch.float64)
+    k = torch.randn(2, n, kv_heads, 8, dtype=torch.float64)
+    sel = select(q, k, cfg)
+    plan = Plan.from_selection(sel, n, cfg)
+    rows = n + cfg.coarsest_span
+    entries = torch.randn(2, heads, sel.start.shape[-1], 8, dtype=torch.float64, requires_grad=True)
+    out = scatter_entries(entries, sel, rows, cfg)  # [2, N + c_L, H, D]
+    torch.testing.assert_close(expand_rows_reference(entries.detach(), plan, cfg, 1, False, rows=rows), out, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    torch.testing.assert_close(pool_rows_reference(grad_out, plan, cfg, 1, False), entries.grad, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("n,levels", [(2**22, 4), (2**20, 3), (2**20, 5)])
 def test_plan_index_arithmetic_up_to_4m_tokens(n, levels):
     """N up to 2**22 (4M) with the benchmark's pool/topk/tile_budget, one narrow head."""
