@@ -144,10 +144,10 @@ def test_kernels_are_deterministic():
     def run():
         plan, *_ = kernels.ops.select_with_plan(q, k, cfg)
         a, b, c = (x.detach().clone().requires_grad_() for x in (q, k, v))
-        qe, ke, ve = kernels.ops._GatherEntries.apply(a, b, c, plan, cfg)
+        qe, ke, ve = kernels.ops.gather_plan(a, b, c, plan, cfg)
         (qe * grad_entries + ke + ve).sum().backward()
         oe = grad_entries.detach().clone().requires_grad_()
-        kernels.ops._ScatterEntries.apply(oe, plan, cfg).backward(grad_out)
+        kernels.ops.scatter_plan(oe, plan, cfg).backward(grad_out)
         return [plan.slot_map, qe, a.grad, b.grad, c.grad, oe.grad]
 
     first, second = run(), run()
