@@ -49,23 +49,34 @@ def _train_state(step: int, data_state: dict[str, torch.Tensor]) -> dict:
     return {"step": torch.tensor(step, dtype=torch.int64), "data": dict(data_state)}
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, data_state: dict, group: dist.ProcessGroup) -> Path:
-    """Collective over `group` (every rank of the job): write the checkpoint of `step`."""
+def write_atomically(root: Path, step: int, group: dist.ProcessGroup, write) -> Path:
+    """Collective over `group`: `write(folder)` on every rank into step_XXXXXXXX.partial, then
+    rename it to step_XXXXXXXX once every rank has finished, so a run killed mid-save leaves
+    only a .partial folder, which resume ignores. Returns the final folder."""
     final = checkpoint_path(root, step)
     partial = final.with_name(final.name + PARTIAL)
     rank = dist.get_rank(group)
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier(group)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state, "train": _train_state(step, data_state)}
-    dcp.save(state, checkpoint_id=str(partial), process_group=group)
+    write(partial)
     dist.barrier(group)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     dist.barrier(group)
     return final
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, data_state: dict, group: dist.ProcessGroup) -> Path:
+    """Collective over `group` (every rank of the job): write the checkpoint of `step`."""
+
+    def write(folder: Path) -> None:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state, "train": _train_state(step, data_state)}
+        dcp.save(state, checkpoint_id=str(folder), process_group=group)
+
+    return write_atomically(root, step, group, write)
 
 
 def load_checkpoint(path: Path, model, optimizer, data_state: dict, group: dist.ProcessGroup) -> tuple[int, dict]:

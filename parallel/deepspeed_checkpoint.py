@@ -11,29 +11,21 @@ is not used: rank 0 writes it without waiting for the other ranks' shards.)
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
-from lh_cp.checkpoint import PARTIAL, checkpoint_path
+from lh_cp.checkpoint import write_atomically
 
 
 def save_deepspeed_checkpoint(engine, root: str | Path, step: int, data_state: dict, group: dist.ProcessGroup) -> Path:
     """Collective over `group` (every rank of the job): write the checkpoint of `step`; returns its folder."""
-    final = checkpoint_path(Path(root), step)
-    partial = final.with_name(final.name + PARTIAL)
-    rank = dist.get_rank(group)
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-    dist.barrier(group)
-    engine.save_checkpoint(str(partial.parent), tag=partial.name, client_state={"step": step, "data": dict(data_state)}, save_latest=False)
-    dist.barrier(group)
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-    dist.barrier(group)
-    return final
+
+    def write(folder: Path) -> None:
+        client_state = {"step": step, "data": dict(data_state)}
+        engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
+
+    return write_atomically(Path(root), step, group, write)
 
 
 def load_deepspeed_checkpoint(engine, path: str | Path) -> tuple[int, dict]:
