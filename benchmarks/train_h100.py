@@ -79,6 +79,8 @@ def fit_probe(args) -> list[dict]:
         row = {"N": int(n), "attention": attention, "exit_code": code, "wall_s": seconds,
                "fits": code == 0 and bool(step), "peak_memory_gib": step[0]["perf/peak_memory_gib"] if step else None,
                "out_of_memory": "OutOfMemoryError" in tail}
+        if code != 0:
+            row["error_tail"] = tail[-1500:]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
