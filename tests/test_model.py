@@ -14,13 +14,7 @@ CFG = ModelConfig(vocab_size=258, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, f
 LH = LighthouseConfig(pool=2, levels=2, topk=16, tile_budget=4)  # T = 32 at N = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids synchronisation waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(lighthouse=LH, **kwargs) -> Transformer:

@@ -24,14 +24,7 @@ from lh_cp.train import train
 from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, write_corpus, write_toml
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as in the subprocess below (OMP_NUM_THREADS=1): the steps are
-    tiny, and on a busy 2-core machine a second thread only adds synchronisation waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
