@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,14 +34,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def train(recipe: str, run_dir: Path, sets: list[str], timeout: float) -> tuple[float, int, str]:
+# The fit probe runs with the caching allocator's expandable segments (as launch/*.sh set
+# it): without them a 768K step failed with 24 GiB reserved but unallocated (fragmentation).
+FIT_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def train(recipe: str, run_dir: Path, sets: list[str], timeout: float,
+          env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Run `lh-cp train` in a fresh process; returns wall seconds, exit code, output tail."""
     cmd = [sys.executable, "-m", "lh_cp.cli", "train", str(REPO / recipe), "--set", f"run.out_dir='{run_dir}'"]
     for item in sets:
         cmd += ["--set", item]
     begin = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env={**os.environ, **(env or {})})
         code, out = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:
         code, out = 124, f"timeout after {timeout:.0f} s: {(err.stdout or b'')[-2000:]!r}"
@@ -73,12 +81,16 @@ def fit_probe(args) -> list[dict]:
     for item in args.fit_probe.split(","):
         attention, n = item.split(":")
         run_dir = args.out / f"fit_{attention}_{n}"
-        sets = [f"data.seq_len={int(n)}", f"stages.0.attention='{attention}'", "stages.0.steps=1", "schedule.warmup_steps=0"]
-        seconds, code, tail = train("recipes/h100_270m.toml", run_dir, sets, args.tp_timeout)
+        # The default 2% validation split of the embedded corpus (369,500 tokens) holds no
+        # sequence longer than that, and the stage end always validates: hold out 10%.
+        sets = [f"data.seq_len={int(n)}", f"stages.0.attention='{attention}'", "stages.0.steps=1",
+                "schedule.warmup_steps=0", "data.validation_fraction=0.1", "eval.val_batches=1"]
+        seconds, code, tail = train("recipes/h100_270m.toml", run_dir, sets, args.tp_timeout, env=FIT_ENV)
         step = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
         row = {"N": int(n), "attention": attention, "exit_code": code, "wall_s": seconds,
                "fits": code == 0 and bool(step), "peak_memory_gib": step[0]["perf/peak_memory_gib"] if step else None,
-               "out_of_memory": "OutOfMemoryError" in tail}
+               "first_step_tokens_per_s": step[0]["perf/tokens_per_s"] if step else None,
+               "out_of_memory": "OutOfMemoryError" in tail, "env": FIT_ENV}
         if code != 0:
             row["error_tail"] = tail[-1500:]
         rows.append(row)

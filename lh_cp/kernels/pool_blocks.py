@@ -25,6 +25,17 @@ MAX_BLOCK_TOKENS = 256  # at most this many rows of one head per program (spans 
 
 
 @triton.jit
+def _store_selected(vals, y_ptr, map_ptr, slot, ok, b, hx, group, heads, m, s, sy_s, cols, col_ok):
+    """Write the rows `vals` to the causal positions of their entries (`slot` indexes the plan's
+    slot map, which holds -1 for an entry not selected), once per query head reading head hx."""
+    for g in range(group):
+        bh = (b * heads + hx * group + g).to(tl.int64)
+        position = tl.load(map_ptr + bh * m + slot, mask=ok, other=-1).to(tl.int64)
+        row = (bh * s + position) * sy_s
+        tl.store(y_ptr + row[:, None] + cols[None, :], vals, mask=(position >= 0)[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _store_level(cur, y_ptr, map_ptr, level_start, b, hx, group, heads, n, m, s, u0, sy_s, cols, col_ok,
                  NB: tl.constexpr, SPAN: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr):
     """Write the NB pooled rows of one level to the positions of the selected entries."""
@@ -32,12 +43,8 @@ def _store_level(cur, y_ptr, map_ptr, level_start, b, hx, group, heads, n, m, s,
     ok = (j >= 0) & (j < n // SPAN)
     if MEAN:
         cur = cur * (1.0 / SPAN)  # SPAN is a power of two: exact, and no division per element
-    vals = cur.to(y_ptr.dtype.element_ty)
-    for g in range(group):
-        bh = (b * heads + hx * group + g).to(tl.int64)
-        position = tl.load(map_ptr + bh * m + level_start + j, mask=ok, other=-1).to(tl.int64)
-        row = (bh * s + position) * sy_s
-        tl.store(y_ptr + row[:, None] + cols[None, :], vals, mask=(position >= 0)[:, None] & col_ok[None, :])
+    _store_selected(cur.to(y_ptr.dtype.element_ty), y_ptr, map_ptr, level_start + j, ok, b, hx, group, heads,
+                    m, s, sy_s, cols, col_ok)
 
 
 @triton.jit
@@ -75,12 +82,8 @@ def _store_levels_dot(x, y_ptr, map_ptr, b, hx, group, heads, n, m, s, u0, sy_s,
         pooled = pooled * (1.0 / span[:, None].to(tl.float32))  # one reciprocal per row, exact for 2**k
     j = u0 // span + index - SHIFT
     ok = valid & (j >= 0) & (j < n // span)
-    vals = pooled.to(y_ptr.dtype.element_ty)
-    for g in range(group):
-        bh = (b * heads + hx * group + g).to(tl.int64)
-        position = tl.load(map_ptr + bh * m + level_start + j, mask=ok, other=-1).to(tl.int64)
-        row = (bh * s + position) * sy_s
-        tl.store(y_ptr + row[:, None] + cols[None, :], vals, mask=(position >= 0)[:, None] & col_ok[None, :])
+    _store_selected(pooled.to(y_ptr.dtype.element_ty), y_ptr, map_ptr, level_start + j, ok, b, hx, group, heads,
+                    m, s, sy_s, cols, col_ok)
 
 
 @triton.jit
