@@ -130,10 +130,13 @@ def weak_scaling(args, group, rank, world) -> list[dict]:
             del sets
         dist.broadcast(single_ms, 0, group=group)
         torch.cuda.empty_cache()
-        for exchange in ("allgather", "ring"):
+        for exchange, block_backend in [(e, b) for e in ("allgather", "ring") for b in args.block_backends.split(",")]:
             sets = [[make(per_gpu) for _ in range(3)] for _ in range(2)]
             torch.cuda.reset_peak_memory_stats()
+            # The CP blocks follow PyTorch's global cuDNN SDPA switch (parallel/fused_blocks.py).
+            torch.backends.cuda.enable_cudnn_sdp(block_backend == "cudnn")
             cp_ms = time_ms(layer(kind, cfg, group, exchange), sets, make(per_gpu), group, args.warmup, args.repeats)
+            torch.backends.cuda.enable_cudnn_sdp(True)
             peak = torch.cuda.max_memory_allocated() / 2**30
             del sets
             torch.cuda.empty_cache()
@@ -145,7 +148,7 @@ def weak_scaling(args, group, rank, world) -> list[dict]:
             else:
                 exchanged = 2 * per_gpu * heads * dim
             comm = collective_ms(exchanged, group, args.repeats) if world > 1 else 0.0
-            row = dict(kind=kind, exchange=exchange, W=world, tokens_per_gpu=per_gpu, N=n_global,
+            row = dict(kind=kind, exchange=exchange, block_backend=block_backend, W=world, tokens_per_gpu=per_gpu, N=n_global,
                        single_gpu_ms=single_ms.item(), cp_ms=cp_ms,
                        tokens_per_s_per_gpu=per_gpu / (cp_ms / 1e3),
                        single_tokens_per_s=per_gpu / (single_ms.item() / 1e3),
@@ -154,7 +157,7 @@ def weak_scaling(args, group, rank, world) -> list[dict]:
                        device=torch.cuda.get_device_name(), torch=torch.__version__)
             rows.append(row)
             if rank == 0:
-                print(f"scale {kind:10} {exchange:9} W={world} N={n_global}: single {row['single_gpu_ms']:.2f} ms, "
+                print(f"scale {kind:10} {exchange:9} {block_backend:5} W={world} N={n_global}: single {row['single_gpu_ms']:.2f} ms, "
                       f"CP {cp_ms:.2f} ms, efficiency {row['weak_scaling_efficiency']:.3f}, all-gather alone "
                       f"{comm:.2f} ms, peak {peak:.2f} GB", flush=True)
     return rows
@@ -189,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--tile-budget", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--block-backends", default="cudnn",
+                   help="CP block kernels to time, comma-separated: cudnn (the default path), flash")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--profile", action="store_true", help="print rank 0's CUDA-time profile of one CP Lighthouse step")
     p.add_argument("--out", type=Path, default=None)

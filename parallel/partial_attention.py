@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lh_cp.parallel.flash_blocks import flash_block_backward, flash_block_forward, flash_supported
+from lh_cp.parallel.fused_blocks import fused_block_backward, fused_block_forward, fused_supported
 from lh_cp.pyramid import accumulation_dtype
 
 
@@ -82,8 +82,8 @@ def block_backward(
 
 
 def _forward_fn(q: torch.Tensor):
-    """The flash-kernel twin on CUDA half precision, the reference everywhere else."""
-    return flash_block_forward if flash_supported(q) else block_forward
+    """The fused-kernel twin (cuDNN or flash) on CUDA half precision, the reference elsewhere."""
+    return fused_block_forward if fused_supported(q) else block_forward
 
 
 def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -140,13 +140,13 @@ def accumulate_backward(
     """Add one key/value block's contribution to dq_acc [B, H, 2, S, D] and dk/dv_acc [B, Hk, 2, S, D].
 
     out [B, H, 2, S, D], lse and delta [B, H, 2, S] are those of the final (fully merged)
-    output; the reference uses delta, the flash kernel recomputes it from out.
+    output; the reference uses delta, the fused kernels recompute it from out.
     """
-    flash = flash_supported(q)
+    fused = fused_supported(q)
     for qi, ki, causal in visible_blocks(q_ids, kv_ids):
         q_blk, k_blk, v_blk = q[:, :, qi].contiguous(), k[:, :, ki].contiguous(), v[:, :, ki].contiguous()
-        if flash:
-            dq, dk, dv = flash_block_backward(dout[:, :, qi], q_blk, k_blk, v_blk, out[:, :, qi], lse[:, :, qi], causal)
+        if fused:
+            dq, dk, dv = fused_block_backward(dout[:, :, qi], q_blk, k_blk, v_blk, out[:, :, qi], lse[:, :, qi], causal)
         else:
             dq, dk, dv = block_backward(dout[:, :, qi], q_blk, k_blk, v_blk, lse[:, :, qi], delta[:, :, qi], causal)
         dq_acc[:, :, qi] += dq
