@@ -22,7 +22,7 @@ from lh_cp.attention import check_qkv
 from lh_cp.config import LighthouseConfig
 from lh_cp.parallel.chunk_entries import compress_chunks
 from lh_cp.parallel.exchange import check_exchange, exchange_attention
-from lh_cp.parallel.halo import exchange_halo
+from lh_cp.parallel.halo import combine_spills
 
 
 def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> LighthouseConfig:
@@ -46,13 +46,14 @@ def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> Lighthouse
 
 
 def _to_exchange_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-chunk entries [2B, H, S, D] (row 2b + slot) -> [B, H, 2, S, D]."""
-    return x.unflatten(0, (batch, 2)).transpose(1, 2)
+    """Per-chunk entries [2B, H, S, D] (row 2b + slot) -> chunk-major [2, B, H, S, D],
+    contiguous (a free view for B = 1)."""
+    return x.unflatten(0, (batch, 2)).transpose(0, 1).contiguous()
 
 
 def _from_exchange_layout(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, 2, S, D] -> [2B, H, S, D] (row 2b + slot)."""
-    return x.transpose(1, 2).flatten(0, 1)
+    """[2, B, H, S, D] -> [2B, H, S, D] (row 2b + slot)."""
+    return x.transpose(0, 1).flatten(0, 1)
 
 
 def lighthouse_attention_cp(
@@ -85,7 +86,7 @@ def lighthouse_attention_cp(
         _to_exchange_layout(entries.v, batch),
         group,
         exchange,
-    )  # [B, H, 2, S_c, D]
+    )  # [2, B, H, S_c, D]
     out_entries = _from_exchange_layout(out_entries)  # [2B, H, S_c, D]
 
     # Scatter onto C + c_L positions (a multiple of c_L, as the pyramid needs): rows C ..
@@ -93,14 +94,9 @@ def lighthouse_attention_cp(
     spill = local_cfg.coarsest_span - 1
     delivered = entries.deliver(out_entries, chunk + local_cfg.coarsest_span)
     delivered = delivered.unflatten(0, (batch, 2))  # [B, 2, C + c_L, H, D]
-    own = delivered[:, :, :chunk]  # [B, 2, C, H, D]
     if spill == 0:
-        return own.reshape(batch, n_local, heads, dim)
-    spills = delivered[:, :, chunk : chunk + spill]  # [B, 2, c_L - 1, H, D]
-    halo_first, halo_second = exchange_halo(spills[:, 0], spills[:, 1], group)
-    halo = torch.stack([halo_first, halo_second], dim=1)  # [B, 2, c_L - 1, H, D]
-    out = torch.cat([own[:, :, :spill] + halo, own[:, :, spill:]], dim=2)
-    return out.reshape(batch, n_local, heads, dim)
+        return delivered[:, :, :chunk].reshape(batch, n_local, heads, dim)
+    return combine_spills(delivered, chunk, spill, group)
 
 
 def causal_attention_cp(
@@ -118,8 +114,8 @@ def causal_attention_cp(
         raise ValueError(f"a head-tail shard holds two equal chunks: local length {n_local} must be even")
     chunk = n_local // 2
 
-    def to_layout(x: torch.Tensor) -> torch.Tensor:  # [B, 2C, Hx, D] -> [B, Hx, 2, C, D]
-        return x.unflatten(1, (2, chunk)).permute(0, 3, 1, 2, 4)
+    def to_layout(x: torch.Tensor) -> torch.Tensor:  # [B, 2C, Hx, D] -> [2, B, Hx, C, D], contiguous
+        return x.unflatten(1, (2, chunk)).permute(1, 0, 3, 2, 4).contiguous()
 
-    out = exchange_attention(to_layout(q), to_layout(k), to_layout(v), group, exchange)  # [B, H, 2, C, D]
-    return out.permute(0, 2, 3, 1, 4).reshape(batch, n_local, heads, dim)
+    out = exchange_attention(to_layout(q), to_layout(k), to_layout(v), group, exchange)  # [2, B, H, C, D]
+    return out.permute(1, 0, 3, 2, 4).reshape(batch, n_local, heads, dim)

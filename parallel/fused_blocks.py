@@ -1,10 +1,11 @@
 """Block attention with its log-sum-exp through PyTorch's fused kernels (CUDA only).
 
 The fast twin of `block_forward` / `block_backward` in partial_attention.py, for bf16/fp16
-CUDA tensors: same layouts, same meaning, float32 results. Forward returns the block's
-output and LSE; backward receives the *final* output and LSE of the merged attention, so the
-kernel's exp(scores - lse) is this block's share of the full softmax and block gradients add
-up, exactly as in the reference.
+CUDA tensors: same layouts, same meaning. Forward returns the block's output (in the inputs'
+dtype, as the kernel wrote it) and its float32 LSE; backward receives the *final* output and
+LSE of the merged attention, so the kernel's exp(scores - lse) is this block's share of the
+full softmax and block gradients add up, exactly as in the reference. The callers widen the
+results to float32 as they merge and sum them (no separate conversion pass).
 
 Backend: cuDNN first, as for the single-device layer (lh_cp/kernels/sdpa.py): on the H100 it
 ran causal forward+backward at S = 24576 in 7.29 ms against flash's 13.93 ms
@@ -62,19 +63,19 @@ def _repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def fused_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
-    """q [B, H, Sq, D], k and v [B, Hk, Sk, D] -> out [B, H, Sq, D] (float32), lse [B, H, Sq]."""
+    """q [B, H, Sq, D], k and v [B, Hk, Sk, D] -> out [B, H, Sq, D] (q's dtype), lse [B, H, Sq] (float32)."""
     group = q.shape[1] // k.shape[1]
     k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     if fused_backend(q) == "cudnn":
         result = _cudnn_forward(q, k, v, None, True, 0.0, causal, False)
     else:
         result = _flash_forward(q, k, v, 0.0, causal, False)
-    return result[0].float(), result[1].float().reshape(q.shape[:-1])  # cuDNN's LSE is [B, H, Sq, 1]
+    return result[0], result[1].float().reshape(q.shape[:-1])  # cuDNN's LSE is [B, H, Sq, 1]
 
 
 def fused_block_backward(dout, q, k, v, out, lse, causal: bool):
-    """Block gradients given the final out [B, H, Sq, D] and lse [B, H, Sq]: float32
-    dq [B, H, Sq, D], dk and dv [B, Hk, Sk, D]."""
+    """Block gradients given the final out [B, H, Sq, D] and lse [B, H, Sq]: dq [B, H, Sq, D]
+    in q's dtype, dk and dv [B, Hk, Sk, D] (float32 where GQA sums a group's heads)."""
     batch, kv_heads, sk, dim = k.shape
     sq, group = q.shape[2], q.shape[1] // kv_heads
     k_rep, v_rep = _repeat_heads(k, group), _repeat_heads(v, group)
@@ -93,6 +94,6 @@ def fused_block_backward(dout, q, k, v, out, lse, causal: bool):
             dout, q, k_rep, v_rep, out, lse.float().contiguous(), cum_q, cum_k, sq, sk, 0.0, causal, rng_state, unused,
         )
     if group > 1:
-        dk = dk.reshape(batch, kv_heads, group, sk, dim).sum(dim=2)
-        dv = dv.reshape(batch, kv_heads, group, sk, dim).sum(dim=2)
-    return dq.float(), dk.float(), dv.float()
+        dk = dk.reshape(batch, kv_heads, group, sk, dim).sum(dim=2, dtype=torch.float32)
+        dv = dv.reshape(batch, kv_heads, group, sk, dim).sum(dim=2, dtype=torch.float32)
+    return dq, dk, dv

@@ -58,26 +58,44 @@ def _halo_backward(grad_first, grad_second, group):
     return grad_spill_first, grad_spill_second
 
 
-class HaloExchange(torch.autograd.Function):
-    """(spill of first chunk, spill of second chunk) -> (halo of first, halo of second).
+class SpillCombine(torch.autograd.Function):
+    """Delivered rows [B, 2, R, H, D] of the two local chunks (R = C + spill + 1 rows: the chunk,
+    its spill, one row nothing reaches) -> the shard's output [B, 2C, H, D]: each chunk's own C
+    rows plus, on its first `spill` rows, the halo its predecessor chunk sent.
 
-    The halo of a chunk is what the previous chunk's deliveries add to its first positions.
-    Saves nothing: the exchange is linear.
+    One pass over the rows each way: forward copies the own rows once and adds the halos in
+    place; backward writes the gradient into one [B, 2, R, H, D] buffer, the spill rows'
+    gradients coming back along the halo edges. Saves nothing: the map is linear.
     """
 
     @staticmethod
-    def forward(ctx, spill_first, spill_second, group):
-        ctx.group = group
-        return _halo_forward(spill_first.contiguous(), spill_second.contiguous(), group)
+    def forward(ctx, delivered, chunk, spill, group):
+        batch, _, rows, heads, dim = delivered.shape
+        ctx.group, ctx.chunk, ctx.spill, ctx.rows = group, chunk, spill, rows
+        out = delivered[:, :, :chunk].contiguous()  # [B, 2, C, H, D]
+        spills = delivered[:, :, chunk : chunk + spill]
+        halo_first, halo_second = _halo_forward(spills[:, 0].contiguous(), spills[:, 1].contiguous(), group)
+        out[:, 0, :spill] += halo_first
+        out[:, 1, :spill] += halo_second
+        return out.view(batch, 2 * chunk, heads, dim)
 
     @staticmethod
-    def backward(ctx, grad_first, grad_second):
-        grad_first, grad_second = _halo_backward(grad_first.contiguous(), grad_second.contiguous(), ctx.group)
-        return grad_first, grad_second, None
+    def backward(ctx, grad_out):
+        chunk, spill = ctx.chunk, ctx.spill
+        batch, _, heads, dim = grad_out.shape
+        grad_own = grad_out.reshape(batch, 2, chunk, heads, dim)
+        grad = grad_out.new_empty(batch, 2, ctx.rows, heads, dim)
+        grad[:, :, :chunk] = grad_own
+        grad[:, :, chunk + spill :] = 0
+        spill_first, spill_second = _halo_backward(
+            grad_own[:, 0, :spill].contiguous(), grad_own[:, 1, :spill].contiguous(), ctx.group
+        )
+        grad[:, 0, chunk : chunk + spill] = spill_first
+        grad[:, 1, chunk : chunk + spill] = spill_second
+        return grad, None, None, None
 
 
-def exchange_halo(
-    spill_first: torch.Tensor, spill_second: torch.Tensor, group: dist.ProcessGroup
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Send each local chunk's spill [B, h, H, D] to the chunk after it; return the halos received."""
-    return HaloExchange.apply(spill_first, spill_second, group)
+def combine_spills(delivered: torch.Tensor, chunk: int, spill: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, 2, R, H, D] delivered rows (own C, then the spill into the next chunk) -> [B, 2C, H, D]
+    with every chunk's halo added: the shard of the single-device scatter."""
+    return SpillCombine.apply(delivered, chunk, spill, group)

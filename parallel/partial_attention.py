@@ -13,6 +13,8 @@ key/value head h // (H // Hk)); scale 1/sqrt(D), as the single-device SDPA.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lh_cp.parallel.fused_blocks import fused_block_backward, fused_block_forward, fused_supported
@@ -90,6 +92,7 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, 
     """Fold a block result (out [.., S, D], lse [.., S]) into running accumulators, in place.
 
     An empty accumulator has lse -inf and out 0: its weight exp(-inf - lse) is exactly 0.
+    `out` may be in a lower precision than the accumulator; products are taken in the latter.
     """
     merged = torch.logaddexp(lse_acc, lse)
     out_acc.mul_(torch.exp(lse_acc - merged).unsqueeze(-1)).add_(out * torch.exp(lse - merged).unsqueeze(-1))
@@ -115,40 +118,57 @@ def accumulate_forward(
 ) -> None:
     """Attend the local query chunks to one key/value block and merge the results in place.
 
-    q [B, H, 2, S, D] (chunks q_ids); k, v [B, Hk, 2, S, D] (chunks kv_ids);
-    out_acc [B, H, 2, S, D] and lse_acc [B, H, 2, S] in the accumulation dtype.
+    Chunk-major layout, so that a chunk is a contiguous [B, Hx, S, D] slice the kernels take
+    as is: q [2, B, H, S, D] (chunks q_ids); k, v [2, B, Hk, S, D] (chunks kv_ids); out_acc
+    [2, B, H, S, D] and lse_acc [2, B, H, S] in the accumulation dtype.
     """
+    block = _forward_fn(q)
     for qi, ki, causal in visible_blocks(q_ids, kv_ids):
-        out, lse = _forward_fn(q)(q[:, :, qi].contiguous(), k[:, :, ki].contiguous(), v[:, :, ki].contiguous(), causal)
-        merge_into(out_acc[:, :, qi], lse_acc[:, :, qi], out, lse)
+        out, lse = block(q[qi], k[ki], v[ki], causal)
+        merge_into(out_acc[qi], lse_acc[qi], out, lse)
+
+
+@dataclass(frozen=True)
+class BackwardInputs:
+    """What every block's backward reads, prepared once per layer: the output gradient and
+    the final output in the form the block kernels want, delta = rowsum(dout * out) for the
+    reference (the fused kernels compute it themselves), and the final LSE."""
+
+    dout: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor | None
+    fused: bool
+
+
+def backward_inputs(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> BackwardInputs:
+    """dout [2, B, H, S, D], the float32 out and lse of the merged forward -> BackwardInputs.
+
+    The fused kernels take dout and out in q's dtype (converted here once, not per block)."""
+    if fused_supported(q):
+        return BackwardInputs(dout.to(q.dtype).contiguous(), out.to(q.dtype), lse, None, True)
+    dout = dout.to(out.dtype)
+    return BackwardInputs(dout, out, lse, (dout * out).sum(dim=-1), False)
 
 
 def accumulate_backward(
-    dout: torch.Tensor,
+    grads: BackwardInputs,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
     q_ids: tuple[int, ...],
     kv_ids: tuple[int, ...],
     dq_acc: torch.Tensor,
     dk_acc: torch.Tensor,
     dv_acc: torch.Tensor,
 ) -> None:
-    """Add one key/value block's contribution to dq_acc [B, H, 2, S, D] and dk/dv_acc [B, Hk, 2, S, D].
-
-    out [B, H, 2, S, D], lse and delta [B, H, 2, S] are those of the final (fully merged)
-    output; the reference uses delta, the fused kernels recompute it from out.
-    """
-    fused = fused_supported(q)
+    """Add one key/value block's contribution to dq_acc [2, B, H, S, D] and dk/dv_acc [2, B, Hk, S, D]
+    (accumulation dtype; the blocks' gradients may be in q's dtype and are widened by the sum)."""
     for qi, ki, causal in visible_blocks(q_ids, kv_ids):
-        q_blk, k_blk, v_blk = q[:, :, qi].contiguous(), k[:, :, ki].contiguous(), v[:, :, ki].contiguous()
-        if fused:
-            dq, dk, dv = fused_block_backward(dout[:, :, qi], q_blk, k_blk, v_blk, out[:, :, qi], lse[:, :, qi], causal)
+        if grads.fused:
+            dq, dk, dv = fused_block_backward(grads.dout[qi], q[qi], k[ki], v[ki], grads.out[qi], grads.lse[qi], causal)
         else:
-            dq, dk, dv = block_backward(dout[:, :, qi], q_blk, k_blk, v_blk, lse[:, :, qi], delta[:, :, qi], causal)
-        dq_acc[:, :, qi] += dq
-        dk_acc[:, :, ki] += dk
-        dv_acc[:, :, ki] += dv
+            dq, dk, dv = block_backward(grads.dout[qi], q[qi], k[ki], v[ki], grads.lse[qi], grads.delta[qi], causal)
+        dq_acc[qi] += dq
+        dk_acc[ki] += dk
+        dv_acc[ki] += dv

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.partial_attention import accumulate_backward, accumulate_forward
+from lh_cp.parallel.partial_attention import accumulate_backward, accumulate_forward, backward_inputs
 from lh_cp.parallel.sharding import local_chunk_ids
 from lh_cp.parallel.transport import ring_shift
 from lh_cp.pyramid import accumulation_dtype
@@ -30,12 +30,12 @@ _KV_TAG, _GRAD_TAG = 11, 12
 
 
 def ring_forward(q, kv, group):
-    """q [B, H, 2, S, D], kv [2, B, Hk, 2, S, D] (stacked K and V) -> out, lse (accumulation dtype)."""
+    """q [2, B, H, S, D], kv [2, 2, B, Hk, S, D] (stacked K and V) -> out, lse (accumulation dtype)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     acc = accumulation_dtype(q.dtype)
     q_ids = local_chunk_ids(rank, world)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [B, H, 2, S, D]
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)  # [B, H, 2, S]
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [2, B, H, S, D]
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)  # [2, B, H, S]
     current = kv
     for step in range(world):
         pending = ring_shift(current, group, _KV_TAG, "kv_forward") if step < world - 1 else None
@@ -47,22 +47,19 @@ def ring_forward(q, kv, group):
 
 
 def ring_backward(dout, q, kv, out, lse, group):
-    """Gradients (accumulation dtype): dq [B, H, 2, S, D] and dkv [2, B, Hk, 2, S, D] of this rank's block."""
+    """Gradients (accumulation dtype): dq [2, B, H, S, D] and dkv [2, 2, B, Hk, S, D] of this rank's block."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    acc = accumulation_dtype(q.dtype)
     q_ids = local_chunk_ids(rank, world)
-    dout = dout.to(acc)
-    delta = (dout * out).sum(dim=-1)  # [B, H, 2, S]
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    grads = backward_inputs(dout, q, out, lse)
+    dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
     current = kv
     grad_pending = None
     for step in range(world):
         kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward") if step < world - 1 else None
         source = (rank - step) % world
-        contribution = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # [2, B, Hk, 2, S, D]
+        contribution = torch.zeros(kv.shape, dtype=out.dtype, device=kv.device)  # [2, 2, B, Hk, S, D]
         accumulate_backward(
-            dout, q, current[0], current[1], out, lse, delta, q_ids, local_chunk_ids(source, world),
-            dq, contribution[0], contribution[1],
+            grads, q, current[0], current[1], q_ids, local_chunk_ids(source, world), dq, contribution[0], contribution[1],
         )
         # The accumulator for this block arrives from rank r - 1 while we computed.
         if grad_pending is not None:
@@ -79,20 +76,21 @@ def ring_backward(dout, q, kv, out, lse, group):
 class RingAttention(torch.autograd.Function):
     """Causal attention of the local chunks against the whole sequence, by ring exchange.
 
-    q [B, H, 2, S, D], k and v [B, Hk, 2, S, D] (this rank's two head-tail chunks) -> out
-    [B, H, 2, S, D] in q's dtype. Saved for backward: q, k, v, the float32 output and its LSE.
+    q [2, B, H, S, D], k and v [2, B, Hk, S, D] (this rank's two head-tail chunks) -> out
+    [2, B, H, S, D] in q's dtype. Saved for backward: q, the stacked K/V, the float32 output
+    and its LSE.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, group):
-        kv = torch.stack([k, v])  # [2, B, Hk, 2, S, D]
+        kv = torch.stack([k, v])  # [2, 2, B, Hk, S, D]
         out, lse = ring_forward(q, kv, group)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, kv, out, lse)
         ctx.group = group
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dkv = ring_backward(dout, q, torch.stack([k, v]), out, lse, ctx.group)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+        q, kv, out, lse = ctx.saved_tensors
+        dq, dkv = ring_backward(dout, q, kv, out, lse, ctx.group)
+        return dq.to(q.dtype), dkv[0].to(q.dtype), dkv[1].to(q.dtype), None
