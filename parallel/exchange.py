@@ -15,7 +15,7 @@ import torch.distributed as dist
 from lh_cp.parallel.partial_attention import accumulate_backward, accumulate_forward, backward_inputs
 from lh_cp.parallel.ring import RingAttention
 from lh_cp.parallel.sharding import local_chunk_ids
-from lh_cp.parallel.transport import all_gather, reduce_scatter
+from lh_cp.parallel.transport import all_gather_start, reduce_scatter
 from lh_cp.pyramid import accumulation_dtype
 
 EXCHANGES = ("allgather", "ring")
@@ -28,6 +28,7 @@ def check_exchange(exchange: str) -> None:
 
 class AllGatherAttention(torch.autograd.Function):
     """Gather every rank's K/V block once, then attend locally; backward reduce-scatters dK/dV.
+The gather travels while the rank attends to its own K/V block.
 
     Saved for backward: q, the gathered K/V (needed for dq; re-gathering would cost a second
     all-gather), the float32 output and its LSE.
@@ -37,12 +38,16 @@ class AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         acc = accumulation_dtype(q.dtype)
-        kv_all = all_gather(torch.stack([k, v]), group, "kv_forward")  # [W, 2, 2, B, Hk, S, D]
+        gathering = all_gather_start(torch.stack([k, v]), group, "kv_forward")
         q_ids = local_chunk_ids(rank, world)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [2, B, H, S, D]
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)  # [2, B, H, S]
+        # The rank's own K/V first, while the others' travel.
+        accumulate_forward(q, k, v, q_ids, q_ids, out, lse)
+        kv_all = gathering.wait()  # [W, 2, 2, B, Hk, S, D]
         for source in range(world):
-            accumulate_forward(q, kv_all[source, 0], kv_all[source, 1], q_ids, local_chunk_ids(source, world), out, lse)
+            if source != rank:
+                accumulate_forward(q, kv_all[source, 0], kv_all[source, 1], q_ids, local_chunk_ids(source, world), out, lse)
         ctx.save_for_backward(q, kv_all, out, lse)
         ctx.group = group
         return out.to(q.dtype)

@@ -102,17 +102,36 @@ def ring_shift(x: torch.Tensor, group: dist.ProcessGroup, tag: int, category: st
     return exchange_p2p([(x, (rank + 1) % world, tag)], [(received, (rank - 1) % world, tag)], group, category)
 
 
-def all_gather(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> torch.Tensor:
-    """x of every rank stacked in rank order: [*shape] -> [W, *shape]."""
+class PendingGather:
+    """An all-gather in flight; `wait()` returns the [W, *shape] result."""
+
+    def __init__(self, work, out: torch.Tensor, sent: torch.Tensor) -> None:
+        self._work, self._out, self._sent = work, out, sent
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        self._work, self._sent = None, None
+        return self._out
+
+
+def all_gather_start(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> PendingGather:
+    """Start gathering x of every rank, stacked in rank order ([*shape] -> [W, *shape]), so
+    that the caller can compute while it travels."""
     world = dist.get_world_size(group)
     if world == 1:
-        return x.unsqueeze(0)
+        return PendingGather(None, x.unsqueeze(0), x)
     x = x.contiguous()
     out = x.new_empty((world, *x.shape))
     # The flat (concatenated) form is the layout every backend accepts.
-    dist.all_gather_into_tensor(out.view(-1), x.view(-1), group=group)
+    work = dist.all_gather_into_tensor(out.view(-1), x.view(-1), group=group, async_op=True)
     _record(category, (world - 1) * _nbytes(x))
-    return out
+    return PendingGather(work, out, x)
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> torch.Tensor:
+    """x of every rank stacked in rank order: [*shape] -> [W, *shape]."""
+    return all_gather_start(x, group, category).wait()
 
 
 def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> torch.Tensor:
