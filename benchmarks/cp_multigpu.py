@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
 from lh_cp.parallel import shard_sequence
+from lh_cp.parallel.transport import all_gather_flat
 
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -108,7 +109,7 @@ def collective_ms(numel: int, group, repeats: int) -> float:
         dist.barrier(group)
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        dist.all_gather_into_tensor(dst, src, group=group)
+        all_gather_flat(dst, src, group=group)
         stop.record()
         torch.cuda.synchronize()
         if i >= 2:

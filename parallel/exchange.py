@@ -28,7 +28,7 @@ def check_exchange(exchange: str) -> None:
 
 class AllGatherAttention(torch.autograd.Function):
     """Gather every rank's K/V block once, then attend locally; backward reduce-scatters dK/dV.
-The gather travels while the rank attends to its own K/V block.
+    The gather travels while the rank attends to its own K/V block.
 
     Saved for backward: q, the gathered K/V (needed for dq; re-gathering would cost a second
     all-gather), the float32 output and its LSE.

@@ -10,8 +10,8 @@ results to float32 as they merge and sum them (no separate conversion pass).
 Backend: cuDNN first, as for the single-device layer (lh_cp/kernels/sdpa.py): on the H100 it
 ran causal forward+backward at S = 24576 in 7.29 ms against flash's 13.93 ms
 (benchmarks/NOTES.md). Flash runs where cuDNN does not: deterministic mode (cuDNN has no
-deterministic backward), cuDNN SDPA switched off by torch.backends.cuda.enable_cudnn_sdp, or a
-head dimension above 128. Both follow PyTorch's global SDPA switches.
+deterministic backward), cuDNN SDPA switched off by torch.backends.cuda.enable_cudnn_sdp, a
+cuDNN older than 9, a GPU older than sm80, or a head dimension above 128. Both follow PyTorch's global SDPA switches.
 
 GQA: the kernels want equal head counts, so K/V heads are repeated for the kernel and their
 gradients summed back over each group.
@@ -34,8 +34,9 @@ def fused_backend(q: torch.Tensor) -> str | None:
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0):
         return None
     dim = q.shape[-1]
-    if (dim <= 128 and torch.backends.cuda.cudnn_sdp_enabled() and not torch.are_deterministic_algorithms_enabled()
-            and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+    cudnn_ok = torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+    if (cudnn_ok and dim <= 128 and torch.backends.cuda.cudnn_sdp_enabled()
+            and not torch.are_deterministic_algorithms_enabled() and torch.cuda.get_device_capability(q.device) >= (8, 0)):
         return "cudnn"
     if dim <= 256 and torch.backends.cuda.flash_sdp_enabled():
         return "flash"

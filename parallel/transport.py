@@ -102,6 +102,12 @@ def ring_shift(x: torch.Tensor, group: dist.ProcessGroup, tag: int, category: st
     return exchange_p2p([(x, (rank + 1) % world, tag)], [(received, (rank - 1) % world, tag)], group, category)
 
 
+# torch 2.13 renamed the flat collectives (the *_into_tensor / *_tensor names warn there);
+# torch 2.11, on the GPU machines, has only the old names. Raw: SentBytes does not see these.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class PendingGather:
     """An all-gather in flight; `wait()` returns the [W, *shape] result."""
 
@@ -124,7 +130,7 @@ def all_gather_start(x: torch.Tensor, group: dist.ProcessGroup, category: str) -
     x = x.contiguous()
     out = x.new_empty((world, *x.shape))
     # The flat (concatenated) form is the layout every backend accepts.
-    work = dist.all_gather_into_tensor(out.view(-1), x.view(-1), group=group, async_op=True)
+    work = all_gather_flat(out.view(-1), x.view(-1), group=group, async_op=True)
     _record(category, (world - 1) * _nbytes(x))
     return PendingGather(work, out, x)
 
@@ -143,6 +149,6 @@ def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> 
         return x[0]
     x = x.contiguous()
     out = x.new_empty(x.shape[1:])
-    dist.reduce_scatter_tensor(out.view(-1), x.view(-1), group=group)
+    reduce_scatter_flat(out.view(-1), x.view(-1), group=group)
     _record(category, (world - 1) * _nbytes(out))
     return out
