@@ -236,6 +236,26 @@ def _bytes_per_token_per_layer(m: ModelConfig, act_bytes: int) -> int:
     return act_bytes * (6 * m.dim + 2 * kv + 4 * m.ffn_dim) + 4 * 2 * m.dim
 
 
+def cp_dense_bytes_per_token(recipe: Recipe) -> int:
+    """Float32 buffers the CP exchange of a dense layer adds, per local token, during its
+    backward (parallel/exchange.py, parallel/ring.py): the merged output and the dq
+    accumulator (4 + 4 bytes per query channel) and dK/dV accumulators (8 bytes per key/value
+    channel each): three in the ring (one being computed, one in flight, one arriving), W + 1
+    in the all-gather (one per source, plus the reduce-scatter's result) beside the gathered
+    bf16 K/V (4 bytes per key/value channel per source). Zero without CP, under Ulysses, or
+    when no layer ever attends densely."""
+    m, par = recipe.model, recipe.parallel
+    dense_somewhere = bool(normalize_layer_indices(recipe.lighthouse.dense_layers, m.n_layers)) or any(
+        s.attention == "dense" for s in recipe.stages
+    )
+    if par.cp == 1 or uses_ulysses(recipe) or not dense_somewhere:
+        return 0
+    q_channels, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    if par.dense_exchange == "ring":
+        return 8 * q_channels + 3 * 8 * kv
+    return 8 * q_channels + (par.cp + 1) * 8 * kv + par.cp * 4 * kv
+
+
 def state_bytes_per_rank(recipe: Recipe) -> float:
     """fp32 weights, gradients and AdamW moments (4 + 4 + 8 bytes per parameter) held by one
     rank: FSDP2 shards all of them over dp_shard * cp ranks; ZeRO over every rank shards the
@@ -251,8 +271,12 @@ def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True) -> float:
     """Peak memory per rank, roughly: weights, gradients and AdamW moments as the engine
     shards them (state_bytes_per_rank), two all-gathered bf16 blocks (prefetch), stored
     activations (one block input per layer with activation checkpointing, every block's
-    activations without), one block recomputed, and one loss chunk's logits. Lighthouse
-    layers' compressed tensors are smaller than a dense block's and not counted apart."""
+    activations without), one block recomputed, the CP dense exchange's float32 buffers
+    (cp_dense_bytes_per_token), and one loss chunk's logits. Lighthouse layers' compressed
+    tensors are smaller than a dense block's and not counted apart.
+
+    Checked against measured peaks (tests/test_plan_memory.py reads them from
+    benchmarks/results/): single-GPU and CP=2 runs of the 270M model and the 530M model."""
     m, par, data = recipe.model, recipe.parallel, recipe.data
     act_bytes = 2 if on_gpu else 4
     block = 4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim  # upper bound of one block's weights
@@ -263,7 +287,8 @@ def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True) -> float:
     else:
         activations = m.n_layers * per_layer
     logits = 3 * min(m.loss_chunk_tokens, tokens) * m.vocab_size * 4  # float32 logits, softmax, grad
-    total = state_bytes_per_rank(recipe) + 2 * block * act_bytes + activations + logits
+    exchange = cp_dense_bytes_per_token(recipe) * tokens
+    total = state_bytes_per_rank(recipe) + 2 * block * act_bytes + activations + exchange + logits
     return total / 2**30
 
 
