@@ -12,6 +12,12 @@ attention, both exchanges. Scaling: forward+backward of one layer at --tokens-pe
 per GPU: the single-GPU layer (W=1, timed on rank 0 alone) and the CP layer over all W ranks
 (N = W x tokens-per-gpu), CUDA events, median; plus the time of the exchange's collective
 alone at the same size, to show what share of the step it takes.
+
+W=1 (--nproc-per-node 1) runs the CP code path on one GPU without communication, which
+isolates the path's own overhead; --block-backends cudnn,flash times both block kernels in
+one run; --profile prints rank 0's kernel table of one CP Lighthouse step. On an 80 GB GPU
+use --skip-check: the float32 dense GQA reference at 32K runs on PyTorch's math backend and
+needs more memory than that.
 """
 
 from __future__ import annotations
