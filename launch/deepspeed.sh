@@ -15,9 +15,7 @@
 # comm op, 1-3 minutes, cached in ~/.cache/torch_extensions).
 # Install DeepSpeed after torch: pip install --no-build-isolation 'deepspeed>=0.19.8'
 set -euo pipefail
-# Long sequences fragment the CUDA caching allocator (a 768K-token step of the 270M model
-# left 24 GiB reserved but unusable); expandable segments avoid that unless you chose otherwise.
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+source "$(dirname "${BASH_SOURCE[0]}")/cuda_alloc.sh"
 if [[ -z "${PYTHON:-}" ]]; then
   # The checkout's virtual environment when there is one (as launch/quickstart.sh does).
   venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"

@@ -6,9 +6,7 @@
 # PROGRAM=path/to/script.py runs that script instead of `lh-cp train`, e.g.
 # PROGRAM=launch/cp_check.py checks context parallelism across the nodes before a run.
 set -euo pipefail
-# Long sequences fragment the CUDA caching allocator (a 768K-token step of the 270M model
-# left 24 GiB reserved but unusable); expandable segments avoid that unless you chose otherwise.
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+source "$(dirname "${BASH_SOURCE[0]}")/cuda_alloc.sh"
 : "${NNODES:?set NNODES, the number of nodes}"
 : "${RDZV_HOST:?set RDZV_HOST, the host name or address of the first node}"
 NGPU="${NGPU:-8}"

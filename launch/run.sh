@@ -4,9 +4,7 @@
 # NGPU defaults to the number of visible GPUs (1 on a CPU-only machine). The recipe's
 # [parallel] degrees must multiply to NGPU. torchrun --standalone picks a free local port.
 set -euo pipefail
-# Long sequences fragment the CUDA caching allocator (a 768K-token step of the 270M model
-# left 24 GiB reserved but unusable); expandable segments avoid that unless you chose otherwise.
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+source "$(dirname "${BASH_SOURCE[0]}")/cuda_alloc.sh"
 : "${RECIPE:?set RECIPE to a recipe TOML, e.g. RECIPE=recipes/quickstart.toml}"
 if [[ -z "${NGPU:-}" ]]; then
   NGPU=$(nvidia-smi -L 2>/dev/null | wc -l || true)

@@ -12,11 +12,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.partial_attention import accumulate_backward, accumulate_forward, backward_inputs
+from lh_cp.parallel.partial_attention import (
+    accumulate_backward,
+    accumulate_forward,
+    backward_inputs,
+    empty_accumulators,
+)
 from lh_cp.parallel.ring import RingAttention
 from lh_cp.parallel.sharding import local_chunk_ids
 from lh_cp.parallel.transport import all_gather_start, reduce_scatter
-from lh_cp.pyramid import accumulation_dtype
 
 EXCHANGES = ("allgather", "ring")
 
@@ -37,11 +41,9 @@ class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        acc = accumulation_dtype(q.dtype)
         gathering = all_gather_start(torch.stack([k, v]), group, "kv_forward")
         q_ids = local_chunk_ids(rank, world)
-        out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [2, B, H, S, D]
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)  # [2, B, H, S]
+        out, lse = empty_accumulators(q)  # [2, B, H, S, D], [2, B, H, S]
         # The rank's own K/V first, while the others' travel.
         accumulate_forward(q, k, v, q_ids, q_ids, out, lse)
         kv_all = gathering.wait()  # [W, 2, 2, B, Hk, S, D]

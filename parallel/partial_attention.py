@@ -88,6 +88,15 @@ def _forward_fn(q: torch.Tensor):
     return fused_block_forward if fused_supported(q) else block_forward
 
 
+def empty_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and LSE accumulators for queries like q [.., S, D] that have seen no key yet:
+    out 0 and lse -inf (merge_into gives them weight 0), in the accumulation dtype."""
+    acc = accumulation_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+    return out, lse
+
+
 def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Fold a block result (out [.., S, D], lse [.., S]) into running accumulators, in place.
 

@@ -19,10 +19,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.partial_attention import accumulate_backward, accumulate_forward, backward_inputs
+from lh_cp.parallel.partial_attention import (
+    accumulate_backward,
+    accumulate_forward,
+    backward_inputs,
+    empty_accumulators,
+)
 from lh_cp.parallel.sharding import local_chunk_ids
 from lh_cp.parallel.transport import ring_shift
-from lh_cp.pyramid import accumulation_dtype
 
 # Distinct tags keep the K/V and the dK/dV transfers of one step apart on backends that match
 # messages by tag (gloo); both are posted in the same order on every rank.
@@ -32,10 +36,8 @@ _KV_TAG, _GRAD_TAG = 11, 12
 def ring_forward(q, kv, group):
     """q [2, B, H, S, D], kv [2, 2, B, Hk, S, D] (stacked K and V) -> out, lse (accumulation dtype)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    acc = accumulation_dtype(q.dtype)
     q_ids = local_chunk_ids(rank, world)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [2, B, H, S, D]
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)  # [2, B, H, S]
+    out, lse = empty_accumulators(q)  # [2, B, H, S, D], [2, B, H, S]
     current = kv
     for step in range(world):
         pending = ring_shift(current, group, _KV_TAG, "kv_forward") if step < world - 1 else None
