@@ -74,14 +74,18 @@ def file_documents(path: str, fmt: str, text_field: str, split: str, validation_
     if fmt not in FILE_FORMATS:
         raise ValueError(f"data.format must be one of {FILE_FORMATS} for data.source='files', got {fmt!r}")
     files = _local_files(path, (".txt",) if fmt == "text" else (".jsonl",))
+    # Documents are named relative to data.path (as the standard library's are to its root),
+    # so the split does not change when the dataset is moved or copied elsewhere.
+    base = Path(path) if Path(path).is_dir() else Path(path).parent
     for file in files:
+        name = file.relative_to(base).as_posix()
         if fmt == "text":
-            if in_split(file.as_posix(), split, validation_fraction):
+            if in_split(name, split, validation_fraction):
                 yield file.read_text(encoding="utf-8", errors="replace")
             continue
         with file.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines):
-                if not line.strip() or not in_split(f"{file.as_posix()}:{number}", split, validation_fraction):
+                if not line.strip() or not in_split(f"{name}:{number}", split, validation_fraction):
                     continue
                 record = json.loads(line)
                 if text_field not in record:

@@ -47,7 +47,8 @@ class DataConfig:
     seq_len: tokens per training sequence (the whole context, before context-parallel sharding).
     batch_size: sequences per data-parallel replica per step (CP ranks of a replica share them).
     validation_fraction: share of documents held out for validation, chosen by a hash of each
-        document's name (file path or record index), so the split never depends on order.
+        document's name (file path relative to data.path, or record index), so the split never
+        depends on order or on where the dataset lies.
     seed: seed of the sequence order; each epoch is a new permutation derived from it.
     cache_dir: if set, each split's token stream is saved there once as a .npy file (keyed by
         a hash of everything that defines it) and later memory-mapped, shared by all ranks of
@@ -113,6 +114,7 @@ def _stream_fingerprint(cfg: DataConfig, split: str) -> str:
     keys = ("source", "path", "format", "text_field", "tokenizer", "eod_token", "validation_fraction")
     spec = {k: v for k, v in asdict(cfg).items() if k in keys}
     spec["split"] = split
+    spec["document_names"] = "relative to data.path"  # older caches named files by absolute path
     if cfg.source == "stdlib":
         spec["python"] = sys.version  # the standard library is a function of the interpreter
     for key in ("path", "tokenizer"):

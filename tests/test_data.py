@@ -90,6 +90,24 @@ def test_local_text_and_jsonl_files(tmp_path):
     assert tok.decode(token_stream(text_cfg, tok, "train")) == "hello"
 
 
+def test_local_files_split_does_not_depend_on_where_the_dataset_lies(tmp_path):
+    """Documents are named relative to data.path: the same folder copied elsewhere (as every
+    test's tmp_path differs) splits the same, so runs on copies of a dataset see the same data."""
+    tok = ByteTokenizer()
+    streams = []
+    for place in ("here", "elsewhere/deeper"):
+        folder = tmp_path / place / "corpus"
+        (folder / "sub").mkdir(parents=True)
+        for i in range(40):
+            (folder / ("sub" if i % 2 else ".") / f"doc_{i:02d}.txt").write_text(f"document {i}")
+        (folder / "records.jsonl").write_text("\n".join(json.dumps({"text": f"record {i}"}) for i in range(40)) + "\n")
+        text = DataConfig(source="files", path=str(folder), format="text", validation_fraction=0.3)
+        jsonl = DataConfig(source="files", path=str(folder / "records.jsonl"), format="jsonl", validation_fraction=0.3)
+        streams.append([token_stream(cfg, tok, split) for cfg in (text, jsonl) for split in ("train", "validation")])
+    for first, second in zip(*streams):
+        assert len(first) > 0 and np.array_equal(first, second)
+
+
 def test_missing_paths_and_fields_are_clear_errors(tmp_path):
     tok = ByteTokenizer()
     with pytest.raises(FileNotFoundError, match=r"data.path='/nonexistent/corpus' does not exist"):
