@@ -1,16 +1,21 @@
-"""Document sources: the embedded standard-library corpus, local text/jsonl files, and
-Hugging Face `datasets` from local files. Each yields documents in a deterministic order and
-assigns each to the train or validation split by a stable hash of its name, so the split does
-not depend on how many documents are read or in which process.
+"""Document sources: the embedded standard-library corpus, the larger 'python' corpus (every
+installed distribution's .py sources), local text/jsonl files, and Hugging Face `datasets`
+from local files. Each yields documents in a deterministic order and assigns each to the train
+or validation split by a stable rule on its name, so the split does not depend on how many
+documents are read or in which process.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 import json
+import sys
 import sysconfig
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "validation")
@@ -56,13 +61,135 @@ def stdlib_documents(split: str, validation_fraction: float) -> Iterator[bytes]:
             yield (root / name).read_bytes()
 
 
+@dataclass(frozen=True)
+class SourceUnit:
+    """Files that go to one side of the split together: one installed distribution, or one
+    top-level module or package of the standard library."""
+
+    name: str
+    files: tuple[Path, ...]
+
+
+def _stdlib_units() -> list[SourceUnit]:
+    root = stdlib_root()
+    groups: dict[str, list[Path]] = {}
+    for name in stdlib_files():
+        top = name.split("/", 1)[0].removesuffix(".py")
+        groups.setdefault(f"stdlib/{top}", []).append(root / name)
+    return [SourceUnit(name, tuple(files)) for name, files in groups.items()]
+
+
+def _distribution_units() -> list[SourceUnit]:
+    """Every installed distribution with .py files, once by normalised name (the first found
+    on sys.path, as import would find it), its files in sorted order."""
+    units, seen = [], set()
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("-", "_").replace(".", "_")
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        files = sorted({Path(dist.locate_file(f)) for f in (dist.files or ()) if f.suffix == ".py"})
+        files = [f for f in files if f.is_file()]
+        if files:
+            units.append(SourceUnit(f"dist/{name}", tuple(files)))
+    return units
+
+
+@dataclass(frozen=True)
+class PythonCorpus:
+    """The 'python' data source: the .py files of every installed distribution and of the
+    standard library, each distinct file content once.
+
+    units: (name, files kept after deduplication) in sorted name order; validation: names of
+    the units held out.
+    """
+
+    units: tuple[SourceUnit, ...]
+    sizes: tuple[int, ...]  # bytes of each unit after deduplication
+    validation: frozenset[str]
+
+    def split_bytes(self, split: str) -> int:
+        return sum(size for unit, size in zip(self.units, self.sizes) if (unit.name in self.validation) == (split == "validation"))
+
+
+def _unit_order_key(name: str) -> tuple[int, str]:
+    return zlib.crc32(name.encode("utf-8")), name
+
+
+@functools.lru_cache(maxsize=4)
+def python_corpus(validation_fraction: float) -> PythonCorpus:
+    """Deduplicate by content (a file whose bytes were already seen in an earlier unit or file,
+    in sorted order, is dropped), then hold out whole units for validation: units are visited
+    in the order of a hash of their names and held out while the held-out bytes stay within
+    validation_fraction of the total. Whole units, because files of one package are often
+    near-copies of each other (vendored modules, generated stubs) and would leak across a
+    per-file split."""
+    units = sorted(_stdlib_units() + _distribution_units(), key=lambda unit: unit.name)
+    seen: set[bytes] = set()
+    kept_units, sizes = [], []
+    for unit in units:
+        kept, size = [], 0
+        for file in unit.files:
+            data = file.read_bytes()
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            if not data.strip() or digest in seen:
+                continue
+            seen.add(digest)
+            kept.append(file)
+            size += len(data)
+        if kept:
+            kept_units.append(SourceUnit(unit.name, tuple(kept)))
+            sizes.append(size)
+    budget, held, validation = validation_fraction * sum(sizes), 0, set()
+    for index in sorted(range(len(kept_units)), key=lambda i: _unit_order_key(kept_units[i].name)):
+        if held + sizes[index] <= budget:
+            validation.add(kept_units[index].name)
+            held += sizes[index]
+    return PythonCorpus(tuple(kept_units), tuple(sizes), frozenset(validation))
+
+
+def python_corpus_fingerprint() -> str:
+    """Hash of the file list (paths, sizes, modification times) the 'python' corpus reads, so a
+    cached token stream is rebuilt when a package is installed, removed or changed."""
+    digest = hashlib.sha256(sys.version.encode())
+    for unit in sorted(_stdlib_units() + _distribution_units(), key=lambda unit: unit.name):
+        for file in unit.files:
+            stat = file.stat()
+            digest.update(f"{unit.name}\0{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def python_documents(split: str, validation_fraction: float) -> Iterator[bytes]:
+    """The 'python' corpus's documents of `split`: one per file, units in sorted name order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    corpus = python_corpus(validation_fraction)
+    for unit in corpus.units:
+        if (unit.name in corpus.validation) == (split == "validation"):
+            for file in unit.files:
+                yield file.read_bytes()
+
+
+def describe_python_corpus(validation_fraction: float) -> str:
+    """One paragraph on the 'python' corpus of this interpreter: units, files and bytes per split."""
+    corpus = python_corpus(validation_fraction)
+    files = {split: sum(len(u.files) for u in corpus.units if (u.name in corpus.validation) == (split == "validation"))
+             for split in SPLITS}
+    total = sum(corpus.sizes)
+    return (f"python corpus of {sys.executable}: {len(corpus.units)} units "
+            f"({sum(u.name.startswith('dist/') for u in corpus.units)} distributions), "
+            f"{sum(files.values()):,} distinct files, {total / 1e6:,.1f} MB; train {corpus.split_bytes('train') / 1e6:,.1f} MB "
+            f"in {files['train']:,} files, validation {corpus.split_bytes('validation') / 1e6:,.1f} MB in "
+            f"{files['validation']:,} files ({len(corpus.validation)} units, validation_fraction={validation_fraction})")
+
+
 def _local_files(path: str, suffixes: tuple[str, ...]) -> list[Path]:
     root = Path(path)
     if not path or not root.exists():
         raise FileNotFoundError(f"data.path={path!r} does not exist")
     if root.is_file():
         return [root]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(suffixes))
     if not files:
         raise FileNotFoundError(f"data.path={path!r} holds no files ending in {' or '.join(suffixes)}")
     return files
@@ -111,7 +238,8 @@ def hf_documents(path: str, fmt: str, text_field: str, split: str, validation_fr
     if fmt == "saved":
         loaded = datasets.load_from_disk(path)
     else:
-        suffixes = {"text": (".txt",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}[fmt]
+        # datasets' json builder reads gzip itself (C4 ships as .json.gz).
+        suffixes = {"text": (".txt",), "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"), "parquet": (".parquet",)}[fmt]
         files = [str(f) for f in _local_files(path, suffixes)]
         builder = {"text": "text", "jsonl": "json", "parquet": "parquet"}[fmt]
         loaded = datasets.load_dataset(builder, data_files=files)
@@ -122,3 +250,7 @@ def hf_documents(path: str, fmt: str, text_field: str, split: str, validation_fr
     for index, record in enumerate(loaded):
         if in_split(str(index), split, validation_fraction):
             yield record[text_field]
+
+
+if __name__ == "__main__":
+    print(describe_python_corpus(float(sys.argv[1]) if len(sys.argv) > 1 else 0.02))

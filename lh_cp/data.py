@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lh_cp.corpus import file_documents, hf_documents, stdlib_documents
+from lh_cp.corpus import file_documents, hf_documents, python_corpus_fingerprint, python_documents, stdlib_documents
 from lh_cp.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
-SOURCES = ("stdlib", "files", "hf")
+SOURCES = ("stdlib", "python", "files", "hf")
+PATH_SOURCES = ("files", "hf")  # the sources that read data.path
 
 
 @dataclass
@@ -32,13 +33,18 @@ class DataConfig:
     """Where tokens come from and how they are batched (recipe section [data]).
 
     source: 'stdlib' = the running interpreter's standard-library .py sources (no download,
-        exists wherever Python does); 'files' = local .txt files (one document each) or .jsonl
+        exists wherever Python does); 'python' = the .py sources of every installed
+        distribution and of the standard library, each distinct file once, split by whole
+        distribution (or standard-library module) so near-copies inside a package cannot
+        leak across the split (lh_cp/corpus.py; `python -m lh_cp.corpus` prints its size here);
+        'files' = local .txt files (one document each) or .jsonl
         files (one document per line), read by lh-cp itself; 'hf' = Hugging Face `datasets`
         (package required) over local files or a save_to_disk folder.
     path: file or folder for 'files' and 'hf'; must exist (checked when training starts).
-    format: 'text' or 'jsonl' for 'files'; 'text', 'jsonl', 'parquet' or 'saved'
-        (a save_to_disk folder) for 'hf'. Ignored for 'stdlib'. Note that the `datasets`
-        'text' builder makes every line a record, whereas 'files' + 'text' keeps a file whole.
+    format: 'text' or 'jsonl' for 'files'; 'text', 'jsonl' (.jsonl, .json, also gzipped
+        as C4 ships), 'parquet' or 'saved' (a save_to_disk folder) for 'hf'. Ignored for
+        'stdlib' and 'python'. Note that the `datasets` 'text' builder makes every line a
+        record, whereas 'files' + 'text' keeps a file whole.
     text_field: the field holding a document's text in jsonl, parquet and saved datasets.
     tokenizer: 'bytes' (256 bytes + end-of-document + pad = 258 tokens) or a local path to a
         Hugging Face tokenizer.json (or its folder; package 'tokenizers' required).
@@ -48,7 +54,11 @@ class DataConfig:
     batch_size: sequences per data-parallel replica per step (CP ranks of a replica share them).
     validation_fraction: share of documents held out for validation, chosen by a hash of each
         document's name (file path relative to data.path, or record index), so the split never
-        depends on order or on where the dataset lies.
+        depends on order or on where the dataset lies; for 'python', the share of bytes held out
+        in whole units.
+    max_epochs: the most passes over the train split a run may make; a run whose steps need
+        more sequences than max_epochs * (train windows) is refused before it starts, naming
+        the numbers (a repeated pass is never silent). 0 = no limit.
     seed: seed of the sequence order; each epoch is a new permutation derived from it.
     cache_dir: if set, each split's token stream is saved there once as a .npy file (keyed by
         a hash of everything that defines it) and later memory-mapped, shared by all ranks of
@@ -65,13 +75,14 @@ class DataConfig:
     seq_len: int = 1024
     batch_size: int = 1
     validation_fraction: float = 0.02
+    max_epochs: float = 1.0
     seed: int = 0
     cache_dir: str = ""
 
     def validate(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
-        if self.source != "stdlib" and not self.path:
+        if self.source in PATH_SOURCES and not self.path:
             raise ValueError(f"data.path must name a local file or folder for data.source={self.source!r}")
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
@@ -79,6 +90,8 @@ class DataConfig:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"data.validation_fraction must lie strictly between 0 and 1, got {self.validation_fraction}")
+        if self.max_epochs < 0:
+            raise ValueError(f"data.max_epochs must be >= 0 (0 = no limit), got {self.max_epochs}")
 
     def tokenizer_vocab_size(self) -> int | None:
         """Vocabulary of the byte tokenizer without loading anything; None for a file tokenizer."""
@@ -92,6 +105,8 @@ def make_tokenizer(cfg: DataConfig) -> ByteTokenizer | HFTokenizer:
 def _documents(cfg: DataConfig, split: str):
     if cfg.source == "stdlib":
         return stdlib_documents(split, cfg.validation_fraction)
+    if cfg.source == "python":
+        return python_documents(split, cfg.validation_fraction)
     if cfg.source == "files":
         return file_documents(cfg.path, cfg.format, cfg.text_field, split, cfg.validation_fraction)
     return hf_documents(cfg.path, cfg.format, cfg.text_field, split, cfg.validation_fraction)
@@ -117,6 +132,8 @@ def _stream_fingerprint(cfg: DataConfig, split: str) -> str:
     spec["document_names"] = "relative to data.path"  # older caches named files by absolute path
     if cfg.source == "stdlib":
         spec["python"] = sys.version  # the standard library is a function of the interpreter
+    if cfg.source == "python":
+        spec["python_files"] = python_corpus_fingerprint()
     for key in ("path", "tokenizer"):
         if spec[key] and Path(spec[key]).exists():
             stat = Path(spec[key]).resolve().stat()

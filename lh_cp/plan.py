@@ -17,11 +17,11 @@ from lh_cp.attention import DENSE_EXCHANGES, LIGHTHOUSE_EXCHANGES, ULYSSES_EXCHA
 from lh_cp.config import LighthouseConfig
 from lh_cp.model import ModelConfig, count_parameters, normalize_layer_indices
 from lh_cp.recipe import Recipe
+from lh_cp.schedule import schedule_problems
 
 ENGINES = ("fsdp", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
 ATTENTION_MODES = ("lighthouse", "dense")
-DECAYS = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 DEEPSPEED_MIN_VERSION = (0, 19, 8)
 DEEPSPEED_INSTALL = "pip install --no-build-isolation 'deepspeed>=0.19.8' (after torch)"
@@ -194,14 +194,7 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
         )
     if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
         errors.append(f"optim.betas must be two numbers in [0, 1), got {opt.betas}")
-    if sched.decay not in DECAYS:
-        errors.append(f"schedule.decay must be one of {DECAYS}, got {sched.decay!r}")
-    if not 0.0 <= sched.min_lr_ratio <= 1.0:
-        errors.append(f"schedule.min_lr_ratio must lie in [0, 1], got {sched.min_lr_ratio}")
-    if sched.warmup_steps < 0 or (recipe.stages and sched.warmup_steps >= recipe.total_steps):
-        errors.append(
-            f"schedule.warmup_steps={sched.warmup_steps} must be >= 0 and below the total steps of all stages, {recipe.total_steps}"
-        )
+    errors.extend(schedule_problems(sched, recipe.total_steps))
     ckpt, metrics, ev = recipe.checkpoint, recipe.metrics, recipe.eval
     if ckpt.interval < 0 or ckpt.keep_last < 1:
         errors.append(f"checkpoint.interval must be >= 0 and keep_last >= 1, got {ckpt.interval} and {ckpt.keep_last}")
@@ -209,6 +202,8 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
         errors.append(f"metrics.log_interval must be >= 1 and peak_tflops >= 0, got {metrics.log_interval} and {metrics.peak_tflops}")
     if ev.val_interval < 0 or ev.val_batches < 1:
         errors.append(f"eval.val_interval must be >= 0 and val_batches >= 1, got {ev.val_interval} and {ev.val_batches}")
+    if ev.leak_positions < 1:
+        errors.append(f"eval.leak_positions must be >= 1 (probe positions of the leak metric), got {ev.leak_positions}")
     return errors
 
 

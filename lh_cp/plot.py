@@ -1,8 +1,10 @@
 """`lh-cp plot`: the loss curves of a run, read from its TensorBoard event files, as a PNG.
 
 Train loss (every logged step) and validation loss (stage ends and intervals) against the
-global step; a dashed line marks where each stage after the first begins (from the
-`train/stage` scalar the trainer logs), labelled with the stage's name and attention.
+global step: in the stage's attention mode and with every layer dense (the comparable one:
+a Lighthouse-mode loss can read later tokens, docs/LIGHTHOUSE.md s.10). A dashed line marks
+where each stage after the first begins (from the `train/stage` scalar the trainer logs),
+labelled with the stage's name and attention.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def plot_losses(logdir: str | Path, output: str | Path | None = None) -> Path:
     ax.plot(steps, values, label="train loss", linewidth=1.2)
     if "val/loss" in series:
         val_steps, val_values = zip(*series["val/loss"])
-        ax.plot(val_steps, val_values, "o-", label="validation loss", markersize=5)
+        ax.plot(val_steps, val_values, "o-", label="validation loss (stage's attention)", markersize=5)
+    if "val/loss_dense" in series:
+        val_steps, val_values = zip(*series["val/loss_dense"])
+        ax.plot(val_steps, val_values, "s--", label="validation loss, every layer dense", markersize=4)
     names = read_stage_names(logdir)
     for step, stage in stage_starts(series.get("train/stage", [])):
         label = names[stage] if stage < len(names) else f"stage {stage + 1}"

@@ -135,17 +135,23 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule over all stages together (recipe section [schedule]).
+    """Learning-rate schedule over all stages together (recipe section [schedule]); the
+    recovery stage continues the same curve (no re-warm). Curves: lh_cp/schedule.py.
 
     warmup_steps: linear warmup from lr / warmup_steps to lr over this many steps.
-    decay: 'cosine', 'linear' or 'constant' from the end of warmup to the last step of the
-        last stage; the recovery stage continues the same curve.
-    min_lr_ratio: the learning rate at the last step, as a fraction of optim.lr.
+    decay: after warmup, 'constant' (lr to the last step: the paper's protocol), 'linear' or
+        'cosine' (down to min_lr_ratio * lr at the last step of the last stage), or 'wsd'
+        (warmup-stable-decay: lr until the last decay_steps steps, then linearly down to
+        min_lr_ratio * lr at the last step; put the decay inside the recovery stage with
+        decay_steps <= the recovery stage's steps).
+    min_lr_ratio: the learning rate at the last step, as a fraction of optim.lr (unused by 'constant').
+    decay_steps: length of the decaying tail of 'wsd'; must be 0 for the other curves.
     """
 
     warmup_steps: int = 100
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
+    decay_steps: int = 0
 
 
 @dataclass
@@ -200,12 +206,28 @@ class EvalConfig:
 
     val_interval: validation loss every this many global steps; 0 = only at stage ends
         (stage ends are always evaluated).
-    val_batches: global batches of the validation split per evaluation (the same ones each time).
+    val_batches: global batches of the validation split per evaluation (the same ones each
+        time; the split must hold that many distinct batches). Each validation logs val/loss
+        in the stage's attention mode and val/loss_dense with every layer dense on the same
+        batches (in a dense stage the two are one number). Compare models by val/loss_dense:
+        a Lighthouse-mode loss can read later tokens through the tile-wide selection
+        (docs/LIGHTHOUSE.md s.10), so it is not a language-model loss.
+    leak: at every validation of a Lighthouse stage, the leak metric (lh_cp/leak.py): the mean
+        increase of the Lighthouse-mode loss at probe positions t when only the input at t + 1
+        (val/leak_next_token_nats), or at t + 2 .. t + 4 (val/leak_near_future_nats), is
+        replaced; zero for a strictly causal model. Costs about leak_positions training steps
+        of a one-sequence batch per validation.
+    leak_positions: probe positions t (one validation window each, the same at every validation).
+    leak_in_dense_stages: also measure it at validations of dense stages, where it must be
+        exactly zero (a check of the metric itself).
     passkey: the passkey retrieval evaluation, run once after the last stage.
     """
 
     val_interval: int = 0
     val_batches: int = 2
+    leak: bool = True
+    leak_positions: int = 16
+    leak_in_dense_stages: bool = False
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
 
 

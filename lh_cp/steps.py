@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from lh_cp.data import BatchLoader
+from lh_cp.leak import IGNORE_INDEX, LeakProbe, leak_nats
 from lh_cp.parallel import shard_positions, shard_sequence, unshard_sequence
 from lh_cp.parallel.ulysses_sharding import ulysses_positions, ulysses_shard, ulysses_unshard
 from lh_cp.recipe import Recipe
@@ -65,6 +66,34 @@ def validation_loss(model, rt: Runtime, recipe: Recipe, stream) -> float:
         totals += torch.stack([loss_sum.double(), count.double()])
     dist.all_reduce(totals, group=rt.loss_group)
     return float(totals[0] / totals[1])
+
+
+@torch.no_grad()
+def probe_leak(model, rt: Runtime, recipe: Recipe, probe: LeakProbe) -> dict[str, float]:
+    """The leak metric of the model's current attention mode (lh_cp/leak.py) on `probe`.
+
+    Data-parallel rank r takes a contiguous share of the probe rows and runs them
+    data.batch_size rows per forward; every rank runs the same number of forwards (a rank
+    short of rows forwards one row without targets), as FSDP's collectives need, and each
+    variant is cut into the same row groups, so clean and perturbed forwards have the same shapes.
+    """
+    share = -(-probe.rows // rt.dp_size)
+    first, group = rt.dp_rank * share, recipe.data.batch_size
+
+    def loss_sums(variant: str) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=rt.device)
+        for begin in range(0, share, group):
+            lo, hi = first + begin, min(first + begin + group, first + share, probe.rows)
+            if hi > lo:
+                inputs, targets = probe.batch(variant, slice(lo, hi))
+            else:
+                inputs, targets = probe.batch("clean", slice(0, 1))
+                targets = torch.full_like(targets, IGNORE_INDEX)
+            total += _forward_sums(model, rt, recipe, inputs, targets)[0].double()
+        dist.all_reduce(total, group=rt.loss_group)
+        return float(total)
+
+    return leak_nats(loss_sums, probe.rows)
 
 
 def greedy_predictor(model, rt: Runtime, recipe: Recipe):

@@ -6,7 +6,9 @@ group and mesh, build the model identically on every rank, hand it to the engine
 from the newest complete checkpoint if there is one, then train stage after stage. Stage
 boundaries only switch the attention functions (Transformer.set_attention); weights,
 optimizer state, learning-rate curve and data position carry on, and every stage end is
-validated and checkpointed. After the last stage the passkey evaluation runs.
+validated and checkpointed. A validation reports the loss in the stage's mode and with every
+layer dense (the number to compare models by), and in Lighthouse stages the leak metric
+(lh_cp/leak.py). After the last stage the passkey evaluation runs.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from lh_cp.checkpoint import latest_checkpoint, prune_checkpoints
-from lh_cp.data import BatchLoader, make_tokenizer, token_stream
+from lh_cp.data import PATH_SOURCES, BatchLoader, make_tokenizer, token_stream
 from lh_cp.engines import build_engine, checkpoint_engine
+from lh_cp.leak import make_probe
 from lh_cp.metrics import MetricsWriter, flops_per_token, format_duration, peak_flops, peak_memory_gib
 from lh_cp.metrics import STAGES_TAG
 from lh_cp.model import Transformer
@@ -30,7 +33,7 @@ from lh_cp.plan import check_recipe
 from lh_cp.recipe import Recipe, RecipeError
 from lh_cp.runtime import Runtime, launched_world_size, start, stop
 from lh_cp.schedule import lr_at
-from lh_cp.steps import greedy_predictor, training_loss, validation_loss
+from lh_cp.steps import greedy_predictor, probe_leak, training_loss, validation_loss
 
 
 @dataclass
@@ -40,7 +43,9 @@ class TrainSummary:
     last_step: int
     resumed_from: int
     train_loss: dict[int, float] = field(default_factory=dict)  # logged steps
-    val_loss: dict[int, float] = field(default_factory=dict)
+    val_loss: dict[int, float] = field(default_factory=dict)  # in the stage's attention mode
+    val_loss_dense: dict[int, float] = field(default_factory=dict)  # every layer dense, same batches
+    leak: dict[int, dict[str, float]] = field(default_factory=dict)  # the leak metric, where measured
     passkey: dict[float, float] | None = None
     seconds: float = 0.0
 
@@ -51,7 +56,7 @@ def check_machine(recipe: Recipe) -> list[str]:
     data, missing = recipe.data, []
     if recipe.run.device == "cuda" and not torch.cuda.is_available():
         missing.append("run.device='cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
-    if data.source != "stdlib" and not Path(data.path).exists():
+    if data.source in PATH_SOURCES and not Path(data.path).exists():
         missing.append(f"data.path={data.path!r} does not exist (data.source={data.source!r})")
     if data.tokenizer != "bytes" and not Path(data.tokenizer).exists():
         missing.append(f"data.tokenizer={data.tokenizer!r} does not exist (use 'bytes' or a local tokenizer.json)")
@@ -61,6 +66,27 @@ def check_machine(recipe: Recipe) -> list[str]:
         missing.append(f"the checkpoint to resume, {found[1]}, was written by parallel.engine={written_by!r} "
                        f"but this run uses parallel.engine={engine!r}; resume with that engine or set another checkpoint.dir")
     return missing
+
+
+def check_data_volume(recipe: Recipe, train_windows: int, val_windows: int, dp: int) -> None:
+    """Refuse a run that would silently repeat data: more training sequences than
+    data.max_epochs passes over the train split, or validation batches that wrap around."""
+    data = recipe.data
+    needed = recipe.total_steps * data.batch_size * dp
+    if data.max_epochs and needed > data.max_epochs * train_windows:
+        raise RecipeError(
+            f"the run needs {recipe.total_steps} steps x {data.batch_size * dp} sequences = {needed:,} sequences of "
+            f"data.seq_len={data.seq_len}, but the train split of data.source={data.source!r} holds {train_windows:,} "
+            f"({needed / train_windows:.2f} passes; data.max_epochs={data.max_epochs:g}); use more data, fewer steps, "
+            f"or allow more passes with data.max_epochs"
+        )
+    val_needed = recipe.eval.val_batches * data.batch_size * dp
+    if val_needed > val_windows:
+        raise RecipeError(
+            f"each validation reads eval.val_batches={recipe.eval.val_batches} x {data.batch_size * dp} = {val_needed} "
+            f"sequences of data.seq_len={data.seq_len}, but the validation split holds {val_windows}; lower "
+            f"eval.val_batches or raise data.validation_fraction"
+        )
 
 
 def stage_index(recipe: Recipe, step: int) -> int:
@@ -81,6 +107,11 @@ class Trainer:
         self.train_stream = token_stream(data, self.tokenizer, "train")
         self.val_stream = token_stream(data, self.tokenizer, "validation")
         self.loader = BatchLoader(self.train_stream, data.seq_len, data.batch_size, rt.dp_rank, rt.dp_size, data.seed, shuffle=True)
+        check_data_volume(recipe, self.loader.windows, (len(self.val_stream) - 1) // data.seq_len, rt.dp_size)
+        measure_leak = recipe.eval.leak and any(s.attention == "lighthouse" for s in recipe.stages)
+        self.leak_probe = None
+        if measure_leak or recipe.eval.leak_in_dense_stages:
+            self.leak_probe = make_probe(self.val_stream, data.seq_len, recipe.eval.leak_positions, data.seed)
         # Same seed on every rank: identical initial weights before FSDP or ZeRO shards them.
         torch.manual_seed(recipe.run.seed)
         self.lighthouse = recipe.lighthouse.config()
@@ -173,11 +204,7 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
             window = LogWindow()
         val_interval = recipe.eval.val_interval
         if stage_end or (val_interval and step % val_interval == 0):
-            val = validation_loss(trainer.model, rt, recipe, trainer.val_stream)
-            summary.val_loss[step] = val
-            if writer:
-                writer.scalars(step, {"val/loss": val}, kind="val")
-                writer.console(f"step {step} validation loss {val:.4f} ({recipe.stages[stage].name})")
+            _validate(trainer, writer, summary, step, stage)
         interval = recipe.checkpoint.interval
         if stage_end or step == stop_at or (interval and step % interval == 0):
             trainer.save(step)
@@ -193,6 +220,38 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
                            f"(this invocation), checkpoints in {trainer.ckpt_dir}")
         writer.close()
     return summary
+
+
+def _validate(trainer: Trainer, writer: MetricsWriter | None, summary: TrainSummary, step: int, stage: int) -> None:
+    """Validation loss in the stage's mode and with every layer dense (same batches), and the
+    leak metric where it applies; logged to TensorBoard, metrics.jsonl and the console."""
+    recipe, rt, network = trainer.recipe, trainer.rt, trainer.network
+    mode = recipe.stages[stage].attention
+    values = {"val/loss": validation_loss(trainer.model, rt, recipe, trainer.val_stream)}
+    leak_here = trainer.leak_probe is not None and (
+        (mode == "lighthouse" and recipe.eval.leak) or (mode == "dense" and recipe.eval.leak_in_dense_stages))
+    if leak_here:
+        values.update(probe_leak(trainer.model, rt, recipe, trainer.leak_probe))
+    if mode == "dense":
+        values["val/loss_dense"] = values["val/loss"]
+    else:
+        network.set_attention("dense")
+        try:
+            values["val/loss_dense"] = validation_loss(trainer.model, rt, recipe, trainer.val_stream)
+        finally:
+            network.set_attention(mode)
+    summary.val_loss[step], summary.val_loss_dense[step] = values["val/loss"], values["val/loss_dense"]
+    if leak_here:
+        summary.leak[step] = {k: v for k, v in values.items() if "leak" in k}
+    if writer:
+        writer.scalars(step, values, kind="val")
+        line = f"step {step} validation loss {values['val/loss']:.4f} ({recipe.stages[stage].name}, {mode})"
+        if mode != "dense":
+            line += f" | dense-mode {values['val/loss_dense']:.4f}"
+        if leak_here:
+            line += (f" | leak: next token {values['val/leak_next_token_nats']:+.4f} nats, "
+                     f"t+2..t+4 {values['val/leak_near_future_nats']:+.4f} nats")
+        writer.console(line)
 
 
 @dataclass

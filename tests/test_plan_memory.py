@@ -26,7 +26,11 @@ TOLERANCE = 0.10
 FIT_SETS = ["stages.0.steps=1", "schedule.warmup_steps=0", "data.validation_fraction=0.1", "eval.val_batches=1"]
 # The overrides of the CP runs' commands (README, "On GPUs over NCCL").
 CP_270M = ["parallel.cp=2", "data.validation_fraction=0.1", "eval.val_batches=1"]
-CP_530M = [
+# recipes/1m.toml as it was when measured: 16 layers, 16/8 heads of 64, FFN 4416 (530.1M
+# parameters; the recipe has since moved to the paper's 30-layer shape).
+MEASURED_530M_MODEL = ["model.n_layers=16", "model.n_heads=16", "model.n_kv_heads=8", "model.ffn_dim=4416",
+                       "lighthouse.dense_layers=[0, 1, -2, -1]"]
+CP_530M = MEASURED_530M_MODEL + [
     "parallel.cp=2", "parallel.dp_shard=1", "data.source='stdlib'", "data.tokenizer='bytes'", "data.path=''",
     "data.eod_token=''", "data.cache_dir=''", "data.validation_fraction=0.1", "eval.val_batches=1",
     "eval.passkey.enabled=false", "checkpoint.interval=0", "schedule.warmup_steps=1",

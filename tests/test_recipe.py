@@ -100,6 +100,39 @@ def test_schedule_warmup_then_cosine_to_the_floor():
     assert [lr_at(s, 4, linear.optim, linear.schedule) for s in (1, 2, 3, 4)] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
 
 
+@pytest.mark.parametrize("decay", ["constant", "linear", "cosine", "wsd"])
+def test_every_curve_is_continuous_at_the_stage_boundary(decay):
+    """The recovery stage continues the curve: no re-warm and no jump at the switch (the step
+    after the boundary moves by at most one step's decay)."""
+    sets = ["schedule.warmup_steps=10", "optim.lr=1.0", "schedule.min_lr_ratio=0.1", "stages.0.steps=60",
+            "stages.1.steps=40", f"schedule.decay='{decay}'"] + (["schedule.decay_steps=40"] if decay == "wsd" else [])
+    recipe = recipe_from_dict(_valid(), sets)
+    values = [lr_at(s, recipe.total_steps, recipe.optim, recipe.schedule) for s in range(1, 101)]
+    largest_step = max(abs(a - b) for a, b in zip(values[10:], values[11:]))
+    assert abs(values[60] - values[59]) <= largest_step + 1e-12
+    assert values[9] == pytest.approx(1.0) and values[0] == pytest.approx(0.1)  # warmup 1/10 .. 10/10
+    if decay == "constant":
+        assert values[10:] == [1.0] * 90
+    if decay == "wsd":
+        assert values[10:60] == [1.0] * 50  # stable through the whole Lighthouse stage
+        assert values[60:] == pytest.approx([1.0 - 0.9 * i / 40 for i in range(1, 41)])  # linear inside recovery
+        assert values[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "sets, rule",
+    [
+        (["schedule.decay='wsd'"], r"schedule.decay_steps=0 must lie in \[1, total steps - warmup_steps\] = \[1, 4 - 1 = 3\]"),
+        (["schedule.decay='wsd'", "schedule.decay_steps=4"], r"schedule.decay_steps=4 must lie in \[1, "),
+        (["schedule.decay_steps=2"], r"schedule.decay_steps=2 is used by schedule.decay='wsd' only"),
+        (["schedule.decay='step'"], r"schedule.decay must be one of \('constant', 'linear', 'cosine', 'wsd'\), got 'step'"),
+    ],
+)
+def test_schedule_rules_name_the_numbers(sets, rule):
+    errors = check_recipe(recipe_from_dict(_valid(), sets))
+    assert any(__import__("re").search(rule, e) for e in errors), errors
+
+
 def test_quickstart_recipe_plans(capsys):
     assert main(["plan", str(RECIPES / "quickstart.toml"), "--world-size", "2"]) == 0
     out = capsys.readouterr().out
@@ -123,4 +156,30 @@ def test_long_recipes_plan_at_their_length_and_gpu_count(name, capsys):
 
 def test_530m_parameter_count_is_what_the_readme_states():
     recipe = load_recipe(RECIPES / "128k.toml")
-    assert count_parameters(recipe.model) == 530_088_960
+    assert count_parameters(recipe.model) == 530_117_632
+
+
+@pytest.mark.parametrize("name", sorted(LONG_RECIPES) + ["paper_98k.toml"])
+def test_long_recipes_follow_the_papers_model_and_schedule(name):
+    """docs/LIGHTHOUSE.md s.9: dim 1024, 30 layers, 8/8 heads of 128, FFN 1536, dense layers
+    0, 1, 28, 29; AdamW 2e-3 (0.9, 0.95), eps 1e-8, wd 0.1, clip 1; 2000 warmup steps, then
+    constant; 10,000 Lighthouse + 6,000 dense steps."""
+    recipe = load_recipe(RECIPES / name)
+    m, opt, sched = recipe.model, recipe.optim, recipe.schedule
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim) == (1024, 30, 8, 8, 128, 1536)
+    assert not m.tie_embeddings and m.vocab_size == 128256
+    assert sorted(i % m.n_layers for i in recipe.lighthouse.dense_layers) == [0, 1, 28, 29]
+    assert (opt.lr, opt.betas, opt.eps, opt.weight_decay, opt.grad_clip) == (2e-3, [0.9, 0.95], 1e-8, 0.1, 1.0)
+    assert (sched.warmup_steps, sched.decay) == (2000, "constant")
+    assert [(s.attention, s.steps) for s in recipe.stages] == [("lighthouse", 10000), ("dense", 6000)]
+
+
+def test_paper_recipe_is_the_papers_run():
+    recipe = load_recipe(RECIPES / "paper_98k.toml")
+    lh, data = recipe.lighthouse, recipe.data
+    assert (lh.pool, lh.levels, lh.topk, lh.tile_budget) == (4, 3, 1536, 128)
+    assert recipe.lighthouse.config().tile_size(data.seq_len) == 8192
+    assert (data.seq_len, data.tokenizer, recipe.model.rope_theta) == (98304, "bytes", 1e4)
+    assert data.batch_size * recipe.parallel.dp == 32  # 32 windows = 3.1M tokens per step
+    assert check_recipe(recipe, world_size=recipe.parallel.world_size) == []
+    assert count_parameters(recipe.model) == 530_117_632

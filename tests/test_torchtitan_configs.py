@@ -22,8 +22,8 @@ NAMED = {
     "lighthouse_debugmodel_recovery": (6, 15, "dense", 10),
     "lighthouse_270m": (30, 10000, "lighthouse", 0),
     "lighthouse_270m_recovery": (30, 16000, "dense", 10000),
-    "lighthouse_530m": (16, 10000, "lighthouse", 0),
-    "lighthouse_530m_recovery": (16, 16000, "dense", 10000),
+    "lighthouse_530m": (30, 10000, "lighthouse", 0),
+    "lighthouse_530m_recovery": (30, 16000, "dense", 10000),
 }
 
 
@@ -52,13 +52,17 @@ def test_named_sizes():
     c270, c530 = parse("--config", "lighthouse_270m").model, parse("--config", "lighthouse_530m").model
     assert (c270.dim, c270.n_layers, c270.ffn_dim, c270.n_heads) == (1024, 30, 1536, 8)
     assert parse("--config", "lighthouse_270m").lighthouse.dense_layers == [0, 1, 28, 29]
-    # The 530M model is the one of the lh-cp long recipes, so one recipe drives both trainers.
-    assert (c530.dim, c530.n_layers, c530.ffn_dim, c530.n_heads, c530.n_kv_heads) == (1024, 16, 4416, 16, 8)
-    for cfg, millions in ((c270, 267.4), (c530, 267.4)):
+    # The 530M model is the one of the lh-cp long recipes (the paper's shape, RoPE base 1e6),
+    # so one recipe drives both trainers.
+    long_recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "128k.toml").model
+    assert (c530.dim, c530.n_layers, c530.ffn_dim, c530.n_heads, c530.n_kv_heads, c530.rope_theta) == (
+        long_recipe.dim, long_recipe.n_layers, long_recipe.ffn_dim, long_recipe.n_heads, long_recipe.n_kv_heads,
+        long_recipe.rope_theta)
+    assert (c270.rope_theta, c530.rope_theta) == (1e4, 1e6)
+    for cfg in (c270, c530):
         per_layer = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim + 3 * cfg.dim * cfg.ffn_dim
-        assert round(cfg.n_layers * per_layer / 1e6, 1) == millions
-    with_embeddings = 16 * (2 * 1024 * 1024 + 2 * 1024 * 8 * 64 + 3 * 1024 * 4416) + 2 * c530.vocab_size * 1024
-    assert round(with_embeddings / 1e6, 1) == 530.1
+        assert round(cfg.n_layers * per_layer / 1e6, 1) == 267.4
+        assert round((cfg.n_layers * per_layer + 2 * cfg.vocab_size * cfg.dim) / 1e6, 1) == 530.1
 
 
 def test_config_manager_loads_recipe_stages(monkeypatch):

@@ -45,6 +45,12 @@ def test_straight_run_trains_both_stages_and_writes_everything(straight):
     assert sorted(summary.train_loss) == [1, 2, 3, 4, 5, 6]
     assert summary.train_loss[6] < summary.train_loss[1]
     assert sorted(summary.val_loss) == [4, 6]  # each stage end is validated
+    # Both modes at the Lighthouse stage's validation (different numbers); one in the dense stage.
+    assert sorted(summary.val_loss_dense) == [4, 6] and summary.val_loss_dense[6] == summary.val_loss[6]
+    assert summary.val_loss_dense[4] != summary.val_loss[4]
+    assert sorted(summary.leak) == [4]  # the leak metric runs in Lighthouse stages only
+    assert logged_losses(out, "val", "val/loss_dense") == summary.val_loss_dense
+    assert logged_losses(out, "val", "val/leak_next_token_nats") == {4: summary.leak[4]["val/leak_next_token_nats"]}
     assert sorted(complete_checkpoints(out / "checkpoints")) == [4, 6]  # stage ends
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
     assert logged_losses(out) == summary.train_loss
@@ -60,6 +66,25 @@ def test_exact_resume_mid_stage(tmp_path, corpus, straight):
     assert {**first.train_loss, **second.train_loss} == reference.train_loss
     assert logged_losses(tmp_path) == reference.train_loss
     assert second.val_loss == {k: v for k, v in reference.val_loss.items() if k > 3}
+
+
+@pytest.mark.parametrize("decay", ["constant", "wsd"])
+def test_resume_continues_the_learning_rate_curve(tmp_path, corpus, decay):
+    """Stopped at the stage boundary and resumed, the logged learning rates are lr_at's at every
+    step (warmup, then the stable part through stage 1, the decay inside recovery for 'wsd')
+    and the losses equal the uninterrupted run's."""
+    from lh_cp.schedule import lr_at
+
+    sets = [f"schedule.decay='{decay}'"] + (["schedule.decay_steps=2"] if decay == "wsd" else [])
+    reference = train(tiny_recipe(tmp_path / "straight", corpus, sets))
+    train(tiny_recipe(tmp_path / "resumed", corpus, sets + ["run.stop_after_step=4"]))
+    recipe = tiny_recipe(tmp_path / "resumed", corpus, sets)
+    resumed = train(recipe)
+    assert resumed.resumed_from == 4 and logged_losses(tmp_path / "resumed") == reference.train_loss
+    logged_lr = logged_losses(tmp_path / "resumed", "train", "train/lr")
+    assert logged_lr == {s: lr_at(s, 6, recipe.optim, recipe.schedule) for s in range(1, 7)}
+    assert logged_lr[4] == logged_lr[3] == recipe.optim.lr  # stable up to the boundary
+    assert (logged_lr[6] < logged_lr[5] < logged_lr[4]) == (decay == "wsd")
 
 
 def test_recovery_resumes_from_the_stage_1_checkpoint(tmp_path, corpus, straight):

@@ -41,13 +41,15 @@ def tiny_recipe(out_dir: Path, corpus: Path, overrides: list[str] = (), **kwargs
     return recipe_from_dict(tiny_recipe_dict(out_dir, corpus, **kwargs), list(overrides))
 
 
-def logged_losses(out_dir: Path, kind: str = "train") -> dict[int, float]:
-    """Step -> loss from a run's metrics.jsonl (the trainer keeps one line per step)."""
+def logged_losses(out_dir: Path, kind: str = "train", key: str = "") -> dict[int, float]:
+    """Step -> value of `key` from a run's metrics.jsonl lines of `kind` (the trainer keeps one
+    line per step). Without `key`, '<kind>/loss', which every line of the kind must hold; an
+    explicit key is read from the lines that hold it."""
     losses = {}
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if record["kind"] == kind:
-            losses[record["step"]] = record[f"{kind}/loss"]
+        if record["kind"] == kind and (not key or key in record):
+            losses[record["step"]] = record[key or f"{kind}/loss"]
     return losses
 
 

@@ -48,8 +48,8 @@ class LhCpDataLoader(ParallelAwareDataloader):
     @dataclass(kw_only=True, slots=True)
     class Config(ParallelAwareDataloader.Config):
         """dataset: lh-cp data source: 'stdlib' (this Python's standard-library sources, no
-            download), 'files' (local .txt / .jsonl) or 'hf' (Hugging Face `datasets` over
-            local files or a save_to_disk folder).
+            download), 'python' (every installed distribution's .py sources), 'files' (local
+            .txt / .jsonl) or 'hf' (Hugging Face `datasets` over local files or a save_to_disk folder).
         dataset_path: file or folder for 'files' and 'hf'.
         format, text_field, validation_fraction, seed, cache_dir: as lh_cp.data.DataConfig.
         """

@@ -2,15 +2,18 @@
 
 - debugmodel: 6 layers of width 128 on the byte tokenizer and this Python's standard library;
   runs anywhere (its forward/backward is tested on CPU), 10 Lighthouse + 5 recovery steps.
-- 270M: dim 1024, 30 layers, FFN 1536, 8 heads; 267.4M parameters without embeddings.
-- 530M: the model of recipes/128k.toml..1m.toml: dim 1024, 16 layers, FFN 4416, 16 query and 8
-  key/value heads; 267.4M parameters without embeddings, 530.1M with untied Llama-3 embeddings.
+- 270M: the paper's ablation model (docs/LIGHTHOUSE.md s.9): dim 1024, 30 layers, FFN 1536,
+  8 heads of 128; 267.4M parameters in the blocks ("270M"), 530.1M with the untied Llama-3
+  embeddings (the paper's "530M"); RoPE base 1e4 as the paper.
+- 530M: the same model as the long recipes (recipes/128k.toml..1m.toml) train it: the shape
+  above with their RoPE base 1e6 (they raise it with the context).
 The two Llama-3 sizes use the Llama-3 vocabulary (128256) with its tokenizer read from
 ./assets/hf/Llama-3.1-8B (override with --tokenizer.name), train on local JSONL documents
 (a "text" field per line) under ./data (override with --dataloader.dataset_path; the token
 stream is cached under the run's folder) at 98304 tokens with the reference
 Lighthouse settings (pool 4, 3 levels, topk 1536, tile budget 128: tile T = 8192), dense
-layers the first two and the last two, 10000 Lighthouse steps then 6000 dense recovery steps.
+layers the first two and the last two, 10000 Lighthouse steps then 6000 dense recovery steps
+under the paper's schedule (AdamW 2e-3, 2000 warmup steps, then constant through both stages).
 """
 
 from __future__ import annotations
@@ -57,19 +60,22 @@ def _llama3(name: str, model: ModelConfig, dense_layers: list[int]) -> Recipe:
             source="files", path="./data", format="jsonl", tokenizer=LLAMA3_TOKENIZER,
             eod_token="<|end_of_text|>", seq_len=98304, batch_size=1, cache_dir=f"./outputs/{name}/tokens",
         ),
-        optim=OptimConfig(lr=3e-4, weight_decay=0.1, grad_clip=1.0),
-        schedule=ScheduleConfig(warmup_steps=500, decay="cosine", min_lr_ratio=0.1),
+        optim=OptimConfig(lr=2e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, grad_clip=1.0),
+        schedule=ScheduleConfig(warmup_steps=2000, decay="constant"),
         stages=_stages(10000, 6000),
         checkpoint=CheckpointConfig(interval=500, keep_last=3),
         metrics=MetricsConfig(log_interval=10),
     )
 
 
+def _paper_model(rope_theta: float) -> ModelConfig:
+    return ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1024, n_layers=30, n_heads=8, n_kv_heads=8, ffn_dim=1536,
+                       rope_theta=rope_theta)
+
+
 def llama3_270m() -> Recipe:
-    model = ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1024, n_layers=30, n_heads=8, n_kv_heads=8, ffn_dim=1536, rope_theta=500000.0)
-    return _llama3("lighthouse_270m", model, [0, 1, 28, 29])
+    return _llama3("lighthouse_270m", _paper_model(1e4), [0, 1, 28, 29])
 
 
 def llama3_530m() -> Recipe:
-    model = ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1024, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=4416, rope_theta=500000.0)
-    return _llama3("lighthouse_530m", model, [0, 1, 14, 15])
+    return _llama3("lighthouse_530m", _paper_model(1e6), [0, 1, 28, 29])
