@@ -1,13 +1,12 @@
-"""End-to-end training on one GPU: Lighthouse-stage throughput and recovered-model quality.
+"""End-to-end training on one GPU: Lighthouse-stage throughput and the longest context that fits.
 
 Throughput: recipes/h100_270m.toml (the paper's ~270M ablation model) trained by
 `lh-cp train` for a few steps at each context, once with Lighthouse (layers 0, 1, 28, 29
 dense) and once all-dense; tokens/s is the median over the steps after the first two
 (compilation of kernels, allocator warm-up).
 
-Quality: recipes/h100_quality.toml (~25M parameters, 16K context): Lighthouse for 80% of the
-steps then dense recovery, against the same recipe with one dense stage of the same length
-(same seed, same data order). Final validation loss, passkey accuracy by depth, wall time.
+Fit probe: one training step of the same recipe at each given context (fits, peak memory).
+The quality of the recovered model is benchmarks/quality.py's.
 
     python benchmarks/train_h100.py --out /tmp/train_h100     # on the GPU machine
     python benchmarks/train_h100.py --plot benchmarks/results/train_h100.json   # here
@@ -19,40 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
+from runs import read_metrics, train
 
 # The fit probe runs with the caching allocator's expandable segments (as launch/*.sh set
 # it): without them a 768K step failed with 24 GiB reserved but unallocated (fragmentation).
 FIT_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-
-
-def train(recipe: str, run_dir: Path, sets: list[str], timeout: float,
-          env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """Run `lh-cp train` in a fresh process; returns wall seconds, exit code, output tail."""
-    cmd = [sys.executable, "-m", "lh_cp.cli", "train", str(REPO / recipe), "--set", f"run.out_dir='{run_dir}'"]
-    for item in sets:
-        cmd += ["--set", item]
-    begin = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, **(env or {})})
-        code, out = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as err:
-        code, out = 124, f"timeout after {timeout:.0f} s: {(err.stdout or b'')[-2000:]!r}"
-    return time.perf_counter() - begin, code, out[-3000:]
 
 
 def throughput(args) -> list[dict]:
@@ -98,28 +72,6 @@ def fit_probe(args) -> list[dict]:
     return rows
 
 
-def quality(args) -> dict:
-    runs = {}
-    variants = {
-        "recovered": [],
-        # One dense stage of the same total length, same seed and data order.
-        "dense": ["stages=[{name='dense', attention='dense', steps=400}]"],
-    }
-    for name, sets in variants.items():
-        run_dir = args.out / f"quality_{name}"
-        seconds, code, tail = train("recipes/h100_quality.toml", run_dir, sets, args.quality_timeout)
-        metrics = read_metrics(run_dir)
-        val = [r for r in metrics if r["kind"] == "val"]
-        passkey = json.loads((run_dir / "passkey.json").read_text()) if (run_dir / "passkey.json").is_file() else None
-        runs[name] = {"exit_code": code, "wall_s": seconds, "final_val_loss": val[-1]["val/loss"] if val else None,
-                      "val_loss": [[r["step"], r["val/loss"]] for r in val], "passkey": passkey,
-                      "train": [[r["step"], r["train/loss"], r["perf/tokens_per_s"]] for r in metrics if r["kind"] == "train"]}
-        if code != 0:
-            runs[name]["error_tail"] = tail[-600:]
-        print(json.dumps({k: v for k, v in runs[name].items() if k != "train"}), flush=True)
-    return runs
-
-
 def plot(result_path: Path) -> None:
     import matplotlib
 
@@ -127,30 +79,6 @@ def plot(result_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     result = json.loads(result_path.read_text())
-    quality_runs = result.get("quality", {})
-    tokens_per_step = result.get("quality_tokens_per_step", 65536)
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, run in quality_runs.items():
-        steps = [s for s, _, _ in run["train"]]
-        losses = [l for _, l, _ in run["train"]]
-        clock, prev, seconds = [], 0, 0.0
-        for step, _, tps in run["train"]:
-            seconds += (step - prev) * tokens_per_step / tps
-            clock.append(seconds)
-            prev = step
-        by_step.plot(steps, losses, label=name)
-        by_time.plot(clock, losses, label=name)
-        if name == "recovered":
-            boundary = result.get("stage_boundary_step", 320)
-            by_step.axvline(boundary, color="gray", linestyle="--", label="recovery starts")
-            index = max(i for i, s in enumerate(steps) if s <= boundary)
-            by_time.axvline(clock[index], color="gray", linestyle="--")
-    by_step.set_xlabel("step"), by_step.set_ylabel("train loss"), by_step.legend()
-    by_time.set_xlabel("training seconds (from tokens/s)"), by_time.set_ylabel("train loss")
-    fig.suptitle("16K context, ~25M params: Lighthouse 80% + dense recovery vs dense from scratch")
-    fig.tight_layout()
-    fig.savefig(result_path.with_name("train_h100_loss.png"), dpi=110)
-
     rows = result.get("throughput", [])
     if rows:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -170,9 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="32768,65536,131072")
     p.add_argument("--tp-steps", type=int, default=6)
     p.add_argument("--tp-timeout", type=float, default=240)
-    p.add_argument("--quality-timeout", type=float, default=420)
     p.add_argument("--skip-throughput", action="store_true")
-    p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--fit-probe", default="", help="attention:N pairs, one training step each, e.g. lighthouse:524288,dense:262144")
     p.add_argument("--plot", type=Path, default=None, help="only draw the PNGs of an existing result file")
     args = p.parse_args(argv)
@@ -183,9 +109,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-              "commands": {"throughput": "lh-cp train recipes/h100_270m.toml --set data.seq_len=N --set stages.0.attention=...",
-                           "quality": "lh-cp train recipes/h100_quality.toml (recovered) and with stages=[dense 400] (dense)"},
-              "quality_tokens_per_step": 16384 * 4, "stage_boundary_step": 320}
+              "commands": {"throughput": "lh-cp train recipes/h100_270m.toml --set data.seq_len=N --set stages.0.attention=..."}}
     if not args.skip_throughput:
         result["throughput"] = throughput(args)
         by = {(r["N"], r["attention"]): r["tokens_per_s"] for r in result["throughput"]}
@@ -193,12 +117,8 @@ def main(argv=None) -> int:
             result["throughput_ratio_128k"] = by[(131072, "lighthouse")] / by[(131072, "dense")]
     if args.fit_probe:
         result["fit_probe"] = fit_probe(args)
-    if not args.skip_quality:
-        result["quality"] = quality(args)
-        result["dense_final_val_loss"] = result["quality"]["dense"]["final_val_loss"]
-        result["recovered_final_val_loss"] = result["quality"]["recovered"]["final_val_loss"]
     (args.out / "train_h100.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("throughput", "quality")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "throughput"}, indent=1))
     return 0
 
 

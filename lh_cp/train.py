@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from lh_cp.checkpoint import latest_checkpoint, prune_checkpoints
 from lh_cp.data import PATH_SOURCES, BatchLoader, make_tokenizer, token_stream

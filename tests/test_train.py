@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from lh_cp.checkpoint import complete_checkpoints
 from lh_cp.train import train
