@@ -426,9 +426,10 @@ def main(argv=None) -> int:
 
         for split in ("train", "validation"):
             token_stream(recipe.data, make_tokenizer(recipe.data), split)
-        runs = run_all(args, common)
+        # Timing first, while the device is otherwise idle (and so that it survives a cut-short run).
         timing = time_alone(args, common) if args.timing_steps else None
         (args.out / "timing.json").write_text(json.dumps(timing))
+        runs = run_all(args, common)
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
         "recipe": RECIPE, "common_overrides": common, "steps": args.steps, "seeds": args.seeds,
