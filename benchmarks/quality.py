@@ -260,17 +260,34 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
             "tokens_per_s_alone": rates, "train_wall_s_alone": wall,
             "per_seed": {str(s): r for s, r in per_seed.items()},
         }
-    for name, result in arms.items():
+    derive_comparisons(arms)
+    return {"dense_arm": DENSE_ARM, "paper_split_arm": PAPER_SPLIT_ARM, "arms": arms, "runs": runs}
+
+
+def derive_comparisons(arms: dict) -> None:
+    """Each arm against its baseline, from the per-seed results alone (so a stored result file
+    can be re-derived): crossing_step, the difference of the means, and the paired difference
+    (arm minus baseline on the same seed: same initial weights and data order) per seed, with
+    its mean and standard deviation."""
+    for result in arms.values():
         baseline = arms.get(result["baseline"])
-        last = switch_step(ARMS[name], steps)
-        result["crossing_step"] = None
-        if baseline and last and result["seeds"] and baseline["seeds"]:
+        result["crossing_step"] = result["minus_baseline_final_mean"] = None
+        result["paired_minus_baseline"], result["paired_minus_baseline_mean"] = {}, None
+        result["paired_minus_baseline_std"] = None
+        if not baseline or baseline is result or not result["seeds"] or not baseline["seeds"]:
+            continue
+        if result["lighthouse_steps"]:
             mine = seed_mean([r["val_loss_dense"] for r in result["per_seed"].values()])
             theirs = seed_mean([r["val_loss_dense"] for r in baseline["per_seed"].values()])
-            result["crossing_step"] = crossing_step(mine, theirs, last)
-        if baseline and result["final_dense_val_loss_mean"] is not None and baseline["final_dense_val_loss_mean"] is not None:
-            result["minus_baseline_final_mean"] = result["final_dense_val_loss_mean"] - baseline["final_dense_val_loss_mean"]
-    return {"dense_arm": DENSE_ARM, "paper_split_arm": PAPER_SPLIT_ARM, "arms": arms, "runs": runs}
+            result["crossing_step"] = crossing_step(mine, theirs, result["lighthouse_steps"])
+        result["minus_baseline_final_mean"] = result["final_dense_val_loss_mean"] - baseline["final_dense_val_loss_mean"]
+        paired = {seed: mine["final_dense_val_loss"] - baseline["per_seed"][seed]["final_dense_val_loss"]
+                  for seed, mine in result["per_seed"].items() if seed in baseline["per_seed"]}
+        result["paired_minus_baseline"] = paired
+        if paired:
+            result["paired_minus_baseline_mean"] = statistics.fmean(paired.values())
+        if len(paired) > 1:
+            result["paired_minus_baseline_std"] = statistics.stdev(paired.values())
 
 
 # ---------------------------------------------------------------------------- plots
@@ -357,8 +374,8 @@ def plot(result_path: Path) -> list[Path]:
 
 
 def format_table(result: dict) -> str:
-    rows = ["| arm | seeds | final dense-mode val loss (per seed) | mean | std | minus baseline | jump at switch | "
-            "crossing step | leak t+1 (nats) | leak t+2..4 | tokens/s alone (LH / dense) | train time alone |",
+    rows = ["| arm | seeds | final dense-mode val loss (per seed) | mean | std | paired minus baseline: mean (std) | "
+            "jump at switch | crossing step | leak t+1 (nats) | leak t+2..4 | tokens/s alone (LH / dense) | train time alone |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(x, fmt=".4f"):
@@ -369,7 +386,8 @@ def format_table(result: dict) -> str:
         rows.append(
             f"| {name} | {len(arm['seeds'])} | {', '.join(num(v) for v in arm['final_dense_val_loss'])} | "
             f"{num(arm['final_dense_val_loss_mean'])} | {num(arm['final_dense_val_loss_std'])} | "
-            f"{num(arm.get('minus_baseline_final_mean'), '+.4f')} ({arm['baseline']}) | {num(arm['switch_jump_train_nats'], '+.3f')} | "
+            f"{num(arm.get('paired_minus_baseline_mean'), '+.4f')} ({num(arm.get('paired_minus_baseline_std'))}) vs {arm['baseline']} | "
+            f"{num(arm['switch_jump_train_nats'], '+.3f')} | "
             f"{arm['crossing_step'] if arm['crossing_step'] is not None else '-'} | {num(arm['leak_next_token_nats'], '+.4f')} | "
             f"{num(arm['leak_near_future_nats'], '+.4f')} | "
             f"{num(rates.get('lighthouse') if arm['lighthouse_steps'] else None, ',.0f')} / {num(rates.get('dense'), ',.0f')} | "
@@ -392,9 +410,12 @@ def main(argv=None) -> int:
     p.add_argument("--collect", action="store_true", help="train nothing: summarise the runs finished so far")
     args = p.parse_args(argv)
     if args.plot:
+        result = json.loads(args.plot.read_text())
+        derive_comparisons(result["arms"])  # a stored file gets the current definitions
+        args.plot.write_text(json.dumps(result, indent=1))
         for path in plot(args.plot):
             print(f"wrote {path}")
-        print(format_table(json.loads(args.plot.read_text())))
+        print(format_table(result))
         return 0
     args.arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in args.arms if a not in ARMS]
