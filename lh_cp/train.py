@@ -244,9 +244,9 @@ def _validate(trainer: Trainer, writer: MetricsWriter | None, summary: TrainSumm
         summary.leak[step] = {k: v for k, v in values.items() if "leak" in k}
     if writer:
         writer.scalars(step, values, kind="val")
-        line = f"step {step} validation loss {values['val/loss']:.4f} ({recipe.stages[stage].name}, {mode})"
+        line = f"step {step} validation ({recipe.stages[stage].name}): {mode}-mode loss {values['val/loss']:.4f}"
         if mode != "dense":
-            line += f" | dense-mode {values['val/loss_dense']:.4f}"
+            line += f", dense-mode loss {values['val/loss_dense']:.4f}"
         if leak_here:
             line += (f" | leak: next token {values['val/leak_next_token_nats']:+.4f} nats, "
                      f"t+2..t+4 {values['val/leak_near_future_nats']:+.4f} nats")

@@ -171,3 +171,55 @@ def test_hf_source_without_datasets_names_the_package(tmp_path, monkeypatch):
     cfg = DataConfig(source="hf", path=str(tmp_path), format="jsonl")
     with pytest.raises(ImportError, match=r"needs the Python package 'datasets'"):
         token_stream(cfg, ByteTokenizer(), "train")
+
+
+def test_python_corpus_dedupes_by_content_and_splits_by_whole_unit():
+    """Every kept file's content is distinct; a unit (distribution or standard-library module)
+    lies wholly on one side; the held-out bytes stay within the fraction; two builds agree."""
+    import hashlib
+
+    from lh_cp.corpus import python_corpus
+
+    corpus = python_corpus(0.02)
+    names = [unit.name for unit in corpus.units]
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert any(n.startswith("dist/torch") for n in names) and any(n.startswith("stdlib/") for n in names)
+    digests = [hashlib.blake2b(f.read_bytes(), digest_size=16).digest() for u in corpus.units for f in u.files]
+    assert len(set(digests)) == len(digests)
+    files = [f for u in corpus.units for f in u.files]
+    assert len(set(files)) == len(files)  # no file in two units
+    total = sum(corpus.sizes)
+    assert 0 < corpus.split_bytes("validation") <= 0.02 * total
+    assert corpus.split_bytes("train") + corpus.split_bytes("validation") == total
+    python_corpus.cache_clear()
+    again = python_corpus(0.02)
+    assert again.validation == corpus.validation and again.units == corpus.units
+
+
+def test_python_source_streams_both_splits_and_caches_by_the_file_list(tmp_path):
+    from lh_cp.corpus import python_corpus
+
+    cfg = DataConfig(source="python", cache_dir=str(tmp_path))
+    tok = make_tokenizer(cfg)
+    validation = token_stream(cfg, tok, "validation")
+    corpus = python_corpus(0.02)
+    held_out = [u for u in corpus.units if u.name in corpus.validation]
+    assert int((validation == tok.eod_id).sum()) == sum(len(u.files) for u in held_out)
+    assert len(validation) == corpus.split_bytes("validation") + sum(len(u.files) for u in held_out)
+    assert len(list(tmp_path.glob("validation-*.npy"))) == 1
+    cfg.validate()  # no data.path needed
+
+
+def test_a_run_that_would_repeat_data_is_refused_with_the_numbers(tmp_path):
+    from lh_cp.recipe import RecipeError, recipe_from_dict
+    from lh_cp.train import check_data_volume
+
+    recipe = recipe_from_dict({"data": {"seq_len": 128, "batch_size": 2}, "eval": {"val_batches": 3},
+                               "stages": [{"name": "a", "attention": "dense", "steps": 10}]})
+    check_data_volume(recipe, train_windows=20, val_windows=6, dp=1)  # exactly one pass, no wrap
+    with pytest.raises(RecipeError, match=r"10 steps x 2 sequences = 20 sequences.*holds 19 \(1.05 passes; data.max_epochs=1\)"):
+        check_data_volume(recipe, train_windows=19, val_windows=6, dp=1)
+    with pytest.raises(RecipeError, match=r"eval.val_batches=3 x 4 = 12 sequences.*the validation split holds 6"):
+        check_data_volume(recipe, train_windows=100, val_windows=6, dp=2)
+    recipe.data.max_epochs = 0.0  # no limit
+    check_data_volume(recipe, train_windows=1, val_windows=6, dp=1)

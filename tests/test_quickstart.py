@@ -51,6 +51,10 @@ def test_short_quickstart_under_torchrun_then_cp_equals_one_process(tmp_path):
     losses = logged_losses(out)
     assert sorted(losses) == list(range(1, 8)) and losses[7] < losses[1]
     assert sorted(logged_losses(out, "val")) == [4, 7]
+    # Under CP too: both validation losses at every validation, the leak metric in the Lighthouse stage.
+    assert sorted(logged_losses(out, "val", "val/loss_dense")) == [4, 7]
+    assert sorted(logged_losses(out, "val", "val/leak_next_token_nats")) == [4]
+    assert "dense-mode" in console and "leak: next token" in console
     assert json.loads((out / "passkey.json").read_text())["accuracy_by_depth"].keys() == {"0.5"}
     assert console.count("[quickstart] step ") >= 7  # rank 0 only: one line per logged step
 

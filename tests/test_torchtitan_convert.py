@@ -34,6 +34,17 @@ def test_recipe_sections_reach_the_torchtitan_config():
     assert config.metrics.log_freq == recipe.metrics.log_interval and config.debug.seed == recipe.run.seed
 
 
+@pytest.mark.parametrize("sets, ratio, decay_type, floor", [
+    (["schedule.decay='constant'"], 0.0, "linear", 0.1),  # the paper's torchtitan setting: decay_ratio = 0
+    (["schedule.decay='wsd'", "schedule.decay_steps=40", "schedule.min_lr_ratio=0.2"], 40 / 160, "linear", 0.2),
+    (["schedule.decay='cosine'"], None, "cosine", 0.1),
+])
+def test_every_schedule_reaches_torchtitan(sets, ratio, decay_type, floor):
+    config = trainer_config_from_recipe(load_recipe(QUICKSTART, sets), 0).lr_scheduler
+    assert (config.decay_ratio, config.decay_type, config.min_lr_factor) == (ratio, decay_type, floor)
+    assert round(config.total_steps * (config.decay_ratio or 0)) == (40 if ratio else 0)
+
+
 def test_cli_prints_one_torchtitan_command_per_stage(capsys):
     assert main([QUICKSTART]) == 0
     out = capsys.readouterr().out
