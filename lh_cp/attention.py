@@ -1,4 +1,7 @@
-"""Public attention functions: Lighthouse (pool, select, gather, SDPA, scatter) and dense causal.
+"""Single-device attention: Lighthouse (compress, causal SDPA over the entries, deliver) and
+dense causal attention. Nothing here talks to other ranks; the public functions with `cp=`
+(lh_cp/api.py) dispatch to lh_cp.parallel, and lh_cp.parallel.ContextParallel offers the same
+two methods as SingleDevice below.
 
 Layouts follow the public API: q [B, N, H, D], k and v [B, N, Hkv, D], output [B, N, H, D].
 """
@@ -8,20 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lh_cp import kernels
+from lh_cp.compress import Compressed, causal_sdpa, compress
 from lh_cp.config import LighthouseConfig
-from lh_cp.pyramid import gather_entries
-from lh_cp.scatter import scatter_entries
-from lh_cp.select import Selection, check_heads, select
-
-# Exchanges of the `exchange` argument under CP. Head-tail layout (each rank holds chunks r and
-# 2W-1-r, lh_cp.parallel.shard_sequence): "allgather", "ring". Contiguous layout (rank r holds
-# tokens [r*C, (r+1)*C), lh_cp.parallel.ulysses_sharding), DeepSpeed-Ulysses all-to-all over
-# heads: "ulysses" (DeepSpeed's DistributedAttention around the attention) and, for Lighthouse
-# only, "ulysses_compressed" (only the compressed entries cross ranks).
-ULYSSES_EXCHANGES = ("ulysses", "ulysses_compressed")
-LIGHTHOUSE_EXCHANGES = ("allgather", "ring", *ULYSSES_EXCHANGES)
-DENSE_EXCHANGES = ("allgather", "ring", "ulysses")
+from lh_cp.select import Selection, check_heads
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -37,92 +29,50 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
 
 
-def _check_exchange(exchange: str, allowed: tuple[str, ...]) -> None:
-    if exchange not in allowed:
-        raise ValueError(f"exchange must be one of {allowed}, got exchange={exchange!r}")
-
-
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal SDPA on [B, H, S, D] tensors (k, v may have fewer heads: GQA), scale 1/sqrt(D)."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _attend(entries: Compressed, n: int) -> torch.Tensor:
+    """Causal SDPA over the entries, delivered onto the n token rows: [B, n, H, D]. Entries are
+    sorted by the causal key, so "key_i <= key_j" is plain position causality."""
+    return entries.deliver(causal_sdpa(entries.q, entries.k, entries.v), n)
 
 
 def attend_selected(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: Selection, cfg: LighthouseConfig
 ) -> torch.Tensor:
     """Lighthouse attention with a given selection (differentiable in q, k, v): [B, N, H, D]."""
-    if kernels.available(q, k, v):  # Triton gather/scatter on CUDA; this body is the reference
-        from lh_cp.kernels.ops import attend_selected as attend_selected_cuda
-
-        return attend_selected_cuda(q, k, v, sel, cfg)
-    n = q.shape[1]
-    slots = sel.slots(n, cfg)  # [B, H, S] rows of the pooled pyramid
-    q_entries = gather_entries(q, slots, cfg)  # [B, H, S, D]
-    k_entries = gather_entries(k, slots, cfg)  # [B, H, S, D], kv head h // group
-    v_entries = gather_entries(v, slots, cfg)
-    # Entries are sorted by the causal key, so "key_i <= key_j" is plain position causality.
-    out_entries = sdpa_causal(q_entries, k_entries, v_entries)
-    return scatter_entries(out_entries, sel, n, cfg)
-
-
-def lighthouse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cfg: LighthouseConfig,
-    cp=None,
-    exchange: str = "allgather",
-) -> torch.Tensor:
-    """Lighthouse attention (LIGHTHOUSE.md): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
-
-    The selection is computed without gradient from float32 norms; gradients flow through
-    pooling, gather, SDPA and scatter. With `cp` a ProcessGroup, q/k/v are this rank's shard
-    and the result is that shard of the single-device output. `exchange` "allgather" or
-    "ring": head-tail shards, compressed K/V exchanged (lh_cp.parallel.cp_attention);
-    "ulysses": contiguous shards through DeepSpeed's DistributedAttention (needs
-    deepspeed.comm initialised); "ulysses_compressed": contiguous shards, only compressed
-    entries all-to-all'd (lh_cp.parallel.ulysses_compressed).
-    """
-    if cp is not None:
-        _check_exchange(exchange, LIGHTHOUSE_EXCHANGES)
-        # Lazy imports: single-device use never loads the distributed code.
-        if exchange == "ulysses":
-            from lh_cp.parallel.ulysses import ulysses_attention
-
-            return ulysses_attention(q, k, v, cfg, cp)
-        if exchange == "ulysses_compressed":
-            from lh_cp.parallel.ulysses_compressed import compressed_ulysses_attention
-
-            return compressed_ulysses_attention(q, k, v, cfg, cp)
-        from lh_cp.parallel.cp_attention import lighthouse_attention_cp
-
-        return lighthouse_attention_cp(q, k, v, cfg, cp, exchange)
     check_qkv(q, k, v)
-    if kernels.available(q, k, v):  # Triton scores, selection, gather, scatter on CUDA
-        from lh_cp.kernels.ops import lighthouse_attention as lighthouse_attention_cuda
-
-        return lighthouse_attention_cuda(q, k, v, cfg)
-    sel = select(q.detach(), k.detach(), cfg)
-    return attend_selected(q, k, v, sel, cfg)
+    return _attend(compress(q, k, v, cfg, selection=sel), q.shape[1])
 
 
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp=None, exchange: str = "allgather"
-) -> torch.Tensor:
-    """Dense causal attention in the public layout: q [B, N, H, D], k/v [B, N, Hkv, D].
+def lighthouse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
+    """Lighthouse attention (LIGHTHOUSE.md) on one device: q [B, N, H, D], k/v [B, N, Hkv, D]
+    -> [B, N, H, D]. The selection is computed without gradient from float32 norms; gradients
+    flow through pooling, gather, SDPA and scatter."""
+    check_qkv(q, k, v)
+    return _attend(compress(q, k, v, cfg), q.shape[1])
 
-    With `cp` a ProcessGroup, q/k/v are this rank's shard: head-tail for exchange "allgather"
-    or "ring", contiguous for "ulysses" (see lighthouse_attention; there is nothing to compress).
-    """
-    if cp is not None:
-        _check_exchange(exchange, DENSE_EXCHANGES)
-        if exchange == "ulysses":
-            from lh_cp.parallel.ulysses import ulysses_attention
 
-            return ulysses_attention(q, k, v, None, cp)
-        from lh_cp.parallel.cp_attention import causal_attention_cp
-
-        return causal_attention_cp(q, k, v, cp, exchange)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention on one device: q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D]."""
     check_qkv(q, k, v)
     out = sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+class SingleDevice:
+    """The attention of a model that is not split over ranks. A model's attention modules call
+    `context.lighthouse(q, k, v, cfg)` or `context.dense(q, k, v)` on this, or on the
+    lh_cp.parallel.ContextParallel that parallelize hands them, without knowing which."""
+
+    def lighthouse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
+        return lighthouse_attention(q, k, v, cfg)
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return causal_attention(q, k, v)
+
+
+SINGLE_DEVICE = SingleDevice()

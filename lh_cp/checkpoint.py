@@ -1,10 +1,18 @@
-"""Training checkpoints as torch.distributed.checkpoint (DCP) folders.
+"""Training checkpoints: the step-folder protocol, and the two engines' folder contents.
 
-A checkpoint holds the model and optimizer state (sharded as FSDP2 holds them), the number
-of completed steps and the data position, so loading one and continuing reproduces the
+A checkpoint is the folder <root>/step_XXXXXXXX holding the model and optimizer state, the
+number of completed steps and the data position, so loading one and continuing reproduces the
 uninterrupted run. Each is written to `step_XXXXXXXX.partial` and renamed to `step_XXXXXXXX`
-by rank 0 once every rank has finished, so a folder without the suffix is always complete;
-a run killed mid-save leaves only a `.partial` folder, which is ignored and later replaced.
+by rank 0 once every rank has finished (write_atomically), so a folder without the suffix is
+always complete; a run killed mid-save leaves only a `.partial` folder, which is ignored and
+later replaced. Inside, either engine's format:
+- FSDP2: a torch.distributed.checkpoint (DCP) folder (model and optimizer state sharded as
+  FSDP2 holds them; save_checkpoint / load_checkpoint);
+- DeepSpeed: what engine.save_checkpoint writes (module weights, ZeRO-sharded optimizer state,
+  one file per rank) with the trainer state as DeepSpeed "client state"
+  (save_deepspeed_checkpoint / load_deepspeed_checkpoint). DeepSpeed's own `latest` file is
+  not used: rank 0 writes it without waiting for the other ranks' shards.
+checkpoint_engine tells the two apart by their files.
 """
 
 from __future__ import annotations
@@ -96,3 +104,40 @@ def prune_checkpoints(root: Path, keep_last: int, protected: set[int], group: di
         for step in candidates[:-keep_last] if keep_last > 0 else candidates:
             shutil.rmtree(checkpoint_path(root, step), ignore_errors=True)
     dist.barrier(group)
+
+
+def save_deepspeed_checkpoint(engine, root: str | Path, step: int, data_state: dict, group: dist.ProcessGroup) -> Path:
+    """Collective over `group` (every rank of the job): write a DeepSpeed engine's checkpoint of
+    `step`; returns its folder."""
+
+    def write(folder: Path) -> None:
+        client_state = {"step": step, "data": dict(data_state)}
+        engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
+
+    return write_atomically(Path(root), step, group, write)
+
+
+def load_deepspeed_checkpoint(engine, path: str | Path) -> tuple[int, dict]:
+    """Collective: load the checkpoint folder `path` into the engine in place; returns (step, data state).
+
+    Restores module weights, optimizer state and DeepSpeed's step counters; the learning rate
+    is the trainer's to set (a pure function of the step). Under ZeRO-3 load into a freshly
+    built engine (DeepSpeed's rule: not into one that has already saved).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"DeepSpeed checkpoint folder {path} does not exist")
+    loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None or client_state is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path} (see its log above)")
+    return int(client_state["step"]), dict(client_state["data"])
+
+
+def checkpoint_engine(path: Path) -> str | None:
+    """The engine that wrote the checkpoint folder `path`, by the files it holds: DCP (FSDP2)
+    writes .metadata, DeepSpeed *_model_states.pt per rank; None when neither is there."""
+    if (path / ".metadata").is_file():
+        return "fsdp"
+    if any(path.glob("*_model_states.pt")):
+        return "deepspeed"
+    return None

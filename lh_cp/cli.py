@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     # other exception during training keeps its traceback.
     from lh_cp.recipe import RecipeError
 
-    user_errors = (RecipeError, FileNotFoundError, ImportError) if args.command == "train" else (ValueError, FileNotFoundError, ImportError, KeyError)
+    from lh_cp.engines import NonFiniteStep
+
+    user_errors = (RecipeError, FileNotFoundError, ImportError, NonFiniteStep) if args.command == "train" else (
+        ValueError, FileNotFoundError, ImportError, KeyError)
     try:
         return commands[args.command](args)
     except user_errors as err:

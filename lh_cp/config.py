@@ -2,12 +2,27 @@
 
 Every rule of LIGHTHOUSE.md s.2 is checked here, with a message that names the rule and the
 numbers. Rules that involve the sequence length N are checked by `tile_size(N)`, which every
-caller goes through before touching data.
+caller goes through before touching data. `for_pieces` is the one place that turns a config
+for N tokens into the config of one piece of them (a head-tail CP chunk, a Ulysses shard).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+
+class Section:
+    """Mixin of the recipe's config sections: `problems()` lists every rule the section breaks
+    on its own (each message names the key and the numbers); `validate()` raises them. Rules
+    that relate several sections live in lh_cp/plan.py (check_recipe)."""
+
+    def problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -99,3 +114,23 @@ class LighthouseConfig:
         """S = N / c_L + (L-1) * pool * topk: fixed by the configuration and N alone."""
         self.tile_size(n)
         return n // self.coarsest_span + (self.levels - 1) * self.pool * self.topk
+
+    def for_pieces(self, n: int, pieces: int, piece: str = "piece") -> "LighthouseConfig":
+        """The config that selects inside each of `pieces` equal consecutive pieces of an
+        n-token sequence exactly as this one does on the whole (LIGHTHOUSE.md s.8).
+
+        Tiles never straddle pieces, so each piece must hold whole tiles of T = n * tile_budget
+        / topk tokens; keeping T means scaling topk to the piece's share, topk / pieces. Since
+        piece / T = topk / (pieces * tile_budget), that holds exactly when topk is a multiple
+        of pieces * tile_budget, whatever n. `piece` names the pieces in the error, e.g.
+        "each head-tail chunk". Raises ValueError naming the rule and the numbers.
+        """
+        tile = self.tile_size(n)
+        if pieces < 1 or n % pieces != 0 or (n // pieces) % tile != 0:
+            raise ValueError(
+                f"{piece} of {n} / {pieces} = {n / pieces:g} tokens must be a multiple of the tile size T={tile} "
+                f"(T = N * tile_budget / topk = {n} * {self.tile_budget} / {self.topk}; tiles never straddle "
+                f"pieces): since piece / T = topk / (pieces * tile_budget), topk={self.topk} must be a multiple "
+                f"of {pieces} * tile_budget = {pieces * self.tile_budget}; use a larger topk or fewer pieces"
+            )
+        return replace(self, topk=self.topk // pieces)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lh_cp.config import Section
 from lh_cp.corpus import file_documents, hf_documents, python_corpus_fingerprint, python_documents, stdlib_documents
 from lh_cp.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -29,7 +30,7 @@ PATH_SOURCES = ("files", "hf")  # the sources that read data.path
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where tokens come from and how they are batched (recipe section [data]).
 
     source: 'stdlib' = the running interpreter's standard-library .py sources (no download,
@@ -79,19 +80,21 @@ class DataConfig:
     seed: int = 0
     cache_dir: str = ""
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        errors = []
         if self.source not in SOURCES:
-            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+            errors.append(f"data.source must be one of {SOURCES}, got {self.source!r}")
         if self.source in PATH_SOURCES and not self.path:
-            raise ValueError(f"data.path must name a local file or folder for data.source={self.source!r}")
+            errors.append(f"data.path must name a local file or folder for data.source={self.source!r}")
         if self.seq_len < 2:
-            raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
+            errors.append(f"data.seq_len must be >= 2, got {self.seq_len}")
         if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+            errors.append(f"data.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"data.validation_fraction must lie strictly between 0 and 1, got {self.validation_fraction}")
+            errors.append(f"data.validation_fraction must lie strictly between 0 and 1, got {self.validation_fraction}")
         if self.max_epochs < 0:
-            raise ValueError(f"data.max_epochs must be >= 0 (0 = no limit), got {self.max_epochs}")
+            errors.append(f"data.max_epochs must be >= 0 (0 = no limit), got {self.max_epochs}")
+        return errors
 
     def tokenizer_vocab_size(self) -> int | None:
         """Vocabulary of the byte tokenizer without loading anything; None for a file tokenizer."""

@@ -5,10 +5,13 @@ one interface, so lh_cp/train.py has no engine branches:
 - `model`: what the forward is called on (the FSDP2 module, or the DeepSpeed engine);
 - `network`: the Transformer itself (set_attention, lighthouse_layers);
 - `step(loss, lr)`: backward, clip, optimizer step, zeroed gradients; returns the global
-  gradient norm before clipping;
+  gradient norm before clipping; a non-finite norm raises NonFiniteStep (under FSDP2 before
+  the optimizer step, so the weights in memory stay those of the last good step);
 - `save(root, step, data_state)` / `load(path, data_state)`: checkpoints in the
   step_XXXXXXXX folders of lh_cp.checkpoint (DCP for FSDP2, DeepSpeed's own format for ZeRO),
   so latest_checkpoint and prune_checkpoints serve both.
+Both hand the run's ContextParallel (rt.cp, under CP) to the model's attention modules
+before wrapping it.
 """
 
 from __future__ import annotations
@@ -18,11 +21,26 @@ from pathlib import Path
 
 import torch
 
-from lh_cp.checkpoint import load_checkpoint, save_checkpoint
+from lh_cp.checkpoint import load_checkpoint, load_deepspeed_checkpoint, save_checkpoint, save_deepspeed_checkpoint
 from lh_cp.model import Transformer
 from lh_cp.parallel import checkpoint_and_compile, parallelize
 from lh_cp.recipe import Recipe
 from lh_cp.runtime import Runtime
+
+
+class NonFiniteStep(RuntimeError):
+    """A training step produced a non-finite loss or gradient norm; `what` names which, `value`
+    is it. Raised on every rank (both are global values), so the job stops together."""
+
+    def __init__(self, what: str, value: float | str, where: str = "") -> None:
+        super().__init__(f"non-finite {what} ({value}){' ' + where if where else ''}")
+        self.what, self.value = what, value
+
+
+def check_finite_value(what: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise NonFiniteStep(what, value)
+    return value
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -38,7 +56,7 @@ class FsdpEngine:
     """parallelize (activation checkpointing, compile, FSDP2) + torch AdamW; DCP checkpoints."""
 
     def __init__(self, model: Transformer, recipe: Recipe, rt: Runtime) -> None:
-        self.model = self.network = parallelize(model, rt.mesh, recipe.parallel)
+        self.model = self.network = parallelize(model, rt.mesh, recipe.parallel, context=rt.cp)
         self.optimizer = build_optimizer(self.model, recipe)
         self.grad_clip, self.group = recipe.optim.grad_clip, rt.world
 
@@ -49,6 +67,7 @@ class FsdpEngine:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
+        check_finite_value("gradient norm", float(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -71,7 +90,7 @@ class ZeroEngine:
     def __init__(self, model: Transformer, recipe: Recipe, rt: Runtime) -> None:
         from lh_cp.parallel.deepspeed import build_deepspeed_engine
 
-        self.network = checkpoint_and_compile(model, recipe.parallel, compile_in_place=True)
+        self.network = checkpoint_and_compile(model, recipe.parallel, compile_in_place=True, context=rt.cp)
         self.model = build_deepspeed_engine(
             model, build_optimizer(model, recipe), zero_stage=recipe.parallel.zero_stage,
             grad_clip=recipe.optim.grad_clip, micro_batch_size=recipe.data.batch_size, bf16=rt.device.type == "cuda",
@@ -84,27 +103,14 @@ class ZeroEngine:
         set_learning_rate(self.model, lr)
         self.model.backward(loss)
         self.model.step()  # clips (optim.grad_clip), steps, zeroes the gradients
-        return float(self.model.get_global_grad_norm())
+        # DeepSpeed computes the norm inside its step, so this one is checked after it.
+        return check_finite_value("gradient norm", float(self.model.get_global_grad_norm()))
 
     def save(self, root: Path, step: int, data_state: dict) -> None:
-        from lh_cp.parallel.deepspeed_checkpoint import save_deepspeed_checkpoint
-
         save_deepspeed_checkpoint(self.model, root, step, data_state, self.group)
 
     def load(self, path: Path, data_state: dict) -> tuple[int, dict]:
-        from lh_cp.parallel.deepspeed_checkpoint import load_deepspeed_checkpoint
-
         return load_deepspeed_checkpoint(self.model, path)
-
-
-def checkpoint_engine(path: Path) -> str | None:
-    """The engine that wrote the checkpoint folder `path`, by the files it holds: DCP (FSDP2)
-    writes .metadata, DeepSpeed *_model_states.pt per rank; None when neither is there."""
-    if (path / ".metadata").is_file():
-        return "fsdp"
-    if any(path.glob("*_model_states.pt")):
-        return "deepspeed"
-    return None
 
 
 def build_engine(model: Transformer, recipe: Recipe, rt: Runtime) -> FsdpEngine | ZeroEngine:

@@ -1,10 +1,12 @@
 """Llama-3 style decoder whose layers use Lighthouse or dense causal attention.
 
 RMSNorm, SwiGLU, RoPE at explicit global positions, grouped-query attention, optional tied
-embeddings. No distributed code: a context-parallel process group, when there is one, is an
-argument of `forward` and goes unchanged to the attention functions, which own the exchange.
-Under context parallelism a rank holds a head-tail shard whose positions are not contiguous,
-which is why positions are passed in instead of derived from the shard length.
+embeddings. No distributed code: each attention module calls the two methods of its
+`context` (lighthouse, dense): one device's attention (lh_cp.attention.SINGLE_DEVICE, the
+default) or the lh_cp.parallel.ContextParallel that parallelize hands it, which owns the
+exchange. Under context parallelism a rank holds a shard whose positions need not be
+contiguous (head-tail), which is why positions are passed in instead of derived from the
+shard length.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lh_cp.attention import causal_attention, lighthouse_attention
-from lh_cp.config import LighthouseConfig
+from lh_cp.attention import SINGLE_DEVICE
+from lh_cp.config import LighthouseConfig, Section
 from lh_cp.loss import chunked_argmax, cross_entropy_sum
 
 AttentionMode = Literal["lighthouse", "dense"]
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Shape of the decoder (recipe section [model]).
 
     vocab_size: rows of the embedding and output matrices; at least the tokenizer's
@@ -56,26 +58,22 @@ class ModelConfig:
     init_std: float = 0.02
     loss_chunk_tokens: int = 4096
 
-    def validate(self) -> None:
-        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "loss_chunk_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+    def problems(self) -> list[str]:
+        errors = [f"model.{name} must be >= 1, got {getattr(self, name)}"
+                  for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "loss_chunk_tokens")
+                  if getattr(self, name) < 1]
+        if errors:
+            return errors
         if self.dim % self.n_heads != 0:
-            raise ValueError(
-                f"model.dim must be a multiple of model.n_heads: dim={self.dim}, n_heads={self.n_heads}"
-            )
-        if self.head_dim % 2 != 0:
-            raise ValueError(
-                f"head size dim / n_heads must be even for RoPE: {self.dim} / {self.n_heads} = {self.head_dim}"
-            )
+            errors.append(f"model.dim must be a multiple of model.n_heads: dim={self.dim}, n_heads={self.n_heads}")
+        elif self.head_dim % 2 != 0:
+            errors.append(f"head size dim / n_heads must be even for RoPE: {self.dim} / {self.n_heads} = {self.head_dim}")
         if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(
-                f"model.n_heads must be a multiple of model.n_kv_heads (GQA): "
-                f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
-            )
+            errors.append(f"model.n_heads must be a multiple of model.n_kv_heads (GQA): "
+                          f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}")
         if self.rope_theta <= 1.0:
-            raise ValueError(f"model.rope_theta must be > 1, got {self.rope_theta}")
+            errors.append(f"model.rope_theta must be > 1, got {self.rope_theta}")
+        return errors
 
     @property
     def head_dim(self) -> int:
@@ -126,33 +124,33 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Projections, RoPE and one of the two attention functions, chosen by `mode`."""
+    """Projections, RoPE and one of the context's two attention functions, chosen by `mode`."""
 
     def __init__(self, cfg: ModelConfig, lighthouse: LighthouseConfig | None, mode: AttentionMode) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.lighthouse = lighthouse
         self.mode: AttentionMode = mode
+        self.context = SINGLE_DEVICE
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cp_group, exchange, dense_exchange) -> torch.Tensor:
+    def use_context(self, context) -> None:
+        """Run attention through `context` (lh_cp.parallel.attach_context_parallel calls this)."""
+        self.context = context
+
+    def forward(self, x, cos, sin) -> torch.Tensor:
         batch, n, _ = x.shape  # [B, n, dim]; n is the local length under CP
         q = self.wq(x).view(batch, n, self.n_heads, self.head_dim)  # [B, n, H, D]
         k = self.wk(x).view(batch, n, self.n_kv_heads, self.head_dim)  # [B, n, Hkv, D]
         v = self.wv(x).view(batch, n, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.mode == "lighthouse":
-            if cp_group is None:
-                out = lighthouse_attention(q, k, v, self.lighthouse)
-            else:
-                out = lighthouse_attention(q, k, v, self.lighthouse, cp=cp_group, exchange=exchange)
-        elif cp_group is None:
-            out = causal_attention(q, k, v)
+            out = self.context.lighthouse(q, k, v, self.lighthouse)
         else:
-            out = causal_attention(q, k, v, cp=cp_group, exchange=dense_exchange)
+            out = self.context.dense(q, k, v)
         return self.wo(out.reshape(batch, n, self.n_heads * self.head_dim))  # [B, n, dim]
 
 
@@ -177,8 +175,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, cp_group=None, exchange="allgather", dense_exchange="ring") -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cp_group, exchange, dense_exchange)
+    def forward(self, x, cos, sin) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -238,8 +236,7 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor | None = None,
-        cp_group=None, exchange: str = "allgather", dense_exchange: str = "ring", ignore_index: int = -100,
-        predict: bool = False,
+        ignore_index: int = -100, predict: bool = False,
     ):
         """tokens [B, n] int64 at global positions [n] int64 (the rank's shard under CP).
 
@@ -251,7 +248,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # [B, n, dim]
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, cp_group, exchange, dense_exchange)
+            h = layer(h, cos, sin)
         h = self.norm(h)
         if predict:
             return chunked_argmax(h, self.output_weight, self.cfg.loss_chunk_tokens)

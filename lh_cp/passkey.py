@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lh_cp.config import Section
+
 PREFIX = "# Remember the value of PASSKEY; it is asked for at the end.\n"
 FILLER_LINE = "total = total + 1  # the grass is green and the sky is blue\n"
 NEEDLE = "PASSKEY = {key}\n"
@@ -20,7 +22,7 @@ SUFFIX = "assert PASSKEY == "
 
 
 @dataclass
-class PasskeyConfig:
+class PasskeyConfig(Section):
     """Passkey retrieval evaluation run after the last stage (recipe section [eval.passkey]).
 
     enabled: run it (all ranks take part; rank 0 reports).
@@ -39,13 +41,15 @@ class PasskeyConfig:
     digits: int = 5
     seed: int = 1234
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        errors = []
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"eval.passkey.depths must be fractions in [0, 1], got {self.depths}")
+            errors.append(f"eval.passkey.depths must be fractions in [0, 1], got {self.depths}")
         if self.samples < 1 or self.digits < 1:
-            raise ValueError(f"eval.passkey.samples and digits must be >= 1, got {self.samples} and {self.digits}")
+            errors.append(f"eval.passkey.samples and digits must be >= 1, got {self.samples} and {self.digits}")
         if self.length < 0:
-            raise ValueError(f"eval.passkey.length must be >= 0 (0 = data.seq_len), got {self.length}")
+            errors.append(f"eval.passkey.length must be >= 0 (0 = data.seq_len), got {self.length}")
+        return errors
 
 
 @dataclass

@@ -13,16 +13,11 @@ import math
 import re
 from dataclasses import dataclass
 
-from lh_cp.attention import DENSE_EXCHANGES, LIGHTHOUSE_EXCHANGES, ULYSSES_EXCHANGES
 from lh_cp.config import LighthouseConfig
 from lh_cp.model import ModelConfig, count_parameters, normalize_layer_indices
-from lh_cp.recipe import Recipe
-from lh_cp.schedule import schedule_problems
+from lh_cp.parallel.context import ULYSSES_EXCHANGES
+from lh_cp.recipe import ATTENTION_MODES, Recipe
 
-ENGINES = ("fsdp", "deepspeed")
-ZERO_STAGES = (1, 2, 3)
-ATTENTION_MODES = ("lighthouse", "dense")
-DEVICES = ("auto", "cpu", "cuda")
 DEEPSPEED_MIN_VERSION = (0, 19, 8)
 DEEPSPEED_INSTALL = "pip install --no-build-isolation 'deepspeed>=0.19.8' (after torch)"
 
@@ -45,87 +40,41 @@ def uses_ulysses(recipe: Recipe) -> bool:
 
 
 def _sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
-    """Shape rules for running `mode` attention over sequences of n tokens under the recipe's CP."""
-    if recipe.parallel.cp > 1 and uses_ulysses(recipe):
-        return _ulysses_sequence_rules(recipe, n, mode, what)
-    errors = []
-    cp = recipe.parallel.cp
-    if cp > 1 and n % (2 * cp) != 0:
-        errors.append(
-            f"{what}={n} must split into 2 * parallel.cp = {2 * cp} equal head-tail chunks: {n} % {2 * cp} != 0"
-        )
-        return errors
-    if mode != "lighthouse":
-        return errors
-    try:
-        cfg = recipe.lighthouse.config()
-        tile = cfg.tile_size(n)
-    except ValueError as err:
-        return [f"{what}={n} with [lighthouse]: {err}"]
-    chunk = n // (2 * cp)
-    if cp > 1 and chunk % tile != 0:
-        errors.append(
-            f"{what}={n} under parallel.cp={cp}: each head-tail chunk of {n} / {2 * cp} = {chunk} tokens "
-            f"must be a multiple of the tile size T={tile} (tiles never straddle chunks)"
-        )
-    return errors
-
-
-def _ulysses_sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
-    """The same under a Ulysses exchange: cp contiguous shards; 'ulysses_compressed' compresses
-    each shard on its own rank, so a shard must be a whole number of tiles."""
+    """Shape rules for running `mode` attention over sequences of n tokens under the recipe's CP:
+    head-tail (2 * cp chunks) or contiguous (cp shards, Ulysses); a Lighthouse layer compressed
+    piece by piece (head-tail chunks, compressed Ulysses shards) needs whole tiles per piece."""
     par = recipe.parallel
-    if n % par.cp != 0:
-        return [f"{what}={n} must split into parallel.cp={par.cp} equal contiguous shards "
-                f"(parallel.exchange={par.exchange!r}): {n} % {par.cp} != 0"]
+    ulysses = par.cp > 1 and uses_ulysses(recipe)
+    pieces = par.cp if ulysses else 2 * par.cp
+    if par.cp > 1 and n % pieces != 0:
+        split = (f"parallel.cp={par.cp} equal contiguous shards (parallel.exchange={par.exchange!r})" if ulysses
+                 else f"2 * parallel.cp = {pieces} equal head-tail chunks")
+        return [f"{what}={n} must split into {split}: {n} % {pieces} != 0"]
     if mode != "lighthouse":
         return []
     try:
-        tile = recipe.lighthouse.config().tile_size(n)
+        cfg = recipe.lighthouse.config()
+        cfg.tile_size(n)
     except ValueError as err:
         return [f"{what}={n} with [lighthouse]: {err}"]
-    shard = n // par.cp
-    if par.exchange == "ulysses_compressed" and shard % tile != 0:
-        return [f"{what}={n} under parallel.exchange='ulysses_compressed' and parallel.cp={par.cp}: each rank "
-                f"compresses its shard of {n} / {par.cp} = {shard} tokens, which must be a multiple of the "
-                f"tile size T={tile} (use a longer sequence, a smaller cp, or a larger lighthouse.topk)"]
+    if par.cp > 1 and par.exchange != "ulysses":  # plain Ulysses compresses the whole sequence
+        piece = "each contiguous shard (compressed on its own rank)" if ulysses else "each head-tail chunk"
+        try:
+            cfg.for_pieces(n, pieces, piece)
+        except ValueError as err:
+            return [f"{what}={n} under parallel.cp={par.cp}: {err}"]
     return []
 
 
 def _parallel_rules(recipe: Recipe) -> list[str]:
-    """Engine and exchange rules of [parallel] that do not depend on a sequence length."""
+    """Rules of [parallel] that need another section or the machine (DeepSpeed installed)."""
     par, errors = recipe.parallel, []
-    if par.engine not in ENGINES:
-        errors.append(f"parallel.engine must be one of {ENGINES}, got {par.engine!r}")
-    if par.zero_stage not in ZERO_STAGES:
-        errors.append(f"parallel.zero_stage must be one of {ZERO_STAGES} (ZeRO shards 1: optimizer state, "
-                      f"2: + gradients, 3: + weights), got {par.zero_stage}")
     if par.engine == "deepspeed":
-        if par.dp_replicate != 1:
-            errors.append(f"parallel.dp_replicate={par.dp_replicate} must be 1 under parallel.engine='deepspeed': "
-                          f"ZeRO shards over every rank (for the same {par.dp} data-parallel replicas use "
-                          f"dp_shard={par.dp} and dp_replicate=1)")
         problem = deepspeed_problem()
         if problem:
             errors.append(f"parallel.engine='deepspeed' needs DeepSpeed: {problem}")
-    if par.exchange not in LIGHTHOUSE_EXCHANGES:
-        errors.append(f"parallel.exchange must be one of {LIGHTHOUSE_EXCHANGES}, got {par.exchange!r}")
-        return errors
-    if par.dense_exchange not in DENSE_EXCHANGES:
-        errors.append(f"parallel.dense_exchange must be one of {DENSE_EXCHANGES}, got {par.dense_exchange!r}")
-        return errors
-    if uses_ulysses(recipe) != (par.dense_exchange == "ulysses"):
-        errors.append(
-            f"parallel.exchange={par.exchange!r} and parallel.dense_exchange={par.dense_exchange!r} split the "
-            f"sequence differently (Ulysses exchanges: contiguous shards; allgather and ring: head-tail chunks); "
-            f"with exchange 'ulysses' or 'ulysses_compressed' use dense_exchange='ulysses', with 'allgather' "
-            f"or 'ring' use dense_exchange 'ring' or 'allgather'"
-        )
     ulysses = [f"parallel.{name}={getattr(par, name)!r}" for name in ("exchange", "dense_exchange")
                if getattr(par, name) in ULYSSES_EXCHANGES]
-    if ulysses and par.engine != "deepspeed":
-        errors.append(f"{' and '.join(ulysses)} run under parallel.engine='deepspeed' only "
-                      f"(DeepSpeed-Ulysses), got parallel.engine={par.engine!r}")
     heads = recipe.model.n_heads
     if ulysses and par.cp > 1 and heads % par.cp != 0:
         errors.append(f"{' and '.join(ulysses)}: the Ulysses all-to-all gives each CP rank whole heads, so "
@@ -136,28 +85,16 @@ def _parallel_rules(recipe: Recipe) -> list[str]:
 def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     """Every violated rule of `recipe` (empty when it is valid). `world_size`: the number of
     processes that will run it, when known (torchrun's WORLD_SIZE)."""
-    errors: list[str] = []
-
-    def attempt(fn) -> None:
-        try:
-            fn()
-        except ValueError as err:
-            errors.append(str(err))
-
-    attempt(recipe.model.validate)
-    attempt(recipe.data.validate)
-    attempt(recipe.eval.passkey.validate)
-    attempt(lambda: normalize_layer_indices(recipe.lighthouse.dense_layers, max(recipe.model.n_layers, 1)))
-    attempt(recipe.lighthouse.config)
-
-    run, par, data = recipe.run, recipe.parallel, recipe.data
-    if run.device not in DEVICES:
-        errors.append(f"run.device must be one of {DEVICES}, got {run.device!r}")
-    if run.stop_after_step < 0:
-        errors.append(f"run.stop_after_step must be >= 0, got {run.stop_after_step}")
-    for name in ("cp", "dp_shard", "dp_replicate"):
-        if getattr(par, name) < 1:
-            errors.append(f"parallel.{name} must be >= 1, got {getattr(par, name)}")
+    sections = [recipe.run, recipe.model, recipe.lighthouse, recipe.parallel, recipe.data, recipe.optim,
+                recipe.checkpoint, recipe.metrics, recipe.eval]
+    errors = [problem for section in sections for problem in section.problems()]
+    errors += recipe.schedule.problems(recipe.total_steps)
+    errors += [problem for i, stage in enumerate(recipe.stages) for problem in stage.problems(i)]
+    try:
+        normalize_layer_indices(recipe.lighthouse.dense_layers, max(recipe.model.n_layers, 1))
+    except ValueError as err:
+        errors.append(str(err))
+    par, data = recipe.parallel, recipe.data
     errors.extend(_parallel_rules(recipe))
     if world_size is not None and par.world_size != world_size:
         errors.append(
@@ -167,43 +104,18 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     vocab = data.tokenizer_vocab_size()
     if vocab is not None and recipe.model.vocab_size < vocab:
         errors.append(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
-
     if not recipe.stages:
         errors.append("the recipe has no [[stages]]; add at least one (attention = 'lighthouse' or 'dense')")
     names = [s.name for s in recipe.stages]
-    for i, stage in enumerate(recipe.stages):
-        if stage.attention not in ATTENTION_MODES:
-            errors.append(f"stages.{i}.attention must be one of {ATTENTION_MODES}, got {stage.attention!r}")
-        if stage.steps < 1:
-            errors.append(f"stages.{i}.steps must be >= 1, got {stage.steps}")
-        if names.count(stage.name) > 1:
-            errors.append(f"stages.{i}.name={stage.name!r} is used by more than one stage")
-    modes = sorted({s.attention for s in recipe.stages if s.attention in ATTENTION_MODES})
-    if data.seq_len >= 2:
-        for mode in modes:
-            errors.extend(_sequence_rules(recipe, data.seq_len, mode, "data.seq_len"))
-    if recipe.eval.passkey.enabled and recipe.stages and recipe.eval.passkey.length > 0:
-        final_mode = recipe.stages[-1].attention
-        errors.extend(_sequence_rules(recipe, recipe.eval.passkey.length, final_mode, "eval.passkey.length"))
-
-    opt, sched = recipe.optim, recipe.schedule
-    if opt.lr <= 0 or opt.eps <= 0 or opt.weight_decay < 0 or opt.grad_clip < 0:
-        errors.append(
-            f"optim needs lr > 0, eps > 0, weight_decay >= 0, grad_clip >= 0; got lr={opt.lr}, "
-            f"eps={opt.eps}, weight_decay={opt.weight_decay}, grad_clip={opt.grad_clip}"
-        )
-    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
-        errors.append(f"optim.betas must be two numbers in [0, 1), got {opt.betas}")
-    errors.extend(schedule_problems(sched, recipe.total_steps))
-    ckpt, metrics, ev = recipe.checkpoint, recipe.metrics, recipe.eval
-    if ckpt.interval < 0 or ckpt.keep_last < 1:
-        errors.append(f"checkpoint.interval must be >= 0 and keep_last >= 1, got {ckpt.interval} and {ckpt.keep_last}")
-    if metrics.log_interval < 1 or metrics.peak_tflops < 0:
-        errors.append(f"metrics.log_interval must be >= 1 and peak_tflops >= 0, got {metrics.log_interval} and {metrics.peak_tflops}")
-    if ev.val_interval < 0 or ev.val_batches < 1:
-        errors.append(f"eval.val_interval must be >= 0 and val_batches >= 1, got {ev.val_interval} and {ev.val_batches}")
-    if ev.leak_positions < 1:
-        errors.append(f"eval.leak_positions must be >= 1 (probe positions of the leak metric), got {ev.leak_positions}")
+    errors += [f"stages.{i}.name={name!r} is used by more than one stage" for i, name in enumerate(names) if names.count(name) > 1]
+    if not par.problems():  # the shapes under CP need valid degrees and exchanges
+        modes = sorted({s.attention for s in recipe.stages if s.attention in ATTENTION_MODES})
+        if data.seq_len >= 2:
+            for mode in modes:
+                errors.extend(_sequence_rules(recipe, data.seq_len, mode, "data.seq_len"))
+        if recipe.eval.passkey.enabled and recipe.stages and recipe.eval.passkey.length > 0:
+            final_mode = recipe.stages[-1].attention
+            errors.extend(_sequence_rules(recipe, recipe.eval.passkey.length, final_mode, "eval.passkey.length"))
     return errors
 
 

@@ -4,7 +4,8 @@ Every option is documented once, in the dataclass it loads into (sections below,
 ModelConfig in model.py, DataConfig in data.py, PasskeyConfig in passkey.py). An unknown key
 or a value of the wrong type is an error naming the key. `--set section.key=value` overrides
 are applied to the parsed TOML before conversion, so they go through the same checks;
-`stages.1.steps=5` addresses the second stage. Rules that relate several options (tile size,
+`stages.1.steps=5` addresses the second stage. Each section lists the rules it breaks on its
+own (`problems()`, lh_cp.config.Section); rules that relate several sections (tile size,
 CP divisibility, world size) are checked by plan.py.
 """
 
@@ -16,14 +17,21 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lh_cp.config import LighthouseConfig
+from lh_cp.config import LighthouseConfig, Section
 from lh_cp.data import DataConfig
 from lh_cp.model import ModelConfig
+from lh_cp.parallel.context import ULYSSES_EXCHANGES, exchange_problems
 from lh_cp.passkey import PasskeyConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("fsdp", "deepspeed")
+ZERO_STAGES = (1, 2, 3)
+ATTENTION_MODES = ("lighthouse", "dense")
+DECAYS = ("constant", "linear", "cosine", "wsd")  # the curves of lh_cp/schedule.py
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     """The run as a whole (recipe section [run]).
 
     name: shown in console lines and TensorBoard.
@@ -42,9 +50,17 @@ class RunConfig:
     device: str = "auto"
     stop_after_step: int = 0
 
+    def problems(self) -> list[str]:
+        errors = []
+        if self.device not in DEVICES:
+            errors.append(f"run.device must be one of {DEVICES}, got {self.device!r}")
+        if self.stop_after_step < 0:
+            errors.append(f"run.stop_after_step must be >= 0, got {self.stop_after_step}")
+        return errors
+
 
 @dataclass
-class LighthouseSection:
+class LighthouseSection(Section):
     """Lighthouse attention of the non-dense layers (recipe section [lighthouse]).
 
     pool, levels, topk, tile_budget: see LighthouseConfig (lh_cp/config.py); the tile size is
@@ -62,9 +78,16 @@ class LighthouseSection:
     def config(self) -> LighthouseConfig:
         return LighthouseConfig(pool=self.pool, levels=self.levels, topk=self.topk, tile_budget=self.tile_budget)
 
+    def problems(self) -> list[str]:
+        try:
+            self.config()
+        except ValueError as err:
+            return [f"[lighthouse]: {err}"]
+        return []
+
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
     """How ranks split the work (recipe section [parallel]). World size = cp * dp_shard * dp_replicate.
 
     engine: what shards the weights and steps the optimizer: 'fsdp' (FSDP2 over dp_shard x cp,
@@ -114,9 +137,30 @@ class ParallelConfig:
     def dp(self) -> int:
         return self.dp_shard * self.dp_replicate
 
+    def problems(self) -> list[str]:
+        errors = [f"parallel.{name} must be >= 1, got {getattr(self, name)}"
+                  for name in ("cp", "dp_shard", "dp_replicate") if getattr(self, name) < 1]
+        if self.engine not in ENGINES:
+            errors.append(f"parallel.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.zero_stage not in ZERO_STAGES:
+            errors.append(f"parallel.zero_stage must be one of {ZERO_STAGES} (ZeRO shards 1: optimizer state, "
+                          f"2: + gradients, 3: + weights), got {self.zero_stage}")
+        if self.engine == "deepspeed" and self.dp_replicate != 1:
+            errors.append(f"parallel.dp_replicate={self.dp_replicate} must be 1 under parallel.engine='deepspeed': "
+                          f"ZeRO shards over every rank (for the same {self.dp} data-parallel replicas use "
+                          f"dp_shard={self.dp} and dp_replicate=1)")
+        exchanges = exchange_problems(self.exchange, self.dense_exchange, "parallel.")
+        errors.extend(exchanges)
+        ulysses = [f"parallel.{name}={getattr(self, name)!r}" for name in ("exchange", "dense_exchange")
+                   if getattr(self, name) in ULYSSES_EXCHANGES]
+        if not exchanges and ulysses and self.engine != "deepspeed":
+            errors.append(f"{' and '.join(ulysses)} run under parallel.engine='deepspeed' only "
+                          f"(DeepSpeed-Ulysses), got parallel.engine={self.engine!r}")
+        return errors
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW and gradient clipping (recipe section [optim]).
 
     lr: peak learning rate (reached at the end of warmup).
@@ -132,9 +176,18 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
 
+    def problems(self) -> list[str]:
+        errors = []
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            errors.append(f"optim needs lr > 0, eps > 0, weight_decay >= 0, grad_clip >= 0; got lr={self.lr}, "
+                          f"eps={self.eps}, weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            errors.append(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        return errors
+
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Section):
     """Learning-rate schedule over all stages together (recipe section [schedule]); the
     recovery stage continues the same curve (no re-warm). Curves: lh_cp/schedule.py.
 
@@ -153,9 +206,29 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     decay_steps: int = 0
 
+    def problems(self, total_steps: int = 0) -> list[str]:
+        """`total_steps`: of all stages together; 0 = unknown (the rules that need it are skipped)."""
+        errors = []
+        if self.decay not in DECAYS:
+            errors.append(f"schedule.decay must be one of {DECAYS}, got {self.decay!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            errors.append(f"schedule.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or (total_steps and self.warmup_steps >= total_steps):
+            errors.append(f"schedule.warmup_steps={self.warmup_steps} must be >= 0 and below the total steps of "
+                          f"all stages, {total_steps}")
+        if self.decay == "wsd" and total_steps:
+            stable_end = total_steps - self.warmup_steps
+            if not 1 <= self.decay_steps <= stable_end:
+                errors.append(f"schedule.decay_steps={self.decay_steps} must lie in [1, total steps - warmup_steps] = "
+                              f"[1, {total_steps} - {self.warmup_steps} = {stable_end}] for schedule.decay='wsd'")
+        elif self.decay != "wsd" and self.decay_steps != 0:
+            errors.append(f"schedule.decay_steps={self.decay_steps} is used by schedule.decay='wsd' only; "
+                          f"set it to 0 with schedule.decay={self.decay!r}")
+        return errors
+
 
 @dataclass
-class StageConfig:
+class StageConfig(Section):
     """One training stage (recipe array [[stages]]); stages run in order.
 
     name: shown in logs; unique.
@@ -168,9 +241,18 @@ class StageConfig:
     attention: str = "lighthouse"
     steps: int = 1
 
+    def problems(self, index: int = 0) -> list[str]:
+        """`index`: the stage's place in [[stages]], as the messages name it."""
+        errors = []
+        if self.attention not in ATTENTION_MODES:
+            errors.append(f"stages.{index}.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.steps < 1:
+            errors.append(f"stages.{index}.steps must be >= 1, got {self.steps}")
+        return errors
+
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """Distributed checkpoints (torch.distributed.checkpoint) (recipe section [checkpoint]).
 
     interval: save every this many global steps; 0 = only at stage ends. The end of every
@@ -184,9 +266,14 @@ class CheckpointConfig:
     keep_last: int = 2
     dir: str = ""
 
+    def problems(self) -> list[str]:
+        if self.interval < 0 or self.keep_last < 1:
+            return [f"checkpoint.interval must be >= 0 and keep_last >= 1, got {self.interval} and {self.keep_last}"]
+        return []
+
 
 @dataclass
-class MetricsConfig:
+class MetricsConfig(Section):
     """Logging (recipe section [metrics]).
 
     tensorboard_dir: TensorBoard event files; empty = <run.out_dir>/tensorboard.
@@ -199,9 +286,14 @@ class MetricsConfig:
     log_interval: int = 1
     peak_tflops: float = 0.0
 
+    def problems(self) -> list[str]:
+        if self.log_interval < 1 or self.peak_tflops < 0:
+            return [f"metrics.log_interval must be >= 1 and peak_tflops >= 0, got {self.log_interval} and {self.peak_tflops}"]
+        return []
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Evaluation (recipe section [eval], with [eval.passkey]).
 
     val_interval: validation loss every this many global steps; 0 = only at stage ends
@@ -229,6 +321,14 @@ class EvalConfig:
     leak_positions: int = 16
     leak_in_dense_stages: bool = False
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+
+    def problems(self) -> list[str]:
+        errors = []
+        if self.val_interval < 0 or self.val_batches < 1:
+            errors.append(f"eval.val_interval must be >= 0 and val_batches >= 1, got {self.val_interval} and {self.val_batches}")
+        if self.leak_positions < 1:
+            errors.append(f"eval.leak_positions must be >= 1 (probe positions of the leak metric), got {self.leak_positions}")
+        return errors + self.passkey.problems()
 
 
 @dataclass

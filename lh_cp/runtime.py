@@ -17,8 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from lh_cp.attention import ULYSSES_EXCHANGES
-from lh_cp.parallel import build_mesh
+from lh_cp.parallel import ContextParallel, build_mesh
 from lh_cp.recipe import Recipe
 
 
@@ -41,9 +40,8 @@ def pick_device(setting: str) -> torch.device:
 class Runtime:
     """Device, mesh and the groups of this rank.
 
-    cp_group: the context-parallel group, None when parallel.cp == 1 (single-device attention).
-    contiguous: how sequences are split over cp_group: contiguous shards (Ulysses exchanges)
-        rather than head-tail chunk pairs.
+    cp: the context-parallel group with its layout and exchanges (parallel.cp, .exchange,
+        .dense_exchange), None when parallel.cp == 1.
     loss_group: every rank holding different tokens of the global batch (mesh axis dp_cp).
     dp_rank, dp_size: this rank's data-parallel replica and their number (mesh axis dp).
     """
@@ -51,12 +49,11 @@ class Runtime:
     device: torch.device
     mesh: DeviceMesh
     world: dist.ProcessGroup
-    cp_group: dist.ProcessGroup | None
+    cp: ContextParallel | None
     loss_group: dist.ProcessGroup
     dp_rank: int
     dp_size: int
     rank: int
-    contiguous: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -80,12 +77,11 @@ def start(recipe: Recipe) -> Runtime:
         device=device,
         mesh=mesh,
         world=dist.group.WORLD,
-        cp_group=mesh["cp"].get_group() if par.cp > 1 else None,
+        cp=ContextParallel(mesh["cp"].get_group(), par.exchange, par.dense_exchange) if par.cp > 1 else None,
         loss_group=mesh["dp_cp"].get_group(),
         dp_rank=mesh["dp"].get_local_rank(),
         dp_size=mesh["dp"].size(),
         rank=dist.get_rank(),
-        contiguous=par.exchange in ULYSSES_EXCHANGES,
     )
 
 

@@ -56,12 +56,33 @@ def _top_half_budget(scores: torch.Tensor, count: int) -> torch.Tensor:
     return order[..., :count]
 
 
-def select_from_scores(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig) -> Selection:
-    """Selection from per-token scores [B, H, N] (float32), one set per selection head."""
+class NonFiniteInput(ValueError):
+    """q, k or v of a Lighthouse layer holds NaN or inf (check_finite)."""
+
+
+def check_finite(query_scores: torch.Tensor, key_scores: torch.Tensor, v: torch.Tensor | None = None) -> None:
+    """Raise NonFiniteInput (a ValueError) unless every q and k norm (hence every q and k entry) and every entry
+    of v is finite: one reduction and one host sync for all three, the one the selection
+    needs anyway. A NaN or inf would otherwise spread through the attention to almost every
+    output row. amax propagates NaN and never overflows (a sum of large finite values could)."""
+    parts = [query_scores.amax(), key_scores.amax()] + ([v.abs().amax().float()] if v is not None else [])
+    if bool(torch.stack(parts).isfinite().all()):
+        return
+    # Count (batch, token) positions: a GQA key norm repeated per query head counts once.
+    bad_positions = [("q", (~query_scores.isfinite()).any(dim=1)), ("k", (~key_scores.isfinite()).any(dim=1))]
+    if v is not None:
+        bad_positions.append(("v", (~v.isfinite()).flatten(2).any(dim=2)))  # v [B, N, Hkv, D]
+    bad = [f"{name} at {int(mask.sum())} token position(s)" for name, mask in bad_positions if bool(mask.any())]
+    raise NonFiniteInput(f"Lighthouse attention needs finite inputs: NaN or inf in {', '.join(bad)}")
+
+
+def select_from_scores(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig,
+                       v: torch.Tensor | None = None) -> Selection:
+    """Selection from per-token scores [B, H, N] (float32), one set per selection head;
+    `v` (the values, when given) is checked for finiteness with the scores (check_finite)."""
     batch, heads, n = query_scores.shape
     tile = cfg.tile_size(n)
-    if torch.isnan(query_scores).any() or torch.isnan(key_scores).any():
-        raise ValueError("NaN in the query or key norms: selection scores must not be NaN")
+    check_finite(query_scores, key_scores, v)
     pool, levels, budget, tiles = cfg.pool, cfg.levels, cfg.tile_budget, cfg.tiles
     device = query_scores.device
     q_pyramid = reduce_levels(query_scores, pool, levels, "max", dim=2)  # level l: [B, H, N / c_l]
@@ -120,11 +141,12 @@ def check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig) -> Selection:
+def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None) -> Selection:
     """Entries chosen for q [B, N, H, D], k [B, N, Hkv, D]; sorted, int64 [B, H, S] fields.
 
     With GQA the key norms of kv head h // (H // Hkv) score query head h (selection is per
     query head). Scores are float32 whatever the input dtype; no gradient flows through here.
+    Non-finite q or k (and v, when given) raise ValueError (check_finite).
     """
     check_heads(q, k)
     heads, kv_heads = q.shape[2], k.shape[2]
@@ -132,4 +154,4 @@ def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig) -> Selection
     key_scores = token_scores(k)
     if kv_heads != heads:
         key_scores = key_scores.repeat_interleave(heads // kv_heads, dim=1)
-    return select_from_scores(query_scores, key_scores, cfg)
+    return select_from_scores(query_scores, key_scores, cfg, v)

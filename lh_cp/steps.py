@@ -11,48 +11,40 @@ import torch.distributed as dist
 
 from lh_cp.data import BatchLoader
 from lh_cp.leak import IGNORE_INDEX, LeakProbe, leak_nats
-from lh_cp.parallel import shard_positions, shard_sequence, unshard_sequence
-from lh_cp.parallel.ulysses_sharding import ulysses_positions, ulysses_shard, ulysses_unshard
+from lh_cp.parallel import global_token_mean
 from lh_cp.recipe import Recipe
 from lh_cp.runtime import Runtime
 
 
 def local_shard(rt: Runtime, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """This rank's CP shard of each [B, N] tensor (dim 1) and its global positions [N / cp]:
-    head-tail chunks, or contiguous shards under the Ulysses exchanges (rt.contiguous).
+    head-tail chunks, or contiguous shards under the Ulysses exchanges (rt.cp's layout).
 
     Targets are shifted before sharding (the loader does it), so a shard's last token is
     labelled by the first token of the next chunk even when that chunk lives elsewhere.
     """
     n = tensors[0].shape[1]
     moved = [t.to(rt.device, non_blocking=True) for t in tensors]
-    if rt.cp_group is None:
+    if rt.cp is None:
         return (*moved, torch.arange(n, device=rt.device))
-    if rt.contiguous:
-        return (*(ulysses_shard(t, rt.cp_group, dim=1) for t in moved), ulysses_positions(n, rt.cp_group, rt.device))
-    return (*(shard_sequence(t, rt.cp_group, dim=1) for t in moved), shard_positions(n, rt.cp_group, rt.device))
+    return (*(rt.cp.shard(t, dim=1) for t in moved), rt.cp.positions(n, rt.device))
 
 
 def _forward_sums(model, rt: Runtime, recipe: Recipe, inputs, targets):
     tokens, labels, positions = local_shard(rt, inputs, targets)
-    par = recipe.parallel
-    return model(tokens, positions, labels, cp_group=rt.cp_group, exchange=par.exchange, dense_exchange=par.dense_exchange)
+    return model(tokens, positions, labels)
 
 
 def training_loss(model, rt: Runtime, recipe: Recipe, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, global mean loss for logging).
 
     The backpropagated value is W * (local loss sum) / (real tokens of the global batch), W the
-    size of the loss group: FSDP (or DeepSpeed, over every rank) averages gradients over the
-    same W ranks, which leaves the gradient of the global token mean. (lh_cp.parallel.global_token_mean_loss applies the same
-    normaliser to full logits; the model's chunked loss never forms them.)
+    size of the loss group (lh_cp.parallel.global_token_mean): FSDP (or DeepSpeed, over every
+    rank) averages gradients over the same W ranks, which leaves the gradient of the global
+    token mean.
     """
     loss_sum, count = _forward_sums(model, rt, recipe, inputs, targets)
-    totals = torch.stack([loss_sum.detach().double(), count.double()])
-    dist.all_reduce(totals, group=rt.loss_group)
-    world = dist.get_world_size(rt.loss_group)
-    loss = loss_sum * (world / totals[1].clamp(min=1.0)).to(loss_sum.dtype)
-    return loss, totals[0] / totals[1].clamp(min=1.0)
+    return global_token_mean(loss_sum, count, rt.loss_group)
 
 
 @torch.no_grad()
@@ -96,18 +88,15 @@ def probe_leak(model, rt: Runtime, recipe: Recipe, probe: LeakProbe) -> dict[str
     return leak_nats(loss_sums, probe.rows)
 
 
-def greedy_predictor(model, rt: Runtime, recipe: Recipe):
+def greedy_predictor(model, rt: Runtime):
     """tokens [B, L] -> argmax next token [B, L], computed by all ranks (each its CP shard)."""
-    par = recipe.parallel
 
     @torch.no_grad()
     def predict(tokens: torch.Tensor) -> torch.Tensor:
         local, positions = local_shard(rt, tokens)
-        predicted = model(local, positions, cp_group=rt.cp_group, exchange=par.exchange,
-                          dense_exchange=par.dense_exchange, predict=True)  # [B, L / cp]
-        if rt.cp_group is not None:
-            unshard = ulysses_unshard if rt.contiguous else unshard_sequence
-            predicted = unshard(predicted, rt.cp_group, dim=1)  # [B, L]
+        predicted = model(local, positions, predict=True)  # [B, L / cp]
+        if rt.cp is not None:
+            predicted = rt.cp.unshard(predicted, dim=1)  # [B, L]
         return predicted.cpu()
 
     return predict

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lh_cp.checkpoint import latest_checkpoint, prune_checkpoints
+from lh_cp.checkpoint import checkpoint_engine, latest_checkpoint, prune_checkpoints
 from lh_cp.data import PATH_SOURCES, BatchLoader, make_tokenizer, token_stream
-from lh_cp.engines import build_engine, checkpoint_engine
+from lh_cp.engines import NonFiniteStep, build_engine, check_finite_value
 from lh_cp.leak import make_probe
 from lh_cp.metrics import MetricsWriter, flops_per_token, format_duration, peak_flops, peak_memory_gib
 from lh_cp.metrics import STAGES_TAG
@@ -32,6 +32,7 @@ from lh_cp.plan import check_recipe
 from lh_cp.recipe import Recipe, RecipeError
 from lh_cp.runtime import Runtime, launched_world_size, start, stop
 from lh_cp.schedule import lr_at
+from lh_cp.select import NonFiniteInput
 from lh_cp.steps import greedy_predictor, probe_leak, training_loss, validation_loss
 
 
@@ -136,7 +137,11 @@ class Trainer:
     def step(self, step: int) -> tuple[float, float, float]:
         """One optimizer step; returns (global mean loss, gradient norm before clipping, lr)."""
         lr = lr_at(step, self.recipe.total_steps, self.recipe.optim, self.recipe.schedule)
-        loss, mean_loss = training_loss(self.model, self.rt, self.recipe, *self.loader.next_batch())
+        try:
+            loss, mean_loss = training_loss(self.model, self.rt, self.recipe, *self.loader.next_batch())
+        except NonFiniteInput as err:  # a Lighthouse layer's q, k or v overflowed
+            raise NonFiniteStep("attention input", str(err)) from err
+        check_finite_value("loss", float(mean_loss))  # the global mean: every rank stops here together
         norm = self.engine.step(loss, lr)
         return float(mean_loss), norm, lr
 
@@ -191,7 +196,10 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
                 writer.console(f"stage {stage + 1}/{len(recipe.stages)} {recipe.stages[stage].name!r}: "
                                f"{recipe.stages[stage].attention} attention from step {step}")
         tick = time.perf_counter()
-        loss, norm, lr = trainer.step(step)
+        try:
+            loss, norm, lr = trainer.step(step)
+        except NonFiniteStep as err:
+            raise _stopped_by(err, trainer, step, stage, writer) from err
         elapsed = time.perf_counter() - tick
         window.add(loss, norm, elapsed)
         recent = (recent + [elapsed])[-20:]
@@ -219,6 +227,19 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
                            f"(this invocation), checkpoints in {trainer.ckpt_dir}")
         writer.close()
     return summary
+
+
+def _stopped_by(err: NonFiniteStep, trainer: Trainer, step: int, stage: int, writer: MetricsWriter | None) -> NonFiniteStep:
+    """The error that ends a run at a non-finite step, naming the step, stage, rank and the
+    checkpoint a rerun resumes from (nothing of this step is saved)."""
+    found = latest_checkpoint(trainer.ckpt_dir)
+    kept = f"the last good checkpoint is {found[1]} (step {found[0]})" if found else "no checkpoint was saved yet"
+    where = (f"at step {step}, stage {stage + 1} {trainer.recipe.stages[stage].name!r}, rank {trainer.rt.rank}: "
+             f"training stopped; {kept}; lower optim.lr or raise schedule.warmup_steps, then resume or start anew")
+    stopped = NonFiniteStep(err.what, err.value, where)
+    if writer:
+        writer.console(str(stopped))
+    return stopped
 
 
 def _validate(trainer: Trainer, writer: MetricsWriter | None, summary: TrainSummary, step: int, stage: int) -> None:
@@ -296,7 +317,7 @@ def _passkey(trainer: Trainer, rt: Runtime, recipe: Recipe, writer: MetricsWrite
     final = recipe.stages[-1]
     trainer.network.set_attention(final.attention)
     length = recipe.eval.passkey.length or recipe.data.seq_len
-    predict = greedy_predictor(trainer.model, rt, recipe)
+    predict = greedy_predictor(trainer.model, rt)
     accuracy = passkey_accuracy(predict, trainer.tokenizer, recipe.eval.passkey, length)
     if writer:
         step = recipe.total_steps

@@ -1,12 +1,15 @@
-"""parallelize(model, mesh, cfg): activation checkpointing, compile, then FSDP2, in that order.
-checkpoint_and_compile(model, cfg): the first two alone, for engines that shard by themselves.
+"""parallelize(model, mesh, cfg, context): the run's attention context, then activation
+checkpointing, compile and FSDP2, in that order. checkpoint_and_compile(model, cfg, context):
+all but FSDP2, for engines that shard by themselves.
 
 Contract on the model (any nn.Module):
 - its repeated blocks live in `model.layers`, an nn.ModuleList or nn.ModuleDict; each block is
   one checkpointing, compile and FSDP unit; every other parameter (embeddings, final norm,
   output head) belongs to the root unit;
-- it holds no distributed state: the CP group reaches attention as a forward argument, so
-  nothing here needs to know which layers are Lighthouse and which dense;
+- it holds no distributed state of its own: `context` (a ContextParallel, or None for one
+  device) is handed to every module with a `use_context` method (attach_context_parallel), so
+  nothing here needs to know which layers are Lighthouse and which dense; a model that takes
+  its CP group as a forward argument instead (the public cp= functions) works as well;
 - its parameters are float32 and already on the mesh's device.
 
 cfg is any object with bool attributes `activation_checkpoint` and `compile` (the recipe's
@@ -24,6 +27,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from lh_cp.parallel.context import ContextParallel, attach_context_parallel
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -56,16 +61,20 @@ def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def checkpoint_and_compile(model: nn.Module, cfg, *, compile_in_place: bool = False) -> nn.Module:
-    """Activation checkpointing and/or torch.compile of each block of `model.layers`, as cfg's
-    flags say, in place; no sharding. parallelize's first step, and the whole of it for an
-    engine that shards the weights itself (DeepSpeed ZeRO). Returns the model.
+def checkpoint_and_compile(model: nn.Module, cfg, *, compile_in_place: bool = False,
+                           context: ContextParallel | None = None) -> nn.Module:
+    """The context handed to the attention modules (when given), then activation checkpointing
+    and/or torch.compile of each block of `model.layers`, as cfg's flags say, in place; no
+    sharding. parallelize's first step, and the whole of it for an engine that shards the
+    weights itself (DeepSpeed ZeRO). Returns the model.
 
     compile_in_place: compile each block with nn.Module.compile (the block stays the module
     holding its parameters) instead of wrapping it in torch.compile's OptimizedModule, whose
     own empty parameter dict breaks DeepSpeed ZeRO-3's parameter hooks.
     """
     checkpoint, compile_blocks = _flag(cfg, "activation_checkpoint"), _flag(cfg, "compile")
+    if context is not None:
+        attach_context_parallel(model, context)
     for name, block in _blocks(model):
         # Non-reentrant checkpointing recomputes the block (its CP exchange included) in
         # backward; every CP rank recomputes in the same order, so collectives still match.
@@ -79,13 +88,14 @@ def checkpoint_and_compile(model: nn.Module, cfg, *, compile_in_place: bool = Fa
     return model
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, cfg) -> nn.Module:
-    """Apply activation checkpointing, optional torch.compile and FSDP2 to `model` in place.
+def parallelize(model: nn.Module, mesh: DeviceMesh, cfg, context: ContextParallel | None = None) -> nn.Module:
+    """Hand `context` to the attention modules, then apply activation checkpointing, optional
+    torch.compile and FSDP2 to `model` in place.
 
     mesh: from lh_cp.parallel.build_mesh (axes dp_replicate, dp_shard, cp and the flattened
     dp_shard_cp). Returns the model (now an FSDPModule).
     """
-    checkpoint_and_compile(model, cfg)
+    checkpoint_and_compile(model, cfg, context=context)
     shard_mesh = mesh["dp_replicate", "dp_shard_cp"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard_cp"]
     policy = mixed_precision_policy(mesh.device_type)
     blocks = _blocks(model)

@@ -1,4 +1,4 @@
-"""Kernel and reference twins of the CP chunk step (parallel/chunk_entries.py) agree.
+"""Kernel and reference twins of compression (lh_cp/compress.py) agree on CP chunks.
 
 `check_chunk_twins(device)` runs both on the chunks of a head-tail shard ([2B, C] rows, chunk
 config): the kernel selection is identical to the reference (fields and plan), and entries,
@@ -17,8 +17,8 @@ import torch
 from lh_cp import LighthouseConfig
 from lh_cp.kernels.ops import select_with_plan
 from lh_cp.kernels.plan import Plan, selection_from_fields
-from lh_cp.parallel.chunk_entries import compress_chunks_kernels, compress_chunks_reference
-from lh_cp.parallel.cp_attention import chunk_config
+from lh_cp.compress import compress_kernels, compress_reference
+from lh_cp.parallel.headtail.attention import chunk_config
 from lh_cp.select import select
 
 # (pool, levels, topk, tile_budget, N global, W, H, Hkv, D): spills of 3 and 15 rows, GQA, levels=1.
@@ -62,8 +62,8 @@ def check_chunk_twins(device: str) -> None:
         for field in ("slot_map", "level_index", "level_position"):
             assert torch.equal(getattr(plan, field), getattr(ref_plan, field)), field
 
-        got = _run(compress_chunks_kernels, q, k, v, cfg, rows, grad_out)
-        want = _run(compress_chunks_reference, q, k, v, cfg, rows, grad_out)
+        got = _run(compress_kernels, q, k, v, cfg, rows, grad_out)
+        want = _run(compress_reference, q, k, v, cfg, rows, grad_out)
         names = ("q entries", "k entries", "v entries", "delivered", "dq", "dk", "dv", "d out entries")
         for name, a, b in zip(names, got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")

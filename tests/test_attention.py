@@ -169,3 +169,26 @@ def test_bad_inputs_raise(bad):
         match = "floating point"
     with pytest.raises(ValueError, match=match):
         lighthouse_attention(q, k, v, cfg)
+
+
+@pytest.mark.parametrize("tensor, value", [("q", float("nan")), ("q", float("inf")), ("k", float("inf")),
+                                           ("k", float("nan")), ("v", float("nan")), ("v", float("-inf"))])
+def test_non_finite_inputs_raise_naming_the_tensor(tensor, value):
+    """NaN or inf anywhere in q, k or v is refused before any attention runs (it would spread to
+    almost every output row); the message names the tensor and how many entries are bad."""
+    cfg = LighthouseConfig(pool=2, levels=2, topk=4, tile_budget=2)
+    q, k, v = qkv(2, 64, 4, 2, 8, dtype=torch.float32)
+    bad = {"q": q, "k": k, "v": v}[tensor]
+    bad[1, 37, 1, 3] = value
+    expected = rf"NaN or inf in {tensor} at 1 token position\(s\)$"
+    with pytest.raises(ValueError, match=expected):
+        lighthouse_attention(q, k, v, cfg)
+
+
+def test_large_finite_inputs_pass_the_check():
+    """Values near the float32 range are finite: the check takes maxima, which cannot overflow
+    as a sum of many such values would."""
+    cfg = LighthouseConfig(pool=2, levels=2, topk=4, tile_budget=2)
+    q, k, v = qkv(1, 64, 2, 2, 8, dtype=torch.float32)
+    v = v * 1e37
+    assert torch.isfinite(lighthouse_attention(q, k, v, cfg)).all()

@@ -8,6 +8,8 @@
   on the same inputs. float32: within 1e-5 absolute + 1e-5 relative (same selection, only
   float32 summation order differs). bf16: relative L2 error against a float64 reference at most
   2e-2 and at most 2x the bf16 reference path's own error + 1e-3 (as tests/test_kernels_gpu.py).
+- Compressed Ulysses in an NCCL group of one rank (its all-to-all on CUDA tensors): the kernel
+  path against the reference path, with the same tolerances.
 """
 
 import pytest
@@ -69,6 +71,42 @@ def test_cp_kernel_path_matches_reference_path(one_rank_group, exchange, pool, l
     for name, a, b in zip(("out", "dq", "dk", "dv"), got32, want32):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     got_bf16 = _layer(*bf16, grad_out, cfg, one_rank_group, exchange)
+    for name, g, r, e in zip(("out", "dq", "dk", "dv"), got_bf16, ref_bf16, exact):
+        err, ref_err = rel_err(g, e), rel_err(r, e)
+        assert err <= 2e-2 and err <= 2 * ref_err + 1e-3, (name, err, ref_err)
+
+
+@pytest.fixture(scope="module")
+def one_rank_nccl(one_rank_group):
+    return dist.new_group([0], backend="nccl")
+
+
+@pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads,dim", [
+    (4, 3, 256, 32, 16384, 4, 2, 64),
+    (2, 4, 64, 8, 4096, 2, 1, 72),
+])
+def test_compressed_ulysses_kernel_path_matches_reference_path(one_rank_nccl, monkeypatch, pool, levels, topk, budget, n, heads,
+                                                               kv_heads, dim):
+    import lh_cp.compress
+
+    kernel_calls = []
+    original = lh_cp.compress.compress_kernels
+    monkeypatch.setattr(lh_cp.compress, "compress_kernels", lambda *a, **kw: kernel_calls.append(1) or original(*a, **kw))
+    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
+    torch.manual_seed(n + levels + 1)
+    q = torch.randn(1, n, heads, dim, device=DEV)
+    k, v = (torch.randn(1, n, kv_heads, dim, device=DEV) for _ in range(2))
+    grad_out = torch.randn(1, n, heads, dim, device=DEV)
+    got32 = _layer(q, k, v, grad_out, cfg, one_rank_nccl, "ulysses_compressed")
+    assert kernel_calls == [1]  # compressed Ulysses took the kernel path on CUDA
+    bf16 = [x.bfloat16() for x in (q, k, v)]
+    with kernels.disabled():
+        want32 = _layer(q, k, v, grad_out, cfg, one_rank_nccl, "ulysses_compressed")
+        exact = _layer(*(x.double() for x in bf16), grad_out, cfg, one_rank_nccl, "ulysses_compressed")
+        ref_bf16 = _layer(*bf16, grad_out, cfg, one_rank_nccl, "ulysses_compressed")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got32, want32):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    got_bf16 = _layer(*bf16, grad_out, cfg, one_rank_nccl, "ulysses_compressed")
     for name, g, r, e in zip(("out", "dq", "dk", "dv"), got_bf16, ref_bf16, exact):
         err, ref_err = rel_err(g, e), rel_err(r, e)
         assert err <= 2e-2 and err <= 2 * ref_err + 1e-3, (name, err, ref_err)

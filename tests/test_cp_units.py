@@ -7,15 +7,17 @@ import torch
 
 from lh_cp import LighthouseConfig, select
 from lh_cp.parallel import (
-    chunk_config,
+    ContextParallel,
     check_mesh_shape,
     dense_cp_bytes,
+    exchange_problems,
     head_tail_positions,
     lighthouse_cp_bytes,
 )
-from lh_cp.parallel.exchange import check_exchange
-from lh_cp.parallel.partial_attention import block_backward, block_forward, merge_into
-from lh_cp.parallel.sharding import chunk_owner, local_chunk_ids
+from lh_cp.parallel.headtail.attention import chunk_config
+from lh_cp.parallel.headtail.exchange import exchange_function
+from lh_cp.parallel.headtail.blocks import block_backward, block_forward, merge_into
+from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -54,13 +56,26 @@ def test_chunk_selection_equals_single_device_selection(world):
 
 def test_chunk_config_rejects_chunks_that_split_tiles():
     cfg = LighthouseConfig(pool=2, levels=3, topk=4, tile_budget=2)  # N=64: tile 32
-    with pytest.raises(ValueError, match=r"N / \(2W\) = 64 / 4 = 16 is not a multiple of the tile size T = .* = 32"):
+    with pytest.raises(ValueError, match=r"each head-tail chunk of 64 / 4 = 16 tokens must be a multiple of the tile size T=32"):
         chunk_config(cfg, 64, 2)
     with pytest.raises(ValueError, match="N % T == 0 fails"):
         chunk_config(cfg, 61, 2)
-    with pytest.raises(ValueError, match=r"topk=4 must be a multiple of 2W \* tile_budget = 8"):
+    with pytest.raises(ValueError, match=r"topk=4 must be a multiple of 4 \* tile_budget = 8"):
         chunk_config(cfg, 128, 2)  # a longer sequence does not help: C / T = topk / (2W b)
     assert chunk_config(LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=2), 128, 2).topk == 2
+
+
+def test_for_pieces_is_the_rule_of_every_split():
+    """One rule for CP chunks and Ulysses shards: the pieces hold whole tiles exactly when topk
+    is a multiple of pieces * tile_budget; the piece config keeps the tile size."""
+    cfg = LighthouseConfig(pool=4, levels=3, topk=64, tile_budget=8)  # 8 tiles in any valid N
+    for pieces in (1, 2, 4, 8):
+        piece = cfg.for_pieces(1024, pieces)
+        assert piece.topk == 64 // pieces and piece.tile_size(1024 // pieces) == cfg.tile_size(1024)
+        assert piece.selected_length(1024 // pieces) * pieces == cfg.selected_length(1024)
+    for pieces in (3, 16):
+        with pytest.raises(ValueError, match=f"topk=64 must be a multiple of {pieces} \\* tile_budget = {8 * pieces}"):
+            cfg.for_pieces(1024 * 3, pieces, "each shard")
 
 
 def test_mesh_shape_and_exchange_errors_name_the_values():
@@ -70,7 +85,13 @@ def test_mesh_shape_and_exchange_errors_name_the_values():
     with pytest.raises(ValueError, match="cp=0"):
         check_mesh_shape(8, dp_shard=8, cp=0)
     with pytest.raises(ValueError, match="exchange='alltoall'"):
-        check_exchange("alltoall")
+        exchange_function("alltoall")
+    assert exchange_problems("allgather", "ring") == [] and exchange_problems("ulysses_compressed", "ulysses") == []
+    assert exchange_problems("tree", "ring", "parallel.") == [
+        "parallel.exchange must be one of ('allgather', 'ring', 'ulysses', 'ulysses_compressed'), got 'tree'"]
+    assert "split the sequence differently" in exchange_problems("ring", "ulysses")[0]
+    with pytest.raises(ValueError, match="dense_exchange must be one of"):
+        ContextParallel(None, "ring", "tree")  # checked before the group is ever used
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -126,7 +147,7 @@ def test_comm_accounting_relations():
 
 
 def test_comm_table_prints_one_row_per_length(capsys):
-    from lh_cp.parallel.comm_table import main
+    from lh_cp.parallel.headtail.traffic import main
 
     main(["--lengths", "131072", "1048576"])
     lines = capsys.readouterr().out.splitlines()

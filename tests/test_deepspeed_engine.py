@@ -113,7 +113,7 @@ def zero_job(rank: int, world: int, checkpoint_root: str) -> dict:
 
     from lh_cp.parallel.deepspeed import build_deepspeed_engine
     from lh_cp.checkpoint import latest_checkpoint
-    from lh_cp.parallel.deepspeed_checkpoint import load_deepspeed_checkpoint, save_deepspeed_checkpoint
+    from lh_cp.checkpoint import load_deepspeed_checkpoint, save_deepspeed_checkpoint
 
     # DeepSpeed's ZeRO-3 helpers read the launcher's environment even with a group in place.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))

@@ -156,7 +156,7 @@ def test_deepspeed_plan_rules_name_the_key_and_the_numbers(monkeypatch):
     # topk 8: tile 64, contiguous shards of 128 / 2 = 64 tokens hold one tile; of 128 / 4 = 32, none.
     assert _errors(["parallel.engine='deepspeed'", "parallel.cp=2"] + ULYSSES) == ""
     errors = _errors(["parallel.engine='deepspeed'", "parallel.cp=4"] + ULYSSES, world_size=4)
-    assert "each rank compresses its shard of 128 / 4 = 32 tokens, which must be a multiple of the tile size T=64" in errors
+    assert "each contiguous shard (compressed on its own rank) of 128 / 4 = 32 tokens must be a multiple of the tile size T=64" in errors
     errors = _errors(["parallel.engine='deepspeed'", "parallel.cp=3", "parallel.exchange='ulysses'",
                       "parallel.dense_exchange='ulysses'", "model.n_heads=6", "model.n_kv_heads=3", "model.dim=48"], 3)
     assert "data.seq_len=128 must split into parallel.cp=3 equal contiguous shards" in errors

@@ -91,10 +91,10 @@ def _inputs(n: int, heads: int, kv_heads: int, dtype: torch.dtype, seed: int):
 
 def _case(variant: str, cfg, inputs, group) -> dict:
     """Errors against one process, and bytes sent forward/backward (measured and expected)."""
-    from lh_cp.parallel.ulysses import ulysses_attention
-    from lh_cp.parallel.ulysses_compressed import compressed_ulysses_attention
-    from lh_cp.parallel.ulysses_sharding import ulysses_shard, ulysses_unshard
-    from lh_cp.parallel.ulysses_traffic import compressed_ulysses_bytes, plain_ulysses_bytes
+    from lh_cp.parallel.ulysses.plain import ulysses_attention
+    from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
+    from lh_cp.parallel.ulysses.sharding import ulysses_shard, ulysses_unshard
+    from lh_cp.parallel.ulysses.traffic import compressed_ulysses_bytes, plain_ulysses_bytes
 
     q, k, v, dout = inputs
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -133,8 +133,8 @@ def _case(variant: str, cfg, inputs, group) -> dict:
 
 def _rejections(group) -> dict[str, str]:
     """Messages of the shape errors, raised on every rank before any communication."""
-    from lh_cp.parallel.ulysses import ulysses_attention
-    from lh_cp.parallel.ulysses_compressed import compressed_ulysses_attention
+    from lh_cp.parallel.ulysses.plain import ulysses_attention
+    from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
 
     messages = {}
     world = dist.get_world_size(group)
@@ -159,7 +159,7 @@ def ulysses_job(rank: int, world: int) -> dict:
 
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the job's gloo group
     group = dist.new_group(list(range(world)))
-    from lh_cp.parallel.ulysses_sharding import ulysses_positions
+    from lh_cp.parallel.ulysses.sharding import ulysses_positions
 
     results = {"cases": {}, "rejections": _rejections(group), "positions": ulysses_positions(world * SHARD, group).tolist()}
     for (name, cfg), (heads, kv_heads), dtype, variant in itertools.product(
@@ -186,7 +186,7 @@ def test_deepspeed_ulysses_equals_single_process(world):
             assert case["sent"][0] > 0 and case["sent"][1] > 0
         assert result["positions"] == list(range(rank * SHARD, (rank + 1) * SHARD))
         rejections = result["rejections"]
-        assert "C = N / W = " + str(24 * world) + " / " + str(world) + " = 24 is not a multiple of T" in rejections["compressed_tiles"]
+        assert f"shard (compressed Ulysses compresses it on its own rank) of {24 * world} / {world} = 24 tokens must be a multiple of the tile size T=" in rejections["compressed_tiles"]
         for name in ("compressed_heads", "ulysses_heads"):
             assert f"H=3 is not a multiple of W={world}" in rejections[name]
 
@@ -194,7 +194,7 @@ def test_deepspeed_ulysses_equals_single_process(world):
 def test_deepspeed_compressed_traffic_table():
     """The README configuration: compressed Ulysses sends under a fifth of plain Ulysses' bytes
     on every rank; the accounting rejects the shapes the attention rejects."""
-    from lh_cp.parallel.ulysses_traffic import compressed_ulysses_bytes, plain_ulysses_bytes, traffic_table
+    from lh_cp.parallel.ulysses.traffic import compressed_ulysses_bytes, plain_ulysses_bytes, traffic_table
 
     cfg = LighthouseConfig(pool=4, levels=3, topk=2048, tile_budget=128)
     for n in (131072, 262144, 524288, 1048576):

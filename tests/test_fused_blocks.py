@@ -26,8 +26,8 @@ def backend(request):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads, kv_heads, sq, sk", [(4, 4, 256, 256), (8, 2, 320, 320), (4, 1, 192, 448)])
 def test_fused_block_matches_reference(backend, causal, heads, kv_heads, sq, sk):
-    from lh_cp.parallel.fused_blocks import fused_backend, fused_block_backward, fused_block_forward
-    from lh_cp.parallel.partial_attention import block_backward, block_forward
+    from lh_cp.parallel.headtail.fused_blocks import fused_backend, fused_block_backward, fused_block_forward
+    from lh_cp.parallel.headtail.blocks import block_backward, block_forward
 
     if causal and sq != sk:
         pytest.skip("a causal block is a chunk with itself: Sq == Sk")
@@ -49,7 +49,7 @@ def test_fused_block_matches_reference(backend, causal, heads, kv_heads, sq, sk)
 
 
 def test_deterministic_mode_takes_flash():
-    from lh_cp.parallel.fused_blocks import fused_backend
+    from lh_cp.parallel.headtail.fused_blocks import fused_backend
 
     q = torch.zeros(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
     torch.use_deterministic_algorithms(True)

@@ -17,7 +17,9 @@ if not torch.cuda.is_available():
 
 from lh_cp import LighthouseConfig, kernels  # noqa: E402
 from lh_cp.attention import attend_selected  # noqa: E402
-from lh_cp.kernels.ops import lighthouse_attention as kernel_lighthouse, select as kernel_select  # noqa: E402
+# On CUDA tensors the single-device layer takes the kernel path (lh_cp.compress chooses it).
+from lh_cp.attention import lighthouse_attention as kernel_lighthouse  # noqa: E402
+from lh_cp.kernels.ops import select as kernel_select  # noqa: E402
 from lh_cp.kernels.plan import Plan, selection_from_fields  # noqa: E402
 from lh_cp.kernels.rows import expand_rows, pool_rows  # noqa: E402
 from lh_cp.kernels.rows_reference import expand_rows_reference, pool_rows_reference  # noqa: E402
@@ -155,18 +157,24 @@ def test_kernels_are_deterministic():
         assert torch.equal(x, y)
 
 
-def test_dispatch_routes_cuda_to_kernels_and_cpu_to_reference():
+def test_dispatch_routes_cuda_to_kernels_and_cpu_to_reference(monkeypatch):
     cfg = LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=4)
     q = torch.randn(1, 256, 2, 32, device=DEV)
     assert kernels.available(q)
     assert not kernels.available(q.double()) and not kernels.available(q.cpu())
     with kernels.disabled():
         assert not kernels.available(q)
+    import lh_cp.compress
     from lh_cp import lighthouse_attention
 
+    taken = []
+    for twin in ("compress_kernels", "compress_reference"):
+        original = getattr(lh_cp.compress, twin)
+        monkeypatch.setattr(lh_cp.compress, twin, lambda *a, _f=original, _n=twin, **kw: taken.append(_n) or _f(*a, **kw))
     out = lighthouse_attention(q, q, q, cfg)
     with kernels.disabled():
         ref = lighthouse_attention(q, q, q, cfg)
+    assert taken == ["compress_kernels", "compress_reference"]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -227,3 +235,14 @@ def test_deterministic_mode_gives_identical_bits():
         torch.use_deterministic_algorithms(False)
     for x, y in zip(first, second):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("tensor, value", [("q", float("nan")), ("k", float("inf")), ("v", float("nan")), ("v", float("inf"))])
+def test_kernel_path_refuses_non_finite_inputs(tensor, value):
+    """The kernel selection's one host sync refuses NaN or inf in q, k and v (lh_cp.select.check_finite)."""
+    cfg = LighthouseConfig(pool=4, levels=3, topk=16, tile_budget=4)
+    q = torch.randn(1, 1024, 4, 64, device=DEV, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1024, 2, 64, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    {"q": q, "k": k, "v": v}[tensor][0, 700, 1, 5] = value
+    with pytest.raises(ValueError, match=rf"NaN or inf in {tensor} at 1 token position"):
+        kernel_lighthouse(q, k, v, cfg)

@@ -97,7 +97,7 @@ def test_config_errors_name_the_bad_values(monkeypatch, capsys):
     assert "stage.attention must be one of ('lighthouse', 'dense'), got 'sparse'" in words
     with pytest.raises(ValueError, match="tile size T=250 \\(N=1000\\)"):
         dataclasses.replace(base, training=dataclasses.replace(base.training, seq_len=1000))
-    with pytest.raises(ValueError, match="whole number of tiles"):
+    with pytest.raises(ValueError, match="each head-tail chunk of .* tokens must be a multiple of the tile size"):
         dataclasses.replace(base, parallelism=dataclasses.replace(base.parallelism, context_parallel_degree=4))
     with pytest.raises(ValueError, match="spmd_backend='partial_dtensor'"):
         dataclasses.replace(base, parallelism=dataclasses.replace(base.parallelism, spmd_backend="spmd_types"))

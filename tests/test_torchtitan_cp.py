@@ -75,7 +75,7 @@ def _cp_worker(rank: int, world: int, dump_folder: str) -> dict:
     layout_ok = torch.equal(tokens_loc, shard_sequence(tokens, group)) and torch.equal(
         extra["positions"], shard_sequence(positions, group)
     )
-    groups_ok = all(m.cp_group is group for m in model.modules() if isinstance(m, LighthouseInnerAttention))
+    groups_ok = all(m.context.group is group for m in model.modules() if isinstance(m, LighthouseInnerAttention))
     logits = model(tokens_loc, positions=extra["positions"])
     loss = F.cross_entropy(logits.flatten(0, 1), labels_loc.flatten(), reduction="sum") / n_targets
     loss.backward()

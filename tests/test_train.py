@@ -152,3 +152,17 @@ def test_activation_checkpointing_changes_no_loss(tmp_path, corpus, straight):
     _, reference = straight
     checkpointed = train(tiny_recipe(tmp_path, corpus, ["parallel.activation_checkpoint=true"]))
     assert checkpointed.train_loss == reference.train_loss
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    """A learning rate of 1e30 makes the weights overflow after step 1: step 2's loss is not
+    finite. The run stops there naming step, stage and rank, and step 2 is never saved."""
+    from lh_cp.engines import NonFiniteStep
+
+    recipe = tiny_recipe(tmp_path, corpus, ["optim.lr=1e30", "schedule.warmup_steps=0", "schedule.decay='constant'",
+                                            "optim.grad_clip=0.0", "checkpoint.interval=1"])
+    with pytest.raises(NonFiniteStep, match=r"non-finite (loss|gradient norm|attention input) \(.+\) at step 2, stage 1 'lighthouse', "
+                                            r"rank 0: training stopped; the last good checkpoint is .*step_00000001 \(step 1\)"):
+        train(recipe)
+    assert sorted(complete_checkpoints(tmp_path / "checkpoints")) == [1]
+    assert sorted(logged_losses(tmp_path)) == [1]

@@ -1,6 +1,7 @@
-"""Lighthouse attention on CUDA: Triton scores, selection, gather and scatter around fused SDPA.
+"""Triton selection, gather and scatter as differentiable ops: the kernel side of
+lh_cp.compress (compress_kernels), whose reference twin is lh_cp.select, lh_cp.pyramid and
+lh_cp.scatter.
 
-Same signatures and results as lh_cp.attention (reference) up to float32 summation order.
 Gather and scatter are autograd Functions whose forward and backward are the two row kernels
 of rows.py, each writing every output row once: the whole path is deterministic given a
 deterministic SDPA backend (benchmarks/NOTES.md records which are).
@@ -14,7 +15,6 @@ from lh_cp.config import LighthouseConfig
 from lh_cp.kernels.plan import Plan, selection_from_fields
 from lh_cp.kernels.rows import expand_rows, pool_rows
 from lh_cp.kernels.scores import token_norms
-from lh_cp.kernels.sdpa import sdpa_causal_fast
 from lh_cp.kernels.selection import select_plan
 from lh_cp.select import Selection
 
@@ -40,9 +40,9 @@ class _GatherEntries(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
         plan = _plan_tensors(ctx)
-        grads = [g if g is not None else torch.zeros_like(ref) for g, ref in zip((grad_q, grad_k, grad_v), (grad_q, grad_k, grad_v)) if ref is not None]
-        if len(grads) != 3:
-            raise RuntimeError("gather backward expects gradients for all of q, k, v entries")
+        # An entry tensor that reached no loss has no gradient: zeros of the entries' shape.
+        present = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+        grads = [torch.zeros_like(present) if g is None else g for g in (grad_q, grad_k, grad_v)]
         (dq,) = expand_rows([grads[0]], plan, ctx.cfg, shift=0, mean=True, group=1)
         dk, dv = expand_rows([grads[1], grads[2]], plan, ctx.cfg, shift=0, mean=True, group=ctx.group)
         return dq, dk, dv, None, None
@@ -77,37 +77,14 @@ def scatter_plan(entries: torch.Tensor, plan: Plan, cfg: LighthouseConfig, rows:
     return _ScatterEntries.apply(entries, plan, cfg, plan.n if rows is None else rows)
 
 
-def attend_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, cfg: LighthouseConfig) -> torch.Tensor:
-    """Gather, causal SDPA over the entries (already in causal order), scatter: [B, N, H, D]."""
-    q_entries, k_entries, v_entries = gather_plan(q, k, v, plan, cfg)  # [B, H, S, D]
-    out_entries = sdpa_causal_fast(q_entries, k_entries, v_entries)
-    return scatter_plan(out_entries, plan, cfg)
-
-
-def select_with_plan(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig):
-    """Triton scores and selection: (plan, start int32, level int8, internal int8)."""
+def select_with_plan(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None):
+    """Triton scores and selection: (plan, start int32, level int8, internal int8); non-finite
+    q, k (or v, when given) raise."""
     with torch.no_grad():
-        return select_plan(token_norms(q.detach()), token_norms(k.detach()), cfg)
+        return select_plan(token_norms(q.detach()), token_norms(k.detach()), cfg, None if v is None else v.detach())
 
 
 def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig) -> Selection:
     """Kernel twin of lh_cp.select.select: the public Selection, int64 fields in causal order."""
     _, start, level, internal = select_with_plan(q, k, cfg)
     return selection_from_fields(start, level, internal, cfg)
-
-
-def attend_selected(q, k, v, sel: Selection, cfg: LighthouseConfig) -> torch.Tensor:
-    """Kernel twin of lh_cp.attention.attend_selected (selection given, differentiable in q, k, v)."""
-    return attend_plan(q, k, v, Plan.from_selection(sel, q.shape[1], cfg), cfg)
-
-
-def lighthouse_attention(q, k, v, cfg: LighthouseConfig) -> torch.Tensor:
-    """Kernel twin of lh_cp.attention.lighthouse_attention; levels=1 is dense causal SDPA."""
-    if cfg.levels == 1:
-        group = q.shape[2] // k.shape[2]
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        if group > 1:
-            kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
-        return sdpa_causal_fast(qt, kt, vt).transpose(1, 2)
-    plan, _, _, _ = select_with_plan(q, k, cfg)
-    return attend_plan(q, k, v, plan, cfg)

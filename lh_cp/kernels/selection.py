@@ -31,6 +31,7 @@ from lh_cp.config import LighthouseConfig
 from lh_cp.kernels.launch import check_grid
 from lh_cp.kernels.plan import Plan
 from lh_cp.pyramid import level_offsets, reduce_levels
+from lh_cp.select import check_finite
 
 INDEX_BITS = 24  # candidate numbers per tile and level must stay below 2**24
 MAX_TOP_IN_REGISTERS = 2048
@@ -243,17 +244,16 @@ def score_pyramid(token_scores: torch.Tensor, cfg: LighthouseConfig) -> torch.Te
     return torch.cat(reduce_levels(token_scores, cfg.pool, cfg.levels, "max", dim=2), dim=2).contiguous()
 
 
-def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig):
+def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None):
     """Selection from token scores: q [B, H, N], k [B, Hkv, N] float32 (H % Hkv == 0).
 
     Returns (plan, start int32, level int8, internal int8), the last three [B, H, S] in causal
-    order. NaN scores raise, as in the reference.
+    order. Non-finite scores (and v, when given) raise, as in the reference (check_finite).
     """
     batch, heads, n = query_scores.shape
     kv_heads = key_scores.shape[1]
     tile = cfg.tile_size(n)
-    if bool(torch.isnan(query_scores.sum() + key_scores.sum())):
-        raise ValueError("NaN in the query or key norms: selection scores must not be NaN")
+    check_finite(query_scores, key_scores, v)
     pool, levels, budget, tiles = cfg.pool, cfg.levels, cfg.tile_budget, cfg.tiles
     c_top = tile // cfg.coarsest_span
     low_count = pool * budget

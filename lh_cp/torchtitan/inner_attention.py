@@ -3,8 +3,9 @@
 torchtitan's GQAttention projects q/k/v, applies RoPE and calls its `inner_attention` module
 with q [B, L, H, D] and k, v [B, L, Hkv, D]: the public layout of lh_cp.lighthouse_attention,
 so this module only chooses the function. Under context parallelism the parallelize step hands
-it the CP ProcessGroup (set_context_parallel); the tensors are then the rank's head-tail shard
-and lh-cp's own exchange moves compressed K/V (Lighthouse) or K/V blocks (dense) between ranks.
+it a ContextParallel (use_context, as lh-cp's own Attention gets one); the tensors are then the
+rank's head-tail shard and lh-cp's exchange moves compressed K/V (Lighthouse) or K/V blocks
+(dense) between ranks.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torchtitan.protocols.module import Module
 
-from lh_cp.attention import causal_attention, lighthouse_attention
+from lh_cp.attention import SINGLE_DEVICE
 from lh_cp.config import LighthouseConfig
+from lh_cp.parallel.context import HEADTAIL_EXCHANGES
 
 MODES = ("lighthouse", "dense")
-EXCHANGES = ("allgather", "ring")
+EXCHANGES = HEADTAIL_EXCHANGES  # torchtitan's CP input split is the head-tail layout
 
 
 class LighthouseInnerAttention(Module):
@@ -58,11 +59,11 @@ class LighthouseInnerAttention(Module):
         self.lighthouse = config.lighthouse_config()
         self.exchange = config.exchange
         self.dense_exchange = config.dense_exchange
-        self.cp_group: dist.ProcessGroup | None = None
+        self.context = SINGLE_DEVICE
 
-    def set_context_parallel(self, group: dist.ProcessGroup | None) -> None:
-        """Inputs become this rank's head-tail shard of a sequence split over `group`."""
-        self.cp_group = group
+    def use_context(self, context) -> None:
+        """Run through `context`: a ContextParallel makes the inputs this rank's head-tail shard."""
+        self.context = context
 
     def forward(
         self,
@@ -85,5 +86,5 @@ class LighthouseInnerAttention(Module):
         if scale is not None and abs(scale - head_dim**-0.5) > 1e-12 * scale:
             raise ValueError(f"LighthouseInnerAttention uses scale 1/sqrt(head_dim) = {head_dim**-0.5}, got scale={scale}")
         if self.mode == "lighthouse":
-            return lighthouse_attention(q_BLNH, k_BLNH, v_BLNH, self.lighthouse, cp=self.cp_group, exchange=self.exchange)
-        return causal_attention(q_BLNH, k_BLNH, v_BLNH, cp=self.cp_group, exchange=self.dense_exchange)
+            return self.context.lighthouse(q_BLNH, k_BLNH, v_BLNH, self.lighthouse)
+        return self.context.dense(q_BLNH, k_BLNH, v_BLNH)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer, ParamGroupConfig
 
-from lh_cp.schedule import DECAYS
+from lh_cp.recipe import DECAYS
 
 
 def adamw_config(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> OptimizersContainer.Config:

@@ -2,9 +2,9 @@
 
 torchtitan's own parallelize_llama wraps the inner attention for context parallelism with
 SDPA- or FlexAttention-specific code (or all-gathers uncompressed K/V under its SPMD backends).
-Here the inner attention is LighthouseInnerAttention, which already runs lh-cp's exchange when
-given the CP ProcessGroup; everything else is torchtitan's public building blocks, applied in
-torchtitan's order: activation checkpointing, compile, then FSDP2 over dp_shard x cp.
+Here the inner attention is LighthouseInnerAttention, which runs lh-cp's exchange when given a
+ContextParallel over the CP group; everything else is torchtitan's public building blocks,
+applied in torchtitan's order: activation checkpointing, compile, then FSDP2 over dp_shard x cp.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 
+from lh_cp.parallel.context import ContextParallel
 from lh_cp.torchtitan.inner_attention import LighthouseInnerAttention
 
 
@@ -42,13 +43,16 @@ def check_parallelism(parallel_dims: ParallelDims, parallelism: ParallelismConfi
         )
 
 
-def set_context_parallel(model: nn.Module, group: dist.ProcessGroup | None) -> int:
-    """Hand `group` to every LighthouseInnerAttention of `model`; returns how many there are."""
+def set_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> int:
+    """Hand every LighthouseInnerAttention of `model` a ContextParallel over `group` with its
+    configured exchanges (one object per distinct pair); returns how many modules there are."""
     modules = [m for m in model.modules() if isinstance(m, LighthouseInnerAttention)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LighthouseInnerAttention module to run context parallelism")
+    contexts: dict[tuple[str, str], ContextParallel] = {}
     for module in modules:
-        module.set_context_parallel(group)
+        pair = (module.exchange, module.dense_exchange)
+        module.use_context(contexts.setdefault(pair, ContextParallel(group, *pair)))
     return len(modules)
 
 

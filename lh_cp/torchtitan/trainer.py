@@ -31,13 +31,11 @@ from lh_cp.torchtitan.tokenizer import LhCpTokenizer
 def _check_lighthouse_shapes(config: "LighthouseTrainer.Config") -> None:
     if "lighthouse" not in layer_modes(config.model, config.lighthouse, config.stage):
         return
-    from lh_cp.parallel.cp_attention import chunk_config
-
     cfg = config.lighthouse.config()
     seq_len, cp = config.training.seq_len, config.parallelism.context_parallel_degree
     cfg.tile_size(seq_len)
     if cp > 1:
-        chunk_config(cfg, seq_len, cp)
+        cfg.for_pieces(seq_len, 2 * cp, "each head-tail chunk")
 
 
 def _check_stages(config: "LighthouseTrainer.Config") -> None:

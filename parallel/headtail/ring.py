@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.partial_attention import (
+from lh_cp.parallel.headtail.blocks import (
     accumulate_backward,
     accumulate_forward,
     backward_inputs,
     empty_accumulators,
 )
-from lh_cp.parallel.sharding import local_chunk_ids
+from lh_cp.parallel.headtail.sharding import local_chunk_ids
 from lh_cp.parallel.transport import ring_shift
 
 # Distinct tags keep the K/V and the dK/dV transfers of one step apart on backends that match

@@ -23,7 +23,7 @@ from torch import nn
 
 from lh_cp.attention import causal_attention, check_qkv, lighthouse_attention
 from lh_cp.config import LighthouseConfig
-from lh_cp.parallel.ulysses_compressed import check_heads_divisible
+from lh_cp.parallel.ulysses.compressed import check_heads_divisible
 
 
 class LocalAttention(nn.Module):

@@ -1,6 +1,6 @@
 """Compressed Ulysses: Lighthouse whose all-to-all moves only the compressed entries.
 
-Plain Ulysses (ulysses.py) all-to-alls uncompressed q, k, v and the output, so its traffic
+Plain Ulysses (plain.py) all-to-alls uncompressed q, k, v and the output, so its traffic
 grows with the token count C of a shard. Here each rank compresses its own contiguous shard
 first (pyramid, scores, selection and gather of LIGHTHOUSE.md s.3-4 are local to a tile, and
 a shard is a whole number of tiles), so only S_c entries per head travel, S_c = C / c_L +
@@ -17,17 +17,13 @@ Entries are per query head (selection is, s.3), so GQA needs only H % W == 0.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.distributed as dist
 
-from lh_cp.attention import check_qkv, sdpa_causal
+from lh_cp.attention import check_qkv
+from lh_cp.compress import causal_sdpa, compress
 from lh_cp.config import LighthouseConfig
-from lh_cp.parallel.ulysses_comm import all_to_all_rows, shift_to_next_rank
-from lh_cp.pyramid import gather_entries
-from lh_cp.scatter import scatter_entries
-from lh_cp.select import select
+from lh_cp.parallel.ulysses.comm import all_to_all_rows, shift_to_next_rank
 
 
 def check_heads_divisible(heads: int, world: int) -> None:
@@ -40,21 +36,9 @@ def check_heads_divisible(heads: int, world: int) -> None:
 
 
 def shard_config(cfg: LighthouseConfig, shard_len: int, world: int) -> LighthouseConfig:
-    """Config selecting inside one contiguous shard of `shard_len` tokens as `cfg` does on N = W * shard_len.
-
-    The tile size T = N * tile_budget / topk must tile each shard; keeping T means scaling
-    topk to the shard's share, topk / W. Raises ValueError, naming the numbers, otherwise.
-    """
-    n = shard_len * world
-    tile = cfg.tile_size(n)
-    if shard_len % tile != 0:
-        raise ValueError(
-            f"compressed Ulysses compresses each contiguous shard on its own rank, so the shard "
-            f"length must be a multiple of the tile size: shard length C = N / W = {n} / {world} = "
-            f"{shard_len} is not a multiple of T = N * tile_budget / topk = {n} * {cfg.tile_budget} / "
-            f"{cfg.topk} = {tile}; use a longer sequence, fewer ranks, or a larger topk"
-        )
-    return replace(cfg, topk=cfg.topk // world)
+    """The config that selects inside one contiguous shard of `shard_len` tokens as `cfg` does
+    on N = W * shard_len (LighthouseConfig.for_pieces): each rank compresses its own shard."""
+    return cfg.for_pieces(shard_len * world, world, "each contiguous shard (compressed Ulysses compresses it on its own rank)")
 
 
 def _shards_to_heads(entries: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -88,20 +72,17 @@ def compressed_ulysses_attention(
     check_heads_divisible(heads, world)
     local_cfg = shard_config(cfg, shard_len, world)
 
-    sel = select(q.detach(), k.detach(), local_cfg)  # [B, H, S_c], spans local to the shard
-    slots = sel.slots(shard_len, local_cfg)
-    entries = torch.stack(
-        [gather_entries(x, slots, local_cfg) for x in (q, k, v)]
-    )  # [3, B, H, S_c, D]; k, v per query head
+    local = compress(q, k, v, local_cfg)  # [B, H, S_c, D] each, spans local to the shard; k, v per query head
+    entries = torch.stack([local.q, local.k, local.v])  # [3, B, H, S_c, D]
     q_all, k_all, v_all = _shards_to_heads(entries, group)  # each [B, H/W, W * S_c, D]
     # Shards are contiguous and each one's entries are sorted by the causal key, so the
     # concatenation in rank order is the single-device causal order.
-    out_entries = _heads_to_shards(sdpa_causal(q_all, k_all, v_all), group)  # [B, H, S_c, D]
+    out_entries = _heads_to_shards(causal_sdpa(q_all, k_all, v_all), group)  # [B, H, S_c, D]
 
     # Scatter onto C + c_L rows (a multiple of c_L, as the pyramid needs); rows C .. C+c_L-2
     # are the spill into the next shard, row C + c_L - 1 never receives anything.
     spill = local_cfg.coarsest_span - 1
-    delivered = scatter_entries(out_entries, sel, shard_len + local_cfg.coarsest_span, local_cfg)
+    delivered = local.deliver(out_entries, shard_len + local_cfg.coarsest_span)
     own = delivered[:, :shard_len]  # [B, C, H, D]
     if spill == 0:
         return own

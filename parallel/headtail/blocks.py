@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lh_cp.parallel.fused_blocks import fused_block_backward, fused_block_forward, fused_supported
+from lh_cp.parallel.headtail.fused_blocks import fused_block_backward, fused_block_forward, fused_supported
 from lh_cp.pyramid import accumulation_dtype
 
 

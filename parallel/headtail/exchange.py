@@ -12,22 +12,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.partial_attention import (
+from lh_cp.parallel.headtail.blocks import (
     accumulate_backward,
     accumulate_forward,
     backward_inputs,
     empty_accumulators,
 )
-from lh_cp.parallel.ring import RingAttention
-from lh_cp.parallel.sharding import local_chunk_ids
+from lh_cp.parallel.headtail.ring import RingAttention
+from lh_cp.parallel.headtail.sharding import local_chunk_ids
 from lh_cp.parallel.transport import all_gather_start, reduce_scatter
-
-EXCHANGES = ("allgather", "ring")
-
-
-def check_exchange(exchange: str) -> None:
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got exchange={exchange!r}")
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -72,11 +65,19 @@ class AllGatherAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(q.dtype), dkv[1].to(q.dtype), None
 
 
+EXCHANGE_FUNCTIONS = {"allgather": AllGatherAttention, "ring": RingAttention}
+
+
+def exchange_function(exchange: str):
+    """The autograd Function of a head-tail exchange name; ValueError naming the choices."""
+    function = EXCHANGE_FUNCTIONS.get(exchange)
+    if function is None:
+        raise ValueError(f"head-tail exchange must be one of {tuple(EXCHANGE_FUNCTIONS)}, got exchange={exchange!r}")
+    return function
+
+
 def exchange_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, exchange: str
 ) -> torch.Tensor:
     """Causal attention of the local chunks over the full sequence: [2, B, H, S, D]."""
-    check_exchange(exchange)
-    if exchange == "ring":
-        return RingAttention.apply(q, k, v, group)
-    return AllGatherAttention.apply(q, k, v, group)
+    return exchange_function(exchange).apply(q, k, v, group)

@@ -1,4 +1,4 @@
-"""Lighthouse and dense causal attention over a context-parallel group (LIGHTHOUSE.md s.8).
+"""Lighthouse and dense causal attention over a CP group in the head-tail layout (LIGHTHOUSE.md s.8).
 
 Inputs are this rank's head-tail shard: q [B, 2C, H, D], k and v [B, 2C, Hkv, D], holding
 global chunks r and 2W-1-r of length C each. The result is the matching shard of the
@@ -7,42 +7,27 @@ single-device output.
 Lighthouse: the two chunks are processed as a batch of 2B independent sequences for pyramid,
 selection, gather and scatter (tiles never straddle chunks, so each chunk's entries are the
 single-device entries of its tokens); only the compressed q/k/v entries reach the exchange;
-the scatter's spill past each chunk end travels as a halo. Selection, gather and scatter run
-as Triton kernels on CUDA and as the pure-PyTorch reference elsewhere (chunk_entries.py).
+the scatter's spill past each chunk end travels as a halo. Compression is lh_cp.compress
+(Triton kernels on CUDA, the pure-PyTorch reference elsewhere), with the chunk's config
+(LighthouseConfig.for_pieces).
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from lh_cp.attention import check_qkv
+from lh_cp.compress import compress
 from lh_cp.config import LighthouseConfig
-from lh_cp.parallel.chunk_entries import compress_chunks
-from lh_cp.parallel.exchange import check_exchange, exchange_attention
-from lh_cp.parallel.halo import combine_spills
+from lh_cp.parallel.headtail.exchange import exchange_attention
+from lh_cp.parallel.headtail.halo import combine_spills
 
 
 def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> LighthouseConfig:
-    """The config that selects inside one chunk of N / (2W) tokens exactly as `cfg` does on N.
-
-    Tiles of T = N * tile_budget / topk tokens must tile each chunk; the chunk config keeps T
-    by scaling topk to the chunk's share, topk / (2W). Raises ValueError, naming the numbers,
-    when the global rules fail or a chunk is not a whole number of tiles.
-    """
-    tile = cfg.tile_size(n_global)
-    chunks = 2 * world
-    if n_global % chunks != 0 or (n_global // chunks) % tile != 0:
-        raise ValueError(
-            f"context parallelism needs each chunk to be a whole number of tiles: chunk length "
-            f"N / (2W) = {n_global} / {chunks} = {n_global / chunks:g} is not a multiple of the tile "
-            f"size T = N * tile_budget / topk = {tile} (W={world}); since C / T = topk / "
-            f"(2W * tile_budget), topk={cfg.topk} must be a multiple of 2W * tile_budget = "
-            f"{chunks * cfg.tile_budget}: use a larger topk or a smaller CP degree"
-        )
-    return replace(cfg, topk=cfg.topk // chunks)
+    """The config that selects inside one of the 2W head-tail chunks of n_global tokens as
+    `cfg` does on the whole sequence (LighthouseConfig.for_pieces)."""
+    return cfg.for_pieces(n_global, 2 * world, "each head-tail chunk")
 
 
 def _to_exchange_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -66,7 +51,6 @@ def lighthouse_attention_cp(
 ) -> torch.Tensor:
     """Lighthouse attention of this rank's head-tail shard: q [B, 2C, H, D] -> [B, 2C, H, D]."""
     check_qkv(q, k, v)
-    check_exchange(exchange)
     batch, n_local, heads, dim = q.shape
     world = dist.get_world_size(group)
     if n_local % 2 != 0:
@@ -78,7 +62,7 @@ def lighthouse_attention_cp(
     q_chunks = q.reshape(2 * batch, chunk, heads, dim)
     k_chunks = k.reshape(2 * batch, chunk, *k.shape[2:])
     v_chunks = v.reshape(2 * batch, chunk, *v.shape[2:])
-    entries = compress_chunks(q_chunks, k_chunks, v_chunks, local_cfg)  # [2B, H, S_c, D] each
+    entries = compress(q_chunks, k_chunks, v_chunks, local_cfg)  # [2B, H, S_c, D] each
 
     out_entries = exchange_attention(
         _to_exchange_layout(entries.q, batch),
@@ -108,7 +92,6 @@ def causal_attention_cp(
     uncompressed K/V (with Hkv heads: GQA is resolved inside the block attention).
     """
     check_qkv(q, k, v)
-    check_exchange(exchange)
     batch, n_local, heads, dim = q.shape
     if n_local % 2 != 0:
         raise ValueError(f"a head-tail shard holds two equal chunks: local length {n_local} must be even")

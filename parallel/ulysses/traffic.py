@@ -12,7 +12,7 @@ Counts follow the implementations (forward and backward of one layer, per rank):
   activation dtype; plus the halo: c_L - 1 output rows [B, c_L - 1, H, D] from every rank but
   the last forward, and their gradients from every rank but the first backward.
 
-`python -m lh_cp.parallel.ulysses_traffic` prints the README table.
+`python -m lh_cp.parallel.ulysses.traffic` prints the README table.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lh_cp.config import LighthouseConfig
-from lh_cp.parallel.ulysses import kv_heads_for_ulysses
-from lh_cp.parallel.ulysses_compressed import check_heads_divisible, shard_config
+from lh_cp.parallel.ulysses.plain import kv_heads_for_ulysses
+from lh_cp.parallel.ulysses.compressed import check_heads_divisible, shard_config
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""ContextParallel: how a model's sequences are split over a CP group and how its attention
+layers exchange across it; built once per run and handed to every attention module.
+
+Two layouts (LIGHTHOUSE.md s.8):
+- head-tail (exchanges "allgather" and "ring"): the sequence is cut into 2W chunks, rank r
+  holds chunks r and 2W-1-r (load balance of causal work); Lighthouse layers exchange the
+  compressed K/V, dense layers the K/V blocks (lh_cp.parallel.headtail);
+- contiguous (the Ulysses exchanges): rank r holds tokens [r*C, (r+1)*C); "ulysses" runs
+  DeepSpeed's DistributedAttention around the attention, "ulysses_compressed" all-to-alls
+  only the compressed entries (lh_cp.parallel.ulysses).
+A run's Lighthouse and dense layers must share the layout (the tokens a rank holds do not
+change between layers). `exchange_problems` is the one place these rules live; the recipe's
+[parallel] section and the constructor both use it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lh_cp.config import LighthouseConfig
+from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
+from lh_cp.parallel.headtail.sharding import shard_positions, shard_sequence, unshard_sequence
+from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
+from lh_cp.parallel.ulysses.plain import ulysses_attention
+from lh_cp.parallel.ulysses.sharding import ulysses_positions, ulysses_shard, ulysses_unshard
+
+HEADTAIL_EXCHANGES = ("allgather", "ring")
+ULYSSES_EXCHANGES = ("ulysses", "ulysses_compressed")
+LIGHTHOUSE_EXCHANGES = (*HEADTAIL_EXCHANGES, *ULYSSES_EXCHANGES)
+DENSE_EXCHANGES = (*HEADTAIL_EXCHANGES, "ulysses")
+
+
+def exchange_problems(exchange: str, dense_exchange: str, prefix: str = "") -> list[str]:
+    """Every rule the pair (exchange of Lighthouse layers, exchange of dense layers) breaks;
+    `prefix` ('parallel.' in recipes) is put before the option names in the messages."""
+    problems = []
+    if exchange not in LIGHTHOUSE_EXCHANGES:
+        problems.append(f"{prefix}exchange must be one of {LIGHTHOUSE_EXCHANGES}, got {exchange!r}")
+    if dense_exchange not in DENSE_EXCHANGES:
+        problems.append(f"{prefix}dense_exchange must be one of {DENSE_EXCHANGES}, got {dense_exchange!r}")
+    if not problems and (exchange in ULYSSES_EXCHANGES) != (dense_exchange == "ulysses"):
+        problems.append(
+            f"{prefix}exchange={exchange!r} and {prefix}dense_exchange={dense_exchange!r} split the sequence "
+            f"differently (Ulysses exchanges: contiguous shards; allgather and ring: head-tail chunks); "
+            f"with exchange 'ulysses' or 'ulysses_compressed' use dense_exchange='ulysses', with 'allgather' "
+            f"or 'ring' use dense_exchange 'ring' or 'allgather'"
+        )
+    return problems
+
+
+class ContextParallel:
+    """A CP group, its layout and the exchanges of the two kinds of attention layer.
+
+    group: the ProcessGroup of the CP ranks (the mesh's "cp" axis); exchange: of Lighthouse
+    layers, one of LIGHTHOUSE_EXCHANGES; dense_exchange: of dense layers and the recovery
+    stage, one of DENSE_EXCHANGES, in the same layout. Checked once, here.
+
+    shard / unshard / positions cut a full [.., N, ..] tensor into this rank's shard, gather it
+    back, and give the global positions of the shard's tokens (for RoPE); lighthouse / dense
+    take the rank's shard of q [B, n, H, D], k/v [B, n, Hkv, D] and return that shard of the
+    single-device result (the methods lh_cp.attention.SingleDevice has for one device).
+    """
+
+    def __init__(self, group: dist.ProcessGroup, exchange: str = "allgather", dense_exchange: str = "ring") -> None:
+        problems = exchange_problems(exchange, dense_exchange)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.group, self.exchange, self.dense_exchange = group, exchange, dense_exchange
+        self.contiguous = exchange in ULYSSES_EXCHANGES
+
+    @classmethod
+    def for_lighthouse(cls, group: dist.ProcessGroup, exchange: str) -> "ContextParallel":
+        """The object of a call that names only the Lighthouse exchange (the public cp= function)."""
+        return cls(group, exchange, "ulysses" if exchange in ULYSSES_EXCHANGES else "ring")
+
+    @classmethod
+    def for_dense(cls, group: dist.ProcessGroup, exchange: str) -> "ContextParallel":
+        """The object of a call that names only the dense exchange."""
+        return cls(group, "ulysses" if exchange == "ulysses" else "allgather", exchange)
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's shard of the full tensor x along `dim` (no communication)."""
+        if self.contiguous:
+            return ulysses_shard(x, self.group, dim)
+        return shard_sequence(x, self.group, dim)
+
+    def unshard(self, x_loc: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The full tensor from every rank's shard along `dim` (all-gather; differentiable in
+        the head-tail layout)."""
+        if self.contiguous:
+            return ulysses_unshard(x_loc, self.group, dim)
+        return unshard_sequence(x_loc, self.group, dim)
+
+    def positions(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Global positions (int64 [n / W]) of this rank's tokens of an n-token sequence."""
+        if self.contiguous:
+            return ulysses_positions(n, self.group, device)
+        return shard_positions(n, self.group, device)
+
+    def lighthouse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
+        if self.exchange == "ulysses":
+            return ulysses_attention(q, k, v, cfg, self.group)
+        if self.exchange == "ulysses_compressed":
+            return compressed_ulysses_attention(q, k, v, cfg, self.group)
+        return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange)
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.dense_exchange == "ulysses":
+            return ulysses_attention(q, k, v, None, self.group)
+        return causal_attention_cp(q, k, v, self.group, self.dense_exchange)
+
+    def __repr__(self) -> str:
+        return f"ContextParallel(world={self.world}, exchange={self.exchange!r}, dense_exchange={self.dense_exchange!r})"
+
+
+def attach_context_parallel(model: torch.nn.Module, context) -> int:
+    """Hand `context` (a ContextParallel, or lh_cp.attention.SINGLE_DEVICE) to every module of
+    `model` that takes one (a `use_context` method: lh_cp's Attention, the torchtitan inner
+    attention); returns how many took it. A CP context reaching no module is an error."""
+    takers = [m for m in model.modules() if callable(getattr(m, "use_context", None))]
+    if isinstance(context, ContextParallel) and not takers:
+        raise ValueError(f"{type(model).__name__} has no attention module with a use_context method to run "
+                         f"context parallelism")
+    for module in takers:
+        module.use_context(context)
+    return len(takers)
