@@ -65,8 +65,8 @@ def check_finite(query_scores: torch.Tensor, key_scores: torch.Tensor, v: torch.
     of v is finite: one reduction and one host sync for all three, the one the selection
     needs anyway. A NaN or inf would otherwise spread through the attention to almost every
     output row. amax propagates NaN and never overflows (a sum of large finite values could)."""
-    parts = [query_scores.amax(), key_scores.amax()] + ([v.abs().amax().float()] if v is not None else [])
-    if bool(torch.stack(parts).isfinite().all()):
+    parts = [query_scores.amax(), key_scores.amax()] + ([*torch.aminmax(v)] if v is not None else [])  # one pass over v
+    if bool(torch.stack([x.float() for x in parts]).isfinite().all()):
         return
     # Count (batch, token) positions: a GQA key norm repeated per query head counts once.
     bad_positions = [("q", (~query_scores.isfinite()).any(dim=1)), ("k", (~key_scores.isfinite()).any(dim=1))]
