@@ -31,6 +31,9 @@ def _add_demo(subparsers) -> None:
 def _run_demo(args) -> int:
     from lh_cp.demo import format_demo, run_demo
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch sees no CUDA device here (torch {torch.__version__}); "
+                         f"use --device cpu")
     cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
     cfg.tile_size(args.n)
     dtype = DTYPES[args.dtype]

@@ -50,7 +50,7 @@ def _sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
         split = (f"parallel.cp={par.cp} equal contiguous shards (parallel.exchange={par.exchange!r})" if ulysses
                  else f"2 * parallel.cp = {pieces} equal head-tail chunks")
         return [f"{what}={n} must split into {split}: {n} % {pieces} != 0"]
-    if mode != "lighthouse":
+    if mode != "lighthouse" or recipe.lighthouse.problems():  # an invalid [lighthouse] is listed once, by itself
         return []
     try:
         cfg = recipe.lighthouse.config()
@@ -116,7 +116,7 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
         if recipe.eval.passkey.enabled and recipe.stages and recipe.eval.passkey.length > 0:
             final_mode = recipe.stages[-1].attention
             errors.extend(_sequence_rules(recipe, recipe.eval.passkey.length, final_mode, "eval.passkey.length"))
-    return errors
+    return list(dict.fromkeys(errors))  # each rule once, in the order found
 
 
 @dataclass

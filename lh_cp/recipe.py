@@ -12,6 +12,7 @@ CP divisibility, world size) are checked by plan.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -370,45 +371,62 @@ class RecipeError(ValueError):
     """A recipe key that does not exist or holds a value of the wrong type."""
 
 
-def _convert(value, kind, key: str):
-    """`value` as type `kind` (a dataclass, list[...], int, float, bool or str), else RecipeError."""
+def _convert(value, kind, key: str, errors: list[str]):
+    """`value` as type `kind` (a dataclass, list[...], int, float, bool or str); a mismatch is
+    appended to `errors` (and None returned), so every problem of a recipe is reported at once."""
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
-            raise RecipeError(f"recipe key {key}: expected a table, got {type(value).__name__} {value!r}")
-        return _from_dict(kind, value, key)
+            errors.append(f"recipe key {key}: expected a table, got {type(value).__name__} {value!r}")
+            return None
+        return _from_dict(kind, value, key, errors)
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
         if not isinstance(value, list):
-            raise RecipeError(f"recipe key {key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
+            errors.append(f"recipe key {key}: expected a list, got {type(value).__name__} {value!r}")
+            return None
+        return [_convert(v, item, f"{key}.{i}", errors) for i, v in enumerate(value)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind in (int, float, str, bool) and type(value) is kind:
         return value
-    raise RecipeError(f"recipe key {key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    errors.append(f"recipe key {key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return None
 
 
-def _from_dict(cls, data: dict, where: str):
+def _from_dict(cls, data: dict, where: str, errors: list[str]):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = f"{where}.{key}" if where else key
         if key not in names:
-            raise RecipeError(f"unknown recipe key {full!r}; valid keys{' in [' + where + ']' if where else ''}: {', '.join(names)}")
-        kwargs[key] = _convert(value, hints[key], full)
-    return cls(**kwargs)
+            errors.append(f"unknown recipe key {full!r}; valid keys{' in [' + where + ']' if where else ''}: {', '.join(names)}")
+            continue
+        kwargs[key] = _convert(value, hints[key], full, errors)
+    return None if errors else cls(**kwargs)
+
+
+# A --set value that is not TOML may still be a bare word (--set data.source=files, a path);
+# anything with a quote, a space, a bracket, a comma, '=' or '#' is refused, not taken literally.
+_BARE_WORD = re.compile(r"[^\s'\"\[\]{},=#]+")
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
     """'section.key=value' -> (['section', 'key'], value); the value is read as a TOML value
-    (numbers, booleans, quoted strings, [lists]); anything else is taken as a bare string."""
+    (numbers, booleans, quoted strings, [lists]); a bare word (no space, quote, bracket, comma,
+    '=' or '#': a name, a path) is taken as that string; anything else is a RecipeError with the
+    quoting hint."""
     if "=" not in text:
         raise RecipeError(f"--set expects section.key=value, got {text!r}")
     path, raw = text.split("=", 1)
     try:
         value = tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:
+        if not _BARE_WORD.fullmatch(raw):
+            raise RecipeError(
+                f"--set {text}: {raw!r} is not a TOML value; quote strings in single quotes inside the "
+                f"shell's double quotes, e.g. --set \"{path.strip()}='my value'\""
+            ) from None
         value = raw
     return path.strip().split("."), value
 
@@ -434,7 +452,11 @@ def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
     for text in overrides:
         path, value = parse_override(text)
         _apply_override(data, path, value, text)
-    return _from_dict(Recipe, data, "")
+    errors: list[str] = []
+    recipe = _from_dict(Recipe, data, "", errors)
+    if errors:
+        raise RecipeError("\n".join(errors))
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

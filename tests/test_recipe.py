@@ -183,3 +183,49 @@ def test_paper_recipe_is_the_papers_run():
     assert data.batch_size * recipe.parallel.dp == 32  # 32 windows = 3.1M tokens per step
     assert check_recipe(recipe, world_size=recipe.parallel.world_size) == []
     assert count_parameters(recipe.model) == 530_117_632
+
+
+def test_every_unknown_key_and_wrong_type_is_reported_at_once():
+    data = _valid()
+    data["model"]["hidden"] = 3
+    data["model"]["dim"] = "wide"
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict({**data, "optimizer": {}}, ["optim.lrr=1"])
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 4, lines
+    assert any("unknown recipe key 'model.hidden'" in x for x in lines)
+    assert any("recipe key model.dim: expected int, got str 'wide'" in x for x in lines)
+    assert any("unknown recipe key 'optimizer'" in x for x in lines)
+    assert any("unknown recipe key 'optim.lrr'" in x for x in lines)
+
+
+@pytest.mark.parametrize("text", ["run.name='x", "run.name=two words", 'run.name="x', "data.path=[a"])
+def test_a_set_value_that_is_not_toml_is_an_error_with_the_quoting_hint(text):
+    with pytest.raises(RecipeError, match=r"is not a TOML value; quote strings in single quotes"):
+        recipe_from_dict(_valid(), [text])
+
+
+def test_bare_words_and_paths_still_set_strings():
+    recipe = recipe_from_dict(_valid(), ["data.source=files", "data.path=/data/c4.en-1", "run.name='two words'"])
+    assert (recipe.data.source, recipe.data.path, recipe.run.name) == ("files", "/data/c4.en-1", "two words")
+
+
+def test_each_violated_rule_is_listed_once(capsys):
+    """An invalid [lighthouse] is one line, not again under every sequence length that uses it."""
+    assert main(["plan", str(RECIPES / "quickstart.toml"), "--set", "lighthouse.tile_budget=7",
+                 "--set", "eval.passkey.length=1024"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert sum("tile_budget must be even" in line for line in err) == 1, err
+
+
+def test_missing_cuda_is_one_line_for_demo_and_train(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["demo", "--device", "cuda"]) == 2
+    assert main(["train", str(RECIPES / "quickstart.toml"), "--set", "run.device='cuda'", "--set", "parallel.cp=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("lh-cp demo: error: --device cuda: torch sees no CUDA device") and "Traceback" not in "\n".join(err)
+    assert err[1] == "lh-cp train: error: the recipe is not valid:"
+    assert err[2].strip() == "run.device='cuda' but torch sees no CUDA device (use 'auto' or 'cpu')"
