@@ -118,6 +118,11 @@ class ParallelConfig(Section):
     activation_checkpoint: recompute each decoder block in backward instead of storing its
         activations (needed at long context).
     compile: torch.compile each decoder block.
+    timeout_s: timeout of every collective of every process group of the run (a rank waiting
+        longer raises), and twice the watchdog's limit: under torchrun a rank that sends no
+        heartbeat for timeout_s / 2 seconds (stopped, frozen) ends the job with a message naming
+        it (lh_cp/parallel/watchdog.py). The default, 600 s, is long enough for a first step
+        that compiles kernels and tokenizes a corpus, and far below PyTorch's 30 minutes.
     """
 
     engine: str = "fsdp"
@@ -129,6 +134,7 @@ class ParallelConfig(Section):
     dense_exchange: str = "ring"
     activation_checkpoint: bool = False
     compile: bool = False
+    timeout_s: int = 600
 
     @property
     def world_size(self) -> int:
@@ -150,6 +156,8 @@ class ParallelConfig(Section):
             errors.append(f"parallel.dp_replicate={self.dp_replicate} must be 1 under parallel.engine='deepspeed': "
                           f"ZeRO shards over every rank (for the same {self.dp} data-parallel replicas use "
                           f"dp_shard={self.dp} and dp_replicate=1)")
+        if self.timeout_s < 10:
+            errors.append(f"parallel.timeout_s must be >= 10 seconds (the watchdog beats every few seconds), got {self.timeout_s}")
         exchanges = exchange_problems(self.exchange, self.dense_exchange, "parallel.")
         errors.extend(exchanges)
         ulysses = [f"parallel.{name}={getattr(self, name)!r}" for name in ("exchange", "dense_exchange")

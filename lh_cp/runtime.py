@@ -3,7 +3,9 @@
 One process (no torchrun) still gets a process group of size 1, so a run has a single code
 path: FSDP2, DCP checkpoints and the loss normaliser behave the same at any world size.
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read here and
-nowhere else. Under parallel.engine = "deepspeed" DeepSpeed's communication layer is started
+(the store's address, for the watchdog) in lh_cp/parallel/watchdog.py. Every group of the run
+gets parallel.timeout_s; the ranks check that they run the same recipe, world layout and
+software before anything else (lh_cp.parallel.agreement). Under parallel.engine = "deepspeed" DeepSpeed's communication layer is started
 on top of the same process group (the `deepspeed` launcher sets the same variables).
 """
 
@@ -17,8 +19,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+import lh_cp
 from lh_cp.parallel import ContextParallel, build_mesh
-from lh_cp.recipe import Recipe
+from lh_cp.parallel.agreement import agree_on_run
+from lh_cp.parallel.mesh import GROUP_AXES
+from lh_cp.parallel.watchdog import Watchdog
+from lh_cp.recipe import Recipe, RecipeError
 
 
 def launched_world_size() -> int:
@@ -54,6 +60,7 @@ class Runtime:
     dp_rank: int
     dp_size: int
     rank: int
+    watchdog: Watchdog | None = None
 
     @property
     def is_main(self) -> bool:
@@ -63,16 +70,31 @@ class Runtime:
 def start(recipe: Recipe) -> Runtime:
     device = pick_device(recipe.run.device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    # Long first steps (compilation, corpus tokenization) must not trip the collective timeout.
-    timeout = datetime.timedelta(minutes=30)
+    timeout = datetime.timedelta(seconds=recipe.parallel.timeout_s)
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    try:
+        return _runtime(recipe, device, backend, timeout)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+
+
+def _runtime(recipe: Recipe, device: torch.device, backend: str, timeout: datetime.timedelta) -> Runtime:
     par = recipe.parallel
+    try:
+        agree_on_run(run_fingerprint(recipe, dist.get_world_size()), dist.group.WORLD)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     if par.engine == "deepspeed":
         _start_deepspeed_comm(backend)
     mesh = build_mesh(device.type, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, cp=par.cp)
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # public from torch 2.14
+    for axis in GROUP_AXES:  # the mesh's groups are created with PyTorch's default timeout
+        set_timeout(timeout, mesh[axis].get_group())
+    watchdog = Watchdog.for_torchrun(dist.get_rank(), dist.get_world_size(), par.timeout_s / 2)
     return Runtime(
         device=device,
         mesh=mesh,
@@ -82,7 +104,29 @@ def start(recipe: Recipe) -> Runtime:
         dp_rank=mesh["dp"].get_local_rank(),
         dp_size=mesh["dp"].size(),
         rank=dist.get_rank(),
+        watchdog=watchdog.start() if watchdog else None,
     )
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, list):
+        return {**{f"{prefix}{i}": v for i, v in enumerate(value) if not isinstance(v, (dict, list))},
+                **{k: v for i, item in enumerate(value) if isinstance(item, (dict, list))
+                   for k, v in _flatten(item, f"{prefix}{i}.").items()}}
+    return {prefix.rstrip("."): value}
+
+
+def run_fingerprint(recipe: Recipe, world_size: int) -> dict:
+    """What every rank of a run must agree on: every recipe key (flattened: 'optim.lr',
+    'stages.1.steps'), the world size and the software versions."""
+    from dataclasses import asdict
+
+    return {**_flatten(asdict(recipe)), "world_size": world_size, "torch": torch.__version__, "lh_cp": lh_cp.__version__}
 
 
 def _start_deepspeed_comm(backend: str) -> None:
@@ -97,6 +141,9 @@ def _start_deepspeed_comm(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def stop() -> None:
+def stop(rt: Runtime | None = None) -> None:
+    """Stop the watchdog (marking this rank done), then end the process group."""
+    if rt is not None and rt.watchdog is not None:
+        rt.watchdog.stop()
     if dist.is_initialized():
         dist.destroy_process_group()

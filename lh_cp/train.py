@@ -164,7 +164,7 @@ def train(recipe: Recipe) -> TrainSummary:
     try:
         return _train(recipe, rt)
     finally:
-        stop()
+        stop(rt)
 
 
 def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
@@ -201,6 +201,8 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
         except NonFiniteStep as err:
             raise _stopped_by(err, trainer, step, stage, writer) from err
         elapsed = time.perf_counter() - tick
+        if rt.watchdog:
+            rt.watchdog.progress(step)
         window.add(loss, norm, elapsed)
         recent = (recent + [elapsed])[-20:]
         stage_end = step in trainer.stage_ends

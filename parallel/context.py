@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lh_cp.config import LighthouseConfig
+from lh_cp.parallel.agreement import agree_on_call
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
 from lh_cp.parallel.headtail.sharding import shard_positions, shard_sequence, unshard_sequence
 from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
@@ -29,6 +30,15 @@ HEADTAIL_EXCHANGES = ("allgather", "ring")
 ULYSSES_EXCHANGES = ("ulysses", "ulysses_compressed")
 LIGHTHOUSE_EXCHANGES = (*HEADTAIL_EXCHANGES, *ULYSSES_EXCHANGES)
 DENSE_EXCHANGES = (*HEADTAIL_EXCHANGES, "ulysses")
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_AGREED: set[tuple] = set()  # (group, call signature) pairs every rank has confirmed
+_MAX_DIMS = 5  # shapes are sent padded to this many dims, so every rank sends as many integers
+
+
+def _padded_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """(ndim, size of each dim, -1 for absent dims): a fixed-length description of t's shape."""
+    dims = tuple(t.shape[:_MAX_DIMS])
+    return (t.dim(), *dims, *(-1,) * (_MAX_DIMS - len(dims)))
 
 
 def exchange_problems(exchange: str, dense_exchange: str, prefix: str = "") -> list[str]:
@@ -106,7 +116,24 @@ class ContextParallel:
             return ulysses_positions(n, self.group, device)
         return shard_positions(n, self.group, device)
 
+    def _agree(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig | None) -> None:
+        """Before the first collective of each new call signature (shapes, dtype, config,
+        exchange): every rank must pass the same one, or every rank raises (not a hang)."""
+        lighthouse = (cfg.pool, cfg.levels, cfg.topk, cfg.tile_budget) if cfg is not None else (0, 0, 0, 0)
+        exchange = self.exchange if cfg is not None else self.dense_exchange
+        dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+        shapes = tuple(x for t in (q, k, v) for x in _padded_shape(t))
+        values = (*shapes, dtype, *lighthouse, LIGHTHOUSE_EXCHANGES.index(exchange))
+        key = (id(self.group), values)
+        if key in _AGREED or self.world == 1:
+            return
+        names = (*(f"{t}.{field}" for t in "qkv" for field in ("ndim", *(f"shape[{i}]" for i in range(_MAX_DIMS)))),
+                 "dtype (0 f64, 1 f32, 2 bf16, 3 f16)", "pool", "levels", "topk", "tile_budget", "exchange")
+        agree_on_call(names, values, self.group, q.device)
+        _AGREED.add(key)
+
     def lighthouse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
+        self._agree(q, k, v, cfg)
         if self.exchange == "ulysses":
             return ulysses_attention(q, k, v, cfg, self.group)
         if self.exchange == "ulysses_compressed":
@@ -114,6 +141,7 @@ class ContextParallel:
         return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange)
 
     def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self._agree(q, k, v, None)
         if self.dense_exchange == "ulysses":
             return ulysses_attention(q, k, v, None, self.group)
         return causal_attention_cp(q, k, v, self.group, self.dense_exchange)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_AXES = ("dp_replicate", "dp_shard", "cp")
+GROUP_AXES = (*MESH_AXES, "dp_shard_cp", "dp", "dp_cp")  # every axis build_mesh makes a group for
 
 
 def check_mesh_shape(world_size: int, dp_replicate: int = 1, dp_shard: int = 1, cp: int = 1) -> None:

@@ -23,8 +23,6 @@ cached in ~/.cache/torch_extensions), hence the timeouts.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,8 +30,7 @@ import pytest
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation 'deepspeed>=0.19.8' (after torch)")
 
-from dist_utils import free_port  # noqa: E402
-from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, write_corpus, write_toml  # noqa: E402
+from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, torchrun_train, write_corpus, write_toml  # noqa: E402
 
 from lh_cp.checkpoint import complete_checkpoints  # noqa: E402
 from lh_cp.plan import check_recipe  # noqa: E402
@@ -56,19 +53,6 @@ DEEPSPEED = CP2 + ["parallel.engine='deepspeed'", "parallel.zero_stage=3"]
 ULYSSES = ["parallel.exchange='ulysses_compressed'", "parallel.dense_exchange='ulysses'"]
 PASSKEY = ["eval.passkey.enabled=true", "eval.passkey.length=256", "eval.passkey.depths=[0.5]",
            "eval.passkey.samples=1", "eval.passkey.digits=2"]
-
-
-def torchrun_train(recipe_file: Path, out: Path, overrides: list[str]) -> str:
-    """`lh-cp train` on 2 torchrun processes; returns the console output (rank 0 logs)."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "lh_cp.cli", "train", str(recipe_file), "--set", f"run.out_dir='{out}'",
-    ] + [arg for item in overrides for arg in ("--set", item)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=280, cwd=out.parent,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
 
 
 def grad_norms(out: Path) -> dict[int, float]:
@@ -95,7 +79,7 @@ def recipe_file(tmp_path_factory) -> Path:
 def deepspeed_straight(recipe_file) -> Path:
     """The uninterrupted ZeRO-3 run (allgather / ring) the other runs are compared with."""
     out = recipe_file.parent / "deepspeed"
-    console = torchrun_train(recipe_file, out, DEEPSPEED)
+    console = torchrun_train(recipe_file, out, DEEPSPEED).stdout
     assert "stage 2/2 'recovery': dense attention from step 5" in console
     assert sorted(complete_checkpoints(out / "checkpoints")) == [4, 6]  # stage ends, DeepSpeed folders
     assert (out / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
@@ -118,7 +102,7 @@ def test_deepspeed_exact_resume(recipe_file, deepspeed_straight):
     out = recipe_file.parent / "resumed"
     torchrun_train(recipe_file, out, DEEPSPEED + ["run.stop_after_step=3"])
     assert sorted(complete_checkpoints(out / "checkpoints")) == [3]
-    console = torchrun_train(recipe_file, out, DEEPSPEED)
+    console = torchrun_train(recipe_file, out, DEEPSPEED).stdout
     assert "resumed from step 3" in console
     assert logged_losses(out) == logged_losses(deepspeed_straight)  # steps 1-3, then 4-6 after the resume
     assert grad_norms(out) == grad_norms(deepspeed_straight)
@@ -128,7 +112,7 @@ def test_deepspeed_exact_resume(recipe_file, deepspeed_straight):
 @pytest.mark.timeout(420)
 def test_deepspeed_ulysses_compressed_equals_allgather(recipe_file, deepspeed_straight):
     out = recipe_file.parent / "ulysses"
-    console = torchrun_train(recipe_file, out, DEEPSPEED + ULYSSES + PASSKEY + ["parallel.activation_checkpoint=true"])
+    console = torchrun_train(recipe_file, out, DEEPSPEED + ULYSSES + PASSKEY + ["parallel.activation_checkpoint=true"]).stdout
     assert_close(logged_losses(out), logged_losses(deepspeed_straight), "train loss")
     assert_close(grad_norms(out), grad_norms(deepspeed_straight), "grad norm")
     assert "passkey retrieval at 256 tokens (dense attention)" in console

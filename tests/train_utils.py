@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from lh_cp.recipe import Recipe, recipe_from_dict
@@ -71,3 +74,25 @@ def write_toml(path: Path, data: dict) -> None:
             lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
             lines.extend(f"{k} = {value(v)}" for k, v in table.items())
     path.write_text("\n".join(lines) + "\n")
+
+
+def torchrun_command(args: list[str], processes: int = 2) -> list[str]:
+    """torchrun on 127.0.0.1 with a free port, `processes` ranks, running `args` (a module
+    invocation such as ['-m', 'lh_cp.cli', 'train', ...] or a script path and its arguments)."""
+    from dist_utils import free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+
+
+def torchrun_train(recipe_file: Path, out: Path, overrides: list[str], check: bool = True,
+                   timeout: float = 280) -> subprocess.CompletedProcess:
+    """`lh-cp train` on 2 torchrun processes (one intra-op thread each); with `check` the run
+    must succeed (its output tail is the assertion message)."""
+    command = torchrun_command(["-m", "lh_cp.cli", "train", str(recipe_file), "--set", f"run.out_dir='{out}'"]
+                               + [arg for item in overrides for arg in ("--set", item)])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=out.parent,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
