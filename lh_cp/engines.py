@@ -7,7 +7,7 @@ one interface, so lh_cp/train.py has no engine branches:
 - `step(loss, lr)`: backward, clip, optimizer step, zeroed gradients; returns the global
   gradient norm before clipping; a non-finite norm raises NonFiniteStep (under FSDP2 before
   the optimizer step, so the weights in memory stay those of the last good step);
-- `save(root, step, data_state)` / `load(path, data_state)`: checkpoints in the
+- `save(root, step, data_state, meta)` / `load(path, data_state)`: checkpoints in the
   step_XXXXXXXX folders of lh_cp.checkpoint (DCP for FSDP2, DeepSpeed's own format for ZeRO),
   so latest_checkpoint and prune_checkpoints serve both.
 Both hand the run's ContextParallel (rt.cp, under CP) to the model's attention modules
@@ -72,8 +72,8 @@ class FsdpEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def save(self, root: Path, step: int, data_state: dict) -> None:
-        save_checkpoint(root, step, self.model, self.optimizer, data_state, self.group)
+    def save(self, root: Path, step: int, data_state: dict, meta: dict) -> None:
+        save_checkpoint(root, step, self.model, self.optimizer, data_state, self.group, meta)
 
     def load(self, path: Path, data_state: dict) -> tuple[int, dict]:
         return load_checkpoint(path, self.model, self.optimizer, data_state, self.group)
@@ -106,8 +106,8 @@ class ZeroEngine:
         # DeepSpeed computes the norm inside its step, so this one is checked after it.
         return check_finite_value("gradient norm", float(self.model.get_global_grad_norm()))
 
-    def save(self, root: Path, step: int, data_state: dict) -> None:
-        save_deepspeed_checkpoint(self.model, root, step, data_state, self.group)
+    def save(self, root: Path, step: int, data_state: dict, meta: dict) -> None:
+        save_deepspeed_checkpoint(self.model, root, step, data_state, self.group, meta)
 
     def load(self, path: Path, data_state: dict) -> tuple[int, dict]:
         return load_deepspeed_checkpoint(self.model, path)

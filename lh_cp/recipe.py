@@ -268,12 +268,20 @@ class CheckpointConfig(Section):
         stage is always saved and never deleted.
     keep_last: interval checkpoints kept (older ones are deleted once a newer one is complete).
     dir: checkpoint folder; empty = <run.out_dir>/checkpoints. A run resumes from the newest
-        complete checkpoint found there.
+        complete checkpoint found there that verifies against its manifest, falling back to
+        older ones (each failure named on the console and in TensorBoard), and refuses one
+        whose parameter shapes differ from the run's, naming every difference.
+    verify: check every file's CRC-32 against the manifest on resume (files and sizes are
+        always checked). Cost: one read of the checkpoint, shared by the ranks: CRC-32 ran at
+        1.7 GB/s on one core of the 2-core development machine, so the 6.4 GB of a 530M model's
+        float32 weights and AdamW moments take about 3.7 s in one process, 0.5 s per rank over 8
+        (a second or two more on a cold page cache); the same is spent writing the manifest.
     """
 
     interval: int = 0
     keep_last: int = 2
     dir: str = ""
+    verify: bool = True
 
     def problems(self) -> list[str]:
         if self.interval < 0 or self.keep_last < 1:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lh_cp.checkpoint import checkpoint_engine, latest_checkpoint, prune_checkpoints
+from lh_cp.checkpoint import (
+    checkpoint_engine, compatibility, complete_checkpoints, latest_checkpoint, prune_checkpoints, verify_checkpoint,
+)
 from lh_cp.data import PATH_SOURCES, BatchLoader, make_tokenizer, token_stream
 from lh_cp.engines import NonFiniteStep, build_engine, check_finite_value
 from lh_cp.leak import make_probe
@@ -30,7 +32,7 @@ from lh_cp.model import Transformer
 from lh_cp.passkey import passkey_accuracy
 from lh_cp.plan import check_recipe
 from lh_cp.recipe import Recipe, RecipeError
-from lh_cp.runtime import Runtime, launched_world_size, start, stop
+from lh_cp.runtime import Runtime, launched_world_size, run_fingerprint, start, stop
 from lh_cp.schedule import lr_at
 from lh_cp.select import NonFiniteInput
 from lh_cp.steps import greedy_predictor, probe_leak, training_loss, validation_loss
@@ -66,6 +68,17 @@ def check_machine(recipe: Recipe) -> list[str]:
         missing.append(f"the checkpoint to resume, {found[1]}, was written by parallel.engine={written_by!r} "
                        f"but this run uses parallel.engine={engine!r}; resume with that engine or set another checkpoint.dir")
     return missing
+
+
+def parameter_shapes(network: torch.nn.Module) -> dict[str, list[int]]:
+    """Full shape of every parameter by name, whatever wraps or shards it: activation
+    checkpointing and compile prefixes dropped, FSDP2's DTensors by their global shape,
+    ZeRO-3's partitioned parameters by their ds_shape."""
+    shapes = {}
+    for name, param in network.named_parameters():
+        clean = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        shapes[clean] = list(getattr(param, "ds_shape", param.shape))
+    return shapes
 
 
 def check_data_volume(recipe: Recipe, train_windows: int, val_windows: int, dp: int) -> None:
@@ -120,18 +133,55 @@ class Trainer:
         self.model, self.network = self.engine.model, self.engine.network
         self.ckpt_dir = recipe.checkpoint_dir
         self.stage_ends = set(recipe.stage_ends())
+        # What every checkpoint's manifest records of this run, to check a resume against.
+        self.meta = {"engine": recipe.parallel.engine, "recipe": run_fingerprint(recipe, rt.mesh.size()),
+                     "params": parameter_shapes(self.network)}
+        self.notices: list[str] = []  # resume events, for the console and TensorBoard
         self.tokens_per_step = data.seq_len * data.batch_size * rt.dp_size
 
     def resume(self) -> int:
-        found = latest_checkpoint(self.ckpt_dir)
-        if found is None:
-            return 0
-        step, data_state = self.engine.load(found[1], self.loader.state_dict())
-        self.loader.load_state_dict(data_state)
-        return step
+        """Load the newest checkpoint that verifies (falling back past the ones that do not,
+        each named in self.notices), after checking it fits this run; 0 when there is none."""
+        tried = []
+        for step, path in sorted(complete_checkpoints(self.ckpt_dir).items(), reverse=True):
+            verdict = verify_checkpoint(path, self.rt.world, content=self.recipe.checkpoint.verify)
+            if not verdict.ok:
+                tried.append(f"{path}: {verdict.reason}")
+                self.notices.append(f"checkpoint {path} failed verification: {verdict.reason}; trying an older one")
+                continue
+            if verdict.legacy:
+                self.notices.append(f"checkpoint {path}: {verdict.reason}")
+            else:
+                self._check_fits(path, verdict.manifest)
+            try:
+                loaded, data_state = self.engine.load(path, self.loader.state_dict())
+            except Exception as err:  # a DCP or DeepSpeed error deep in the loader: name the folder first
+                raise RuntimeError(f"could not load checkpoint {path}: {type(err).__name__}: {err}") from err
+            self.loader.load_state_dict(data_state)
+            if tried:
+                self.notices.append(f"resumed from {path} (step {loaded}), the newest checkpoint that verifies")
+            return loaded
+        if tried:
+            raise RecipeError(f"no checkpoint under {self.ckpt_dir} verifies; tried, newest first:\n  " + "\n  ".join(tried)
+                              + "\nmove them away (or delete them) to start anew, or set another checkpoint.dir")
+        return 0
+
+    def _check_fits(self, path: Path, manifest: dict) -> None:
+        """Refuse a checkpoint whose parameters do not fit this run, naming every difference;
+        a changed setting that keeps the shapes is only reported."""
+        shapes, settings = compatibility(manifest, self.meta)
+        if shapes:
+            changed = "\n  ".join(settings) if settings else "(no setting of the recipe differs)"
+            raise RecipeError(
+                f"checkpoint {path} does not fit this run's model; parameters that differ:\n  " + "\n  ".join(shapes)
+                + f"\nsettings that differ from the run that wrote it:\n  {changed}\nto start a new run with these "
+                  f"settings, set a new run.out_dir (or checkpoint.dir); to resume this one, undo the change"
+            )
+        if settings:
+            self.notices.append(f"resuming {path} with changed settings: " + "; ".join(settings))
 
     def save(self, step: int) -> None:
-        self.engine.save(self.ckpt_dir, step, self.loader.state_dict())
+        self.engine.save(self.ckpt_dir, step, self.loader.state_dict(), self.meta)
         prune_checkpoints(self.ckpt_dir, self.recipe.checkpoint.keep_last, self.stage_ends, self.rt.world)
 
     def step(self, step: int) -> tuple[float, float, float]:
@@ -179,6 +229,10 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
     if writer:
         # Stage names and attention, for plots of the TensorBoard logs (lh-cp plot).
         writer.text(STAGES_TAG, json.dumps([[s.name, s.attention] for s in recipe.stages]), resumed)
+        for notice in trainer.notices:
+            writer.console(notice)
+        if trainer.notices:
+            writer.text("run/resume", "\n\n".join(trainer.notices), resumed)
         where = f"resumed from step {resumed}" if resumed else "from scratch"
         writer.console(f"{total} steps in {len(recipe.stages)} stages, {rt.mesh.size()} ranks on {rt.device.type}, "
                        f"{where}; checkpoints in {trainer.ckpt_dir}, TensorBoard in {recipe.tensorboard_dir}; "
