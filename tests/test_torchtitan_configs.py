@@ -76,7 +76,7 @@ def test_config_manager_loads_recipe_stages(monkeypatch):
         assert config.training.steps == ends[index]
         assert config.stage.resume_step == (ends[index - 1] if index else 0)
         assert config.parallelism.context_parallel_degree == recipe.parallel.cp
-    monkeypatch.setenv("LH_CP_SET", "model.dim=64 'run.name=two words'")
+    monkeypatch.setenv("LH_CP_SET", "model.dim=64 \"run.name='two words'\"")  # TOML quoting inside the shell's
     config = parse("--config", "from_recipe")
     assert config.model.dim == 64 and config.flavor.startswith("two words:")
 
