@@ -15,12 +15,7 @@
 # comm op, 1-3 minutes, cached in ~/.cache/torch_extensions).
 # Install DeepSpeed after torch: pip install --no-build-isolation 'deepspeed>=0.19.8'
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/cuda_alloc.sh"
-if [[ -z "${PYTHON:-}" ]]; then
-  # The checkout's virtual environment when there is one (as launch/quickstart.sh does).
-  venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
-  if [[ -x "$venv" ]]; then PYTHON="$venv"; else PYTHON=python3; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 launcher_args=(--no_local_rank)
 if [[ -n "${HOSTFILE:-}" ]]; then
   [[ -f "$HOSTFILE" ]] || { echo "HOSTFILE=$HOSTFILE does not exist" >&2; exit 2; }
@@ -38,6 +33,7 @@ else
   # Bind port 0 and read back the port the kernel chose: free a moment ago, never hard-coded.
   port="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
   launcher_args+=(--num_gpus "$NGPU" --master_port "$port")
+  [[ -n "${PROGRAM:-}" ]] || check_recipe "$NGPU" --set parallel.engine=deepspeed "$@"
 fi
 if [[ -n "${PROGRAM:-}" ]]; then
   exec "$PYTHON" -m deepspeed.launcher.runner "${launcher_args[@]}" "$PROGRAM" "$@"

@@ -5,8 +5,10 @@
 # arrive hosts it); RDZV_ID names the job so that two jobs on the same host do not mix.
 # PROGRAM=path/to/script.py runs that script instead of `lh-cp train`, e.g.
 # PROGRAM=launch/cp_check.py checks context parallelism across the nodes before a run.
+# Each node checks the recipe with `lh-cp plan --world-size NNODES * NGPU` before torchrun.
+# PYTHON: see launch/env.sh.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/cuda_alloc.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 : "${NNODES:?set NNODES, the number of nodes}"
 : "${RDZV_HOST:?set RDZV_HOST, the host name or address of the first node}"
 NGPU="${NGPU:-8}"
@@ -17,7 +19,8 @@ torchrun_args=(
   --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$RDZV_ID"
 )
 if [[ -n "${PROGRAM:-}" ]]; then
-  exec torchrun "${torchrun_args[@]}" "$PROGRAM" "$@"
+  exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" "$PROGRAM" "$@"
 fi
 : "${RECIPE:?set RECIPE to a recipe TOML (or PROGRAM to a script)}"
-exec torchrun "${torchrun_args[@]}" --no-python lh-cp train "$RECIPE" "$@"
+check_recipe "$(( NNODES * NGPU ))" "$@"
+exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" -m lh_cp.cli train "$RECIPE" "$@"

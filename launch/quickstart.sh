@@ -8,9 +8,8 @@
 # resumes from the newest checkpoint (delete runs/quickstart to start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source launch/env.sh
+RECIPE=recipes/quickstart.toml
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 device_args=()
 if [[ "$gpus" -ge 2 ]]; then
@@ -19,6 +18,7 @@ else
   # One intra-op thread per process: two processes already use both cores of a small machine.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
+check_recipe 2 "${device_args[@]}" "$@"
 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 \
-  -m lh_cp.cli train recipes/quickstart.toml "${device_args[@]}" "$@"
+  -m lh_cp.cli train "$RECIPE" "${device_args[@]}" "$@"
 "$PYTHON" -m lh_cp.cli plot runs/quickstart/tensorboard --output runs/quickstart/loss.png

@@ -88,7 +88,10 @@ def _run_plot(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lh_cp import __version__
+
     parser = argparse.ArgumentParser(prog="lh-cp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lh-cp {__version__} (torch {torch.__version__})")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_recipe_command(subparsers, "train", "train a recipe (alone, or one rank under torchrun)")
