@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lh_cp.parallel.transport import all_gather_flat
+
 
 def first_difference(mine: dict, others: list[dict]) -> tuple[int, str, object, object] | None:
     """(rank, key, its value, rank 0's value) of the first key whose value differs from rank
@@ -44,7 +46,7 @@ def agree_on_call(names: tuple[str, ...], values: tuple[int, ...], group: dist.P
     integers `values` (named by `names`: shapes, dtype, configuration)."""
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     gathered = torch.empty(dist.get_world_size(group) * len(values), dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(gathered, mine, group=group)  # flat: gloo wants 1-D here
+    all_gather_flat(gathered, mine, group=group)  # flat: gloo wants 1-D here
     rows = gathered.view(-1, len(values)).tolist()
     for rank, row in enumerate(rows):
         differing = [f"{name}: rank {rank} {a}, rank 0 {b}" for name, a, b in zip(names, row, rows[0]) if a != b]
