@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -87,6 +88,28 @@ def _run_plot(args) -> int:
     return 0
 
 
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write the trained dense model as a Hugging Face folder (LlamaForCausalLM)")
+    p.add_argument("checkpoint", help="a step folder, a checkpoints folder or a run folder (its newest verifying checkpoint)")
+    p.add_argument("--hf", required=True, metavar="OUT_DIR", help="folder to write config.json, model.safetensors and the tokenizer to")
+    p.add_argument("--recipe", default=None, help="the run's recipe, for checkpoints written before manifests")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="recipe overrides, with --recipe")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--allow-lighthouse-stage", action="store_true",
+                   help="export a checkpoint from inside a Lighthouse stage (not a dense model: see README)")
+
+
+def _run_export(args) -> int:
+    from lh_cp.export import export_hf
+    from lh_cp.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    folder = export_hf(Path(args.checkpoint), Path(args.hf), recipe, args.dtype, args.allow_lighthouse_stage)
+    print(f"wrote {args.hf} from {folder} (transformers.AutoModelForCausalLM.from_pretrained({str(args.hf)!r}))")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from lh_cp import __version__
 
@@ -100,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     plot = subparsers.add_parser("plot", help="PNG of train/validation loss from a run's TensorBoard logs, stages marked")
     plot.add_argument("logdir", help="TensorBoard folder of a run (e.g. runs/quickstart/tensorboard)")
     plot.add_argument("--output", default=None, help="PNG path (default: <logdir>/../loss.png)")
+    _add_export(subparsers)
     args = parser.parse_args(argv)
-    commands = {"demo": _run_demo, "plan": _run_plan, "train": _run_train, "plot": _run_plot}
+    commands = {"demo": _run_demo, "plan": _run_plan, "train": _run_train, "plot": _run_plot, "export": _run_export}
     # Errors in what the user gave (recipe, paths, missing packages) print one message; any
     # other exception during training keeps its traceback.
     from lh_cp.recipe import RecipeError
