@@ -66,8 +66,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 class SingleDevice:
     """The attention of a model that is not split over ranks. A model's attention modules call
     `context.lighthouse(q, k, v, cfg)` or `context.dense(q, k, v)` on this, or on the
-    lh_cp.parallel.ContextParallel that parallelize hands them, without knowing which."""
+    lh_cp.parallel.ContextParallel that parallelize hands them, without knowing which.
 
+    Under torch.compile the Lighthouse call is one opaque step (torch.compiler.disable): its
+    selection is data-dependent (sorting, the finiteness check's host sync) and would split the
+    block's graph a dozen times; this way a compiled block breaks once, at attention."""
+
+    @torch.compiler.disable
     def lighthouse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
         return lighthouse_attention(q, k, v, cfg)
 

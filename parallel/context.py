@@ -132,6 +132,9 @@ class ContextParallel:
         agree_on_call(names, values, self.group, q.device)
         _AGREED.add(key)
 
+    # Both are opaque to torch.compile: collectives, autograd Functions around them and the
+    # data-dependent selection; a compiled block breaks once, here (lh_cp.attention.SingleDevice).
+    @torch.compiler.disable
     def lighthouse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
         self._agree(q, k, v, cfg)
         if self.exchange == "ulysses":
@@ -140,6 +143,7 @@ class ContextParallel:
             return compressed_ulysses_attention(q, k, v, cfg, self.group)
         return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange)
 
+    @torch.compiler.disable
     def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self._agree(q, k, v, None)
         if self.dense_exchange == "ulysses":
