@@ -2,8 +2,8 @@
 
 Stage 1 (Lighthouse) trains steps 1..3 and saves a full checkpoint; stage 2 (recovery)
 resumes it at step 4 with every layer dense and trains to step 5 (the learning-rate schedule
-spans both). The Trainer needs an accelerator and torch.distributed.set_timeout, both missing
-here; torchtitan_trainer_run.py supplies CPU stand-ins and says exactly which.
+spans both). The Trainer assumes an accelerator; torchtitan_trainer_run.py gives it a CPU
+stand-in for the device module and nothing else (torch >= 2.14 has set_timeout, which 0.3.0 calls).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'lh-cp[torchtitan]')")
+if not hasattr(__import__("torch.distributed").distributed, "set_timeout"):
+    pytest.fail("torchtitan 0.3.0's Trainer needs torch.distributed.set_timeout (torch >= 2.14, as lh-cp[torchtitan] "
+                "requires); this torch lacks it", pytrace=False)
 
 from dist_utils import free_port  # noqa: E402
 

@@ -2,12 +2,10 @@
 
 Used by test_torchtitan_trainer.py as `python torchtitan_trainer_run.py STAGE DUMP_FOLDER DATA
 [torchtitan flags...]`; prints one JSON line (last step, attention modes, loss finite).
-torchtitan 0.3.0's Trainer needs two things this machine lacks, given here as stand-ins:
-- an accelerator: its device-module calls (set_device, memory stats) go to a CPU stand-in;
-- torch.distributed.set_timeout, which torch 2.13.0 does not have (torchtitan 0.3.0 targets a
-  newer PyTorch): it is routed to c10d's own _set_pg_timeout.
-Everything else (config parsing, model build, parallelize, FSDP2, dataloader, checkpoint save
-and resume, metrics) is torchtitan's unmodified code path.
+torchtitan 0.3.0's Trainer assumes an accelerator, which this machine lacks: its device-module
+calls (set_device, memory stats) go to a CPU stand-in. Everything else (config parsing, model
+build, parallelize, FSDP2, dataloader, checkpoint save and resume, metrics, and
+torch.distributed.set_timeout, which needs torch >= 2.14) is torchtitan's unmodified code path.
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ def use_cpu_stand_ins() -> None:
         module.device_module = CPU_DEVICE_MODULE
     for module in (titan_utils, titan_metrics, titan_dist_utils, titan_parallel_dims):
         module.device_type = "cpu"
-    if not hasattr(dist, "set_timeout"):
-        dist.set_timeout = lambda timeout, group=None: dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def main(stage: str, dump_folder: str, data: str, flags: list[str]) -> None:
