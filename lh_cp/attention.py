@@ -8,6 +8,9 @@ Layouts follow the public API: q [B, N, H, D], k and v [B, N, Hkv, D], output [B
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import torch
 import torch.nn.functional as F
 
@@ -63,16 +66,33 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.transpose(1, 2)
 
 
+Fn = TypeVar("Fn", bound=Callable)
+
+
+def opaque_to_compile(fn: Fn) -> Fn:
+    """`fn` runs as one opaque call under torch.compile (torch.compiler.disable, applied while
+    tracing) and as itself in eager mode. Applying torch.compiler.disable when the module is
+    imported would import torch._dynamo, and with it triton, on every `import lh_cp`."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
 class SingleDevice:
     """The attention of a model that is not split over ranks. A model's attention modules call
     `context.lighthouse(q, k, v, cfg)` or `context.dense(q, k, v)` on this, or on the
     lh_cp.parallel.ContextParallel that parallelize hands them, without knowing which.
 
-    Under torch.compile the Lighthouse call is one opaque step (torch.compiler.disable): its
+    Under torch.compile the Lighthouse call is one opaque step (opaque_to_compile): its
     selection is data-dependent (sorting, the finiteness check's host sync) and would split the
     block's graph a dozen times; this way a compiled block breaks once, at attention."""
 
-    @torch.compiler.disable
+    @opaque_to_compile
     def lighthouse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
         return lighthouse_attention(q, k, v, cfg)
 

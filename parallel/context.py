@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lh_cp.attention import opaque_to_compile
 from lh_cp.config import LighthouseConfig
 from lh_cp.parallel.agreement import agree_on_call
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
@@ -134,7 +135,7 @@ class ContextParallel:
 
     # Both are opaque to torch.compile: collectives, autograd Functions around them and the
     # data-dependent selection; a compiled block breaks once, here (lh_cp.attention.SingleDevice).
-    @torch.compiler.disable
+    @opaque_to_compile
     def lighthouse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
         self._agree(q, k, v, cfg)
         if self.exchange == "ulysses":
@@ -143,7 +144,7 @@ class ContextParallel:
             return compressed_ulysses_attention(q, k, v, cfg, self.group)
         return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange)
 
-    @torch.compiler.disable
+    @opaque_to_compile
     def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self._agree(q, k, v, None)
         if self.dense_exchange == "ulysses":
