@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -78,7 +79,22 @@ def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated accelerator memory, or on CPU the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return cpu_peak_rss_bytes() / 2**30
+
+
+def cpu_peak_rss_bytes() -> int:
+    """This process's peak resident set size. On Linux the high-water mark of its own image
+    (VmHWM): ru_maxrss survives exec, so a rank started by torchrun would report the launcher's
+    peak if that were larger. Elsewhere ru_maxrss (bytes on macOS, KiB on other systems)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def format_duration(seconds: float) -> str:
