@@ -72,6 +72,31 @@ def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
     return step, found[step]
 
 
+# Prefixes that wrappers put into parameter names: activation checkpointing, torch.compile.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the bare model names it, whatever checkpointing or compile wrap it."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def newest_verified(root: Path, group: dist.ProcessGroup | None = None,
+                    content: bool = True) -> tuple[tuple[int, Path, "Verdict"] | None, list[tuple[Path, str]]]:
+    """The newest completed checkpoint under `root` that verifies, as (step, folder, verdict),
+    or None; and the newer ones that failed on the way, newest first, as (folder, reason).
+    Collective over `group` when given (verify_checkpoint)."""
+    failed = []
+    for step, path in sorted(complete_checkpoints(root).items(), reverse=True):
+        verdict = verify_checkpoint(path, group, content)
+        if verdict.ok:
+            return (step, path, verdict), failed
+        failed.append((path, verdict.reason))
+    return None, failed
+
+
 def _train_state(step: int, data_state: dict[str, torch.Tensor]) -> dict:
     return {"step": torch.tensor(step, dtype=torch.int64), "data": dict(data_state)}
 

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from lh_cp.checkpoint import MANIFEST, checkpoint_engine, complete_checkpoints, verify_checkpoint
+from lh_cp.checkpoint import MANIFEST, checkpoint_engine, newest_verified, unwrapped_name, verify_checkpoint
 from lh_cp.model import ModelConfig, Transformer
-from lh_cp.recipe import Recipe, RecipeError
+from lh_cp.recipe import Recipe, RecipeError, stage_containing
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing, compile
 
 
 class ExportError(ValueError):
@@ -50,15 +49,11 @@ def find_checkpoint(path: Path) -> Path:
             raise ExportError(f"checkpoint {path} failed verification: {verdict.reason}")
         return path
     for root in (path, path / "checkpoints"):
-        found = complete_checkpoints(root)
-        failed = []
-        for step in sorted(found, reverse=True):
-            verdict = verify_checkpoint(found[step])
-            if verdict.ok:
-                return found[step]
-            failed.append(f"{found[step]}: {verdict.reason}")
+        found, failed = newest_verified(root)
+        if found is not None:
+            return found[1]
         if failed:
-            raise ExportError("no checkpoint verifies; tried:\n  " + "\n  ".join(failed))
+            raise ExportError("no checkpoint verifies; tried:\n  " + "\n  ".join(f"{p}: {reason}" for p, reason in failed))
     raise ExportError(f"{path} holds no checkpoint (no step_XXXXXXXX folder here or in {path / 'checkpoints'})")
 
 
@@ -93,24 +88,16 @@ def model_config(flat: dict) -> ModelConfig:
 
 
 def stage_of(step: int, flat: dict) -> tuple[int, str, str]:
-    """(index, name, attention) of the stage global step `step` lies in (the last one if past)."""
-    stages, i, end = [], 0, 0
+    """(index, name, attention) of the stage global step `step` lies in (the last one if past),
+    from the flattened recipe ('stages.0.name', ...)."""
+    stages, i = [], 0
     while f"stages.{i}.steps" in flat:
-        end += int(flat[f"stages.{i}.steps"])
-        stages.append((i, flat[f"stages.{i}.name"], flat[f"stages.{i}.attention"], end))
+        stages.append((flat[f"stages.{i}.name"], flat[f"stages.{i}.attention"], int(flat[f"stages.{i}.steps"])))
         i += 1
     if not stages:
         raise ExportError("the recipe names no stages")
-    for index, name, attention, stage_end in stages:
-        if step <= stage_end:
-            return index, name, attention
-    return stages[-1][:3]
-
-
-def _clean(name: str) -> str:
-    for wrapper in _WRAPPERS:
-        name = name.replace(wrapper, "")
-    return name
+    index = stage_containing(step, [steps for _, _, steps in stages])
+    return index, stages[index][0], stages[index][1]
 
 
 def load_weights(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -129,7 +116,7 @@ def load_weights(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-        return {_clean(name): tensor.float() for name, tensor in state.items()}
+        return {unwrapped_name(name): tensor.float() for name, tensor in state.items()}
     raise ExportError(f"{folder} holds neither a DCP (.metadata) nor a DeepSpeed (*_model_states.pt) checkpoint")
 
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100  # cross-entropy ignores targets equal to this (lh_cp/loss.py)
+from lh_cp.loss import IGNORE_INDEX
+
 NEAR_OFFSETS = (2, 3, 4)  # the near-future inputs replaced: t + 2 .. t + 4
 VARIANTS = ("clean", "next", "near")
 

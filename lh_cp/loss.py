@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+IGNORE_INDEX = -100  # a target equal to this counts in neither the loss sum nor the token count
+
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     logits = F.linear(hidden, weight).float()  # [chunk, vocab]; float32 for a stable log-sum-exp
@@ -18,7 +20,7 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, ignore_index: int = -100
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [B, n, dim], weight [vocab, dim], targets [B, n] -> (loss sum, target count).
 

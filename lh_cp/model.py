@@ -20,7 +20,7 @@ from torch import nn
 
 from lh_cp.attention import SINGLE_DEVICE
 from lh_cp.config import LighthouseConfig, Section
-from lh_cp.loss import chunked_argmax, cross_entropy_sum
+from lh_cp.loss import IGNORE_INDEX, chunked_argmax, cross_entropy_sum
 
 AttentionMode = Literal["lighthouse", "dense"]
 
@@ -236,7 +236,7 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor | None = None,
-        ignore_index: int = -100, predict: bool = False,
+        ignore_index: int = IGNORE_INDEX, predict: bool = False,
     ):
         """tokens [B, n] int64 at global positions [n] int64 (the rank's shard under CP).
 

@@ -73,8 +73,7 @@ def _parallel_rules(recipe: Recipe) -> list[str]:
         problem = deepspeed_problem()
         if problem:
             errors.append(f"parallel.engine='deepspeed' needs DeepSpeed: {problem}")
-    ulysses = [f"parallel.{name}={getattr(par, name)!r}" for name in ("exchange", "dense_exchange")
-               if getattr(par, name) in ULYSSES_EXCHANGES]
+    ulysses = par.ulysses_settings()
     heads = recipe.model.n_heads
     if ulysses and par.cp > 1 and heads % par.cp != 0:
         errors.append(f"{' and '.join(ulysses)}: the Ulysses all-to-all gives each CP rank whole heads, so "

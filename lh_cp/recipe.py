@@ -144,6 +144,11 @@ class ParallelConfig(Section):
     def dp(self) -> int:
         return self.dp_shard * self.dp_replicate
 
+    def ulysses_settings(self) -> list[str]:
+        """The exchange options set to a Ulysses exchange, as 'parallel.key=value' for messages."""
+        return [f"parallel.{name}={getattr(self, name)!r}" for name in ("exchange", "dense_exchange")
+                if getattr(self, name) in ULYSSES_EXCHANGES]
+
     def problems(self) -> list[str]:
         errors = [f"parallel.{name} must be >= 1, got {getattr(self, name)}"
                   for name in ("cp", "dp_shard", "dp_replicate") if getattr(self, name) < 1]
@@ -160,8 +165,7 @@ class ParallelConfig(Section):
             errors.append(f"parallel.timeout_s must be >= 10 seconds (the watchdog beats every few seconds), got {self.timeout_s}")
         exchanges = exchange_problems(self.exchange, self.dense_exchange, "parallel.")
         errors.extend(exchanges)
-        ulysses = [f"parallel.{name}={getattr(self, name)!r}" for name in ("exchange", "dense_exchange")
-                   if getattr(self, name) in ULYSSES_EXCHANGES]
+        ulysses = self.ulysses_settings()
         if not exchanges and ulysses and self.engine != "deepspeed":
             errors.append(f"{' and '.join(ulysses)} run under parallel.engine='deepspeed' only "
                           f"(DeepSpeed-Ulysses), got parallel.engine={self.engine!r}")
@@ -366,6 +370,10 @@ class Recipe:
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.stages)
 
+    def stage_at(self, step: int) -> int:
+        """Index of the stage global step `step` (counted from 1) belongs to."""
+        return stage_containing(step, [stage.steps for stage in self.stages])
+
     def stage_ends(self) -> list[int]:
         """Global step at which each stage ends (steps are counted from 1)."""
         ends, total = [], 0
@@ -381,6 +389,17 @@ class Recipe:
     @property
     def tensorboard_dir(self) -> Path:
         return Path(self.metrics.tensorboard_dir or Path(self.run.out_dir) / "tensorboard")
+
+
+def stage_containing(step: int, stage_steps: list[int]) -> int:
+    """Index of the stage global step `step` (counted from 1) lies in, for stages of
+    `stage_steps` steps each, run in order; a step past the last stage belongs to the last."""
+    end = 0
+    for index, steps in enumerate(stage_steps):
+        end += steps
+        if step <= end:
+            return index
+    return len(stage_steps) - 1
 
 
 class RecipeError(ValueError):

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from lh_cp.data import BatchLoader
-from lh_cp.leak import IGNORE_INDEX, LeakProbe, leak_nats
+from lh_cp.leak import LeakProbe, leak_nats
+from lh_cp.loss import IGNORE_INDEX
 from lh_cp.parallel import global_token_mean
 from lh_cp.recipe import Recipe
 from lh_cp.runtime import Runtime
@@ -30,12 +31,12 @@ def local_shard(rt: Runtime, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]
     return (*(rt.cp.shard(t, dim=1) for t in moved), rt.cp.positions(n, rt.device))
 
 
-def _forward_sums(model, rt: Runtime, recipe: Recipe, inputs, targets):
+def _forward_sums(model, rt: Runtime, inputs, targets):
     tokens, labels, positions = local_shard(rt, inputs, targets)
     return model(tokens, positions, labels)
 
 
-def training_loss(model, rt: Runtime, recipe: Recipe, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+def training_loss(model, rt: Runtime, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, global mean loss for logging).
 
     The backpropagated value is W * (local loss sum) / (real tokens of the global batch), W the
@@ -43,7 +44,7 @@ def training_loss(model, rt: Runtime, recipe: Recipe, inputs, targets) -> tuple[
     rank) averages gradients over the same W ranks, which leaves the gradient of the global
     token mean.
     """
-    loss_sum, count = _forward_sums(model, rt, recipe, inputs, targets)
+    loss_sum, count = _forward_sums(model, rt, inputs, targets)
     return global_token_mean(loss_sum, count, rt.loss_group)
 
 
@@ -54,7 +55,7 @@ def validation_loss(model, rt: Runtime, recipe: Recipe, stream) -> float:
     loader = BatchLoader(stream, data.seq_len, data.batch_size, rt.dp_rank, rt.dp_size, data.seed, shuffle=False, name="validation")
     totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
     for _ in range(recipe.eval.val_batches):
-        loss_sum, count = _forward_sums(model, rt, recipe, *loader.next_batch())
+        loss_sum, count = _forward_sums(model, rt, *loader.next_batch())
         totals += torch.stack([loss_sum.double(), count.double()])
     dist.all_reduce(totals, group=rt.loss_group)
     return float(totals[0] / totals[1])
@@ -81,7 +82,7 @@ def probe_leak(model, rt: Runtime, recipe: Recipe, probe: LeakProbe) -> dict[str
             else:
                 inputs, targets = probe.batch("clean", slice(0, 1))
                 targets = torch.full_like(targets, IGNORE_INDEX)
-            total += _forward_sums(model, rt, recipe, inputs, targets)[0].double()
+            total += _forward_sums(model, rt, inputs, targets)[0].double()
         dist.all_reduce(total, group=rt.loss_group)
         return float(total)
 

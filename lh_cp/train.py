@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lh_cp.checkpoint import (
-    checkpoint_engine, compatibility, complete_checkpoints, latest_checkpoint, prune_checkpoints, verify_checkpoint,
+    checkpoint_engine, compatibility, latest_checkpoint, newest_verified, prune_checkpoints, unwrapped_name,
 )
 from lh_cp.data import PATH_SOURCES, BatchLoader, make_tokenizer, token_stream
 from lh_cp.engines import NonFiniteStep, build_engine, check_finite_value
@@ -74,11 +74,7 @@ def parameter_shapes(network: torch.nn.Module) -> dict[str, list[int]]:
     """Full shape of every parameter by name, whatever wraps or shards it: activation
     checkpointing and compile prefixes dropped, FSDP2's DTensors by their global shape,
     ZeRO-3's partitioned parameters by their ds_shape."""
-    shapes = {}
-    for name, param in network.named_parameters():
-        clean = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-        shapes[clean] = list(getattr(param, "ds_shape", param.shape))
-    return shapes
+    return {unwrapped_name(name): list(getattr(param, "ds_shape", param.shape)) for name, param in network.named_parameters()}
 
 
 def check_data_volume(recipe: Recipe, train_windows: int, val_windows: int, dp: int) -> None:
@@ -100,14 +96,6 @@ def check_data_volume(recipe: Recipe, train_windows: int, val_windows: int, dp: 
             f"sequences of data.seq_len={data.seq_len}, but the validation split holds {val_windows}; lower "
             f"eval.val_batches or raise data.validation_fraction"
         )
-
-
-def stage_index(recipe: Recipe, step: int) -> int:
-    """Index of the stage global step `step` (1-based) belongs to."""
-    for index, end in enumerate(recipe.stage_ends()):
-        if step <= end:
-            return index
-    return len(recipe.stages) - 1
 
 
 class Trainer:
@@ -142,29 +130,27 @@ class Trainer:
     def resume(self) -> int:
         """Load the newest checkpoint that verifies (falling back past the ones that do not,
         each named in self.notices), after checking it fits this run; 0 when there is none."""
-        tried = []
-        for step, path in sorted(complete_checkpoints(self.ckpt_dir).items(), reverse=True):
-            verdict = verify_checkpoint(path, self.rt.world, content=self.recipe.checkpoint.verify)
-            if not verdict.ok:
-                tried.append(f"{path}: {verdict.reason}")
-                self.notices.append(f"checkpoint {path} failed verification: {verdict.reason}; trying an older one")
-                continue
-            if verdict.legacy:
-                self.notices.append(f"checkpoint {path}: {verdict.reason}")
-            else:
-                self._check_fits(path, verdict.manifest)
-            try:
-                loaded, data_state = self.engine.load(path, self.loader.state_dict())
-            except Exception as err:  # a DCP or DeepSpeed error deep in the loader: name the folder first
-                raise RuntimeError(f"could not load checkpoint {path}: {type(err).__name__}: {err}") from err
-            self.loader.load_state_dict(data_state)
-            if tried:
-                self.notices.append(f"resumed from {path} (step {loaded}), the newest checkpoint that verifies")
-            return loaded
-        if tried:
-            raise RecipeError(f"no checkpoint under {self.ckpt_dir} verifies; tried, newest first:\n  " + "\n  ".join(tried)
-                              + "\nmove them away (or delete them) to start anew, or set another checkpoint.dir")
-        return 0
+        found, failed = newest_verified(self.ckpt_dir, self.rt.world, content=self.recipe.checkpoint.verify)
+        self.notices += [f"checkpoint {path} failed verification: {reason}; trying an older one" for path, reason in failed]
+        if found is None:
+            if failed:
+                tried = "\n  ".join(f"{path}: {reason}" for path, reason in failed)
+                raise RecipeError(f"no checkpoint under {self.ckpt_dir} verifies; tried, newest first:\n  {tried}"
+                                  f"\nmove them away (or delete them) to start anew, or set another checkpoint.dir")
+            return 0
+        _, path, verdict = found
+        if verdict.legacy:
+            self.notices.append(f"checkpoint {path}: {verdict.reason}")
+        else:
+            self._check_fits(path, verdict.manifest)
+        try:
+            loaded, data_state = self.engine.load(path, self.loader.state_dict())
+        except Exception as err:  # a DCP or DeepSpeed error deep in the loader: name the folder first
+            raise RuntimeError(f"could not load checkpoint {path}: {type(err).__name__}: {err}") from err
+        self.loader.load_state_dict(data_state)
+        if failed:
+            self.notices.append(f"resumed from {path} (step {loaded}), the newest checkpoint that verifies")
+        return loaded
 
     def _check_fits(self, path: Path, manifest: dict) -> None:
         """Refuse a checkpoint whose parameters do not fit this run, naming every difference;
@@ -188,7 +174,7 @@ class Trainer:
         """One optimizer step; returns (global mean loss, gradient norm before clipping, lr)."""
         lr = lr_at(step, self.recipe.total_steps, self.recipe.optim, self.recipe.schedule)
         try:
-            loss, mean_loss = training_loss(self.model, self.rt, self.recipe, *self.loader.next_batch())
+            loss, mean_loss = training_loss(self.model, self.rt, *self.loader.next_batch())
         except NonFiniteInput as err:  # a Lighthouse layer's q, k or v overflowed
             raise NonFiniteStep("attention input", str(err)) from err
         check_finite_value("loss", float(mean_loss))  # the global mean: every rank stops here together
@@ -240,7 +226,7 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
     stop_at = recipe.run.stop_after_step or total
     current_stage, window, recent = -1, LogWindow(), []
     for step in range(resumed + 1, min(stop_at, total) + 1):
-        stage = stage_index(recipe, step)
+        stage = recipe.stage_at(step)
         if stage != current_stage:
             trainer.network.set_attention(recipe.stages[stage].attention)
             current_stage = stage

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lh_cp.loss import IGNORE_INDEX
 from lh_cp.pyramid import accumulation_dtype
 
 
@@ -31,7 +32,7 @@ def global_token_mean(local_sum: torch.Tensor, local_count: torch.Tensor, group:
 
 
 def global_token_mean_loss(
-    logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """This rank's share of the mean cross-entropy over every real token of the global batch.
 

@@ -229,3 +229,10 @@ def test_missing_cuda_is_one_line_for_demo_and_train(capsys, tmp_path):
     assert err[0].startswith("lh-cp demo: error: --device cuda: torch sees no CUDA device") and "Traceback" not in "\n".join(err)
     assert err[1] == "lh-cp train: error: the recipe is not valid:"
     assert err[2].strip() == "run.device='cuda' but torch sees no CUDA device (use 'auto' or 'cpu')"
+
+
+def test_stage_containing_counts_steps_from_one_and_keeps_overrun_in_the_last_stage():
+    from lh_cp.recipe import stage_containing
+
+    assert [stage_containing(step, [3, 2]) for step in (1, 3, 4, 5, 9)] == [0, 0, 1, 1, 1]
+    assert stage_containing(1, [1]) == 0
