@@ -12,6 +12,8 @@ of one seed share initial weights and data order. Arms (steps for the default 1,
   dense_wsd           dense throughout under the same 'wsd' curve (baseline of the arm above)
   paper_split_pool2   the paper's split with pool 2 (topk 1024, tile budget 128: the same tile
                       T = 2048, S/N 50% instead of 18.75%)
+  paper_split_causal  the paper's split with the strictly causal selection (docs/LIGHTHOUSE.md
+                      s.11; same S)
 Comparisons use val/loss_dense (every layer dense, same validation batches). Per arm:
 the final dense-mode validation loss of each seed, mean and standard deviation (n - 1); the
 loss jump at the switch (mean training loss of the first 10 dense steps minus that of the
@@ -85,6 +87,7 @@ ARMS = {arm.name: arm for arm in (
     Arm("paper_split_wsd", 0.625, "dense_wsd", wsd=True),
     Arm("dense_wsd", 0.0, "dense_wsd", DENSE_LEAK_CHECK, wsd=True),
     Arm("paper_split_pool2", 0.625, "dense", ("lighthouse.pool=2", "lighthouse.topk=1024", "lighthouse.tile_budget=128")),
+    Arm("paper_split_causal", 0.625, "dense", ("lighthouse.selection='causal'",)),
 )}
 DENSE_ARM, PAPER_SPLIT_ARM = "dense", "paper_split"
 # Attention configurations timed alone: (name, --set overrides).
@@ -93,12 +96,15 @@ TIMED = {
     "lighthouse_pool4": ["stages.0.attention='lighthouse'"],
     "lighthouse_pool2": ["stages.0.attention='lighthouse'", "lighthouse.pool=2", "lighthouse.topk=1024",
                          "lighthouse.tile_budget=128"],
+    "lighthouse_causal": ["stages.0.attention='lighthouse'", "lighthouse.selection='causal'"],
 }
 
 
 def stage_timing_key(arm: Arm, attention: str) -> str:
     if attention == "dense":
         return "dense"
+    if "lighthouse.selection='causal'" in arm.sets:
+        return "lighthouse_causal"
     return "lighthouse_pool2" if "lighthouse.pool=2" in arm.sets else "lighthouse_pool4"
 
 

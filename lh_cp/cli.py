@@ -23,6 +23,8 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--topk", type=int, default=256)
     p.add_argument("--tile-budget", type=int, default=32)
+    p.add_argument("--selection", choices=("tile_topk", "causal"), default="tile_topk",
+                   help="tile_topk: the paper's; causal: no output reads a later token (docs/LIGHTHOUSE.md s.11)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
@@ -35,7 +37,8 @@ def _run_demo(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: torch sees no CUDA device here (torch {torch.__version__}); "
                          f"use --device cpu")
-    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget,
+                           selection=args.selection)
     cfg.tile_size(args.n)
     dtype = DTYPES[args.dtype]
     result = run_demo(

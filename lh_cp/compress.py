@@ -31,7 +31,7 @@ from lh_cp import kernels
 from lh_cp.config import LighthouseConfig
 from lh_cp.pyramid import gather_entries
 from lh_cp.scatter import scatter_entries
-from lh_cp.select import Selection, select
+from lh_cp.select import Selection, carry_from_scores, select, selection_scores
 
 
 @dataclass(frozen=True)
@@ -48,32 +48,56 @@ class Compressed:
 
 
 def compress_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,
-                       selection: Selection | None = None) -> Compressed:
-    """Pure-PyTorch twin: q [B, N, H, D], k/v [B, N, Hkv, D]; `selection` given or computed."""
+                       selection: Selection | None = None, preceding: torch.Tensor | None = None) -> Compressed:
+    """Pure-PyTorch twin: q [B, N, H, D], k/v [B, N, Hkv, D]; `selection` given or computed
+    (`preceding`: see compress)."""
     n = q.shape[1]
-    sel = select(q.detach(), k.detach(), cfg, v.detach()) if selection is None else selection  # [B, H, S]
+    sel = select(q.detach(), k.detach(), cfg, v.detach(), preceding) if selection is None else selection  # [B, H, S]
     slots = sel.slots(n, cfg)  # [B, H, S] rows of the pooled pyramid
     entries = [gather_entries(x, slots, cfg) for x in (q, k, v)]  # [B, H, S, D]; k, v via kv head h // group
     return Compressed(*entries, lambda out, rows: scatter_entries(out, sel, rows, cfg))
 
 
 def compress_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,
-                     selection: Selection | None = None) -> Compressed:
+                     selection: Selection | None = None, preceding: torch.Tensor | None = None) -> Compressed:
     """Triton twin (lh_cp.kernels.ops): same arguments, same selection."""
     from lh_cp.kernels.ops import gather_plan, scatter_plan, select_with_plan
     from lh_cp.kernels.plan import Plan
 
-    plan = select_with_plan(q, k, cfg, v)[0] if selection is None else Plan.from_selection(selection, q.shape[1], cfg)
+    if selection is None:
+        plan = select_with_plan(q, k, cfg, v, preceding)[0]
+    else:
+        plan = Plan.from_selection(selection, q.shape[1], cfg)
     q_entries, k_entries, v_entries = gather_plan(q, k, v, plan, cfg)  # [B, H, S, D] each
     return Compressed(q_entries, k_entries, v_entries, lambda out, rows: scatter_plan(out, plan, cfg, rows))
 
 
 def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,
-             selection: Selection | None = None) -> Compressed:
-    """The kernel twin where the kernels run (CUDA, kernel dtypes, Triton), else the reference."""
+             selection: Selection | None = None, preceding: torch.Tensor | None = None) -> Compressed:
+    """The kernel twin where the kernels run (CUDA, kernel dtypes, Triton), else the reference.
+
+    `preceding` [B, H, L-1, 2] (cfg.selection "causal" only): the selection_carry of the piece
+    of sequence just before this one (the previous CP chunk or shard); None where it starts."""
     if kernels.available(q, k, v):
-        return compress_kernels(q, k, v, cfg, selection)
-    return compress_reference(q, k, v, cfg, selection)
+        return compress_kernels(q, k, v, cfg, selection, preceding)
+    return compress_reference(q, k, v, cfg, selection, preceding)
+
+
+def selection_carry(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
+    """What the last tile of this piece (q [B, N, H, D], k [B, N, Hkv, D]) hands to the piece
+    after it under the causal selection (LIGHTHOUSE.md s.11): [B, H, L-1, 2] float32, from the
+    same token scores compress's selection reads, so that a CP chunk gets exactly the
+    thresholds the single device computes there. Cheap: the norms of one tile."""
+    tile = cfg.tile_size(q.shape[1])
+    q_last, k_last = q.detach()[:, -tile:], k.detach()[:, -tile:]
+    if kernels.available(q, k, v):
+        from lh_cp.kernels.scores import token_norms
+
+        query_scores, key_scores = token_norms(q_last), token_norms(k_last)
+        key_scores = key_scores.repeat_interleave(q.shape[2] // k.shape[2], dim=1)
+    else:
+        query_scores, key_scores = selection_scores(q_last, k_last)
+    return carry_from_scores(query_scores, key_scores, cfg)
 
 
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

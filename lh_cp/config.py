@@ -25,6 +25,9 @@ class Section:
             raise ValueError("; ".join(problems))
 
 
+SELECTIONS = ("tile_topk", "causal")
+
+
 def _is_power_of_two(x: int) -> bool:
     return x >= 1 and (x & (x - 1)) == 0
 
@@ -39,18 +42,25 @@ class LighthouseConfig:
     topk: entries refined per level over the whole sequence; a multiple of tile_budget.
     tile_budget: entries refined per level per tile (b); even, half chosen by query score and
         half by key score. The tile size follows: T = N * tile_budget / topk.
+    selection: which spans get refined. "tile_topk" is the paper's (LIGHTHOUSE.md s.4): the
+        best of the whole tile, so an output can depend on later tokens of its tile (s.10).
+        "causal" (s.11) decides left to right from earlier tokens only: no output depends on
+        a later input. Both emit the same number of entries S.
     """
 
     pool: int = 4
     levels: int = 3
     topk: int = 2048
     tile_budget: int = 128
+    selection: str = "tile_topk"
 
     def __post_init__(self) -> None:
         for name in ("pool", "levels", "topk", "tile_budget"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"LighthouseConfig.{name} must be an int, got {value!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"LighthouseConfig.selection must be one of {SELECTIONS}, got selection={self.selection!r}")
         if self.pool < 2 or not _is_power_of_two(self.pool):
             raise ValueError(f"pool must be a power of two >= 2, got pool={self.pool}")
         if self.levels < 1:
@@ -104,6 +114,15 @@ class LighthouseConfig:
                 f"topk, or fewer levels)"
             )
         return tile
+
+    def threshold_rank(self, level: int, tile: int) -> int:
+        """Causal selection (LIGHTHOUSE.md s.11): a level's threshold is the k-th largest score
+        of its eligible spans in the previous tile, k = b/2 at the top level (where every span
+        is a candidate, as in the paper) and T / (2 c_{l+1}) below it (the same share of the
+        eligible spans as b/2 is of the (pool-1) * b candidates a tile refines from)."""
+        if level == self.levels:
+            return self.tile_budget // 2
+        return tile // (2 * self.span(level + 1))
 
     def entries_per_tile(self, n: int) -> int:
         """Entries one tile emits: T / c_L + (L-1) * pool * tile_budget."""

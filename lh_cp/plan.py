@@ -255,7 +255,8 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
         unit = "shard" if uses_ulysses(recipe) else "chunk"
         chunk_tiles = f", {numbers.chunk // numbers.tile} per {unit}" if par.cp > 1 else ""
         lines.append(
-            f"  lighthouse: pool {lh.pool}, levels {lh.levels}, topk {lh.topk}, tile_budget {lh.tile_budget} -> "
+            f"  lighthouse: pool {lh.pool}, levels {lh.levels}, topk {lh.topk}, tile_budget {lh.tile_budget}, "
+            f"selection {lh.selection} -> "
             f"tile T = {numbers.tile:,} ({numbers.seq_len // numbers.tile} tiles{chunk_tiles}), "
             f"S = {numbers.selected:,} = {numbers.selected / numbers.seq_len:.2%} of N, in "
             f"{numbers.lighthouse_layers} of {m.n_layers} layers"

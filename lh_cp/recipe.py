@@ -64,8 +64,9 @@ class RunConfig(Section):
 class LighthouseSection(Section):
     """Lighthouse attention of the non-dense layers (recipe section [lighthouse]).
 
-    pool, levels, topk, tile_budget: see LighthouseConfig (lh_cp/config.py); the tile size is
-        T = data.seq_len * tile_budget / topk.
+    pool, levels, topk, tile_budget, selection: see LighthouseConfig (lh_cp/config.py); the
+        tile size is T = data.seq_len * tile_budget / topk; selection is "tile_topk" (the
+        paper's) or "causal" (docs/LIGHTHOUSE.md s.11: no output reads a later token).
     dense_layers: layers that keep dense attention in the Lighthouse stage; negative indices
         count from the end. The default is the first two and the last two layers.
     """
@@ -74,10 +75,12 @@ class LighthouseSection(Section):
     levels: int = 3
     topk: int = 2048
     tile_budget: int = 128
+    selection: str = "tile_topk"
     dense_layers: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
 
     def config(self) -> LighthouseConfig:
-        return LighthouseConfig(pool=self.pool, levels=self.levels, topk=self.topk, tile_budget=self.tile_budget)
+        return LighthouseConfig(pool=self.pool, levels=self.levels, topk=self.topk, tile_budget=self.tile_budget,
+                                selection=self.selection)
 
     def problems(self) -> list[str]:
         try:

@@ -1,4 +1,5 @@
-"""Gradient-free selection of the causal sub-sequence (LIGHTHOUSE.md s.4 and s.5).
+"""Gradient-free selection of the causal sub-sequence (LIGHTHOUSE.md s.4 and s.5; the
+strictly causal option, s.11).
 
 Vectorised over batch, heads and tiles; the only Python loop is over pyramid levels.
 """
@@ -76,10 +77,78 @@ def check_finite(query_scores: torch.Tensor, key_scores: torch.Tensor, v: torch.
     raise NonFiniteInput(f"Lighthouse attention needs finite inputs: NaN or inf in {', '.join(bad)}")
 
 
+def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value along the last dim (a value: ties do not matter)."""
+    return torch.topk(x, k, dim=-1).values[..., -1]
+
+
+def causal_thresholds(q_pyramid: list[torch.Tensor], k_pyramid: list[torch.Tensor], cfg: LighthouseConfig,
+                      tile: int) -> torch.Tensor:
+    """What each tile hands to the next under the causal selection (LIGHTHOUSE.md s.11):
+    [B, H, tiles, L-1, 2], for levels 2..L (index l-2) and the query (0) and key (1) score, the
+    k-th largest first-child score (cfg.threshold_rank) over the tile's eligible level-l spans
+    (every span at the top level; below it, the spans that are not a first child). It reads
+    the tile's own tokens only and no selection, so tiles need nothing from each other.
+    """
+    batch, heads = q_pyramid[0].shape[:2]
+    per_level = []
+    for level in range(2, cfg.levels + 1):
+        pair = []
+        for pyramid in (q_pyramid, k_pyramid):
+            first_child = pyramid[level - 2][..., :: cfg.pool]  # [B, H, N / c_l]: score of each level-l span
+            spans = first_child.reshape(batch, heads, -1, tile // cfg.span(level))
+            if level < cfg.levels:
+                spans = spans.unflatten(-1, (-1, cfg.pool))[..., 1:].flatten(-2)
+            pair.append(_kth_largest(spans, cfg.threshold_rank(level, tile)))
+        per_level.append(torch.stack(pair, dim=-1))
+    return torch.stack(per_level, dim=-2)
+
+
+def thresholds_in_use(provided: torch.Tensor, preceding: torch.Tensor | None) -> torch.Tensor:
+    """Tile i uses what tile i-1 provided; the first tile uses `preceding` ([B, H, L-1, 2], what
+    the tile before the sequence piece provided: the previous CP chunk's last tile), or -inf
+    where the sequence starts (nothing precedes it: its first candidates are refined)."""
+    first = torch.full_like(provided[:, :, 0], float("-inf")) if preceding is None else preceding.to(provided)
+    return torch.cat([first.unsqueeze(2), provided[:, :, :-1]], dim=2)
+
+
+def carry_from_scores(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
+    """Thresholds one tile's token scores [B, H, T] hand to the tile after it: [B, H, L-1, 2]."""
+    tile = query_scores.shape[-1]
+    one_tile = [reduce_levels(x, cfg.pool, cfg.levels, "max", dim=2) for x in (query_scores, key_scores)]
+    return causal_thresholds(*one_tile, cfg, tile)[:, :, 0]
+
+
+def refine_causal(q_score: torch.Tensor, k_score: torch.Tensor, refinable: torch.Tensor, thresholds: torch.Tensor,
+                  budget: int) -> torch.Tensor:
+    """Exactly `budget` refined candidates per tile, decided left to right (LIGHTHOUSE.md s.11).
+
+    q_score, k_score [B, H, tiles, W]: first-child scores of the candidates in index order;
+    refinable: bool, broadcastable to them; thresholds [B, H, tiles, 2] (query, key). A
+    candidate is taken by query score if its score reaches the query threshold while fewer than
+    b/2 were taken so, else by key score likewise; once the refinable candidates left are no
+    more than the budget left, all of them are refined. Each decision reads only its own and
+    earlier candidates, and cumulative sums make it parallel.
+    """
+    half = budget // 2
+    refinable = refinable.expand_as(q_score)
+    q_pass = refinable & (q_score >= thresholds[..., :1])
+    q_take = q_pass & (q_pass.cumsum(-1) <= half)
+    k_pass = refinable & ~q_take & (k_score >= thresholds[..., 1:])
+    taken = q_take | (k_pass & (k_pass.cumsum(-1) <= half))
+    taken_before = taken.cumsum(-1) - taken.long()
+    refinable_from_here = refinable.sum(-1, keepdim=True) - refinable.cumsum(-1) + refinable.long()
+    must_fill = refinable & (budget - taken_before >= refinable_from_here)
+    forced = must_fill.long().cummax(-1).values.bool() & refinable
+    return taken | forced
+
+
 def select_from_scores(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig,
-                       v: torch.Tensor | None = None) -> Selection:
+                       v: torch.Tensor | None = None, preceding: torch.Tensor | None = None) -> Selection:
     """Selection from per-token scores [B, H, N] (float32), one set per selection head;
-    `v` (the values, when given) is checked for finiteness with the scores (check_finite)."""
+    `v` (the values, when given) is checked for finiteness with the scores (check_finite).
+    `preceding` [B, H, L-1, 2]: for cfg.selection "causal", the thresholds of the tile before
+    this sequence piece (carry_from_scores of the previous CP chunk); None where it starts."""
     batch, heads, n = query_scores.shape
     tile = cfg.tile_size(n)
     check_finite(query_scores, key_scores, v)
@@ -87,6 +156,9 @@ def select_from_scores(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg
     device = query_scores.device
     q_pyramid = reduce_levels(query_scores, pool, levels, "max", dim=2)  # level l: [B, H, N / c_l]
     k_pyramid = reduce_levels(key_scores, pool, levels, "max", dim=2)
+    causal = cfg.selection == "causal" and levels > 1
+    if causal:
+        thresholds = thresholds_in_use(causal_thresholds(q_pyramid, k_pyramid, cfg, tile), preceding)
 
     # Candidates of the coarsest level: every entry of each tile, in index order.
     per_tile = tile // cfg.coarsest_span
@@ -98,13 +170,22 @@ def select_from_scores(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg
     for level in range(levels, 1, -1):
         width = candidates.shape[-1]
         flat = candidates.reshape(batch, heads, tiles * width)
-        q_score = q_pyramid[level - 1].gather(2, flat).view(batch, heads, tiles, width)
-        k_score = k_pyramid[level - 1].gather(2, flat).view(batch, heads, tiles, width)
-        refined = torch.zeros_like(candidates, dtype=torch.bool)
-        refined.scatter_(-1, _top_half_budget(q_score, budget // 2), True)
-        # Norms are >= 0, so -inf removes the query-chosen entries from the key round.
-        k_score = k_score.masked_fill(refined, float("-inf"))
-        refined.scatter_(-1, _top_half_budget(k_score, budget // 2), True)
+        if causal:
+            # A span is scored by its first child, which holds every token before the first
+            # position its refinement changes; a first child is never refined (s.11).
+            first_child = flat * pool
+            q_score = q_pyramid[level - 2].gather(2, first_child).view(batch, heads, tiles, width)
+            k_score = k_pyramid[level - 2].gather(2, first_child).view(batch, heads, tiles, width)
+            refinable = candidates % pool != 0 if level < levels else torch.ones((), dtype=torch.bool, device=device)
+            refined = refine_causal(q_score, k_score, refinable, thresholds[:, :, :, level - 2], budget)
+        else:
+            q_score = q_pyramid[level - 1].gather(2, flat).view(batch, heads, tiles, width)
+            k_score = k_pyramid[level - 1].gather(2, flat).view(batch, heads, tiles, width)
+            refined = torch.zeros_like(candidates, dtype=torch.bool)
+            refined.scatter_(-1, _top_half_budget(q_score, budget // 2), True)
+            # Norms are >= 0, so -inf removes the query-chosen entries from the key round.
+            k_score = k_score.masked_fill(refined, float("-inf"))
+            refined.scatter_(-1, _top_half_budget(k_score, budget // 2), True)
         emitted_level.append(torch.full_like(candidates, level))
         emitted_index.append(candidates)
         emitted_internal.append(refined)
@@ -140,18 +221,26 @@ def check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
         )
 
 
-@torch.no_grad()
-def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None) -> Selection:
-    """Entries chosen for q [B, N, H, D], k [B, N, Hkv, D]; sorted, int64 [B, H, S] fields.
-
-    With GQA the key norms of kv head h // (H // Hkv) score query head h (selection is per
-    query head). Scores are float32 whatever the input dtype; no gradient flows through here.
-    Non-finite q or k (and v, when given) raise ValueError (check_finite).
-    """
+def selection_scores(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key token scores [B, H, N] (float32) of q [B, N, H, D], k [B, N, Hkv, D]; with
+    GQA the key norms of kv head h // (H // Hkv) score query head h."""
     check_heads(q, k)
     heads, kv_heads = q.shape[2], k.shape[2]
     query_scores = token_scores(q)
     key_scores = token_scores(k)
     if kv_heads != heads:
         key_scores = key_scores.repeat_interleave(heads // kv_heads, dim=1)
-    return select_from_scores(query_scores, key_scores, cfg, v)
+    return query_scores, key_scores
+
+
+@torch.no_grad()
+def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None,
+           preceding: torch.Tensor | None = None) -> Selection:
+    """Entries chosen for q [B, N, H, D], k [B, N, Hkv, D]; sorted, int64 [B, H, S] fields.
+
+    With GQA the key norms of kv head h // (H // Hkv) score query head h (selection is per
+    query head). Scores are float32 whatever the input dtype; no gradient flows through here.
+    Non-finite q or k (and v, when given) raise ValueError (check_finite). `preceding`: see
+    select_from_scores.
+    """
+    return select_from_scores(*selection_scores(q, k), cfg, v, preceding)

@@ -32,9 +32,15 @@ def lighthouse_configs(world: int) -> dict[str, tuple[LighthouseConfig, int]]:
     n_a = 2 * world * 16
     # tile 8 = one tile per chunk, two levels of pool 4 (coarsest level = b entries)
     n_b = 2 * world * 8
+    # tile 16, two tiles per chunk
+    n_c = 2 * world * 32
     return {
         "p2L3": (LighthouseConfig(pool=2, levels=3, topk=n_a * 2 // 8, tile_budget=2), n_a),
         "p4L2": (LighthouseConfig(pool=4, levels=2, topk=n_b * 2 // 8, tile_budget=2), n_b),
+        # the strictly causal selection, tile 16 (4 top-level spans for a budget of 2, so the
+        # thresholds decide): each chunk's first tile starts from the thresholds of the previous
+        # chunk's last tile, which cross ranks (selection_carry.py)
+        "p2L3causal": (LighthouseConfig(pool=2, levels=3, topk=n_c * 2 // 16, tile_budget=2, selection="causal"), n_c),
         # levels=1 is dense attention through the Lighthouse path: no spill, no halo
         "p2L1": (LighthouseConfig(pool=2, levels=1, topk=n_a * 2 // 8, tile_budget=2), n_a),
     }

@@ -38,12 +38,15 @@ def configs(world: int) -> dict[str, LighthouseConfig | None]:
     """Name -> config for N = W * SHARD tokens, the shard a whole number of tiles.
 
     p2L3: tile 16, two tiles per shard, spill c_L - 1 = 3. p4L3: tile 32 = one tile per
-    shard, c_L = 16, spill 15 rows into the next rank. dense: no compression (cfg None).
+    shard, c_L = 16, spill 15 rows into the next rank. p2L3causal: p2L3 with the strictly
+    causal selection (its thresholds cross ranks). dense: no compression (cfg None).
     """
     n = world * SHARD
     return {
         "p2L3": LighthouseConfig(pool=2, levels=3, topk=n * 2 // 16, tile_budget=2),
         "p4L3": LighthouseConfig(pool=4, levels=3, topk=n * 2 // 32, tile_budget=2),
+        # strictly causal selection: shard r's first tile starts from shard r-1's thresholds
+        "p2L3causal": LighthouseConfig(pool=2, levels=3, topk=n * 2 // 16, tile_budget=2, selection="causal"),
         "dense": None,
     }
 
@@ -177,7 +180,7 @@ def ulysses_job(rank: int, world: int) -> dict:
 def test_deepspeed_ulysses_equals_single_process(world):
     results = run_distributed(ulysses_job, world, timeout=200)
     for rank, result in enumerate(results):
-        assert len(result["cases"]) == 2 * 2 * 2 * 2 + 2 * 2
+        assert len(result["cases"]) == 3 * 2 * 2 * 2 + 2 * 2  # (3 Lighthouse configs x heads x dtypes x variants) + dense
         for key, case in result["cases"].items():
             dtype = torch.float64 if "float64" in key[-1] else torch.float32
             worst = max(case["errors"].values())

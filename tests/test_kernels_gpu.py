@@ -53,9 +53,10 @@ def equal_selection(a, b):
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("start", "end", "level", "internal"))
 
 
+@pytest.mark.parametrize("selection", ["tile_topk", "causal"])
 @pytest.mark.parametrize("pool,levels,topk,budget,n,batch,heads,kv_heads,dim", CONFIGS)
-def test_selection_and_plan_identical(pool, levels, topk, budget, n, batch, heads, kv_heads, dim):
-    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
+def test_selection_and_plan_identical(pool, levels, topk, budget, n, batch, heads, kv_heads, dim, selection):
+    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection)
     torch.manual_seed(n + levels)
     for ties in (False, True):
         qs = torch.rand(batch, heads, n, device=DEV)
@@ -70,16 +71,47 @@ def test_selection_and_plan_identical(pool, levels, topk, budget, n, batch, head
             assert torch.equal(getattr(plan, f), getattr(ref_plan, f)), f
 
 
-def test_chunked_top_level_path(monkeypatch):
-    """A top level wider than MAX_TOP_IN_REGISTERS takes the chunked radix select."""
+@pytest.mark.parametrize("choice", ["tile_topk", "causal"])
+def test_chunked_top_level_path(monkeypatch, choice):
+    """A top level wider than MAX_TOP_IN_REGISTERS takes the chunked path (the radix select, or
+    the causal counters carried from block to block)."""
     import lh_cp.kernels.selection as selection
 
     monkeypatch.setattr(selection, "MAX_TOP_IN_REGISTERS", 64)
-    cfg = LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=4)
+    cfg = LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=4, selection=choice)
     qs, ks = torch.rand(1, 2, 4096, device=DEV), torch.rand(1, 2, 4096, device=DEV)
     ref = select_from_scores(qs, ks, cfg)
     _, start, level, internal = selection.select_plan(qs, ks, cfg)
     assert equal_selection(selection_from_fields(start, level, internal, cfg), ref)
+
+
+def test_causal_selection_from_a_preceding_carry():
+    """The first tile of a CP chunk starts from the previous chunk's thresholds, as the reference."""
+    cfg = LighthouseConfig(pool=4, levels=3, topk=32, tile_budget=8, selection="causal")
+    qs, ks = torch.rand(2, 4, 4096, device=DEV), torch.rand(2, 2, 4096, device=DEV)
+    preceding = torch.rand(2, 4, cfg.levels - 1, 2, device=DEV)
+    ref = select_from_scores(qs, ks.repeat_interleave(2, dim=1), cfg, preceding=preceding)
+    _, start, level, internal = select_plan(qs, ks, cfg, preceding=preceding)
+    assert equal_selection(selection_from_fields(start, level, internal, cfg), ref)
+    assert not equal_selection(ref, select_from_scores(qs, ks.repeat_interleave(2, dim=1), cfg))
+
+
+def test_causal_layer_on_the_kernels_is_strictly_causal():
+    """bf16 on the kernels and the fused SDPA: outputs 0..t bit-identical when every later q, k,
+    v changes (docs/LIGHTHOUSE.md s.11), at a length with 16 tiles."""
+    from lh_cp import lighthouse_attention
+
+    cfg = LighthouseConfig(pool=4, levels=3, topk=256, tile_budget=16, selection="causal")
+    n = 16384
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, n, 4, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    assert kernels.available(q, k, v)
+    out = lighthouse_attention(q, k, v, cfg)
+    for t in (100, 1023, 5000, 9999, 16000):
+        changed = [x.clone() for x in (q, k, v)]
+        for x in changed:
+            x[:, t + 1 :] = 2.0 * torch.randn_like(x[:, t + 1 :])
+        assert torch.equal(lighthouse_attention(*changed, cfg)[:, : t + 1], out[:, : t + 1]), t
 
 
 def test_token_norms_match_reference():

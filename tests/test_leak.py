@@ -128,3 +128,20 @@ def test_selection_of_the_crafted_input_is_what_the_docstring_says():
     q[0, 7], k[0, 7] = 0.1, 0.1
     without_x = select(q, k, cfg)
     assert leaves_at_6 and not ((without_x.start == 6) & (without_x.end == 7)).any()
+
+
+def test_leak_is_exactly_zero_with_the_causal_selection_in_lighthouse_mode(runtime):
+    """docs/LIGHTHOUSE.md s.11: in Lighthouse mode too, with four tiles (the thresholds pass
+    from tile to tile), the loss at t is bit-identical when the input at t+1 or nearby changes."""
+    lighthouse = {"pool": 2, "levels": 3, "topk": 16, "tile_budget": 4, "selection": "causal"}
+    recipe = _recipe(32, 3, 2, lighthouse, [0], seq_len=128)
+    rt = runtime(recipe)
+    torch.manual_seed(0)
+    model = _model(recipe)
+    stream = np.random.default_rng(1).integers(0, 256, size=6 * 128 + 1).astype(np.uint16)
+    probe = make_probe(stream, 128, 7, seed=2)
+    assert probe_leak(model, rt, recipe, probe) == {"val/leak_next_token_nats": 0.0, "val/leak_near_future_nats": 0.0}
+    # The same model with the paper's selection does leak on these rows.
+    model.layers[1].attention.lighthouse = LighthouseConfig(pool=2, levels=3, topk=16, tile_budget=4)
+    model.layers[2].attention.lighthouse = LighthouseConfig(pool=2, levels=3, topk=16, tile_budget=4)
+    assert probe_leak(model, rt, recipe, probe)["val/leak_next_token_nats"] != 0.0

@@ -77,14 +77,16 @@ def scatter_plan(entries: torch.Tensor, plan: Plan, cfg: LighthouseConfig, rows:
     return _ScatterEntries.apply(entries, plan, cfg, plan.n if rows is None else rows)
 
 
-def select_with_plan(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None):
+def select_with_plan(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None,
+                     preceding: torch.Tensor | None = None):
     """Triton scores and selection: (plan, start int32, level int8, internal int8); non-finite
-    q, k (or v, when given) raise."""
+    q, k (or v, when given) raise. `preceding`: see lh_cp.select.select_from_scores."""
     with torch.no_grad():
-        return select_plan(token_norms(q.detach()), token_norms(k.detach()), cfg, None if v is None else v.detach())
+        return select_plan(token_norms(q.detach()), token_norms(k.detach()), cfg, None if v is None else v.detach(),
+                           preceding)
 
 
-def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig) -> Selection:
+def select(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, preceding: torch.Tensor | None = None) -> Selection:
     """Kernel twin of lh_cp.select.select: the public Selection, int64 fields in causal order."""
-    _, start, level, internal = select_with_plan(q, k, cfg)
+    _, start, level, internal = select_with_plan(q, k, cfg, preceding=preceding)
     return selection_from_fields(start, level, internal, cfg)

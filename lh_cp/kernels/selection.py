@@ -1,6 +1,9 @@
 """Triton selection: one program per (batch, head, tile) writes its entries in causal order.
 
 Twin: lh_cp.select.select_from_scores (the same scores give the identical selection).
+The strictly causal selection (CAUSAL, LIGHTHOUSE.md s.11) replaces the radix select below
+with cumulative sums over the candidates in index order against thresholds that the
+reference's code computes (each tile's from the tile before); phase 2 is shared.
 
 Per tile, coarse to fine (LIGHTHOUSE.md s.4): the b/2 candidates of largest query score, then
 the b/2 of largest key score among the rest, are refined; their children are the next level's
@@ -31,7 +34,7 @@ from lh_cp.config import LighthouseConfig
 from lh_cp.kernels.launch import check_grid
 from lh_cp.kernels.plan import Plan
 from lh_cp.pyramid import level_offsets, reduce_levels
-from lh_cp.select import check_finite
+from lh_cp.select import causal_thresholds, check_finite, thresholds_in_use
 
 INDEX_BITS = 24  # candidate numbers per tile and level must stay below 2**24
 MAX_TOP_IN_REGISTERS = 2048
@@ -77,6 +80,30 @@ def _kth_largest_chunked(q_base, k_base, c_top, thr_q, k, USE_KEY: tl.constexpr,
                 count += tl.sum((pq >= trial).to(tl.int32), axis=0)
         thr = tl.where(count >= k, trial, thr)
     return thr
+
+
+@triton.jit
+def _causal_refine(q_score, k_score, refinable, thr_q, thr_k, seen_q, seen_k, seen_taken, seen_refinable,
+                   refinable_total, forced_before, BUD: tl.constexpr):
+    """One block of candidates (index order) of the causal selection (LIGHTHOUSE.md s.11; twin:
+    lh_cp.select.refine_causal). All flags are int32 0/1; the seen_* counters carry the block's
+    predecessors in the same tile and level. Returns (refined, and the counters after it)."""
+    half = BUD // 2
+    q_pass = refinable * (q_score >= thr_q).to(tl.int32)
+    cum_q = seen_q + tl.cumsum(q_pass, axis=0)
+    q_take = q_pass * (cum_q <= half).to(tl.int32)
+    k_pass = refinable * (1 - q_take) * (k_score >= thr_k).to(tl.int32)
+    cum_k = seen_k + tl.cumsum(k_pass, axis=0)
+    taken = q_take | (k_pass * (cum_k <= half).to(tl.int32))
+    cum_taken = seen_taken + tl.cumsum(taken, axis=0)
+    cum_refinable = seen_refinable + tl.cumsum(refinable, axis=0)
+    from_here = refinable_total - cum_refinable + refinable
+    must = refinable * (BUD - (cum_taken - taken) >= from_here).to(tl.int32)
+    forced = ((forced_before + tl.cumsum(must, axis=0)) > 0).to(tl.int32) * refinable
+    refined = taken | forced
+    return (refined, seen_q + tl.sum(q_pass, axis=0), seen_k + tl.sum(k_pass, axis=0),
+            seen_taken + tl.sum(taken, axis=0), seen_refinable + tl.sum(refinable, axis=0),
+            forced_before + tl.sum(must, axis=0))
 
 
 @triton.jit
@@ -158,9 +185,9 @@ def _emit(idx, ok, j_in_block, tb, tile, e_per_tile, scratch, bh, n, m_total, s,
 @triton.jit
 def _select_kernel(
     qs_ptr, ks_ptr, scratch_ptr, slot_map_ptr, index_ptr, position_ptr, start_ptr, level_ptr, internal_ptr,
-    n, tiles, heads, group, m_total, s, c_top,
+    thresholds_ptr, n, tiles, heads, group, m_total, s, c_top,
     P: tl.constexpr, L: tl.constexpr, BUD: tl.constexpr, LOG_BUD: tl.constexpr,
-    BLOCK_TOP: tl.constexpr, TOP_IN_REGISTERS: tl.constexpr, BLOCK_LOW: tl.constexpr,
+    BLOCK_TOP: tl.constexpr, TOP_IN_REGISTERS: tl.constexpr, BLOCK_LOW: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = pid % tiles
@@ -179,7 +206,44 @@ def _select_kernel(
     top_off = _level_offset(n, L, P)
 
     # Phase 1: refine, coarse to fine; the refined entries of level l go to R_l in index order.
-    if L > 1:
+    thr_base = thresholds_ptr + pid.to(tl.int64) * ((L - 1) * 2)  # [L-1, 2]: level l at l - 2
+    if L > 1 and CAUSAL:
+        # Top level: every candidate is refinable, scored by its first child (level L-1 at j * P).
+        first_off = _level_offset(n, L - 1, P) + top_first * P
+        thr_q = tl.load(thr_base + (L - 2) * 2)
+        thr_k = tl.load(thr_base + (L - 2) * 2 + 1)
+        zero = tl.full((), 0, tl.int32)
+        seen_q, seen_k, seen_taken, seen_refinable, forced, written = zero, zero, zero, zero, zero, zero
+        for j0 in range(0, c_top, BLOCK_TOP):  # one step when the top level fits in registers
+            j = j0 + tl.arange(0, BLOCK_TOP)
+            ok = j < c_top
+            qs = tl.load(q_pyr + first_off + j * P, mask=ok, other=0.0)
+            ks = tl.load(k_pyr + first_off + j * P, mask=ok, other=0.0)
+            refined, seen_q, seen_k, seen_taken, seen_refinable, forced = _causal_refine(
+                qs, ks, ok.to(tl.int32), thr_q, thr_k, seen_q, seen_k, seen_taken, seen_refinable, c_top, forced, BUD)
+            slot = written + tl.cumsum(refined, axis=0) - 1
+            tl.store(scratch + (L - 2) * BUD + slot, (top_first + j).to(tl.int32), mask=refined > 0)
+            written += tl.sum(refined, axis=0)
+        tl.debug_barrier()
+        for i in tl.static_range(L - 2):
+            # refines level L - 1 - i (levels L-1 .. 2); a first child (j % P == 0) never is
+            j = tl.arange(0, BLOCK_LOW)
+            ok = j < low_count
+            parent = tl.load(scratch + (L - 2 - i) * BUD + j // P, mask=ok, other=0).to(tl.int64)
+            idx = parent * P + j % P
+            first_off = _level_offset(n, L - 2 - i, P)
+            qs = tl.load(q_pyr + first_off + idx * P, mask=ok, other=0.0)
+            ks = tl.load(k_pyr + first_off + idx * P, mask=ok, other=0.0)
+            refinable = (ok & (j % P != 0)).to(tl.int32)
+            thr_q = tl.load(thr_base + (L - 3 - i) * 2)
+            thr_k = tl.load(thr_base + (L - 3 - i) * 2 + 1)
+            zero = tl.full((), 0, tl.int32)
+            refined, _, _, _, _, _ = _causal_refine(qs, ks, refinable, thr_q, thr_k, zero, zero, zero, zero,
+                                                    (P - 1) * BUD, zero, BUD)
+            slot = tl.cumsum(refined, axis=0) - 1
+            tl.store(scratch + (L - 3 - i) * BUD + slot, idx.to(tl.int32), mask=refined > 0)
+            tl.debug_barrier()
+    elif L > 1:
         if TOP_IN_REGISTERS:
             j = tl.arange(0, BLOCK_TOP)
             ok = j < c_top
@@ -239,13 +303,10 @@ def _select_kernel(
               level_ptr, internal_ptr, L - 1 - i, P, L, BUD, LOG_BUD)
 
 
-def score_pyramid(token_scores: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
-    """Token scores [B, Hx, N] -> flat level-major max pyramid [B, Hx, M] (float32)."""
-    return torch.cat(reduce_levels(token_scores, cfg.pool, cfg.levels, "max", dim=2), dim=2).contiguous()
-
-
-def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None):
-    """Selection from token scores: q [B, H, N], k [B, Hkv, N] float32 (H % Hkv == 0).
+def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None,
+                preceding: torch.Tensor | None = None):
+    """Selection from token scores: q [B, H, N], k [B, Hkv, N] float32 (H % Hkv == 0);
+    `preceding` as in lh_cp.select.select_from_scores (causal selection only).
 
     Returns (plan, start int32, level int8, internal int8), the last three [B, H, S] in causal
     order. Non-finite scores (and v, when given) raise, as in the reference (check_finite).
@@ -262,8 +323,18 @@ def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: Light
     s = cfg.selected_length(n)
     m_total = level_offsets(n, cfg)[-1]
     device = query_scores.device
-    q_pyr = score_pyramid(query_scores, cfg)
-    k_pyr = score_pyramid(key_scores, cfg)
+    q_levels = reduce_levels(query_scores, cfg.pool, cfg.levels, "max", dim=2)
+    k_levels = reduce_levels(key_scores, cfg.pool, cfg.levels, "max", dim=2)
+    q_pyr = torch.cat(q_levels, dim=2).contiguous()
+    k_pyr = torch.cat(k_levels, dim=2).contiguous()
+    causal = cfg.selection == "causal" and levels > 1
+    if causal:
+        # [B, H, tiles, L-1, 2], computed by the reference's code: the kernel only reads them.
+        if kv_heads != heads:
+            k_levels = [x.repeat_interleave(heads // kv_heads, dim=1) for x in k_levels]
+        thresholds = thresholds_in_use(causal_thresholds(q_levels, k_levels, cfg, tile), preceding).contiguous()
+    else:
+        thresholds = q_pyr  # not read
     scratch = torch.empty(batch * heads * tiles * budget * levels, dtype=torch.int32, device=device)
     slot_map = torch.full((batch, heads, m_total), -1, dtype=torch.int32, device=device)
     index = torch.empty((batch, heads, s), dtype=torch.int32, device=device)
@@ -276,9 +347,10 @@ def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: Light
     grid = check_grid(batch * heads * tiles)
     _select_kernel[grid](
         q_pyr, k_pyr, scratch, slot_map, index, position, start, level, internal,
-        n, tiles, heads, heads // kv_heads, m_total, s, c_top,
+        thresholds, n, tiles, heads, heads // kv_heads, m_total, s, c_top,
         P=pool, L=levels, BUD=budget, LOG_BUD=budget.bit_length() - 1,
         BLOCK_TOP=block_top, TOP_IN_REGISTERS=top_in_registers,
-        BLOCK_LOW=triton.next_power_of_2(low_count), num_warps=8 if max(block_top, low_count) > 512 else 4,
+        BLOCK_LOW=triton.next_power_of_2(low_count), CAUSAL=causal,
+        num_warps=8 if max(block_top, low_count) > 512 else 4,
     )
     return Plan(slot_map, index, position, n), start, level, internal

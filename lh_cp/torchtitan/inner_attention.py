@@ -29,7 +29,8 @@ class LighthouseInnerAttention(Module):
     @dataclass(kw_only=True, slots=True)
     class Config(Module.Config):
         """mode: 'lighthouse' or 'dense' (dense layers, and every layer in recovery).
-        pool, levels, topk, tile_budget: LighthouseConfig (lh_cp/config.py); unused when dense.
+        pool, levels, topk, tile_budget, selection: LighthouseConfig (lh_cp/config.py); unused
+            when dense.
         exchange: CP exchange of the compressed K/V of Lighthouse layers: 'allgather' or 'ring'.
         dense_exchange: CP exchange of dense layers: 'ring' or 'allgather'.
         """
@@ -39,6 +40,7 @@ class LighthouseInnerAttention(Module):
         levels: int = 3
         topk: int = 2048
         tile_budget: int = 128
+        selection: str = "tile_topk"
         exchange: str = "allgather"
         dense_exchange: str = "ring"
 
@@ -51,7 +53,8 @@ class LighthouseInnerAttention(Module):
             self.lighthouse_config()
 
         def lighthouse_config(self) -> LighthouseConfig:
-            return LighthouseConfig(pool=self.pool, levels=self.levels, topk=self.topk, tile_budget=self.tile_budget)
+            return LighthouseConfig(pool=self.pool, levels=self.levels, topk=self.topk, tile_budget=self.tile_budget,
+                                    selection=self.selection)
 
     def __init__(self, config: Config) -> None:
         super().__init__()

@@ -42,7 +42,8 @@ def layer_modes(model: ModelConfig, lighthouse: LighthouseSection, stage: StageO
 def _inner_attention(mode: str, lighthouse: LighthouseSection, stage: StageOptions) -> LighthouseInnerAttention.Config:
     return LighthouseInnerAttention.Config(
         mode=mode, pool=lighthouse.pool, levels=lighthouse.levels, topk=lighthouse.topk,
-        tile_budget=lighthouse.tile_budget, exchange=stage.exchange, dense_exchange=stage.dense_exchange,
+        tile_budget=lighthouse.tile_budget, selection=lighthouse.selection, exchange=stage.exchange,
+        dense_exchange=stage.dense_exchange,
     )
 
 

@@ -7,7 +7,8 @@ single-device output.
 Lighthouse: the two chunks are processed as a batch of 2B independent sequences for pyramid,
 selection, gather and scatter (tiles never straddle chunks, so each chunk's entries are the
 single-device entries of its tokens); only the compressed q/k/v entries reach the exchange;
-the scatter's spill past each chunk end travels as a halo. Compression is lh_cp.compress
+the scatter's spill past each chunk end travels as a halo; under the causal selection each
+chunk also starts from the thresholds of the chunk before it (selection_carry.py). Compression is lh_cp.compress
 (Triton kernels on CUDA, the pure-PyTorch reference elsewhere), with the chunk's config
 (LighthouseConfig.for_pieces).
 """
@@ -18,16 +19,22 @@ import torch
 import torch.distributed as dist
 
 from lh_cp.attention import check_qkv
-from lh_cp.compress import compress
+from lh_cp.compress import compress, selection_carry
 from lh_cp.config import LighthouseConfig
 from lh_cp.parallel.headtail.exchange import exchange_attention
 from lh_cp.parallel.headtail.halo import combine_spills
+from lh_cp.parallel.selection_carry import preceding_thresholds
 
 
 def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> LighthouseConfig:
     """The config that selects inside one of the 2W head-tail chunks of n_global tokens as
     `cfg` does on the whole sequence (LighthouseConfig.for_pieces)."""
     return cfg.for_pieces(n_global, 2 * world, "each head-tail chunk")
+
+
+def _chunk_home(chunk: int, world: int) -> tuple[int, int]:
+    """(rank, slot) holding global head-tail chunk `chunk`: rank r holds chunks r and 2W-1-r."""
+    return (chunk, 0) if chunk < world else (2 * world - 1 - chunk, 1)
 
 
 def _to_exchange_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -62,7 +69,13 @@ def lighthouse_attention_cp(
     q_chunks = q.reshape(2 * batch, chunk, heads, dim)
     k_chunks = k.reshape(2 * batch, chunk, *k.shape[2:])
     v_chunks = v.reshape(2 * batch, chunk, *v.shape[2:])
-    entries = compress(q_chunks, k_chunks, v_chunks, local_cfg)  # [2B, H, S_c, D] each
+    preceding = None
+    if local_cfg.selection == "causal" and local_cfg.levels > 1:
+        rank = dist.get_rank(group)
+        carry = _to_exchange_layout(selection_carry(q_chunks, k_chunks, v_chunks, local_cfg), batch)  # [2, B, H, L-1, 2]
+        preceding = preceding_thresholds(carry, [rank, 2 * world - 1 - rank], lambda c: _chunk_home(c, world), group)
+        preceding = _from_exchange_layout(preceding)  # [2B, H, L-1, 2]
+    entries = compress(q_chunks, k_chunks, v_chunks, local_cfg, preceding=preceding)  # [2B, H, S_c, D] each
 
     out_entries = exchange_attention(
         _to_exchange_layout(entries.q, batch),

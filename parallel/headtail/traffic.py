@@ -11,6 +11,8 @@ with what the code actually sends. Conventions (they follow the implementation):
   LIGHTHOUSE.md s.3), S_c per chunk; dense attention exchanges tokens of the Hkv K/V heads.
 - Halo (Lighthouse only): each spill is c_L - 1 positions of the output, activation dtype; an
   interior rank sends two per direction, the first and last rank one (see halo.py).
+- The causal selection (LIGHTHOUSE.md s.11) also all-gathers float32 thresholds, [B, H, L-1, 2]
+  per chunk (selection_carry.py); the paper's selection sends none.
 
 `python -m lh_cp.parallel.headtail.traffic [--world 8] [--heads 8] ...` prints the README table
 (Lighthouse versus dense, an interior rank; MiB = 2**20 bytes).
@@ -35,10 +37,11 @@ class CommBytes:
     dkv_backward: int = 0
     halo_forward: int = 0
     halo_backward: int = 0
+    selection_thresholds: int = 0
 
     @property
     def forward(self) -> int:
-        return self.kv_forward + self.halo_forward
+        return self.kv_forward + self.halo_forward + self.selection_thresholds
 
     @property
     def backward(self) -> int:
@@ -99,6 +102,9 @@ def lighthouse_cp_bytes(
         halo = messages * batch * spill * heads * head_dim * dtype_bytes
         counts["halo_forward"] = halo
         counts["halo_backward"] = halo
+    if cfg.selection == "causal" and cfg.levels > 1 and world > 1:
+        # selection_carry.py: float32 [B, H, L-1, 2] per chunk, two chunks, all-gathered.
+        counts["selection_thresholds"] = (world - 1) * 2 * batch * heads * (cfg.levels - 1) * 2 * 4
     return CommBytes(**counts)
 
 

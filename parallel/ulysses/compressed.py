@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from lh_cp.attention import check_qkv
-from lh_cp.compress import causal_sdpa, compress
+from lh_cp.compress import causal_sdpa, compress, selection_carry
 from lh_cp.config import LighthouseConfig
+from lh_cp.parallel.selection_carry import preceding_thresholds
 from lh_cp.parallel.ulysses.comm import all_to_all_rows, shift_to_next_rank
 
 
@@ -72,7 +73,12 @@ def compressed_ulysses_attention(
     check_heads_divisible(heads, world)
     local_cfg = shard_config(cfg, shard_len, world)
 
-    local = compress(q, k, v, local_cfg)  # [B, H, S_c, D] each, spans local to the shard; k, v per query head
+    preceding = None
+    if local_cfg.selection == "causal" and local_cfg.levels > 1:
+        # The causal selection's first tile of shard r starts from shard r-1's last tile.
+        carry = selection_carry(q, k, v, local_cfg).unsqueeze(0)  # [1, B, H, L-1, 2]
+        preceding = preceding_thresholds(carry, [dist.get_rank(group)], lambda shard: (shard, 0), group)[0]
+    local = compress(q, k, v, local_cfg, preceding=preceding)  # [B, H, S_c, D] each, spans local to the shard; k, v per query head
     entries = torch.stack([local.q, local.k, local.v])  # [3, B, H, S_c, D]
     q_all, k_all, v_all = _shards_to_heads(entries, group)  # each [B, H/W, W * S_c, D]
     # Shards are contiguous and each one's entries are sorted by the causal key, so the

@@ -10,7 +10,9 @@ Counts follow the implementations (forward and backward of one layer, per rank):
 - Compressed Ulysses (ulysses_compressed.py): forward sends the q, k, v entries and the output
   entries [B, H, S_c, D] each (entries are per query head), backward their gradients, in the
   activation dtype; plus the halo: c_L - 1 output rows [B, c_L - 1, H, D] from every rank but
-  the last forward, and their gradients from every rank but the first backward.
+  the last forward, and their gradients from every rank but the first backward. The causal
+  selection (LIGHTHOUSE.md s.11) adds a forward all-gather of float32 thresholds [B, H, L-1, 2]
+  per shard (selection_carry.py), counted as selection_thresholds.
 
 `python -m lh_cp.parallel.ulysses.traffic` prints the README table.
 """
@@ -32,10 +34,12 @@ class UlyssesBytes:
     alltoall_backward: int = 0
     halo_forward: int = 0
     halo_backward: int = 0
+    selection_thresholds: int = 0
 
     @property
     def total(self) -> int:
-        return self.alltoall_forward + self.alltoall_backward + self.halo_forward + self.halo_backward
+        return (self.alltoall_forward + self.alltoall_backward + self.halo_forward + self.halo_backward
+                + self.selection_thresholds)
 
 
 def _check_length(n: int, world: int) -> int:
@@ -75,11 +79,13 @@ def compressed_ulysses_bytes(
     elements = 4 * batch * heads * entries * head_dim  # q, k, v and output entries
     per_direction = _leaving(elements, world, dtype_bytes)
     spill = batch * (local_cfg.coarsest_span - 1) * heads * head_dim * dtype_bytes
+    causal = cfg.selection == "causal" and cfg.levels > 1
     return UlyssesBytes(
         alltoall_forward=per_direction,
         alltoall_backward=per_direction,
         halo_forward=spill if rank < world - 1 else 0,
         halo_backward=spill if rank > 0 else 0,
+        selection_thresholds=(world - 1) * batch * heads * (cfg.levels - 1) * 2 * 4 if causal else 0,
     )
 
 
