@@ -51,12 +51,15 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("exchange", ["allgather", "ring"])
-@pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads,dim", [
-    (4, 3, 256, 32, 16384, 4, 2, 64),
-    (2, 4, 64, 8, 4096, 3, 3, 72),
+@pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads,dim,selection", [
+    (4, 3, 256, 32, 16384, 4, 2, 64, "tile_topk"),
+    (2, 4, 64, 8, 4096, 3, 3, 72, "tile_topk"),
+    # the second chunk starts from the first chunk's thresholds (selection_carry.py)
+    (4, 3, 256, 32, 16384, 4, 2, 64, "causal"),
 ])
-def test_cp_kernel_path_matches_reference_path(one_rank_group, exchange, pool, levels, topk, budget, n, heads, kv_heads, dim):
-    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
+def test_cp_kernel_path_matches_reference_path(one_rank_group, exchange, pool, levels, topk, budget, n, heads, kv_heads, dim,
+                                               selection):
+    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection)
     torch.manual_seed(n + levels)
     q = torch.randn(1, n, heads, dim, device=DEV)
     k, v = (torch.randn(1, n, kv_heads, dim, device=DEV) for _ in range(2))
@@ -81,18 +84,19 @@ def one_rank_nccl(one_rank_group):
     return dist.new_group([0], backend="nccl")
 
 
-@pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads,dim", [
-    (4, 3, 256, 32, 16384, 4, 2, 64),
-    (2, 4, 64, 8, 4096, 2, 1, 72),
+@pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads,dim,selection", [
+    (4, 3, 256, 32, 16384, 4, 2, 64, "tile_topk"),
+    (2, 4, 64, 8, 4096, 2, 1, 72, "tile_topk"),
+    (4, 3, 256, 32, 16384, 4, 2, 64, "causal"),
 ])
 def test_compressed_ulysses_kernel_path_matches_reference_path(one_rank_nccl, monkeypatch, pool, levels, topk, budget, n, heads,
-                                                               kv_heads, dim):
+                                                               kv_heads, dim, selection):
     import lh_cp.compress
 
     kernel_calls = []
     original = lh_cp.compress.compress_kernels
     monkeypatch.setattr(lh_cp.compress, "compress_kernels", lambda *a, **kw: kernel_calls.append(1) or original(*a, **kw))
-    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
+    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection)
     torch.manual_seed(n + levels + 1)
     q = torch.randn(1, n, heads, dim, device=DEV)
     k, v = (torch.randn(1, n, kv_heads, dim, device=DEV) for _ in range(2))
