@@ -14,6 +14,7 @@ of one seed share initial weights and data order. Arms (steps for the default 1,
                       T = 2048, S/N 50% instead of 18.75%)
   paper_split_causal  the paper's split with the strictly causal selection (docs/LIGHTHOUSE.md
                       s.11; same S)
+  paper_split_causal_pool2  the same with pool 2 (as paper_split_pool2)
 Comparisons use val/loss_dense (every layer dense, same validation batches). Per arm:
 the final dense-mode validation loss of each seed, mean and standard deviation (n - 1); the
 loss jump at the switch (mean training loss of the first 10 dense steps minus that of the
@@ -27,7 +28,8 @@ throughput). The training runs themselves share the GPU (--parallel), so their o
 tokens/s are not speed measurements.
 
     python benchmarks/quality.py --out /tmp/quality --parallel 6        # on the GPU machine
-    python benchmarks/quality.py --plot benchmarks/results/quality.json  # here: the PNGs
+    python benchmarks/quality.py --plot benchmarks/results/quality.json  # here: the PNGs (<stem>_*.png)
+    python benchmarks/quality.py --plot benchmarks/results/quality_causal.json --merge more.json  # arms of two runs
     python benchmarks/quality.py --out /tmp/q --tiny --arms dense,paper_split --seeds 0 --device cpu   # smoke test
 
 A rerun skips runs already finished (a `done` file in the run folder) and resumes unfinished
@@ -88,6 +90,8 @@ ARMS = {arm.name: arm for arm in (
     Arm("dense_wsd", 0.0, "dense_wsd", DENSE_LEAK_CHECK, wsd=True),
     Arm("paper_split_pool2", 0.625, "dense", ("lighthouse.pool=2", "lighthouse.topk=1024", "lighthouse.tile_budget=128")),
     Arm("paper_split_causal", 0.625, "dense", ("lighthouse.selection='causal'",)),
+    Arm("paper_split_causal_pool2", 0.625, "dense", ("lighthouse.selection='causal'", "lighthouse.pool=2",
+                                                     "lighthouse.topk=1024", "lighthouse.tile_budget=128")),
 )}
 DENSE_ARM, PAPER_SPLIT_ARM = "dense", "paper_split"
 # Attention configurations timed alone: (name, --set overrides).
@@ -97,15 +101,18 @@ TIMED = {
     "lighthouse_pool2": ["stages.0.attention='lighthouse'", "lighthouse.pool=2", "lighthouse.topk=1024",
                          "lighthouse.tile_budget=128"],
     "lighthouse_causal": ["stages.0.attention='lighthouse'", "lighthouse.selection='causal'"],
+    "lighthouse_causal_pool2": ["stages.0.attention='lighthouse'", "lighthouse.selection='causal'", "lighthouse.pool=2",
+                                "lighthouse.topk=1024", "lighthouse.tile_budget=128"],
 }
 
 
 def stage_timing_key(arm: Arm, attention: str) -> str:
     if attention == "dense":
         return "dense"
-    if "lighthouse.selection='causal'" in arm.sets:
-        return "lighthouse_causal"
-    return "lighthouse_pool2" if "lighthouse.pool=2" in arm.sets else "lighthouse_pool4"
+    causal = "_causal" if "lighthouse.selection='causal'" in arm.sets else ""
+    if "lighthouse.pool=2" in arm.sets:
+        return f"lighthouse{causal}_pool2"
+    return "lighthouse_causal" if causal else "lighthouse_pool4"
 
 
 # ---------------------------------------------------------------------------- running
@@ -333,7 +340,7 @@ def plot(result_path: Path) -> list[Path]:
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{result['recipe']}: mean over seeds, band = min..max")
     fig.tight_layout()
-    written.append(result_path.with_name("quality_val_by_step.png"))
+    written.append(result_path.with_name(f"{result_path.stem}_val_by_step.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
@@ -356,7 +363,7 @@ def plot(result_path: Path) -> list[Path]:
     ax.set_ylabel("validation loss, every layer dense"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     ax.set_title(f"from step {steps // 4}: loss against time")
     fig.tight_layout()
-    written.append(result_path.with_name("quality_val_by_time.png"))
+    written.append(result_path.with_name(f"{result_path.stem}_val_by_time.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
@@ -373,7 +380,7 @@ def plot(result_path: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     fig.suptitle("leak metric: how much the loss at t reads later inputs (a causal model: exactly 0)")
     fig.tight_layout()
-    written.append(result_path.with_name("quality_leak.png"))
+    written.append(result_path.with_name(f"{result_path.stem}_leak.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
     return written
@@ -414,9 +421,18 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a shrunken model and sequence: a CPU smoke test")
     p.add_argument("--plot", type=Path, default=None, help="only draw the PNGs (and print the table) of a result file")
     p.add_argument("--collect", action="store_true", help="train nothing: summarise the runs finished so far")
+    p.add_argument("--merge", type=Path, action="append", default=[],
+                   help="with --plot: first add the arms of this result file (same recipe and steps); repeatable")
     args = p.parse_args(argv)
     if args.plot:
         result = json.loads(args.plot.read_text())
+        for other_path in args.merge:
+            other = json.loads(other_path.read_text())
+            if (other["recipe"], other["steps"]) != (result["recipe"], result["steps"]):
+                p.error(f"--merge {other_path}: recipe/steps {other['recipe']}/{other['steps']} differ from "
+                        f"{result['recipe']}/{result['steps']}")
+            result["arms"].update(other["arms"])
+            result["runs"] = result.get("runs", []) + other.get("runs", [])
         derive_comparisons(result["arms"])  # a stored file gets the current definitions
         args.plot.write_text(json.dumps(result, indent=1))
         for path in plot(args.plot):

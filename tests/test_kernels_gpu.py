@@ -123,6 +123,11 @@ def test_token_norms_match_reference():
 def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv_heads, dim):
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
     group = heads // kv_heads
+    torch.manual_seed(n + levels)
+    # Sums (not means) over spans of up to c_L unit-normal rows are of size sqrt(c_L), and so is
+    # their float32 summation-order difference: an absolute bound fixed at 1e-5 failed once at
+    # c_L = 256 (1.8e-5, benchmarks/results/gpu_tests_h200_causal.log).
+    sum_atol = 1e-5 * cfg.coarsest_span ** 0.5
     q = torch.randn(batch, n, heads, dim, device=DEV)
     k, v = (torch.randn(batch, n, kv_heads, dim, device=DEV) for _ in range(2))
     plan = Plan.from_selection(kernel_select(q, k, cfg), n, cfg)
@@ -133,13 +138,13 @@ def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     entries = torch.randn(batch, heads, s, dim, device=DEV)
     torch.testing.assert_close(expand_rows([entries], plan, cfg, 1, False)[0],
-                               expand_rows_reference(entries, plan, cfg, 1, False), rtol=1e-5, atol=1e-5)
+                               expand_rows_reference(entries, plan, cfg, 1, False), rtol=1e-5, atol=sum_atol)
     dk, dv = expand_rows([entries, 2 * entries], plan, cfg, 0, True, group)
     torch.testing.assert_close(dk, expand_rows_reference(entries, plan, cfg, 0, True, group), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dv, expand_rows_reference(2 * entries, plan, cfg, 0, True, group), rtol=1e-5, atol=1e-5)
     tokens = torch.randn(batch, n, heads, dim, device=DEV)
     torch.testing.assert_close(pool_rows([tokens], plan, cfg, 1, False)[0],
-                               pool_rows_reference(tokens, plan, cfg, 1, False), rtol=1e-5, atol=1e-5)
+                               pool_rows_reference(tokens, plan, cfg, 1, False), rtol=1e-5, atol=sum_atol)
 
 
 def _layer_with_grads(fn, q, k, v, grad_out):
