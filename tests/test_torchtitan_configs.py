@@ -123,3 +123,15 @@ def test_recovery_refuses_to_start_without_the_lighthouse_checkpoint():
     assert trainer.should_continue_training()
     trainer.step = 15
     assert not trainer.should_continue_training()
+
+
+def test_the_causal_selection_reaches_every_lighthouse_attention():
+    """--lighthouse.selection causal (docs/LIGHTHOUSE.md s.11) reaches the inner attentions'
+    LighthouseConfig; the default is the paper's."""
+    def selections(config) -> set[str]:
+        layers = config.model_spec.model.layers
+        return {layer.attention.inner_attention.lighthouse_config().selection for layer in layers
+                if layer.attention.inner_attention.mode == "lighthouse"}
+
+    assert selections(parse("--config", "lighthouse_debugmodel")) == {"tile_topk"}
+    assert selections(parse("--config", "lighthouse_debugmodel", "--lighthouse.selection", "causal")) == {"causal"}
