@@ -47,6 +47,13 @@ def minimal_bytes(n: int, s: int, heads: int, dim: int, itemsize: int) -> int:
     return 8 * (n + s) * heads * dim * itemsize
 
 
+def levels_by_n(levels: str, ns: list[int]) -> dict[int, int]:
+    """--levels: one number for every N, or N:levels pairs (e.g. 131072:3,524288:4)."""
+    if ":" in levels:
+        return {int(a): int(b) for a, b in (pair.split(":") for pair in levels.split(","))}
+    return {n: int(levels) for n in ns}
+
+
 def _random_sets(count: int, shapes: list[tuple[int, ...]], dtype, device) -> list[list[torch.Tensor]]:
     return [[torch.randn(shape, dtype=dtype, device=device).requires_grad_() for shape in shapes] for _ in range(count)]
 
@@ -197,10 +204,7 @@ def main(argv=None) -> int:
         print("benchmarks/attention.py needs a CUDA device", file=sys.stderr)
         return 2
     ns = [int(x) for x in args.ns.split(",")]
-    if ":" in args.levels:
-        levels_of = {int(a): int(b) for a, b in (pair.split(":") for pair in args.levels.split(","))}
-    else:
-        levels_of = {n: int(args.levels) for n in ns}
+    levels_of = levels_by_n(args.levels, ns)
     impls = {"lighthouse": lighthouse_attention}
     if args.reference:
         impls["reference"] = reference_attention

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from attention import _random_sets, time_ms
+from attention import _random_sets, levels_by_n, time_ms
 from lh_cp import LighthouseConfig, lighthouse_attention
 
 SELECTIONS = ("tile_topk", "causal")
@@ -91,10 +91,7 @@ def main(argv=None) -> int:
         print("benchmarks/causal_selection.py needs a CUDA device", file=sys.stderr)
         return 2
     ns = [int(x) for x in args.ns.split(",")]
-    if ":" in args.levels:
-        levels_of = {int(a): int(b) for a, b in (pair.split(":") for pair in args.levels.split(","))}
-    else:
-        levels_of = {n: int(args.levels) for n in ns}
+    levels_of = levels_by_n(args.levels, ns)
     rows = []
     for n in ns:
         cfg = LighthouseConfig(pool=args.pool, levels=levels_of[n], topk=args.topk, tile_budget=args.tile_budget)

@@ -139,8 +139,9 @@ def test_ties_go_to_the_lower_index():
     assert internal == [0, 2, 4, 6]
 
 
-def test_identical_inputs_give_identical_selections():
-    cfg = LighthouseConfig(pool=4, levels=3, topk=16, tile_budget=8)
+@pytest.mark.parametrize("selection", ["tile_topk", "causal"])
+def test_identical_inputs_give_identical_selections(selection):
+    cfg = LighthouseConfig(pool=4, levels=3, topk=16, tile_budget=8, selection=selection)
     q, k = torch.randn(2, 1024, 4, 8), torch.randn(2, 1024, 2, 8)
     first, second = select(q, k, cfg), select(q.clone(), k.clone(), cfg)
     for name in ("start", "end", "level", "internal"):

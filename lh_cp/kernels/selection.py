@@ -119,6 +119,14 @@ def _count_le(r_ptr, value, BUD: tl.constexpr, LOG_BUD: tl.constexpr):
 
 
 @triton.jit
+def _children(refined_list, j, ok, P: tl.constexpr):
+    """Candidates of the level below, as int64 indices: child j % P of entry j // P of a
+    level's refined list (index order, so the children are in index order too)."""
+    parent = tl.load(refined_list + j // P, mask=ok, other=0).to(tl.int64)
+    return parent * P + j % P
+
+
+@triton.jit
 def _pow(base: tl.constexpr, exp: tl.constexpr):
     """base ** exp for a compile-time exp (a plain loop: also runs under TRITON_INTERPRET)."""
     result = 1
@@ -229,8 +237,7 @@ def _select_kernel(
             # refines level L - 1 - i (levels L-1 .. 2); a first child (j % P == 0) never is
             j = tl.arange(0, BLOCK_LOW)
             ok = j < low_count
-            parent = tl.load(scratch + (L - 2 - i) * BUD + j // P, mask=ok, other=0).to(tl.int64)
-            idx = parent * P + j % P
+            idx = _children(scratch + (L - 2 - i) * BUD, j, ok, P)
             first_off = _level_offset(n, L - 2 - i, P)
             qs = tl.load(q_pyr + first_off + idx * P, mask=ok, other=0.0)
             ks = tl.load(k_pyr + first_off + idx * P, mask=ok, other=0.0)
@@ -274,8 +281,7 @@ def _select_kernel(
             # refines level L - 1 - i: levels L-1 .. 2 (passed inline: constexprs cannot be reassigned)
             j = tl.arange(0, BLOCK_LOW)
             ok = j < low_count
-            parent = tl.load(scratch + (L - 2 - i) * BUD + j // P, mask=ok, other=0).to(tl.int64)
-            idx = parent * P + j % P
+            idx = _children(scratch + (L - 2 - i) * BUD, j, ok, P)
             off = _level_offset(n, L - 1 - i, P)
             pq = _packed(tl.load(q_pyr + off + idx, mask=ok, other=0.0), j, ok)
             thr_q = _kth_largest(pq, half)
@@ -297,8 +303,7 @@ def _select_kernel(
         # emits level L - 1 - i: levels L-1 .. 1
         j = tl.arange(0, BLOCK_LOW)
         ok = j < low_count
-        parent = tl.load(scratch + (L - 2 - i) * BUD + j // P, mask=ok, other=0).to(tl.int64)
-        _emit(parent * P + j % P, ok, tile.to(tl.int64) * low_count + j, tb, tile, e_per_tile, scratch, bh, n,
+        _emit(_children(scratch + (L - 2 - i) * BUD, j, ok, P), ok, tile.to(tl.int64) * low_count + j, tb, tile, e_per_tile, scratch, bh, n,
               m_total, s, (L - 2 - i) * tiles * low_count, slot_map_ptr, index_ptr, position_ptr, start_ptr,
               level_ptr, internal_ptr, L - 1 - i, P, L, BUD, LOG_BUD)
 
