@@ -82,6 +82,12 @@ class LighthouseConfig:
         return self.pool ** (self.levels - 1)
 
     @property
+    def uses_thresholds(self) -> bool:
+        """The causal selection with something to refine (levels > 1): its tiles decide with
+        thresholds handed on from the tile before, across CP chunks too (s.11)."""
+        return self.selection == "causal" and self.levels > 1
+
+    @property
     def tiles(self) -> int:
         """Number of selection tiles in any valid sequence: N / T = topk / tile_budget."""
         return self.topk // self.tile_budget

@@ -156,7 +156,7 @@ def select_from_scores(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg
     device = query_scores.device
     q_pyramid = reduce_levels(query_scores, pool, levels, "max", dim=2)  # level l: [B, H, N / c_l]
     k_pyramid = reduce_levels(key_scores, pool, levels, "max", dim=2)
-    causal = cfg.selection == "causal" and levels > 1
+    causal = cfg.uses_thresholds
     if causal:
         thresholds = thresholds_in_use(causal_thresholds(q_pyramid, k_pyramid, cfg, tile), preceding)
 

@@ -332,7 +332,7 @@ def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: Light
     k_levels = reduce_levels(key_scores, cfg.pool, cfg.levels, "max", dim=2)
     q_pyr = torch.cat(q_levels, dim=2).contiguous()
     k_pyr = torch.cat(k_levels, dim=2).contiguous()
-    causal = cfg.selection == "causal" and levels > 1
+    causal = cfg.uses_thresholds
     if causal:
         # [B, H, tiles, L-1, 2], computed by the reference's code: the kernel only reads them.
         if kv_heads != heads:

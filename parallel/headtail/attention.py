@@ -8,9 +8,9 @@ Lighthouse: the two chunks are processed as a batch of 2B independent sequences 
 selection, gather and scatter (tiles never straddle chunks, so each chunk's entries are the
 single-device entries of its tokens); only the compressed q/k/v entries reach the exchange;
 the scatter's spill past each chunk end travels as a halo; under the causal selection each
-chunk also starts from the thresholds of the chunk before it (selection_carry.py). Compression is lh_cp.compress
-(Triton kernels on CUDA, the pure-PyTorch reference elsewhere), with the chunk's config
-(LighthouseConfig.for_pieces).
+chunk also starts from the thresholds of the chunk before it (selection_carry.py).
+Compression is lh_cp.compress (Triton kernels on CUDA, the pure-PyTorch reference elsewhere),
+with the chunk's config (LighthouseConfig.for_pieces).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def lighthouse_attention_cp(
     k_chunks = k.reshape(2 * batch, chunk, *k.shape[2:])
     v_chunks = v.reshape(2 * batch, chunk, *v.shape[2:])
     preceding = None
-    if local_cfg.selection == "causal" and local_cfg.levels > 1:
+    if local_cfg.uses_thresholds:
         rank = dist.get_rank(group)
         carry = _to_exchange_layout(selection_carry(q_chunks, k_chunks, v_chunks, local_cfg), batch)  # [2, B, H, L-1, 2]
         preceding = preceding_thresholds(carry, [rank, 2 * world - 1 - rank], lambda c: _chunk_home(c, world), group)

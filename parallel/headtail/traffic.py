@@ -102,7 +102,7 @@ def lighthouse_cp_bytes(
         halo = messages * batch * spill * heads * head_dim * dtype_bytes
         counts["halo_forward"] = halo
         counts["halo_backward"] = halo
-    if cfg.selection == "causal" and cfg.levels > 1 and world > 1:
+    if cfg.uses_thresholds and world > 1:
         # selection_carry.py: float32 [B, H, L-1, 2] per chunk, two chunks, all-gathered.
         counts["selection_thresholds"] = (world - 1) * 2 * batch * heads * (cfg.levels - 1) * 2 * 4
     return CommBytes(**counts)

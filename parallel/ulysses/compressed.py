@@ -74,7 +74,7 @@ def compressed_ulysses_attention(
     local_cfg = shard_config(cfg, shard_len, world)
 
     preceding = None
-    if local_cfg.selection == "causal" and local_cfg.levels > 1:
+    if local_cfg.uses_thresholds:
         # The causal selection's first tile of shard r starts from shard r-1's last tile.
         carry = selection_carry(q, k, v, local_cfg).unsqueeze(0)  # [1, B, H, L-1, 2]
         preceding = preceding_thresholds(carry, [dist.get_rank(group)], lambda shard: (shard, 0), group)[0]

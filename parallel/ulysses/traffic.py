@@ -79,13 +79,12 @@ def compressed_ulysses_bytes(
     elements = 4 * batch * heads * entries * head_dim  # q, k, v and output entries
     per_direction = _leaving(elements, world, dtype_bytes)
     spill = batch * (local_cfg.coarsest_span - 1) * heads * head_dim * dtype_bytes
-    causal = cfg.selection == "causal" and cfg.levels > 1
     return UlyssesBytes(
         alltoall_forward=per_direction,
         alltoall_backward=per_direction,
         halo_forward=spill if rank < world - 1 else 0,
         halo_backward=spill if rank > 0 else 0,
-        selection_thresholds=(world - 1) * batch * heads * (cfg.levels - 1) * 2 * 4 if causal else 0,
+        selection_thresholds=(world - 1) * batch * heads * (cfg.levels - 1) * 2 * 4 if cfg.uses_thresholds else 0,
     )
 
 
