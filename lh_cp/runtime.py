@@ -129,15 +129,46 @@ def run_fingerprint(recipe: Recipe, world_size: int) -> dict:
     return {**_flatten(asdict(recipe)), "world_size": world_size, "torch": torch.__version__, "lh_cp": lh_cp.__version__}
 
 
+# DeepSpeed builds this op on CPU in deepspeed.init_distributed; torch guards the build with a
+# lock file that a killed run leaves behind, and the next run then waits on it forever.
+DEEPSPEED_CPU_OP = "deepspeed_shm_comm"
+STALE_LOCK_S = 600  # the op builds in well under a minute
+
+
+def check_extension_lock(name: str, now: float | None = None) -> None:
+    """Raise RuntimeError if torch's build lock of C++ extension `name` is older than
+    STALE_LOCK_S: the run would otherwise hang without a word (torch.utils.file_baton)."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    build_directory = getattr(cpp_extension, "_get_build_directory", None)
+    if build_directory is None:  # a torch without it: nothing to check
+        return
+    lock = os.path.join(build_directory(name, verbose=False), "lock")
+    try:
+        age = (time.time() if now is None else now) - os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        raise RuntimeError(
+            f"{lock} has existed for {age / 60:.0f} min: an earlier run was killed while torch built "
+            f"{name} for DeepSpeed, and this run would wait on that lock forever. If no other run on "
+            f"this machine is building it now, delete the file and start again.")
+
+
 def _start_deepspeed_comm(backend: str) -> None:
     """deepspeed.comm over the process group just started (DeepSpeed wraps it, starts nothing).
 
     DeepSpeed's engine reads LOCAL_RANK from the environment; a plain one-process run has
-    none, so it is set to 0 there.
+    none, so it is set to 0 there. On gloo (CPU) DeepSpeed builds its shared-memory op first;
+    a stale build lock is refused with its path instead of hanging (check_extension_lock).
     """
     import deepspeed
 
     os.environ.setdefault("LOCAL_RANK", "0")
+    if backend == "gloo":
+        check_extension_lock(DEEPSPEED_CPU_OP)
     deepspeed.init_distributed(dist_backend=backend)
 
 

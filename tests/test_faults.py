@@ -147,3 +147,21 @@ def test_a_stopped_rank_ends_the_job_naming_it(recipe_file, tmp_path):
     # The watchdog fired near its 10 s limit; torchrun's own teardown of the stopped rank adds
     # up to its 30 s grace period before SIGKILL.
     assert waited < 75, waited
+
+
+def test_a_stale_deepspeed_build_lock_is_refused_with_its_path(tmp_path, monkeypatch):
+    """A killed run leaves torch's extension build lock behind, and DeepSpeed's CPU op build
+    would wait on it forever; the trainer names the file instead. A fresh lock (a build running
+    now) and no lock pass."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from lh_cp.runtime import DEEPSPEED_CPU_OP, STALE_LOCK_S, check_extension_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    check_extension_lock(DEEPSPEED_CPU_OP)  # no lock
+    lock = Path(_get_build_directory(DEEPSPEED_CPU_OP, verbose=False)) / "lock"
+    lock.write_text("")
+    check_extension_lock(DEEPSPEED_CPU_OP)  # a build running now
+    created = lock.stat().st_mtime
+    with pytest.raises(RuntimeError, match=f"{lock} has existed for 11 min"):
+        check_extension_lock(DEEPSPEED_CPU_OP, now=created + STALE_LOCK_S + 60)
