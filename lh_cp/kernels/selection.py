@@ -303,9 +303,9 @@ def _select_kernel(
         # emits level L - 1 - i: levels L-1 .. 1
         j = tl.arange(0, BLOCK_LOW)
         ok = j < low_count
-        _emit(_children(scratch + (L - 2 - i) * BUD, j, ok, P), ok, tile.to(tl.int64) * low_count + j, tb, tile, e_per_tile, scratch, bh, n,
-              m_total, s, (L - 2 - i) * tiles * low_count, slot_map_ptr, index_ptr, position_ptr, start_ptr,
-              level_ptr, internal_ptr, L - 1 - i, P, L, BUD, LOG_BUD)
+        _emit(_children(scratch + (L - 2 - i) * BUD, j, ok, P), ok, tile.to(tl.int64) * low_count + j, tb, tile,
+              e_per_tile, scratch, bh, n, m_total, s, (L - 2 - i) * tiles * low_count, slot_map_ptr, index_ptr,
+              position_ptr, start_ptr, level_ptr, internal_ptr, L - 1 - i, P, L, BUD, LOG_BUD)
 
 
 def select_plan(query_scores: torch.Tensor, key_scores: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None,
