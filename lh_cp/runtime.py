@@ -129,21 +129,26 @@ def run_fingerprint(recipe: Recipe, world_size: int) -> dict:
     return {**_flatten(asdict(recipe)), "world_size": world_size, "torch": torch.__version__, "lh_cp": lh_cp.__version__}
 
 
-# DeepSpeed builds this op on CPU in deepspeed.init_distributed; torch guards the build with a
-# lock file that a killed run leaves behind, and the next run then waits on it forever.
+# DeepSpeed builds this op on CPU in deepspeed.init_distributed. Up to torch 2.13 the build is
+# guarded by a lock *file* whose mere existence blocks (torch.utils.file_baton): a run killed
+# while holding it leaves it behind, and every later run waits on it forever. torch 2.14.1 holds
+# an OS advisory lock on that file instead (seen in both wheels' cpp_extension._jit_compile), so
+# there the file stays on disk and means nothing.
 DEEPSPEED_CPU_OP = "deepspeed_shm_comm"
 STALE_LOCK_S = 600  # the op builds in well under a minute
+LOCK_FILE_BLOCKS = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
 
 
 def check_extension_lock(name: str, now: float | None = None) -> None:
-    """Raise RuntimeError if torch's build lock of C++ extension `name` is older than
-    STALE_LOCK_S: the run would otherwise hang without a word (torch.utils.file_baton)."""
+    """Raise RuntimeError if torch's build lock file of C++ extension `name` blocks
+    (LOCK_FILE_BLOCKS) and is older than STALE_LOCK_S: the run would otherwise hang without a
+    word."""
     import time
 
     from torch.utils import cpp_extension
 
     build_directory = getattr(cpp_extension, "_get_build_directory", None)
-    if build_directory is None:  # a torch without it: nothing to check
+    if not LOCK_FILE_BLOCKS or build_directory is None:
         return
     lock = os.path.join(build_directory(name, verbose=False), "lock")
     try:

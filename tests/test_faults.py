@@ -150,18 +150,34 @@ def test_a_stopped_rank_ends_the_job_naming_it(recipe_file, tmp_path):
 
 
 def test_a_stale_deepspeed_build_lock_is_refused_with_its_path(tmp_path, monkeypatch):
-    """A killed run leaves torch's extension build lock behind, and DeepSpeed's CPU op build
-    would wait on it forever; the trainer names the file instead. A fresh lock (a build running
-    now) and no lock pass."""
+    """Up to torch 2.13 a killed run leaves torch's extension build lock file behind, and
+    DeepSpeed's CPU op build would wait on it forever; the trainer names the file instead. A
+    fresh lock (a build running now) and no lock pass; where the file does not block (torch
+    2.14's advisory lock leaves it on disk after every build) nothing is refused."""
+    import lh_cp.runtime as runtime
     from torch.utils.cpp_extension import _get_build_directory
 
-    from lh_cp.runtime import DEEPSPEED_CPU_OP, STALE_LOCK_S, check_extension_lock
-
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    check_extension_lock(DEEPSPEED_CPU_OP)  # no lock
-    lock = Path(_get_build_directory(DEEPSPEED_CPU_OP, verbose=False)) / "lock"
+    monkeypatch.setattr(runtime, "LOCK_FILE_BLOCKS", True)
+    op = runtime.DEEPSPEED_CPU_OP
+    runtime.check_extension_lock(op)  # no lock
+    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
     lock.write_text("")
-    check_extension_lock(DEEPSPEED_CPU_OP)  # a build running now
-    created = lock.stat().st_mtime
+    runtime.check_extension_lock(op)  # a build running now
+    stale = lock.stat().st_mtime + runtime.STALE_LOCK_S + 60
     with pytest.raises(RuntimeError, match=f"{lock} has existed for 11 min"):
-        check_extension_lock(DEEPSPEED_CPU_OP, now=created + STALE_LOCK_S + 60)
+        runtime.check_extension_lock(op, now=stale)
+    monkeypatch.setattr(runtime, "LOCK_FILE_BLOCKS", False)
+    runtime.check_extension_lock(op, now=stale)
+
+
+def test_which_torch_versions_block_on_the_lock_file():
+    """torch 2.13.0 waits on the file (torch.utils.file_baton), 2.14.1 on an advisory lock."""
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    from lh_cp.runtime import LOCK_FILE_BLOCKS
+
+    source = inspect.getsource(cpp_extension._jit_compile)
+    assert LOCK_FILE_BLOCKS == ("FileBaton(" in source), (torch.__version__, LOCK_FILE_BLOCKS)
