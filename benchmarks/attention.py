@@ -211,19 +211,27 @@ def main(argv=None) -> int:
     for n in [int(x) for x in args.profile.split(",") if x]:
         cfg = LighthouseConfig(pool=args.pool, levels=levels_of.get(n, 3), topk=args.topk, tile_budget=args.tile_budget)
         print(profile_table(n, cfg, args), flush=True)
+    bench_lengths(args, ns, levels_of, lambda n, cfg: bench_one(n, cfg, args, impls), format_table,
+                  "times are medians in ms")
+    return 0
+
+
+def bench_lengths(args, ns: list[int], levels_of: dict[int, int], bench, table, note: str) -> list[dict]:
+    """bench(n, cfg) -> row for every N (printing each row as it comes), then the whole table
+    with the setup line, and the rows as JSON to args.out when given."""
     rows = []
     for n in ns:
         cfg = LighthouseConfig(pool=args.pool, levels=levels_of[n], topk=args.topk, tile_budget=args.tile_budget)
-        rows.append(bench_one(n, cfg, args, impls))
-        print(format_table(rows[-1:]), flush=True)
+        rows.append(bench(n, cfg))
+        print(table(rows[-1:]), flush=True)
         torch.cuda.empty_cache()
     print(f"\n{rows[0]['device']}, torch {torch.__version__}, B=1 H={args.heads} D={args.dim} {args.dtype}, "
-          f"pool={args.pool} topk={args.topk} tile_budget={args.tile_budget}; times are medians in ms")
-    print(format_table(rows))
+          f"pool={args.pool} topk={args.topk} tile_budget={args.tile_budget}; {note}")
+    print(table(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

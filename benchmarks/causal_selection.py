@@ -15,14 +15,13 @@ rotated from a pool). Interleaved: the two selections alternate per repeat block
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from attention import _random_sets, levels_by_n, time_ms
+from attention import _random_sets, bench_lengths, levels_by_n, time_ms
 from lh_cp import LighthouseConfig, lighthouse_attention
 
 SELECTIONS = ("tile_topk", "causal")
@@ -92,18 +91,8 @@ def main(argv=None) -> int:
         return 2
     ns = [int(x) for x in args.ns.split(",")]
     levels_of = levels_by_n(args.levels, ns)
-    rows = []
-    for n in ns:
-        cfg = LighthouseConfig(pool=args.pool, levels=levels_of[n], topk=args.topk, tile_budget=args.tile_budget)
-        rows.append(bench_n(n, cfg, args))
-        print(format_table(rows[-1:]), flush=True)
-        torch.cuda.empty_cache()
-    print(f"\n{rows[0]['device']}, torch {torch.__version__}, B=1 H={args.heads} D={args.dim} {args.dtype}, "
-          f"pool={args.pool} topk={args.topk} tile_budget={args.tile_budget}; medians in ms (floor: SDPA f+b on S)")
-    print(format_table(rows))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+    bench_lengths(args, ns, levels_of, lambda n, cfg: bench_n(n, cfg, args), format_table,
+                  "medians in ms (floor: SDPA f+b on S)")
     return 0
 
 
