@@ -29,19 +29,29 @@ from runs import read_metrics, train
 FIT_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
-def throughput(args) -> list[dict]:
+def throughput(args, recipe: str = "recipes/h100_270m.toml", extra_sets: tuple[str, ...] = (),
+               profile_step: int = 0, tag: str = "tp") -> list[dict]:
+    """tokens/s of `recipe` at each of args.contexts, Lighthouse and all-dense, each run alone.
+    With profile_step, that step runs under torch.profiler (metrics.profile_step) and is left
+    out of the median, as are the first two."""
     rows = []
     for n in [int(x) for x in args.contexts.split(",")]:
         for attention in ("lighthouse", "dense"):
-            run_dir = args.out / f"tp_{attention}_{n}"
-            sets = [f"data.seq_len={n}", f"stages.0.attention='{attention}'", f"stages.0.steps={args.tp_steps}"]
-            seconds, code, tail = train("recipes/h100_270m.toml", run_dir, sets, args.tp_timeout)
-            steps = [r for r in read_metrics(run_dir) if r["kind"] == "train" and r["step"] > 2]
+            run_dir = args.out / f"{tag}_{attention}_{n}"
+            sets = [f"data.seq_len={n}", f"stages.0.attention='{attention}'", f"stages.0.steps={args.tp_steps}",
+                    f"metrics.profile_step={profile_step}",
+                    # The stage-end validation only: no leak probe (16 extra steps' worth of work).
+                    "eval.leak=false", "eval.val_batches=1", *extra_sets]
+            seconds, code, tail = train(recipe, run_dir, sets, args.tp_timeout, env=FIT_ENV)
+            steps = [r for r in read_metrics(run_dir) if r["kind"] == "train" and r["step"] > 2 and r["step"] != profile_step]
             row = {"N": n, "attention": attention, "exit_code": code, "wall_s": seconds,
                    "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in steps) if steps else None,
+                   "step_s": statistics.median(n / r["perf/tokens_per_s"] for r in steps) if steps else None,
                    "peak_memory_gib": max((r["perf/peak_memory_gib"] for r in steps), default=None),
                    "mfu": statistics.median(r["perf/mfu"] for r in steps) if steps else None,
-                   "measured_steps": len(steps)}
+                   "measured_steps": len(steps), "sets": sets}
+            if profile_step:
+                row["profile"] = str(run_dir / f"profile_step{profile_step}_rank0.txt")
             if code != 0:
                 row["error_tail"] = tail[-600:]
             rows.append(row)

@@ -85,8 +85,9 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     """Every violated rule of `recipe` (empty when it is valid). `world_size`: the number of
     processes that will run it, when known (torchrun's WORLD_SIZE)."""
     sections = [recipe.run, recipe.model, recipe.lighthouse, recipe.parallel, recipe.data, recipe.optim,
-                recipe.checkpoint, recipe.metrics, recipe.eval]
+                recipe.checkpoint, recipe.eval]
     errors = [problem for section in sections for problem in section.problems()]
+    errors += recipe.metrics.problems(recipe.total_steps)
     errors += recipe.schedule.problems(recipe.total_steps)
     errors += [problem for i, stage in enumerate(recipe.stages) for problem in stage.problems(i)]
     try:

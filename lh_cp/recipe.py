@@ -304,16 +304,25 @@ class MetricsConfig(Section):
     log_interval: log (TensorBoard, console, metrics.jsonl) every this many steps, and the last step of each stage.
     peak_tflops: per-device peak for MFU; 0 = known GPUs' bf16 dense peak, or on CPU a
         float32 matmul measured at start.
+    profile_step: run this global step under torch.profiler and write, per rank, a Chrome
+        trace (profile_step<N>_rank<R>.json, open in Perfetto) and a table of the operators
+        with the most device time (.txt) into run.out_dir; 0 = off. That step's logged time
+        includes the profiler's overhead.
     """
 
     tensorboard_dir: str = ""
     log_interval: int = 1
     peak_tflops: float = 0.0
+    profile_step: int = 0
 
-    def problems(self) -> list[str]:
+    def problems(self, total_steps: int = 0) -> list[str]:
+        """`total_steps`: of all stages together; 0 = unknown (the rules that need it are skipped)."""
+        errors = []
         if self.log_interval < 1 or self.peak_tflops < 0:
-            return [f"metrics.log_interval must be >= 1 and peak_tflops >= 0, got {self.log_interval} and {self.peak_tflops}"]
-        return []
+            errors.append(f"metrics.log_interval must be >= 1 and peak_tflops >= 0, got {self.log_interval} and {self.peak_tflops}")
+        if self.profile_step < 0 or (total_steps and self.profile_step > total_steps):
+            errors.append(f"metrics.profile_step={self.profile_step} must be 0 (off) or a step of the run, 1..{total_steps}")
+        return errors
 
 
 @dataclass

@@ -13,6 +13,7 @@ layer dense (the number to compare models by), and in Lighthouse stages the leak
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from lh_cp.metrics import STAGES_TAG
 from lh_cp.model import Transformer
 from lh_cp.passkey import passkey_accuracy
 from lh_cp.plan import check_recipe
+from lh_cp.profiling import profile_paths, profiled
 from lh_cp.recipe import Recipe, RecipeError
 from lh_cp.runtime import Runtime, launched_world_size, run_fingerprint, start, stop
 from lh_cp.schedule import lr_at
@@ -236,11 +238,15 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
                 writer.console(f"stage {stage + 1}/{len(recipe.stages)} {recipe.stages[stage].name!r}: "
                                f"{recipe.stages[stage].attention} attention from step {step}")
         tick = time.perf_counter()
+        profiling = step == recipe.metrics.profile_step
         try:
-            loss, norm, lr = trainer.step(step)
+            with profiled(out_dir, step, rt.rank, rt.device) if profiling else contextlib.nullcontext():
+                loss, norm, lr = trainer.step(step)
         except NonFiniteStep as err:
             raise _stopped_by(err, trainer, step, stage, writer) from err
         elapsed = time.perf_counter() - tick
+        if profiling and writer:
+            writer.console(f"step {step} profiled: {' and '.join(map(str, profile_paths(out_dir, step, rt.rank)))}")
         if rt.watchdog:
             rt.watchdog.progress(step)
         window.add(loss, norm, elapsed)

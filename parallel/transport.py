@@ -109,7 +109,7 @@ reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduc
 
 
 class PendingGather:
-    """An all-gather in flight; `wait()` returns the [W, *shape] result."""
+    """A collective in flight (all-gather or reduce-scatter); `wait()` returns its result."""
 
     def __init__(self, work, out: torch.Tensor, sent: torch.Tensor) -> None:
         self._work, self._out, self._sent = work, out, sent
@@ -140,15 +140,21 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> torc
     return all_gather_start(x, group, category).wait()
 
 
-def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> torch.Tensor:
-    """Sum over ranks of x [W, *shape], rank r keeping row r: -> [*shape]."""
+def reduce_scatter_start(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> PendingGather:
+    """Start summing x [W, *shape] over ranks, rank r keeping row r; `wait()` returns [*shape],
+    so that the caller can compute while it travels."""
     world = dist.get_world_size(group)
     if x.shape[0] != world:
         raise ValueError(f"reduce_scatter expects a leading dim equal to the group size {world}, got {tuple(x.shape)}")
     if world == 1:
-        return x[0]
+        return PendingGather(None, x[0], x)
     x = x.contiguous()
     out = x.new_empty(x.shape[1:])
-    reduce_scatter_flat(out.view(-1), x.view(-1), group=group)
+    work = reduce_scatter_flat(out.view(-1), x.view(-1), group=group, async_op=True)
     _record(category, (world - 1) * _nbytes(out))
-    return out
+    return PendingGather(work, out, x)
+
+
+def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> torch.Tensor:
+    """Sum over ranks of x [W, *shape], rank r keeping row r: -> [*shape]."""
+    return reduce_scatter_start(x, group, category).wait()

@@ -9,6 +9,7 @@ one bit for bit (weights, AdamW moments and step, learning-rate step, data posit
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from lh_cp.checkpoint import complete_checkpoints
+from lh_cp.recipe import RecipeError
 from lh_cp.train import train
 from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, write_corpus, write_toml
 
@@ -166,3 +168,22 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
         train(recipe)
     assert sorted(complete_checkpoints(tmp_path / "checkpoints")) == [1]
     assert sorted(logged_losses(tmp_path)) == [1]
+
+
+def test_profile_step_writes_a_trace_and_table_and_changes_no_loss(tmp_path, corpus, straight):
+    """metrics.profile_step=3: that step's Chrome trace and operator table land in out_dir, and
+    profiling changes no loss."""
+    _, reference = straight
+    profiled = train(tiny_recipe(tmp_path, corpus, ["metrics.profile_step=3"]))
+    assert profiled.train_loss == reference.train_loss
+    trace = json.loads((tmp_path / "profile_step3_rank0.json").read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    table = (tmp_path / "profile_step3_rank0.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
+    assert sorted(p.name for p in tmp_path.glob("profile_*")) == ["profile_step3_rank0.json", "profile_step3_rank0.txt"]
+
+
+@pytest.mark.parametrize("step", [-1, 7])
+def test_profile_step_outside_the_run_is_refused(tmp_path, corpus, step):
+    with pytest.raises(RecipeError, match=rf"metrics.profile_step={step} must be 0 \(off\) or a step of the run, 1..6"):
+        train(tiny_recipe(tmp_path, corpus, [f"metrics.profile_step={step}"]))

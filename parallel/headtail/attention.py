@@ -23,6 +23,7 @@ from lh_cp.compress import compress, selection_carry
 from lh_cp.config import LighthouseConfig
 from lh_cp.parallel.headtail.exchange import exchange_attention
 from lh_cp.parallel.headtail.halo import combine_spills
+from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
 from lh_cp.parallel.selection_carry import preceding_thresholds
 
 
@@ -32,20 +33,17 @@ def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> Lighthouse
     return cfg.for_pieces(n_global, 2 * world, "each head-tail chunk")
 
 
-def _chunk_home(chunk: int, world: int) -> tuple[int, int]:
-    """(rank, slot) holding global head-tail chunk `chunk`: rank r holds chunks r and 2W-1-r."""
-    return (chunk, 0) if chunk < world else (2 * world - 1 - chunk, 1)
-
-
 def _to_exchange_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-chunk entries [2B, H, S, D] (row 2b + slot) -> chunk-major [2, B, H, S, D],
-    contiguous (a free view for B = 1)."""
-    return x.unflatten(0, (batch, 2)).transpose(0, 1).contiguous()
+    """Per-chunk entries [2B, H, S, D] (row 2b + slot) -> [B, H, 2S, D], the two chunks along
+    the sequence in local order (the exchange's layout)."""
+    _, heads, length, dim = x.shape
+    return x.unflatten(0, (batch, 2)).transpose(1, 2).reshape(batch, heads, 2 * length, dim)
 
 
 def _from_exchange_layout(x: torch.Tensor) -> torch.Tensor:
-    """[2, B, H, S, D] -> [2B, H, S, D] (row 2b + slot)."""
-    return x.transpose(0, 1).flatten(0, 1)
+    """[B, H, 2S, D] -> [2B, H, S, D] (row 2b + slot)."""
+    batch, heads, rows, dim = x.shape
+    return x.unflatten(2, (2, rows // 2)).transpose(1, 2).reshape(2 * batch, heads, rows // 2, dim)
 
 
 def lighthouse_attention_cp(
@@ -72,9 +70,11 @@ def lighthouse_attention_cp(
     preceding = None
     if local_cfg.uses_thresholds:
         rank = dist.get_rank(group)
-        carry = _to_exchange_layout(selection_carry(q_chunks, k_chunks, v_chunks, local_cfg), batch)  # [2, B, H, L-1, 2]
-        preceding = preceding_thresholds(carry, [rank, 2 * world - 1 - rank], lambda c: _chunk_home(c, world), group)
-        preceding = _from_exchange_layout(preceding)  # [2B, H, L-1, 2]
+        # [2B, H, L-1, 2] (row 2b + slot) -> chunk-major [2, B, H, L-1, 2] and back
+        carry = selection_carry(q_chunks, k_chunks, v_chunks, local_cfg).unflatten(0, (batch, 2)).transpose(0, 1)
+        preceding = preceding_thresholds(carry.contiguous(), list(local_chunk_ids(rank, world)),
+                                         lambda c: chunk_owner(c, world), group)
+        preceding = preceding.transpose(0, 1).flatten(0, 1)
     entries = compress(q_chunks, k_chunks, v_chunks, local_cfg, preceding=preceding)  # [2B, H, S_c, D] each
 
     out_entries = exchange_attention(
@@ -83,7 +83,7 @@ def lighthouse_attention_cp(
         _to_exchange_layout(entries.v, batch),
         group,
         exchange,
-    )  # [2, B, H, S_c, D]
+    )  # [B, H, 2 S_c, D]
     out_entries = _from_exchange_layout(out_entries)  # [2B, H, S_c, D]
 
     # Scatter onto C + c_L positions (a multiple of c_L, as the pyramid needs): rows C ..
@@ -108,10 +108,5 @@ def causal_attention_cp(
     batch, n_local, heads, dim = q.shape
     if n_local % 2 != 0:
         raise ValueError(f"a head-tail shard holds two equal chunks: local length {n_local} must be even")
-    chunk = n_local // 2
-
-    def to_layout(x: torch.Tensor) -> torch.Tensor:  # [B, 2C, Hx, D] -> [2, B, Hx, C, D], contiguous
-        return x.unflatten(1, (2, chunk)).permute(1, 0, 3, 2, 4).contiguous()
-
-    out = exchange_attention(to_layout(q), to_layout(k), to_layout(v), group, exchange)  # [2, B, H, C, D]
-    return out.permute(1, 0, 3, 2, 4).reshape(batch, n_local, heads, dim)
+    out = exchange_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, exchange)  # [B, H, 2C, D]
+    return out.transpose(1, 2)

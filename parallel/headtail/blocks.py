@@ -22,8 +22,9 @@ from lh_cp.pyramid import accumulation_dtype
 
 
 def _causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
-    """True where key j is in the future of query i (diagonal block: Sq == Sk)."""
-    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(diagonal=1)
+    """True where key j is in the future of query i, the diagonal aligned bottom-right: the
+    last Sq keys are the query block itself, every key before them is visible (Sq <= Sk)."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(diagonal=1 + sk - sq)
 
 
 def _scores(qg: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -37,8 +38,9 @@ def _scores(qg: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of one block: returns out [B, H, Sq, D] and lse [B, H, Sq].
 
-    Both in the accumulation dtype (float32, or float64 for float64 inputs). causal=True is
-    the diagonal block of a chunk with itself (Sq == Sk, query i sees keys 0..i).
+    Both in the accumulation dtype (float32, or float64 for float64 inputs). causal=True: the
+    keys end with the query block itself (Sq <= Sk), query i sees keys 0 .. i + Sk - Sq; with
+    Sq == Sk that is the diagonal block of a chunk with itself.
     """
     acc = accumulation_dtype(q.dtype)
     batch, heads, sq, dim = q.shape
@@ -88,13 +90,28 @@ def _forward_fn(q: torch.Tensor):
     return fused_block_forward if fused_supported(q) else block_forward
 
 
-def empty_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output and LSE accumulators for queries like q [.., S, D] that have seen no key yet:
-    out 0 and lse -inf (merge_into gives them weight 0), in the accumulation dtype."""
-    acc = accumulation_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-    return out, lse
+def chunk_rows(x: torch.Tensor, slot: int, length: int) -> torch.Tensor:
+    """Chunk `slot` (0 or 1) of a [.., 2S, ..] tensor whose dim 2 holds a rank's two chunks of
+    `length` = S rows each, as a contiguous tensor (the kernels want one)."""
+    return x.narrow(2, slot * length, length).contiguous()
+
+
+def visible_prefix(q_id: int, kv_ids: list[int] | tuple[int, ...]) -> int:
+    """How many leading chunks of a key block (chunk ids kv_ids, ascending, none of them q_id)
+    query chunk q_id sees: those before it. They always form a prefix of the block, so one
+    unmasked call covers them."""
+    seen = sum(1 for c in kv_ids if c < q_id)
+    if any(c > q_id for c in kv_ids[:seen]) or q_id in kv_ids:
+        raise ValueError(f"chunks {kv_ids} are not an ascending block of chunks other than {q_id}")
+    return seen
+
+
+def own_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank's two chunks against themselves, q [B, H, 2S, D], k/v [B, Hk, 2S, D] in local
+    order (head chunk r, then tail chunk 2W-1-r): one square causal call, since the tail
+    chunk sees all of the earlier head chunk and the head chunk only itself, causally.
+    Returns out [B, H, 2S, D] (the kernel's dtype) and lse [B, H, 2S] (float32 or float64)."""
+    return _forward_fn(q)(q, k, v, True)
 
 
 def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -108,40 +125,40 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, 
     lse_acc.copy_(merged)
 
 
-def visible_blocks(q_ids: tuple[int, ...], kv_ids: tuple[int, ...]) -> list[tuple[int, int, bool]]:
-    """(query slot, key slot, causal) for every pair where the key chunk is not in the future.
+class Accumulated:
+    """The running output and LSE of the rank's queries [B, H, 2S, D] over the blocks seen so
+    far: starts as the own block's result and widens to the accumulation dtype only when a
+    second block arrives (at W = 1 nothing is converted or merged)."""
 
-    Chunk i sees all of chunk j < i and itself causally; later chunks are skipped entirely.
-    """
-    return [(qi, ki, kid == qid) for qi, qid in enumerate(q_ids) for ki, kid in enumerate(kv_ids) if kid <= qid]
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        self.out, self.lse, self.widened = out, lse, False
 
+    def add_remote(self, q: torch.Tensor, kv: torch.Tensor, q_ids: tuple[int, int], kv_ids, length: int) -> None:
+        """Attend each query chunk to the prefix of the block kv [2, B, Hk, M*S, D] (chunks
+        kv_ids, ascending) it sees, one unmasked call each, and merge by LSE."""
+        block = _forward_fn(q)
+        for slot, q_id in enumerate(q_ids):
+            seen = visible_prefix(q_id, kv_ids)
+            if seen == 0:
+                continue
+            if not self.widened:
+                self.out, self.widened = self.out.to(accumulation_dtype(q.dtype)), True
+            keys = kv[:, :, :, : seen * length]
+            out, lse = block(chunk_rows(q, slot, length), keys[0], keys[1], False)
+            rows = slice(slot * length, (slot + 1) * length)
+            merge_into(self.out[:, :, rows], self.lse[:, :, rows], out, lse)
 
-def accumulate_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_ids: tuple[int, ...],
-    kv_ids: tuple[int, ...],
-    out_acc: torch.Tensor,
-    lse_acc: torch.Tensor,
-) -> None:
-    """Attend the local query chunks to one key/value block and merge the results in place.
-
-    Chunk-major layout, so that a chunk is a contiguous [B, Hx, S, D] slice the kernels take
-    as is: q [2, B, H, S, D] (chunks q_ids); k, v [2, B, Hk, S, D] (chunks kv_ids); out_acc
-    [2, B, H, S, D] and lse_acc [2, B, H, S] in the accumulation dtype.
-    """
-    block = _forward_fn(q)
-    for qi, ki, causal in visible_blocks(q_ids, kv_ids):
-        out, lse = block(q[qi], k[ki], v[ki], causal)
-        merge_into(out_acc[qi], lse_acc[qi], out, lse)
+    def saved_output(self, q: torch.Tensor) -> torch.Tensor:
+        """The output as the block backward reads it: in q's dtype for the fused kernels, in
+        the accumulation dtype for the reference."""
+        return self.out.to(q.dtype) if fused_supported(q) else self.out
 
 
 @dataclass(frozen=True)
 class BackwardInputs:
     """What every block's backward reads, prepared once per layer: the output gradient and
     the final output in the form the block kernels want, delta = rowsum(dout * out) for the
-    reference (the fused kernels compute it themselves), and the final LSE."""
+    reference (the fused kernels compute it themselves), and the final LSE. [B, H, 2S, ..]."""
 
     dout: torch.Tensor
     out: torch.Tensor
@@ -149,35 +166,38 @@ class BackwardInputs:
     delta: torch.Tensor | None
     fused: bool
 
+    def block_backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       slot: int | None = None, length: int = 0):
+        """dq, dk, dv of queries q against keys k, v: all 2S rows (slot None) or chunk `slot`
+        of `length` rows (q is then already that chunk)."""
+        def rows(x):
+            return x if slot is None else chunk_rows(x, slot, length)
+        if self.fused:
+            return fused_block_backward(rows(self.dout), q, k, v, rows(self.out), rows(self.lse), causal)
+        return block_backward(rows(self.dout), q, k, v, rows(self.lse), rows(self.delta), causal)
+
 
 def backward_inputs(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> BackwardInputs:
-    """dout [2, B, H, S, D], the float32 out and lse of the merged forward -> BackwardInputs.
+    """dout [B, H, 2S, D], the saved out and lse of the forward -> BackwardInputs.
 
     The fused kernels take dout and out in q's dtype (converted here once, not per block)."""
     if fused_supported(q):
         return BackwardInputs(dout.to(q.dtype).contiguous(), out.to(q.dtype), lse, None, True)
-    dout = dout.to(out.dtype)
+    acc = accumulation_dtype(q.dtype)
+    dout, out = dout.to(acc), out.to(acc)
     return BackwardInputs(dout, out, lse, (dout * out).sum(dim=-1), False)
 
 
-def accumulate_backward(
-    grads: BackwardInputs,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_ids: tuple[int, ...],
-    kv_ids: tuple[int, ...],
-    dq_acc: torch.Tensor,
-    dk_acc: torch.Tensor,
-    dv_acc: torch.Tensor,
-) -> None:
-    """Add one key/value block's contribution to dq_acc [2, B, H, S, D] and dk/dv_acc [2, B, Hk, S, D]
-    (accumulation dtype; the blocks' gradients may be in q's dtype and are widened by the sum)."""
-    for qi, ki, causal in visible_blocks(q_ids, kv_ids):
-        if grads.fused:
-            dq, dk, dv = fused_block_backward(grads.dout[qi], q[qi], k[ki], v[ki], grads.out[qi], grads.lse[qi], causal)
-        else:
-            dq, dk, dv = block_backward(grads.dout[qi], q[qi], k[ki], v[ki], grads.lse[qi], grads.delta[qi], causal)
-        dq_acc[qi] += dq
-        dk_acc[ki] += dk
-        dv_acc[ki] += dv
+def remote_backward(grads: BackwardInputs, q: torch.Tensor, kv: torch.Tensor, q_ids: tuple[int, int], kv_ids,
+                    length: int, dq_acc: torch.Tensor, dkv_acc: torch.Tensor) -> None:
+    """Add the gradients of the unmasked calls of Accumulated.add_remote for one block: into
+    dq_acc [B, H, 2S, D] and dkv_acc [2, B, Hk, M*S, D] (accumulation dtype)."""
+    for slot, q_id in enumerate(q_ids):
+        seen = visible_prefix(q_id, kv_ids)
+        if seen == 0:
+            continue
+        keys = kv[:, :, :, : seen * length]
+        dq, dk, dv = grads.block_backward(chunk_rows(q, slot, length), keys[0], keys[1], False, slot, length)
+        dq_acc[:, :, slot * length : (slot + 1) * length] += dq
+        dkv_acc[0, :, :, : seen * length] += dk
+        dkv_acc[1, :, :, : seen * length] += dv

@@ -1,10 +1,16 @@
 """Exchange of K/V between CP ranks: all-gather or ring, for compressed and dense attention alike.
 
-Both take the rank's two head-tail chunks chunk-major, q [2, B, H, S, D], k and v
-[2, B, Hk, S, D] (S entries per chunk: compressed entries for Lighthouse, tokens for dense
-attention; contiguous, so each chunk is a contiguous slice the block kernels take without a
-copy) and return the causal attention of those queries over the whole sequence,
-[2, B, H, S, D]: chunk i sees every chunk j < i without a mask and itself causally.
+Both take the rank's two head-tail chunks concatenated along the sequence in local order
+(head chunk r, then tail chunk 2W-1-r; S entries each: compressed entries for Lighthouse,
+tokens for dense attention): q [B, H, 2S, D], k and v [B, Hk, 2S, D]; and return the causal
+attention of those queries over the whole sequence, [B, H, 2S, D].
+
+The calls (blocks.py): the rank's own block is one square causal call (the tail chunk sees
+all of the head chunk, the head chunk itself causally: the causal mask of the concatenation);
+every other chunk a query chunk sees lies wholly in its past, and of any block of chunks in
+ascending order it sees a prefix, so each query chunk makes one unmasked call per block and
+merges it by log-sum-exp. At W = 1 the layer is that one square call, as on one device: no
+merge, no float32 accumulator, no conversion.
 """
 
 from __future__ import annotations
@@ -12,57 +18,81 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.headtail.blocks import (
-    accumulate_backward,
-    accumulate_forward,
-    backward_inputs,
-    empty_accumulators,
-)
+from lh_cp.parallel.headtail.blocks import Accumulated, backward_inputs, own_block_forward, remote_backward
 from lh_cp.parallel.headtail.ring import RingAttention
-from lh_cp.parallel.headtail.sharding import local_chunk_ids
-from lh_cp.parallel.transport import all_gather_start, reduce_scatter
+from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
+from lh_cp.parallel.transport import all_gather_start, reduce_scatter_start
+from lh_cp.pyramid import accumulation_dtype
+
+
+def _remote_chunk_ids(rank: int, world: int) -> list[int]:
+    """Every global chunk not on `rank`, ascending."""
+    return [c for c in range(2 * world) if c not in local_chunk_ids(rank, world)]
+
+
+def _remote_sequence(kv_all: torch.Tensor, rank: int, world: int, length: int) -> torch.Tensor:
+    """The gathered blocks [W, 2, B, Hk, 2S, D] -> the other ranks' chunks in ascending order
+    along the sequence, [2, B, Hk, (2W-2)S, D]."""
+    pieces = []
+    for chunk in _remote_chunk_ids(rank, world):
+        owner, slot = chunk_owner(chunk, world)
+        pieces.append(kv_all[owner, :, :, :, slot * length : (slot + 1) * length])
+    return torch.cat(pieces, dim=3)
+
+
+def _to_owners(dkv_remote: torch.Tensor, rank: int, world: int, length: int) -> torch.Tensor:
+    """Adjoint of _remote_sequence: [2, B, Hk, (2W-2)S, D] -> [W, 2, B, Hk, 2S, D], this rank's
+    own row zero (its own gradient is added after the reduce-scatter)."""
+    out = dkv_remote.new_zeros((world, *dkv_remote.shape[:3], 2 * length, dkv_remote.shape[-1]))
+    for i, chunk in enumerate(_remote_chunk_ids(rank, world)):
+        owner, slot = chunk_owner(chunk, world)
+        out[owner, :, :, :, slot * length : (slot + 1) * length] = dkv_remote[:, :, :, i * length : (i + 1) * length]
+    return out
 
 
 class AllGatherAttention(torch.autograd.Function):
     """Gather every rank's K/V block once, then attend locally; backward reduce-scatters dK/dV.
-    The gather travels while the rank attends to its own K/V block.
 
-    Saved for backward: q, the gathered K/V (needed for dq; re-gathering would cost a second
-    all-gather), the float32 output and its LSE.
+    The gather travels while the rank computes its own block; in backward the reduce-scatter
+    of the other ranks' gradients travels while the rank computes its own block's backward.
+    Saved for backward: q, k, v, the other ranks' chunks (re-gathering would cost a second
+    all-gather), the output in the form the block backward reads and its LSE.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, group):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        gathering = all_gather_start(torch.stack([k, v]), group, "kv_forward")
-        q_ids = local_chunk_ids(rank, world)
-        out, lse = empty_accumulators(q)  # [2, B, H, S, D], [2, B, H, S]
-        # The rank's own K/V first, while the others' travel.
-        accumulate_forward(q, k, v, q_ids, q_ids, out, lse)
-        kv_all = gathering.wait()  # [W, 2, 2, B, Hk, S, D]
-        for source in range(world):
-            if source != rank:
-                accumulate_forward(q, kv_all[source, 0], kv_all[source, 1], q_ids, local_chunk_ids(source, world), out, lse)
-        ctx.save_for_backward(q, kv_all, out, lse)
+        length = q.shape[2] // 2
+        gathering = all_gather_start(torch.stack([k, v]), group, "kv_forward") if world > 1 else None
+        acc = Accumulated(*own_block_forward(q, k, v))
+        kv_remote = q.new_empty(0)
+        if gathering is not None:
+            kv_remote = _remote_sequence(gathering.wait(), rank, world, length)
+            acc.add_remote(q, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world), length)
+        ctx.save_for_backward(q, k, v, kv_remote, acc.saved_output(q), acc.lse)
         ctx.group = group
-        return out.to(q.dtype)
+        return acc.out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, kv_all, out, lse = ctx.saved_tensors
+        q, k, v, kv_remote, out, lse = ctx.saved_tensors
         group = ctx.group
         rank, world = dist.get_rank(group), dist.get_world_size(group)
+        length = q.shape[2] // 2
         grads = backward_inputs(dout, q, out, lse)
-        q_ids = local_chunk_ids(rank, world)
-        dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
-        dkv_all = torch.zeros(kv_all.shape, dtype=out.dtype, device=q.device)  # [W, 2, 2, B, Hk, S, D]
-        for source in range(world):
-            accumulate_backward(
-                grads, q, kv_all[source, 0], kv_all[source, 1], q_ids, local_chunk_ids(source, world),
-                dq, dkv_all[source, 0], dkv_all[source, 1],
-            )
-        dkv = reduce_scatter(dkv_all, group, "dkv_backward")  # [2, 2, B, Hk, S, D]
-        return dq.to(q.dtype), dkv[0].to(q.dtype), dkv[1].to(q.dtype), None
+        pending = None
+        if world > 1:
+            acc = accumulation_dtype(q.dtype)
+            dq_remote = torch.zeros(q.shape, dtype=acc, device=q.device)
+            dkv_remote = torch.zeros(kv_remote.shape, dtype=acc, device=q.device)
+            remote_backward(grads, q, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world),
+                            length, dq_remote, dkv_remote)
+            pending = reduce_scatter_start(_to_owners(dkv_remote, rank, world, length), group, "dkv_backward")
+        dq, dk, dv = grads.block_backward(q, k, v, True)  # the own block, while the others' sums travel
+        if pending is not None:
+            dkv = pending.wait()  # [2, B, Hk, 2S, D]: what every other rank's queries gave this block
+            dq, dk, dv = dq_remote + dq, dkv[0] + dk, dkv[1] + dv
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None
 
 
 EXCHANGE_FUNCTIONS = {"allgather": AllGatherAttention, "ring": RingAttention}
@@ -79,5 +109,5 @@ def exchange_function(exchange: str):
 def exchange_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, exchange: str
 ) -> torch.Tensor:
-    """Causal attention of the local chunks over the full sequence: [2, B, H, S, D]."""
+    """Causal attention of the local chunks over the full sequence: [B, H, 2S, D]."""
     return exchange_function(exchange).apply(q, k, v, group)
