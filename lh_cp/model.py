@@ -80,13 +80,15 @@ class ModelConfig(Section):
         return self.dim // self.n_heads
 
 
-def normalize_layer_indices(indices: list[int] | tuple[int, ...], n_layers: int) -> frozenset[int]:
-    """Layer indices with Python-style negatives resolved; out-of-range indices raise."""
+def normalize_layer_indices(indices: list[int] | tuple[int, ...], n_layers: int,
+                            key: str = "lighthouse.dense_layers") -> frozenset[int]:
+    """Layer indices with Python-style negatives resolved; out-of-range indices raise, naming
+    the recipe `key` they came from."""
     resolved = set()
     for index in indices:
         if not -n_layers <= index < n_layers:
             raise ValueError(
-                f"lighthouse.dense_layers index {index} is out of range for n_layers={n_layers} "
+                f"{key} index {index} is out of range for n_layers={n_layers} "
                 f"(valid: {-n_layers}..{n_layers - 1})"
             )
         resolved.add(index % n_layers)

@@ -90,10 +90,15 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     errors += recipe.metrics.problems(recipe.total_steps)
     errors += recipe.schedule.problems(recipe.total_steps)
     errors += [problem for i, stage in enumerate(recipe.stages) for problem in stage.problems(i)]
-    try:
-        normalize_layer_indices(recipe.lighthouse.dense_layers, max(recipe.model.n_layers, 1))
-    except ValueError as err:
-        errors.append(str(err))
+    for key, indices in (("lighthouse.dense_layers", recipe.lighthouse.dense_layers),
+                         ("parallel.no_checkpoint_layers", recipe.parallel.no_checkpoint_layers)):
+        try:
+            normalize_layer_indices(indices, max(recipe.model.n_layers, 1), key)
+        except ValueError as err:
+            errors.append(str(err))
+    if recipe.parallel.no_checkpoint_layers and not recipe.parallel.activation_checkpoint:
+        errors.append(f"parallel.no_checkpoint_layers={recipe.parallel.no_checkpoint_layers} exempts blocks from "
+                      f"activation checkpointing, which is off: set parallel.activation_checkpoint=true or drop it")
     par, data = recipe.parallel, recipe.data
     errors.extend(_parallel_rules(recipe))
     if world_size is not None and par.world_size != world_size:
@@ -177,8 +182,8 @@ def state_bytes_per_rank(recipe: Recipe) -> float:
 def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True) -> float:
     """Peak memory per rank, roughly: weights, gradients and AdamW moments as the engine
     shards them (state_bytes_per_rank), two all-gathered bf16 blocks (prefetch), stored
-    activations (one block input per layer with activation checkpointing, every block's
-    activations without), one block recomputed, the CP dense exchange's float32 buffers
+    activations (one block input per checkpointed layer, every activation of the others),
+    one block recomputed, the CP dense exchange's float32 buffers
     (cp_dense_bytes_per_token), and one loss chunk's logits. Lighthouse layers' compressed
     tensors are smaller than a dense block's and not counted apart.
 
@@ -190,7 +195,8 @@ def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True) -> float:
     tokens = data.batch_size * data.seq_len // par.cp
     per_layer = _bytes_per_token_per_layer(m, act_bytes) * tokens
     if par.activation_checkpoint:
-        activations = m.n_layers * tokens * m.dim * act_bytes + per_layer
+        kept = len(normalize_layer_indices(par.no_checkpoint_layers, m.n_layers, "parallel.no_checkpoint_layers"))
+        activations = (m.n_layers - kept) * tokens * m.dim * act_bytes + kept * per_layer + per_layer
     else:
         activations = m.n_layers * per_layer
     logits = 3 * min(m.loss_chunk_tokens, tokens) * m.vocab_size * 4  # float32 logits, softmax, grad
@@ -265,6 +271,9 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
     stages = ", ".join(f"{s.name} ({s.attention}, {s.steps:,} steps)" for s in recipe.stages)
     lines.append(f"  stages: {stages}; {numbers.total_steps:,} steps, "
                  f"{_count(numbers.total_steps * numbers.tokens_per_step)} tokens")
-    checkpointing = "with" if par.activation_checkpoint else "without"
+    checkpointing = "without"
+    if par.activation_checkpoint:
+        kept = sorted(normalize_layer_indices(par.no_checkpoint_layers, m.n_layers, "parallel.no_checkpoint_layers"))
+        checkpointing = "with" + (f" (layers {kept} kept)" if kept else "")
     lines.append(f"  memory estimate per rank: {numbers.memory_gib:.1f} GiB ({checkpointing} activation checkpointing)")
     return "\n".join(lines)

@@ -120,6 +120,11 @@ class ParallelConfig(Section):
         nothing to compress).
     activation_checkpoint: recompute each decoder block in backward instead of storing its
         activations (needed at long context).
+    no_checkpoint_layers: with activation_checkpoint, blocks (indices; negatives count from
+        the end) that keep their activations instead, where memory allows: a dense layer's
+        attention forward is the costliest part of a block to recompute at long context, so
+        the dense layers of a Lighthouse model are the first candidates. `lh-cp plan` counts
+        them in its memory estimate.
     compile: torch.compile each decoder block.
     timeout_s: timeout of every collective of every process group of the run (a rank waiting
         longer raises), and twice the watchdog's limit: under torchrun a rank that sends no
@@ -136,6 +141,7 @@ class ParallelConfig(Section):
     exchange: str = "allgather"
     dense_exchange: str = "ring"
     activation_checkpoint: bool = False
+    no_checkpoint_layers: list[int] = field(default_factory=list)
     compile: bool = False
     timeout_s: int = 600
 

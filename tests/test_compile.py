@@ -60,3 +60,25 @@ def test_a_compiled_block_breaks_only_at_attention():
     graphs, breaks, reasons = found["lighthouse"]
     assert (graphs, breaks) == (4, 3), found
     assert reasons == {"attention.py:call"}, reasons  # lh_cp.attention.opaque_to_compile
+
+
+def test_checkpointed_blocks_are_compiled():
+    """activation_checkpoint and compile together: the blocks' graphs are compiled. Compiled
+    outside the checkpoint (the order before issue 18) dynamo captured no graph at all: the
+    break at attention inside the checkpointed region sent the whole block to eager."""
+    from torch._dynamo.utils import counters
+
+    from lh_cp.parallel import checkpoint_and_compile
+    from lh_cp.recipe import ParallelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=258, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    model = Transformer(cfg, LighthouseConfig(pool=2, levels=2, topk=8, tile_budget=4), (0,))
+    checkpoint_and_compile(model, ParallelConfig(activation_checkpoint=True, compile=True))
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(2, 128, cfg.dim, requires_grad=True)
+    cos, sin = rope_tables(torch.arange(128), cfg.head_dim, cfg.rope_theta, x.dtype)
+    model.layers[1](x, cos, sin).sum().backward()
+    assert counters["stats"]["unique_graphs"] >= 2  # before and after the Lighthouse call
+    torch._dynamo.reset()

@@ -187,3 +187,39 @@ def test_profile_step_writes_a_trace_and_table_and_changes_no_loss(tmp_path, cor
 def test_profile_step_outside_the_run_is_refused(tmp_path, corpus, step):
     with pytest.raises(RecipeError, match=rf"metrics.profile_step={step} must be 0 \(off\) or a step of the run, 1..6"):
         train(tiny_recipe(tmp_path, corpus, [f"metrics.profile_step={step}"]))
+
+
+def test_blocks_kept_out_of_checkpointing_change_no_loss(tmp_path, corpus, straight):
+    """parallel.no_checkpoint_layers=[0, -1]: those two blocks store their activations, the
+    others are recomputed; the losses are the uncheckpointed run's."""
+    _, reference = straight
+    kept = train(tiny_recipe(tmp_path, corpus, ["parallel.activation_checkpoint=true", "parallel.no_checkpoint_layers=[0, -1]"]))
+    assert kept.train_loss == reference.train_loss
+
+
+def test_only_the_blocks_not_kept_are_checkpointed():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from lh_cp.model import ModelConfig, Transformer
+    from lh_cp.parallel import checkpoint_and_compile
+    from lh_cp.recipe import ParallelConfig
+
+    model = Transformer(ModelConfig(n_layers=4, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=64))
+    checkpoint_and_compile(model, ParallelConfig(activation_checkpoint=True, no_checkpoint_layers=[1, -1]))
+    assert [isinstance(block, CheckpointWrapper) for block in model.layers] == [True, False, True, False]
+
+
+def test_no_checkpoint_layers_rules_name_the_key(tmp_path, corpus):
+    from lh_cp.plan import check_recipe, memory_estimate_gib
+
+    problems = check_recipe(tiny_recipe(tmp_path, corpus, ["parallel.no_checkpoint_layers=[7]",
+                                                           "parallel.activation_checkpoint=true"]))
+    assert any("parallel.no_checkpoint_layers index 7 is out of range" in p for p in problems), problems
+    problems = check_recipe(tiny_recipe(tmp_path, corpus, ["parallel.no_checkpoint_layers=[0]"]))
+    assert any("which is off: set parallel.activation_checkpoint=true" in p for p in problems), problems
+    # Keeping blocks' activations costs memory, and the estimate says so.
+    base = ["parallel.activation_checkpoint=true"]
+    all_checkpointed = memory_estimate_gib(tiny_recipe(tmp_path, corpus, base))
+    two_kept = memory_estimate_gib(tiny_recipe(tmp_path, corpus, base + ["parallel.no_checkpoint_layers=[0, 1]"]))
+    none = memory_estimate_gib(tiny_recipe(tmp_path, corpus))
+    assert all_checkpointed < two_kept < none + 1e-9

@@ -31,6 +31,8 @@ UNMAPPED = (
     "run.stop_after_step (use --training.steps)",
     "eval.* (validation loss and passkey run in lh-cp's trainer only)",
     "metrics.peak_tflops (torchtitan knows its GPUs' peaks)",
+    "metrics.profile_step (use torchtitan's --profiling.enable_profiling)",
+    "parallel.no_checkpoint_layers (torchtitan's activation checkpointing covers every block)",
     "data.validation_fraction held-out documents are still excluded from training, but not evaluated",
 )
 
