@@ -271,9 +271,9 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
     stages = ", ".join(f"{s.name} ({s.attention}, {s.steps:,} steps)" for s in recipe.stages)
     lines.append(f"  stages: {stages}; {numbers.total_steps:,} steps, "
                  f"{_count(numbers.total_steps * numbers.tokens_per_step)} tokens")
-    checkpointing = "without"
+    checkpointing = "without activation checkpointing"
     if par.activation_checkpoint:
         kept = sorted(normalize_layer_indices(par.no_checkpoint_layers, m.n_layers, "parallel.no_checkpoint_layers"))
-        checkpointing = "with" + (f" (layers {kept} kept)" if kept else "")
-    lines.append(f"  memory estimate per rank: {numbers.memory_gib:.1f} GiB ({checkpointing} activation checkpointing)")
+        checkpointing = "with activation checkpointing" + (f", layers {kept} kept" if kept else "")
+    lines.append(f"  memory estimate per rank: {numbers.memory_gib:.1f} GiB ({checkpointing})")
     return "\n".join(lines)
