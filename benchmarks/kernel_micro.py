@@ -42,18 +42,15 @@ def main(argv=None) -> int:
     x_bytes = q.numel() * q.element_size()
     levels_here, tb = block_levels(cfg.pool, cfg.levels)
 
-    def blocks(lb, rows, use_dot, warps=None):
-        return lambda: launch_pool_blocks([q], [y], plan.slot_map, n, 1, cfg.pool, lb, rows, 0, True, check_grid,
-                                          use_dot=use_dot, num_warps=warps)
+    def blocks(lb, rows):
+        return lambda: launch_pool_blocks(q, None, y, plan.slot_map, n, 1, cfg.pool, lb, rows, 0, True, check_grid)
 
     cases = {
         "copy q (read+write)": (lambda: q.clone(), 2 * x_bytes),
         "token norms q": (lambda: token_norms(q), x_bytes),
-        f"pool blocks LB={levels_here} TB={tb}": (blocks(levels_here, tb, False), x_bytes),
-        f"pool blocks LB=1 TB={tb} (no pooling)": (blocks(1, tb, False), x_bytes),
-        f"pool blocks dot LB={levels_here} TB={tb}": (blocks(levels_here, tb, True), x_bytes),
-        f"pool blocks dot LB={levels_here} TB={tb} 4 warps": (blocks(levels_here, tb, True, 4), x_bytes),
-        f"pool blocks dot LB={levels_here} TB=128": (blocks(levels_here, 128, True), x_bytes),
+        f"pool blocks LB={levels_here} TB={tb}": (blocks(levels_here, tb), x_bytes),
+        f"pool blocks LB=1 TB={tb} (no pooling)": (blocks(1, tb), x_bytes),
+        f"pool blocks LB={levels_here} TB=128": (blocks(levels_here, 128), x_bytes),
         "gather q,k,v (pool_rows)": (lambda: pool_rows([q, k, v], plan, cfg, 0, True), 3 * x_bytes),
         "scatter fwd (expand_rows)": (lambda: expand_rows([entries], plan, cfg, 1, False), x_bytes),
         "scatter bwd (pool_rows shift 1)": (lambda: pool_rows([q], plan, cfg, 1, False), x_bytes),

@@ -37,10 +37,10 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _attend(entries: Compressed, n: int) -> torch.Tensor:
-    """Causal SDPA over the entries, delivered onto the n token rows: [B, n, H, D]. Entries are
+def _attend(entries: Compressed) -> torch.Tensor:
+    """Causal SDPA over the entries, delivered onto the N token rows: [B, N, H, D]. Entries are
     sorted by the causal key, so "key_i <= key_j" is plain position causality."""
-    return entries.deliver(causal_sdpa(entries.q, entries.k, entries.v), n)
+    return entries.deliver(causal_sdpa(entries.q, entries.k, entries.v))[0]
 
 
 def attend_selected(
@@ -48,7 +48,7 @@ def attend_selected(
 ) -> torch.Tensor:
     """Lighthouse attention with a given selection (differentiable in q, k, v): [B, N, H, D]."""
     check_qkv(q, k, v)
-    return _attend(compress(q, k, v, cfg, selection=sel), q.shape[1])
+    return _attend(compress(q, k, v, cfg, selection=sel))
 
 
 def lighthouse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
@@ -56,7 +56,7 @@ def lighthouse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg:
     -> [B, N, H, D]. The selection is computed without gradient from float32 norms; gradients
     flow through pooling, gather, SDPA and scatter."""
     check_qkv(q, k, v)
-    return _attend(compress(q, k, v, cfg), q.shape[1])
+    return _attend(compress(q, k, v, cfg))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,12 @@ their delivery back to token rows; the one place that chooses the Triton kernels
 pure-PyTorch reference.
 
 Every Lighthouse path is compress -> causal attention over the entries -> deliver:
-- one device (lh_cp/attention.py): causal_sdpa over the entries, deliver onto N rows;
+- one device (lh_cp/attention.py): causal_sdpa over the entries, deliver onto the N rows;
 - a context-parallel head-tail shard (lh_cp/parallel/headtail/attention.py): the two chunks
-  as a batch of 2B sequences, the entries exchanged across ranks, delivered onto C + c_L rows
-  (the spill into the next chunk travels as a halo);
+  as a batch of 2B sequences, the entries exchanged across ranks, delivered onto the C rows
+  of each chunk and the c_L - 1 spill rows past it (which travel as a halo to the next chunk);
 - compressed Ulysses (lh_cp/parallel/ulysses/compressed.py): one contiguous shard, the
-  entries all-to-all'd to head groups and back, delivered onto C + c_L rows likewise.
+  entries all-to-all'd to head groups and back, delivered with its spill likewise.
 
 The two twins give the same selection and, up to float32 summation order, the same values:
 - reference (CPU, float64, or kernels.disabled()): lh_cp.select, gather_entries,
@@ -37,14 +37,22 @@ from lh_cp.select import Selection, carry_from_scores, select, selection_scores
 @dataclass(frozen=True)
 class Compressed:
     """Pooled entries of q, k and v, [B, H, S, D] each (k and v per query head, as the
-    selection is), sorted by the causal key, and deliver(out_entries [B, H, S, D], rows) ->
-    [B, rows, H, D] (differentiable; rows >= N keeps what the last spans deliver past the end
-    of the sequence, rows = N clips it as the single-device layer does)."""
+    selection is), sorted by the causal key, and deliver(out_entries [B, H, S, D], spill=0)
+    -> (rows [B, N, H, D], spill rows [B, spill, H, D]), differentiable: the spill rows are
+    what the last spans deliver past the end of the sequence, 0 <= spill < c_L (check_spill;
+    spill = 0 clips them as the single-device layer does)."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     deliver: Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def check_spill(spill: int, cfg: LighthouseConfig) -> None:
+    """The last span of the coarsest level delivers at most c_L - 1 rows past the sequence end."""
+    if not 0 <= spill < cfg.coarsest_span:
+        raise ValueError(f"spill={spill}: the rows past the sequence end that receive deliveries are "
+                         f"0 .. c_L - 1 = {cfg.coarsest_span - 1} (c_L = pool**(levels-1))")
 
 
 def compress_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,
@@ -55,7 +63,17 @@ def compress_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: L
     sel = select(q.detach(), k.detach(), cfg, v.detach(), preceding) if selection is None else selection  # [B, H, S]
     slots = sel.slots(n, cfg)  # [B, H, S] rows of the pooled pyramid
     entries = [gather_entries(x, slots, cfg) for x in (q, k, v)]  # [B, H, S, D]; k, v via kv head h // group
-    return Compressed(*entries, lambda out, rows: scatter_entries(out, sel, rows, cfg))
+
+    def deliver(out: torch.Tensor, spill: int = 0):
+        check_spill(spill, cfg)
+        if spill == 0:
+            rows = scatter_entries(out, sel, n, cfg)
+            return rows, rows[:, n:]
+        rows = scatter_entries(out, sel, n + cfg.coarsest_span, cfg)
+        # Tensors of their own, as the kernel twin returns: the CP paths add halos in place.
+        return rows[:, :n].clone(), rows[:, n : n + spill].clone()
+
+    return Compressed(*entries, deliver)
 
 
 def compress_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,
@@ -69,7 +87,12 @@ def compress_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Lig
     else:
         plan = Plan.from_selection(selection, q.shape[1], cfg)
     q_entries, k_entries, v_entries = gather_plan(q, k, v, plan, cfg)  # [B, H, S, D] each
-    return Compressed(q_entries, k_entries, v_entries, lambda out, rows: scatter_plan(out, plan, cfg, rows))
+
+    def deliver(out: torch.Tensor, spill: int = 0):
+        check_spill(spill, cfg)
+        return scatter_plan(out, plan, cfg, spill)
+
+    return Compressed(q_entries, k_entries, v_entries, deliver)
 
 
 def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,

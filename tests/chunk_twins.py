@@ -2,8 +2,8 @@
 
 `check_chunk_twins(device)` runs both on the chunks of a head-tail shard ([2B, C] rows, chunk
 config): the kernel selection is identical to the reference (fields and plan), and entries,
-deliveries onto C + c_L rows (the chunk and its spill) and the gradients of q, k, v and of the
-entry outputs agree within 1e-5 absolute + 1e-5 relative in float32 (only the order of
+deliveries (the chunk's C rows and its c_L - 1 spill rows) and the gradients of q, k, v and of
+the entry outputs agree within 1e-5 absolute + 1e-5 relative in float32 (only the order of
 float32 sums of up to c_L terms differs; values are O(1)).
 
 Imported by the GPU tests; run as a script under TRITON_INTERPRET=1 it checks the same on CPU
@@ -35,23 +35,25 @@ def _leaves(*xs):
     return [x.detach().clone().requires_grad_() for x in xs]
 
 
-def _run(compress, q, k, v, cfg, rows, grad_out):
+def _run(compress, q, k, v, cfg, grad_rows, grad_spill):
     q, k, v = _leaves(q, k, v)
     entries = compress(q, k, v, cfg)
     out_entries = _leaves(entries.q.detach() * 0.5 + entries.k.detach() * 0.25)[0]
-    delivered = entries.deliver(out_entries, rows)
-    (entries.q.sum() + (entries.k * entries.v).sum() + (delivered * grad_out).sum()).backward()
-    return [entries.q, entries.k, entries.v, delivered, q.grad, k.grad, v.grad, out_entries.grad]
+    rows, spill_rows = entries.deliver(out_entries, grad_spill.shape[1])
+    loss = (rows * grad_rows).sum() + (spill_rows * grad_spill).sum()
+    (entries.q.sum() + (entries.k * entries.v).sum() + loss).backward()
+    return [entries.q, entries.k, entries.v, rows, spill_rows, q.grad, k.grad, v.grad, out_entries.grad]
 
 
 def check_chunk_twins(device: str) -> None:
     for pool, levels, topk, budget, n, world, heads, kv_heads, dim in CASES:
         cfg = chunk_config(LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget), n, world)
-        chunk, rows = n // (2 * world), n // (2 * world) + cfg.coarsest_span
+        chunk, spill = n // (2 * world), cfg.coarsest_span - 1
         gen = torch.Generator().manual_seed(n + levels)
         q = torch.randn(2 * BATCH, chunk, heads, dim, generator=gen).to(device)
         k, v = (torch.randn(2 * BATCH, chunk, kv_heads, dim, generator=gen).to(device) for _ in range(2))
-        grad_out = torch.randn(2 * BATCH, rows, heads, dim, generator=gen).to(device)
+        grad_rows = torch.randn(2 * BATCH, chunk, heads, dim, generator=gen).to(device)
+        grad_spill = torch.randn(2 * BATCH, spill, heads, dim, generator=gen).to(device)
 
         ref_sel = select(q, k, cfg)
         plan, start, level, internal = select_with_plan(q, k, cfg)
@@ -62,9 +64,9 @@ def check_chunk_twins(device: str) -> None:
         for field in ("slot_map", "level_index", "level_position"):
             assert torch.equal(getattr(plan, field), getattr(ref_plan, field)), field
 
-        got = _run(compress_kernels, q, k, v, cfg, rows, grad_out)
-        want = _run(compress_reference, q, k, v, cfg, rows, grad_out)
-        names = ("q entries", "k entries", "v entries", "delivered", "dq", "dk", "dv", "d out entries")
+        got = _run(compress_kernels, q, k, v, cfg, grad_rows, grad_spill)
+        want = _run(compress_reference, q, k, v, cfg, grad_rows, grad_spill)
+        names = ("q entries", "k entries", "v entries", "rows", "spill rows", "dq", "dk", "dv", "d out entries")
         for name, a, b in zip(names, got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 

@@ -145,6 +145,14 @@ def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv
     tokens = torch.randn(batch, n, heads, dim, device=DEV)
     torch.testing.assert_close(pool_rows([tokens], plan, cfg, 1, False)[0],
                                pool_rows_reference(tokens, plan, cfg, 1, False), rtol=1e-5, atol=sum_atol)
+    spill = cfg.coarsest_span - 1  # a CP chunk's spill rows: written apart, pooled back as a tail
+    if spill > 0:
+        torch.testing.assert_close(expand_rows([entries], plan, cfg, 1, False, rows=spill, first_row=n)[0],
+                                   expand_rows_reference(entries, plan, cfg, 1, False, rows=spill, first_row=n),
+                                   rtol=1e-5, atol=sum_atol)
+        tail = torch.randn(batch, spill, heads, dim, device=DEV)
+        torch.testing.assert_close(pool_rows([tokens], plan, cfg, 1, False, tail=tail)[0],
+                                   pool_rows_reference(tokens, plan, cfg, 1, False, tail=tail), rtol=1e-5, atol=sum_atol)
 
 
 def _layer_with_grads(fn, q, k, v, grad_out):
@@ -186,7 +194,7 @@ def test_kernels_are_deterministic():
         qe, ke, ve = kernels.ops.gather_plan(a, b, c, plan, cfg)
         (qe * grad_entries + ke + ve).sum().backward()
         oe = grad_entries.detach().clone().requires_grad_()
-        kernels.ops.scatter_plan(oe, plan, cfg).backward(grad_out)
+        kernels.ops.scatter_plan(oe, plan, cfg)[0].backward(grad_out)
         return [plan.slot_map, qe, a.grad, b.grad, c.grad, oe.grad]
 
     first, second = run(), run()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lh_cp import LighthouseConfig, kernels, select
+from lh_cp.compress import compress_reference
 from lh_cp.kernels.launch import MAX_GRID_X, check_grid
 from lh_cp.kernels.plan import Plan, level_block_offsets, level_block_sizes
 from lh_cp.kernels.rows_reference import expand_rows_reference, pool_rows_reference
@@ -70,8 +71,9 @@ def test_plan_twins_equal_reference_gather_and_scatter(pool, levels, topk, budge
 
 @pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads", CONFIGS)
 def test_twins_scatter_onto_spill_rows_like_the_reference(pool, levels, topk, budget, n, heads, kv_heads):
-    """A CP chunk scatters onto N + c_L rows (its spill into the next chunk): the twins with
-    rows > N equal scatter_entries onto N + c_L positions, forward and backward (float64)."""
+    """A CP chunk scatters past its N rows (its spill into the next chunk): the twins with
+    rows > N, and with the spill rows apart (first_row, tail), equal scatter_entries onto
+    N + c_L positions, forward and backward (float64)."""
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
     torch.manual_seed(n + 1)
     q = torch.randn(2, n, heads, 8, dtype=torch.float64)
@@ -85,6 +87,30 @@ def test_twins_scatter_onto_spill_rows_like_the_reference(pool, levels, topk, bu
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     torch.testing.assert_close(pool_rows_reference(grad_out, plan, cfg, 1, False), entries.grad, rtol=0, atol=1e-12)
+    # The split form the CP paths use: the spill rows written apart, pooled back as a tail.
+    spill = cfg.coarsest_span - 1  # 0 with one level: nothing spills
+    assert not out[:, n + spill :].any(), "rows past the spill receive nothing"
+    if spill > 0:
+        spilled = expand_rows_reference(entries.detach(), plan, cfg, 1, False, rows=spill, first_row=n)
+        torch.testing.assert_close(spilled, out[:, n : n + spill], rtol=0, atol=1e-12)
+    tail = grad_out[:, n : n + spill]
+    torch.testing.assert_close(pool_rows_reference(grad_out[:, :n], plan, cfg, 1, False, tail=tail), entries.grad,
+                               rtol=0, atol=1e-12)
+
+
+def test_row_windows_and_spills_out_of_range_are_refused():
+    cfg = LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=2)
+    q = torch.randn(1, 32, 2, 8, dtype=torch.float64)
+    sel = select(q, q, cfg)
+    plan = Plan.from_selection(sel, 32, cfg)
+    entries = torch.randn(1, 2, sel.start.shape[-1], 8, dtype=torch.float64)
+    for rows, first_row in ((31, 0), (3, 5), (0, 32)):
+        with pytest.raises(ValueError, match="expand_rows writes"):
+            expand_rows_reference(entries, plan, cfg, 1, False, rows=rows, first_row=first_row)
+    compressed = compress_reference(q, q, q, cfg)
+    for spill in (-1, cfg.coarsest_span):
+        with pytest.raises(ValueError, match=f"spill={spill}: .* 0 .. c_L - 1 = 3"):
+            compressed.deliver(compressed.q, spill)
 
 
 @pytest.mark.parametrize("n,levels", [(2**22, 4), (2**20, 3), (2**20, 5)])

@@ -49,22 +49,32 @@ class _GatherEntries(torch.autograd.Function):
 
 
 class _ScatterEntries(torch.autograd.Function):
-    """Entry outputs [B, H, S, D] -> token outputs [B, R, H, D] (sum of deliveries).
+    """Entry outputs [B, H, S, D] -> token outputs [B, N, H, D] (sum of deliveries) and the
+    `spill` rows [B, spill, H, D] past N: what the last spans deliver beyond the sequence (the
+    halo of a CP chunk; spill = 0 on one device, which clips it).
 
-    R = rows >= N: rows past N hold what the last spans deliver beyond the sequence (the
-    spill of a CP chunk into the next one); R = N clips them, as the single-device layer does.
+    The spill rows are a second, small launch, so the N rows need no copy out of a longer
+    buffer; backward pools the two gradients as one token tensor (pool_rows' tail).
     """
 
     @staticmethod
-    def forward(ctx, entries, plan, cfg, rows):
+    def forward(ctx, entries, plan, cfg, spill):
         ctx.save_for_backward(plan.slot_map, plan.level_index, plan.level_position)
         ctx.n, ctx.cfg = plan.n, cfg
-        return expand_rows([entries], plan, cfg, shift=1, mean=False, rows=rows)[0]
+        ctx.set_materialize_grads(False)
+        (rows,) = expand_rows([entries], plan, cfg, shift=1, mean=False)
+        if spill == 0:
+            return rows, rows.new_empty((rows.shape[0], 0, *rows.shape[2:]))
+        (spilled,) = expand_rows([entries], plan, cfg, shift=1, mean=False, rows=spill, first_row=plan.n)
+        return rows, spilled
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_rows, grad_spill):
         plan = _plan_tensors(ctx)
-        return pool_rows([grad_out], plan, ctx.cfg, shift=1, mean=False)[0], None, None, None
+        if grad_rows is None:  # only the spill reached a loss
+            grad_rows = grad_spill.new_zeros((grad_spill.shape[0], ctx.n, *grad_spill.shape[2:]))
+        tail = grad_spill if grad_spill is not None and grad_spill.shape[1] > 0 else None
+        return pool_rows([grad_rows], plan, ctx.cfg, shift=1, mean=False, tail=tail)[0], None, None, None
 
 
 def gather_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, cfg: LighthouseConfig):
@@ -72,9 +82,10 @@ def gather_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, c
     return _GatherEntries.apply(q, k, v, plan, cfg)
 
 
-def scatter_plan(entries: torch.Tensor, plan: Plan, cfg: LighthouseConfig, rows: int | None = None) -> torch.Tensor:
-    """Deliver entry outputs [B, H, S, D] to token rows (differentiable): [B, rows, H, D], rows >= N."""
-    return _ScatterEntries.apply(entries, plan, cfg, plan.n if rows is None else rows)
+def scatter_plan(entries: torch.Tensor, plan: Plan, cfg: LighthouseConfig, spill: int = 0):
+    """Deliver entry outputs [B, H, S, D] to token rows (differentiable): ([B, N, H, D], the
+    spill rows [B, spill, H, D] past N)."""
+    return _ScatterEntries.apply(entries, plan, cfg, spill)
 
 
 def select_with_plan(q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, v: torch.Tensor | None = None,

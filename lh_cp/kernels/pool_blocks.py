@@ -88,14 +88,16 @@ def _store_levels_dot(x, y_ptr, map_ptr, b, hx, group, heads, n, m, s, u0, sy_s,
 
 @triton.jit
 def _pool_blocks_kernel(
-    x_ptr, y_ptr, map_ptr, n, n_rows, x_heads, group, m, s, blocks, sx_b, sx_n, sx_h, sy_s,
+    x_ptr, tail_ptr, y_ptr, map_ptr, n, n_x, n_rows, x_heads, group, m, s, blocks, sx_b, sx_n, sx_h,
+    st_b, st_n, st_h, sy_s,
     P: tl.constexpr, LB: tl.constexpr, TB: tl.constexpr, R: tl.constexpr, SHIFT: tl.constexpr,
-    MEAN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    MEAN: tl.constexpr, HAS_TAIL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """x [B, n_rows, Hx, D] -> rows of y [B, Hx * group, S, D] for levels 1..LB.
+    """Token rows [B, n_rows, Hx, D] -> rows of y [B, Hx * group, S, D] for levels 1..LB.
 
-    n (the plan's tokens) sizes the levels and their slots; n_rows >= n bounds the rows read
-    (more than n: a CP chunk's scatter gradient with its spill rows)."""
+    n (the plan's tokens) sizes the levels and their slots. Rows 0 .. n_x - 1 are x's; with
+    HAS_TAIL rows n_x .. n_rows - 1 are the tail's (a CP chunk's scatter gradient: the chunk's
+    rows, then the gradient of its spill rows, without concatenating them)."""
     pid = tl.program_id(0)
     bhx = pid // blocks
     u0 = (pid % blocks).to(tl.int64) * TB
@@ -103,11 +105,15 @@ def _pool_blocks_kernel(
     hx = bhx % x_heads
     heads = x_heads * group
     rows = u0 - SHIFT + tl.arange(0, TB)
-    row_ok = (rows >= 0) & (rows < n_rows)
+    row_ok = (rows >= 0) & (rows < n_x)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     ptr = x_ptr + b.to(tl.int64) * sx_b + hx.to(tl.int64) * sx_h + rows[:, None] * sx_n + cols[None, :]
     x = tl.load(ptr, mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [TB, BLOCK_D]
+    if HAS_TAIL:
+        in_tail = (rows >= n_x) & (rows < n_rows)
+        tail = tail_ptr + b.to(tl.int64) * st_b + hx.to(tl.int64) * st_h + (rows - n_x)[:, None] * st_n + cols[None, :]
+        x += tl.load(tail, mask=in_tail[:, None] & col_ok[None, :], other=0.0)
     _store_level(x.to(tl.float32), y_ptr, map_ptr, 0, b, hx, group, heads, n, m, s, u0, sy_s, cols, col_ok,
                  TB, 1, SHIFT, MEAN)
     if LB > 1:
@@ -123,16 +129,20 @@ def block_levels(pool: int, levels: int) -> tuple[int, int]:
     return handled, max(32, pool ** (handled - 1))
 
 
-def launch_pool_blocks(x, y, slot_map, n, n_rows, group, pool, levels_here, rows_per_block, shift, mean, check_grid):
-    """Launch the block kernel on one [B, n_rows, Hx, D] tensor -> rows of y [B, Hx * group, S, D]."""
-    batch, _, x_heads, dim = x.shape
+def launch_pool_blocks(x, tail, y, slot_map, n, group, pool, levels_here, rows_per_block, shift, mean, check_grid):
+    """Launch the block kernel on one [B, R, Hx, D] tensor, followed by `tail` [B, R', Hx, D]
+    rows when not None -> rows of y [B, Hx * group, S, D]."""
+    batch, n_x, x_heads, dim = x.shape
+    t = x if tail is None else tail
+    n_rows = n_x + (0 if tail is None else tail.shape[1])
     s, m = y.shape[2], slot_map.shape[-1]
     blocks = triton.cdiv(n_rows + shift, rows_per_block)  # shift 1: one more block for the last deliveries
     stacked = sum(rows_per_block // pool**level for level in range(1, levels_here))
     grid = check_grid(batch * x_heads * blocks)
     _pool_blocks_kernel[grid](
-        x, y, slot_map, n, n_rows, x_heads, group, m, s, blocks, x.stride(0), x.stride(1), x.stride(2), y.stride(2),
+        x, t, y, slot_map, n, n_x, n_rows, x_heads, group, m, s, blocks, x.stride(0), x.stride(1), x.stride(2),
+        t.stride(0), t.stride(1), t.stride(2), y.stride(2),
         P=pool, LB=levels_here, TB=rows_per_block, R=max(16, triton.next_power_of_2(stacked)),
-        SHIFT=shift, MEAN=mean, D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        SHIFT=shift, MEAN=mean, HAS_TAIL=tail is not None, D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         num_warps=8 if rows_per_block * dim >= 8192 else 4,
     )

@@ -11,8 +11,9 @@ Gather and scatter are each one of two moves over a Plan, and each one's backwar
   GQA the `group` query heads that share a key/value head are summed too.
 
 Under context parallelism a chunk's scatter runs past the chunk end (LIGHTHOUSE.md s.8): the
-token tensor of expand (output) and pool (input) may then hold `rows` > N rows, rows N.. being
-the spill into the next chunk; the plan still describes the N tokens of the chunk.
+token tensor of expand (output) and pool (input) then holds rows past N, the spill into the
+next chunk: expand writes them apart (first_row=N), pool reads them from a `tail` after x's
+rows; the plan still describes the N tokens of the chunk.
 """
 
 from __future__ import annotations
@@ -24,10 +25,24 @@ from lh_cp.kernels.plan import Plan, level_block_offsets
 from lh_cp.pyramid import accumulation_dtype, level_offsets
 
 
+def check_row_window(n: int, rows: int, first_row: int) -> None:
+    """The rows an expand writes: the whole sequence (first_row 0, rows >= n, so that nothing
+    is clipped) or rows past it (first_row n, rows >= 1: a CP chunk's spill)."""
+    if first_row == 0 and rows < n:
+        raise ValueError(f"expand_rows writes at least the plan's {n} rows from row 0, got rows={rows}")
+    if first_row not in (0, n) or rows < 1:
+        raise ValueError(f"expand_rows writes rows from 0 or from the plan's n={n} on, at least one: "
+                         f"got first_row={first_row}, rows={rows}")
+
+
 def pool_rows_reference(
-    x: torch.Tensor, plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1
+    x: torch.Tensor, plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1,
+    tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [B, R, Hx, D] (R >= plan.n rows) -> [B, H, S, D]; entry head h reads head h // group of x."""
+    """x [B, R, Hx, D] (R >= plan.n rows), then `tail` [B, R', Hx, D] rows if given ->
+    [B, H, S, D]; entry head h reads head h // group of x."""
+    if tail is not None:
+        x = torch.cat([x, tail], dim=1)
     batch, rows_total, _, dim = x.shape
     n = plan.n
     heads, s = plan.level_index.shape[1], plan.level_index.shape[2]
@@ -52,16 +67,18 @@ def pool_rows_reference(
 
 def expand_rows_reference(
     src: torch.Tensor, plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1,
-    rows: int | None = None,
+    rows: int | None = None, first_row: int = 0,
 ) -> torch.Tensor:
-    """src [B, H, S, D] -> [B, R, H // group, D] (R = rows, default plan.n): per token, the sum
-    over levels (and group heads)."""
+    """src [B, H, S, D] -> [B, R, H // group, D] (R = rows, default plan.n) holding token rows
+    first_row .. first_row + R - 1 (check_row_window): per token, the sum over levels (and
+    group heads)."""
     batch, heads, _, dim = src.shape
     n = plan.n
     rows = n if rows is None else rows
+    check_row_window(n, rows, first_row)
     acc = accumulation_dtype(src.dtype)
     offsets = level_offsets(n, cfg)
-    tokens = torch.arange(rows, device=src.device)
+    tokens = torch.arange(first_row, first_row + rows, device=src.device)
     out = torch.zeros((batch, rows, heads, dim), dtype=acc, device=src.device)
     padded = torch.cat([src.to(acc), src.new_zeros((batch, heads, 1, dim), dtype=acc)], dim=2)
     for level in range(1, cfg.levels + 1):

@@ -7,7 +7,7 @@ single-device output.
 Lighthouse: the two chunks are processed as a batch of 2B independent sequences for pyramid,
 selection, gather and scatter (tiles never straddle chunks, so each chunk's entries are the
 single-device entries of its tokens); only the compressed q/k/v entries reach the exchange;
-the scatter's spill past each chunk end travels as a halo; under the causal selection each
+the scatter's spill past each chunk end travels as a halo (added in place); under the causal selection each
 chunk also starts from the thresholds of the chunk before it (selection_carry.py).
 Compression is lh_cp.compress (Triton kernels on CUDA, the pure-PyTorch reference elsewhere),
 with the chunk's config (LighthouseConfig.for_pieces).
@@ -22,7 +22,7 @@ from lh_cp.attention import check_qkv
 from lh_cp.compress import compress, selection_carry
 from lh_cp.config import LighthouseConfig
 from lh_cp.parallel.headtail.exchange import exchange_attention
-from lh_cp.parallel.headtail.halo import combine_spills
+from lh_cp.parallel.headtail.halo import add_halos
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
 from lh_cp.parallel.selection_carry import preceding_thresholds
 
@@ -86,14 +86,13 @@ def lighthouse_attention_cp(
     )  # [B, H, 2 S_c, D]
     out_entries = _from_exchange_layout(out_entries)  # [2B, H, S_c, D]
 
-    # Scatter onto C + c_L positions (a multiple of c_L, as the pyramid needs): rows C ..
-    # C + c_L - 2 are the spill into the next chunk, row C + c_L - 1 never receives anything.
+    # Each chunk's C rows and, apart, its c_L - 1 spill rows past the end, which travel as a
+    # halo to the next chunk and are added to its first rows there.
     spill = local_cfg.coarsest_span - 1
-    delivered = entries.deliver(out_entries, chunk + local_cfg.coarsest_span)
-    delivered = delivered.unflatten(0, (batch, 2))  # [B, 2, C + c_L, H, D]
-    if spill == 0:
-        return delivered[:, :, :chunk].reshape(batch, n_local, heads, dim)
-    return combine_spills(delivered, chunk, spill, group)
+    rows, spill_rows = entries.deliver(out_entries, spill)  # [2B, C, H, D], [2B, c_L - 1, H, D]
+    if spill > 0:
+        rows = add_halos(rows, spill_rows, group)
+    return rows.reshape(batch, n_local, heads, dim)
 
 
 def causal_attention_cp(

@@ -8,7 +8,8 @@ second chunk (2W-1-r) is chunk 2W-r on rank r - 1, and the spill of the last chu
 leaves the sequence and is dropped, as the single-device scatter clips it.
 
 So every rank sends at most two spills and receives at most two, all in one symmetric batch;
-backward sends the gradients of the received spills back along the same edges.
+backward sends the gradients of the received spills back along the same edges. The halos are
+added in place (parallel/spill.py), so the shard's output is the scatter's own rows, uncopied.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lh_cp.parallel.spill import add_to_first_rows
 from lh_cp.parallel.transport import exchange_p2p
 
 # First-chunk spills travel to rank + 1, second-chunk spills to rank - 1: one tag each.
@@ -58,44 +60,24 @@ def _halo_backward(grad_first, grad_second, group):
     return grad_spill_first, grad_spill_second
 
 
-class SpillCombine(torch.autograd.Function):
-    """Delivered rows [B, 2, R, H, D] of the two local chunks (R = C + spill + 1 rows: the chunk,
-    its spill, one row nothing reaches) -> the shard's output [B, 2C, H, D]: each chunk's own C
-    rows plus, on its first `spill` rows, the halo its predecessor chunk sent.
-
-    One pass over the rows each way: forward copies the own rows once and adds the halos in
-    place; backward writes the gradient into one [B, 2, R, H, D] buffer, the spill rows'
-    gradients coming back along the halo edges. Saves nothing: the map is linear.
-    """
+class _HaloExchange(torch.autograd.Function):
+    """Spill rows [B, h, H, D] of the two local chunks -> the halos [B, h, H, D] landing on
+    them (linear, saves nothing); backward sends the halos' gradients back along the edges."""
 
     @staticmethod
-    def forward(ctx, delivered, chunk, spill, group):
-        batch, _, rows, heads, dim = delivered.shape
-        ctx.group, ctx.chunk, ctx.spill, ctx.rows = group, chunk, spill, rows
-        out = delivered[:, :, :chunk].contiguous()  # [B, 2, C, H, D]
-        spills = delivered[:, :, chunk : chunk + spill]
-        halo_first, halo_second = _halo_forward(spills[:, 0].contiguous(), spills[:, 1].contiguous(), group)
-        out[:, 0, :spill] += halo_first
-        out[:, 1, :spill] += halo_second
-        return out.view(batch, 2 * chunk, heads, dim)
+    def forward(ctx, spill_first, spill_second, group):
+        ctx.group = group
+        return _halo_forward(spill_first.contiguous(), spill_second.contiguous(), group)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        chunk, spill = ctx.chunk, ctx.spill
-        batch, _, heads, dim = grad_out.shape
-        grad_own = grad_out.reshape(batch, 2, chunk, heads, dim)
-        grad = grad_out.new_empty(batch, 2, ctx.rows, heads, dim)
-        grad[:, :, :chunk] = grad_own
-        grad[:, :, chunk + spill :] = 0
-        spill_first, spill_second = _halo_backward(
-            grad_own[:, 0, :spill].contiguous(), grad_own[:, 1, :spill].contiguous(), ctx.group
-        )
-        grad[:, 0, chunk : chunk + spill] = spill_first
-        grad[:, 1, chunk : chunk + spill] = spill_second
-        return grad, None, None, None
+    def backward(ctx, grad_first, grad_second):
+        return *_halo_backward(grad_first.contiguous(), grad_second.contiguous(), ctx.group), None
 
 
-def combine_spills(delivered: torch.Tensor, chunk: int, spill: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """[B, 2, R, H, D] delivered rows (own C, then the spill into the next chunk) -> [B, 2C, H, D]
-    with every chunk's halo added: the shard of the single-device scatter."""
-    return SpillCombine.apply(delivered, chunk, spill, group)
+def add_halos(rows: torch.Tensor, spill_rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """rows [2B, C, H, D] and spill rows [2B, h, H, D] of the two local chunks (row 2b + slot),
+    as deliver(out, spill) returns them -> rows with each chunk's halo (its predecessor's
+    spill) added to its first h rows, in place: the shard of the single-device scatter."""
+    spills = spill_rows.unflatten(0, (rows.shape[0] // 2, 2))  # [B, 2, h, H, D]
+    halo_first, halo_second = _HaloExchange.apply(spills[:, 0], spills[:, 1], group)
+    return add_to_first_rows(rows, torch.stack([halo_first, halo_second], dim=1).flatten(0, 1))

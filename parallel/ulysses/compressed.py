@@ -24,6 +24,7 @@ from lh_cp.attention import check_qkv
 from lh_cp.compress import causal_sdpa, compress, selection_carry
 from lh_cp.config import LighthouseConfig
 from lh_cp.parallel.selection_carry import preceding_thresholds
+from lh_cp.parallel.spill import add_to_first_rows
 from lh_cp.parallel.ulysses.comm import all_to_all_rows, shift_to_next_rank
 
 
@@ -85,12 +86,10 @@ def compressed_ulysses_attention(
     # concatenation in rank order is the single-device causal order.
     out_entries = _heads_to_shards(causal_sdpa(q_all, k_all, v_all), group)  # [B, H, S_c, D]
 
-    # Scatter onto C + c_L rows (a multiple of c_L, as the pyramid needs); rows C .. C+c_L-2
-    # are the spill into the next shard, row C + c_L - 1 never receives anything.
+    # The shard's C rows and, apart, its c_L - 1 spill rows, which go to rank r + 1 and are
+    # added to its first rows there.
     spill = local_cfg.coarsest_span - 1
-    delivered = local.deliver(out_entries, shard_len + local_cfg.coarsest_span)
-    own = delivered[:, :shard_len]  # [B, C, H, D]
+    own, spill_rows = local.deliver(out_entries, spill)  # [B, C, H, D], [B, c_L - 1, H, D]
     if spill == 0:
         return own
-    halo = shift_to_next_rank(delivered[:, shard_len : shard_len + spill], group)  # [B, c_L - 1, H, D]
-    return torch.cat([own[:, :spill] + halo, own[:, spill:]], dim=1)
+    return add_to_first_rows(own, shift_to_next_rank(spill_rows, group))
