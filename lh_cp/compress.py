@@ -56,9 +56,11 @@ def check_spill(spill: int, cfg: LighthouseConfig) -> None:
 
 
 def compress_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,
-                       selection: Selection | None = None, preceding: torch.Tensor | None = None) -> Compressed:
+                       selection: Selection | None = None, preceding: torch.Tensor | None = None,
+                       heads_outer: bool = False) -> Compressed:
     """Pure-PyTorch twin: q [B, N, H, D], k/v [B, N, Hkv, D]; `selection` given or computed
-    (`preceding`: see compress)."""
+    (`preceding`, `heads_outer`: see compress; the entries here are contiguous whatever the
+    layout asked, which changes no value)."""
     n = q.shape[1]
     sel = select(q.detach(), k.detach(), cfg, v.detach(), preceding) if selection is None else selection  # [B, H, S]
     slots = sel.slots(n, cfg)  # [B, H, S] rows of the pooled pyramid
@@ -77,7 +79,8 @@ def compress_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: L
 
 
 def compress_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,
-                     selection: Selection | None = None, preceding: torch.Tensor | None = None) -> Compressed:
+                     selection: Selection | None = None, preceding: torch.Tensor | None = None,
+                     heads_outer: bool = False) -> Compressed:
     """Triton twin (lh_cp.kernels.ops): same arguments, same selection."""
     from lh_cp.kernels.ops import gather_plan, scatter_plan, select_with_plan
     from lh_cp.kernels.plan import Plan
@@ -86,7 +89,7 @@ def compress_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Lig
         plan = select_with_plan(q, k, cfg, v, preceding)[0]
     else:
         plan = Plan.from_selection(selection, q.shape[1], cfg)
-    q_entries, k_entries, v_entries = gather_plan(q, k, v, plan, cfg)  # [B, H, S, D] each
+    q_entries, k_entries, v_entries = gather_plan(q, k, v, plan, cfg, heads_outer)  # [B, H, S, D] each
 
     def deliver(out: torch.Tensor, spill: int = 0):
         check_spill(spill, cfg)
@@ -96,14 +99,17 @@ def compress_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Lig
 
 
 def compress(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig,
-             selection: Selection | None = None, preceding: torch.Tensor | None = None) -> Compressed:
+             selection: Selection | None = None, preceding: torch.Tensor | None = None,
+             heads_outer: bool = False) -> Compressed:
     """The kernel twin where the kernels run (CUDA, kernel dtypes, Triton), else the reference.
 
     `preceding` [B, H, L-1, 2] (cfg.selection "causal" only): the selection_carry of the piece
-    of sequence just before this one (the previous CP chunk or shard); None where it starts."""
+    of sequence just before this one (the previous CP chunk or shard); None where it starts.
+    `heads_outer`: the kernels store the entries heads-outermost (lh_cp.kernels.rows.empty_entries),
+    so that a CP shard's chunk rows reach the exchange layout without a copy."""
     if kernels.available(q, k, v):
-        return compress_kernels(q, k, v, cfg, selection, preceding)
-    return compress_reference(q, k, v, cfg, selection, preceding)
+        return compress_kernels(q, k, v, cfg, selection, preceding, heads_outer)
+    return compress_reference(q, k, v, cfg, selection, preceding, heads_outer)
 
 
 def selection_carry(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Kernel and reference twins of compression (lh_cp/compress.py) agree on CP chunks.
 
 `check_chunk_twins(device)` runs both on the chunks of a head-tail shard ([2B, C] rows, chunk
-config): the kernel selection is identical to the reference (fields and plan), and entries,
+config; the kernels' entries heads-outer, as the CP path stores them): the kernel selection
+is identical to the reference (fields and plan), and entries,
 deliveries (the chunk's C rows and its c_L - 1 spill rows) and the gradients of q, k, v and of
 the entry outputs agree within 1e-5 absolute + 1e-5 relative in float32 (only the order of
 float32 sums of up to c_L terms differs; values are O(1)).
@@ -11,6 +12,8 @@ through Triton's interpreter (tests/test_cp_chunk_entries.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -64,7 +67,12 @@ def check_chunk_twins(device: str) -> None:
         for field in ("slot_map", "level_index", "level_position"):
             assert torch.equal(getattr(plan, field), getattr(ref_plan, field)), field
 
-        got = _run(compress_kernels, q, k, v, cfg, grad_rows, grad_spill)
+        # The CP path's kernels store entries heads-outer (the exchange layout is then a view):
+        # the values must not change, and the entry tensors must really be laid out so.
+        heads_outer = functools.partial(compress_kernels, heads_outer=True)
+        got = _run(heads_outer, q, k, v, cfg, grad_rows, grad_spill)
+        s = got[0].shape[2]
+        assert got[0].stride()[:2] == (s * dim, 2 * BATCH * s * dim), got[0].stride()
         want = _run(compress_reference, q, k, v, cfg, grad_rows, grad_spill)
         names = ("q entries", "k entries", "v entries", "rows", "spill rows", "dq", "dk", "dv", "d out entries")
         for name, a, b in zip(names, got, want):

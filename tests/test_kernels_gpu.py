@@ -21,7 +21,7 @@ from lh_cp.attention import attend_selected  # noqa: E402
 from lh_cp.attention import lighthouse_attention as kernel_lighthouse  # noqa: E402
 from lh_cp.kernels.ops import select as kernel_select  # noqa: E402
 from lh_cp.kernels.plan import Plan, selection_from_fields  # noqa: E402
-from lh_cp.kernels.rows import expand_rows, pool_rows  # noqa: E402
+from lh_cp.kernels.rows import empty_entries, expand_rows, pool_rows  # noqa: E402
 from lh_cp.kernels.rows_reference import expand_rows_reference, pool_rows_reference  # noqa: E402
 from lh_cp.kernels.scores import token_norms  # noqa: E402
 from lh_cp.kernels.selection import select_plan  # noqa: E402
@@ -136,6 +136,12 @@ def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv
     want = [pool_rows_reference(x, plan, cfg, 0, True, g) for x, g in ((q, 1), (k, group), (v, group))]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Heads-outer entries (a CP shard's layout): written and read through their strides.
+    outs = [empty_entries(batch, heads, s, dim, torch.float32, DEV, heads_outer=True) for _ in range(3)]
+    for a, b in zip(pool_rows([q, k, v], plan, cfg, shift=0, mean=True, group=group, outs=outs), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expand_rows([outs[0]], plan, cfg, 1, False)[0],
+                               expand_rows_reference(want[0], plan, cfg, 1, False), rtol=1e-5, atol=1e-5 * cfg.coarsest_span ** 0.5)
     entries = torch.randn(batch, heads, s, dim, device=DEV)
     torch.testing.assert_close(expand_rows([entries], plan, cfg, 1, False)[0],
                                expand_rows_reference(entries, plan, cfg, 1, False), rtol=1e-5, atol=sum_atol)

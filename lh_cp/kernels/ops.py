@@ -13,7 +13,7 @@ import torch
 
 from lh_cp.config import LighthouseConfig
 from lh_cp.kernels.plan import Plan, selection_from_fields
-from lh_cp.kernels.rows import expand_rows, pool_rows
+from lh_cp.kernels.rows import empty_entries, expand_rows, pool_rows
 from lh_cp.kernels.scores import token_norms
 from lh_cp.kernels.selection import select_plan
 from lh_cp.select import Selection
@@ -25,17 +25,20 @@ def _plan_tensors(ctx) -> Plan:
 
 
 class _GatherEntries(torch.autograd.Function):
-    """q [B, N, H, D], k/v [B, N, Hkv, D] -> pooled entries [B, H, S, D] each (mean of a span).
+    """q [B, N, H, D], k/v [B, N, Hkv, D] -> pooled entries [B, H, S, D] each (mean of a span),
+    contiguous or heads-outer (empty_entries).
 
     Saved for backward: the int32 plan only (pooling is linear).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, cfg):
+    def forward(ctx, q, k, v, plan, cfg, heads_outer):
         group = q.shape[2] // k.shape[2]
         ctx.save_for_backward(plan.slot_map, plan.level_index, plan.level_position)
         ctx.n, ctx.cfg, ctx.group = plan.n, cfg, group
-        return tuple(pool_rows([q, k, v], plan, cfg, shift=0, mean=True, group=group))
+        shape = (q.shape[0], plan.level_index.shape[1], plan.level_index.shape[2], q.shape[3])
+        outs = [empty_entries(*shape, x.dtype, x.device, heads_outer) for x in (q, k, v)]
+        return tuple(pool_rows([q, k, v], plan, cfg, shift=0, mean=True, group=group, outs=outs))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
@@ -45,7 +48,7 @@ class _GatherEntries(torch.autograd.Function):
         grads = [torch.zeros_like(present) if g is None else g for g in (grad_q, grad_k, grad_v)]
         (dq,) = expand_rows([grads[0]], plan, ctx.cfg, shift=0, mean=True, group=1)
         dk, dv = expand_rows([grads[1], grads[2]], plan, ctx.cfg, shift=0, mean=True, group=ctx.group)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 class _ScatterEntries(torch.autograd.Function):
@@ -61,6 +64,7 @@ class _ScatterEntries(torch.autograd.Function):
     def forward(ctx, entries, plan, cfg, spill):
         ctx.save_for_backward(plan.slot_map, plan.level_index, plan.level_position)
         ctx.n, ctx.cfg = plan.n, cfg
+        ctx.entries_layout = torch.empty_like(entries, device="meta")  # the gradient keeps the entries' strides
         ctx.set_materialize_grads(False)
         (rows,) = expand_rows([entries], plan, cfg, shift=1, mean=False)
         if spill == 0:
@@ -74,12 +78,16 @@ class _ScatterEntries(torch.autograd.Function):
         if grad_rows is None:  # only the spill reached a loss
             grad_rows = grad_spill.new_zeros((grad_spill.shape[0], ctx.n, *grad_spill.shape[2:]))
         tail = grad_spill if grad_spill is not None and grad_spill.shape[1] > 0 else None
-        return pool_rows([grad_rows], plan, ctx.cfg, shift=1, mean=False, tail=tail)[0], None, None, None
+        layout = ctx.entries_layout
+        grad = torch.empty_strided(layout.shape, layout.stride(), dtype=grad_rows.dtype, device=grad_rows.device)
+        return pool_rows([grad_rows], plan, ctx.cfg, shift=1, mean=False, tail=tail, outs=[grad])[0], None, None, None
 
 
-def gather_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, cfg: LighthouseConfig):
-    """Pooled entries of the plan (differentiable): q [B, N, H, D], k/v [B, N, Hkv, D] -> 3 x [B, H, S, D]."""
-    return _GatherEntries.apply(q, k, v, plan, cfg)
+def gather_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, cfg: LighthouseConfig,
+                heads_outer: bool = False):
+    """Pooled entries of the plan (differentiable): q [B, N, H, D], k/v [B, N, Hkv, D] -> 3 x [B, H, S, D],
+    heads-outer in memory if asked (empty_entries)."""
+    return _GatherEntries.apply(q, k, v, plan, cfg, heads_outer)
 
 
 def scatter_plan(entries: torch.Tensor, plan: Plan, cfg: LighthouseConfig, spill: int = 0):

@@ -25,18 +25,20 @@ MAX_BLOCK_TOKENS = 256  # at most this many rows of one head per program (spans 
 
 
 @triton.jit
-def _store_selected(vals, y_ptr, map_ptr, slot, ok, b, hx, group, heads, m, s, sy_s, cols, col_ok):
+def _store_selected(vals, y_ptr, map_ptr, slot, ok, b, hx, group, heads, m, sy_b, sy_h, sy_s, cols, col_ok):
     """Write the rows `vals` to the causal positions of their entries (`slot` indexes the plan's
-    slot map, which holds -1 for an entry not selected), once per query head reading head hx."""
+    slot map, which holds -1 for an entry not selected), once per query head reading head hx.
+    y is [B, H, S, D] with strides sy_b, sy_h, sy_s (a unit last stride): contiguous, or the
+    heads-outer layout of a CP shard's entries (lh_cp.kernels.ops.entry_buffer)."""
     for g in range(group):
         bh = (b * heads + hx * group + g).to(tl.int64)
         position = tl.load(map_ptr + bh * m + slot, mask=ok, other=-1).to(tl.int64)
-        row = (bh * s + position) * sy_s
+        row = b.to(tl.int64) * sy_b + (hx * group + g).to(tl.int64) * sy_h + position * sy_s
         tl.store(y_ptr + row[:, None] + cols[None, :], vals, mask=(position >= 0)[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _store_level(cur, y_ptr, map_ptr, level_start, b, hx, group, heads, n, m, s, u0, sy_s, cols, col_ok,
+def _store_level(cur, y_ptr, map_ptr, level_start, b, hx, group, heads, n, m, sy_b, sy_h, u0, sy_s, cols, col_ok,
                  NB: tl.constexpr, SPAN: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr):
     """Write the NB pooled rows of one level to the positions of the selected entries."""
     j = u0 // SPAN + tl.arange(0, NB) - SHIFT  # entry index inside the level
@@ -44,11 +46,11 @@ def _store_level(cur, y_ptr, map_ptr, level_start, b, hx, group, heads, n, m, s,
     if MEAN:
         cur = cur * (1.0 / SPAN)  # SPAN is a power of two: exact, and no division per element
     _store_selected(cur.to(y_ptr.dtype.element_ty), y_ptr, map_ptr, level_start + j, ok, b, hx, group, heads,
-                    m, s, sy_s, cols, col_ok)
+                    m, sy_b, sy_h, sy_s, cols, col_ok)
 
 
 @triton.jit
-def _store_levels_dot(x, y_ptr, map_ptr, b, hx, group, heads, n, m, s, u0, sy_s, cols, col_ok,
+def _store_levels_dot(x, y_ptr, map_ptr, b, hx, group, heads, n, m, sy_b, sy_h, u0, sy_s, cols, col_ok,
                       P: tl.constexpr, LB: tl.constexpr, TB: tl.constexpr, R: tl.constexpr,
                       SHIFT: tl.constexpr, MEAN: tl.constexpr, BLOCK_D: tl.constexpr):
     """Levels 2..LB at once on the tensor cores: pooled = A @ x with A[r, t] = 1 if token t of
@@ -83,13 +85,13 @@ def _store_levels_dot(x, y_ptr, map_ptr, b, hx, group, heads, n, m, s, u0, sy_s,
     j = u0 // span + index - SHIFT
     ok = valid & (j >= 0) & (j < n // span)
     _store_selected(pooled.to(y_ptr.dtype.element_ty), y_ptr, map_ptr, level_start + j, ok, b, hx, group, heads,
-                    m, s, sy_s, cols, col_ok)
+                    m, sy_b, sy_h, sy_s, cols, col_ok)
 
 
 @triton.jit
 def _pool_blocks_kernel(
-    x_ptr, tail_ptr, y_ptr, map_ptr, n, n_x, n_rows, x_heads, group, m, s, blocks, sx_b, sx_n, sx_h,
-    st_b, st_n, st_h, sy_s,
+    x_ptr, tail_ptr, y_ptr, map_ptr, n, n_x, n_rows, x_heads, group, m, blocks, sx_b, sx_n, sx_h,
+    st_b, st_n, st_h, sy_b, sy_h, sy_s,
     P: tl.constexpr, LB: tl.constexpr, TB: tl.constexpr, R: tl.constexpr, SHIFT: tl.constexpr,
     MEAN: tl.constexpr, HAS_TAIL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -114,10 +116,10 @@ def _pool_blocks_kernel(
         in_tail = (rows >= n_x) & (rows < n_rows)
         tail = tail_ptr + b.to(tl.int64) * st_b + hx.to(tl.int64) * st_h + (rows - n_x)[:, None] * st_n + cols[None, :]
         x += tl.load(tail, mask=in_tail[:, None] & col_ok[None, :], other=0.0)
-    _store_level(x.to(tl.float32), y_ptr, map_ptr, 0, b, hx, group, heads, n, m, s, u0, sy_s, cols, col_ok,
+    _store_level(x.to(tl.float32), y_ptr, map_ptr, 0, b, hx, group, heads, n, m, sy_b, sy_h, u0, sy_s, cols, col_ok,
                  TB, 1, SHIFT, MEAN)
     if LB > 1:
-        _store_levels_dot(x, y_ptr, map_ptr, b, hx, group, heads, n, m, s, u0, sy_s, cols, col_ok,
+        _store_levels_dot(x, y_ptr, map_ptr, b, hx, group, heads, n, m, sy_b, sy_h, u0, sy_s, cols, col_ok,
                           P, LB, TB, R, SHIFT, MEAN, BLOCK_D)
 
 
@@ -135,13 +137,13 @@ def launch_pool_blocks(x, tail, y, slot_map, n, group, pool, levels_here, rows_p
     batch, n_x, x_heads, dim = x.shape
     t = x if tail is None else tail
     n_rows = n_x + (0 if tail is None else tail.shape[1])
-    s, m = y.shape[2], slot_map.shape[-1]
+    m = slot_map.shape[-1]
     blocks = triton.cdiv(n_rows + shift, rows_per_block)  # shift 1: one more block for the last deliveries
     stacked = sum(rows_per_block // pool**level for level in range(1, levels_here))
     grid = check_grid(batch * x_heads * blocks)
     _pool_blocks_kernel[grid](
-        x, t, y, slot_map, n, n_x, n_rows, x_heads, group, m, s, blocks, x.stride(0), x.stride(1), x.stride(2),
-        t.stride(0), t.stride(1), t.stride(2), y.stride(2),
+        x, t, y, slot_map, n, n_x, n_rows, x_heads, group, m, blocks, x.stride(0), x.stride(1), x.stride(2),
+        t.stride(0), t.stride(1), t.stride(2), y.stride(0), y.stride(1), y.stride(2),
         P=pool, LB=levels_here, TB=rows_per_block, R=max(16, triton.next_power_of_2(stacked)),
         SHIFT=shift, MEAN=mean, HAS_TAIL=tail is not None, D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         num_warps=8 if rows_per_block * dim >= 8192 else 4,

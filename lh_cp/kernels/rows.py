@@ -106,15 +106,27 @@ def _pool_rows_kernel(
         tl.store(y3_ptr + out_off, acc3.to(y3_ptr.dtype.element_ty), mask=out_ok)
 
 
+def empty_entries(batch: int, heads: int, s: int, dim: int, dtype: torch.dtype, device: torch.device,
+                  heads_outer: bool = False) -> torch.Tensor:
+    """An uninitialised [B, H, S, D] entry tensor: contiguous, or heads-outer (memory laid out
+    [H, B, S, D]). Heads-outer is how a CP shard's 2B chunk rows (row 2b + slot) are stored:
+    the exchange's [B, H, 2S, D] layout, the two chunks of a head side by side, is then a
+    view (a reshape without copy), and at B = 1 a contiguous one."""
+    if not heads_outer:
+        return torch.empty((batch, heads, s, dim), dtype=dtype, device=device)
+    return torch.empty((heads, batch, s, dim), dtype=dtype, device=device).transpose(0, 1)
+
+
 def pool_rows(
     xs: list[torch.Tensor], plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1,
-    tail: torch.Tensor | None = None,
+    tail: torch.Tensor | None = None, outs: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Triton twin of pool_rows_reference for one tensor, or three (q at head h; k, v at h // group).
 
     xs: [B, R, Hx, D] tensors, R >= plan.n rows; `tail` [B, R', Hx, D] (one tensor only): rows
     R .. R + R' - 1 of the token tensor (the spill rows' gradient of a CP chunk's scatter).
-    Returns [B, H, S, D] contiguous each. Levels of span <= 256 are pooled by token blocks
+    Returns [B, H, S, D] each: contiguous, or written into `outs` (one per x, equal strides with
+    a unit last one, e.g. empty_entries(..., heads_outer=True)). Levels of span <= 256 are pooled by token blocks
     (pool_blocks.py: each row read once); coarser levels, if any, by the per-level kernel above
     (each entry reads its span).
     """
@@ -135,7 +147,14 @@ def pool_rows(
         tail = tail if tail.stride(-1) == 1 else tail.contiguous()
     n_rows = n_x + (0 if tail is None else tail.shape[1])
     heads, s = plan.level_index.shape[1], plan.level_index.shape[2]
-    ys = [torch.empty((batch, heads, s, dim), dtype=x.dtype, device=x.device) for x in xs]
+    if outs is None:
+        ys = [torch.empty((batch, heads, s, dim), dtype=x.dtype, device=x.device) for x in xs]
+    else:
+        ys = list(outs)
+        shapes_ok = len(ys) == len(xs) and all(y.shape == (batch, heads, s, dim) for y in ys)
+        if not shapes_ok or any(y.stride() != ys[0].stride() or y.stride(-1) != 1 for y in ys):
+            raise ValueError(f"pool_rows writes {len(xs)} x [{batch}, {heads}, {s}, {dim}] with equal strides and a "
+                             f"unit last one, got {[(tuple(y.shape), y.stride()) for y in ys]}")
     levels_here, rows_per_block = block_levels(cfg.pool, cfg.levels)
     for i, (x, y) in enumerate(zip(xs, ys)):
         x_group = 1 if (i == 0 and len(xs) == 3) else group  # q: its own head; k, v: shared by group
@@ -165,13 +184,13 @@ def pool_rows(
 
 
 @triton.jit
-def _expand_one(src_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, acc,
+def _expand_one(src_ptr, map_ptr, bh_src, src_off, t, t_ok, n, m, ss_s, cols, col_ok, acc,
                 P: tl.constexpr, L: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr):
     """acc += sum over levels of src[bh_src, slot_map[bh_src, level slot of t]] (* 1/span).
 
     Tokens t >= n (spill rows) only find the slots that exist: slot < n // span."""
     map_base = map_ptr + bh_src.to(tl.int64) * m
-    src_base = src_ptr + bh_src.to(tl.int64) * s * sy_s
+    src_base = src_ptr + src_off
     level_start = t * 0  # int64 zeros: slots of the levels below
     span = 1
     for level in tl.static_range(L):
@@ -179,7 +198,7 @@ def _expand_one(src_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, 
         ok = t_ok & (slot >= 0) & (slot < n // span)
         position = tl.load(map_base + level_start + slot, mask=ok, other=-1)
         has = position >= 0
-        vals = tl.load(src_base + position.to(tl.int64)[:, None] * sy_s + cols[None, :],
+        vals = tl.load(src_base + position.to(tl.int64)[:, None] * ss_s + cols[None, :],
                        mask=has[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if MEAN:
             vals = vals / span
@@ -192,14 +211,15 @@ def _expand_one(src_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, 
 @triton.jit
 def _expand_rows_kernel(
     s1_ptr, s2_ptr, o1_ptr, o2_ptr, map_ptr,
-    n, t0, n_out, out_heads, group, m, s,
-    sy_s, so_b, so_n, so_h,
+    n, t0, n_out, out_heads, group, m,
+    ss_b, ss_h, ss_s, so_b, so_n, so_h,
     P: tl.constexpr, L: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, NT: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """out[b, t, hx] = sum_{g < group} sum_levels src[b, hx*group + g, slot_map[...]] (* 1/span).
 
-    src tensors are contiguous [B, H, S, D] (H = out_heads * group); output row i holds token
+    src tensors are [B, H, S, D] (H = out_heads * group) with strides ss_b, ss_h, ss_s and a
+    unit last stride (contiguous, or a CP shard's heads-outer entries); output row i holds token
     t0 + i, i < n_out (t0 = 0, n_out = n: the sequence; t0 = n: the spill rows past it); one
     program writes BLOCK_T rows of one (b, hx) of each output once.
     """
@@ -216,10 +236,13 @@ def _expand_rows_kernel(
     acc1 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     acc2 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for g in range(group):
-        bh_src = b * out_heads * group + hx * group + g
-        acc1 = _expand_one(s1_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, acc1, P, L, SHIFT, MEAN)
+        h_src = hx * group + g
+        bh_src = b * out_heads * group + h_src
+        src_off = b.to(tl.int64) * ss_b + h_src.to(tl.int64) * ss_h
+        acc1 = _expand_one(s1_ptr, map_ptr, bh_src, src_off, t, t_ok, n, m, ss_s, cols, col_ok, acc1, P, L, SHIFT, MEAN)
         if NT == 2:
-            acc2 = _expand_one(s2_ptr, map_ptr, bh_src, t, t_ok, n, m, s, sy_s, cols, col_ok, acc2, P, L, SHIFT, MEAN)
+            acc2 = _expand_one(s2_ptr, map_ptr, bh_src, src_off, t, t_ok, n, m, ss_s, cols, col_ok, acc2, P, L, SHIFT,
+                               MEAN)
     out_off = b.to(tl.int64) * so_b + hx.to(tl.int64) * so_h + i[:, None] * so_n + cols[None, :]
     out_ok = t_ok[:, None] & col_ok[None, :]
     tl.store(o1_ptr + out_off, acc1.to(o1_ptr.dtype.element_ty), mask=out_ok)
@@ -231,7 +254,8 @@ def expand_rows(
     srcs: list[torch.Tensor], plan: Plan, cfg: LighthouseConfig, shift: int, mean: bool, group: int = 1,
     rows: int | None = None, first_row: int = 0,
 ) -> list[torch.Tensor]:
-    """Triton twin of expand_rows_reference for one or two [B, H, S, D] tensors (same plan).
+    """Triton twin of expand_rows_reference for one or two [B, H, S, D] tensors (same plan;
+    any strides with a unit last one, the two tensors' equal).
 
     Returns [B, R, H // group, D] contiguous tensors holding token rows first_row ..
     first_row + R - 1, R = rows: first_row = 0 and R >= plan.n (default) for the sequence,
@@ -239,7 +263,9 @@ def expand_rows(
     """
     if len(srcs) not in (1, 2):
         raise ValueError(f"expand_rows takes 1 or 2 tensors, got {len(srcs)}")
-    srcs = [x.contiguous() for x in srcs]
+    srcs = [x if x.stride(-1) == 1 else x.contiguous() for x in srcs]
+    if len(srcs) == 2 and srcs[0].stride() != srcs[1].stride():
+        srcs = [x.contiguous() for x in srcs]
     batch, heads, s, dim = srcs[0].shape
     n, out_heads = plan.n, heads // group
     rows = n if rows is None else rows
@@ -252,8 +278,8 @@ def expand_rows(
     grid = check_grid(batch * out_heads * triton.cdiv(rows, block_t))
     _expand_rows_kernel[grid](
         srcs[0], s2, outs[0], o2, plan.slot_map,
-        n, first_row, rows, out_heads, group, m, s,
-        srcs[0].stride(2), outs[0].stride(0), outs[0].stride(1), outs[0].stride(2),
+        n, first_row, rows, out_heads, group, m,
+        srcs[0].stride(0), srcs[0].stride(1), srcs[0].stride(2), outs[0].stride(0), outs[0].stride(1), outs[0].stride(2),
         P=cfg.pool, L=cfg.levels, SHIFT=shift, MEAN=mean, NT=len(srcs),
         D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_T=block_t, num_warps=8,
     )

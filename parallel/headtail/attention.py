@@ -35,13 +35,14 @@ def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> Lighthouse
 
 def _to_exchange_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
     """Per-chunk entries [2B, H, S, D] (row 2b + slot) -> [B, H, 2S, D], the two chunks along
-    the sequence in local order (the exchange's layout)."""
+    the sequence in local order (the exchange's layout): a view of heads-outer entries."""
     _, heads, length, dim = x.shape
     return x.unflatten(0, (batch, 2)).transpose(1, 2).reshape(batch, heads, 2 * length, dim)
 
 
 def _from_exchange_layout(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, 2S, D] -> [2B, H, S, D] (row 2b + slot)."""
+    """[B, H, 2S, D] -> [2B, H, S, D] (row 2b + slot): a view at B = 1, which the scatter
+    reads with its strides."""
     batch, heads, rows, dim = x.shape
     return x.unflatten(2, (2, rows // 2)).transpose(1, 2).reshape(2 * batch, heads, rows // 2, dim)
 
@@ -75,7 +76,9 @@ def lighthouse_attention_cp(
         preceding = preceding_thresholds(carry.contiguous(), list(local_chunk_ids(rank, world)),
                                          lambda c: chunk_owner(c, world), group)
         preceding = preceding.transpose(0, 1).flatten(0, 1)
-    entries = compress(q_chunks, k_chunks, v_chunks, local_cfg, preceding=preceding)  # [2B, H, S_c, D] each
+    # Heads-outer entries: the exchange layout below is then a view (at B = 1 no copy either
+    # way, forward or backward), not a transpose of every entry tensor.
+    entries = compress(q_chunks, k_chunks, v_chunks, local_cfg, preceding=preceding, heads_outer=True)  # [2B, H, S_c, D]
 
     out_entries = exchange_attention(
         _to_exchange_layout(entries.q, batch),
