@@ -15,7 +15,9 @@ alone at the same size, to show what share of the step it takes.
 
 W=1 (--nproc-per-node 1) runs the CP code path on one GPU without communication, which
 isolates the path's own overhead; --block-backends cudnn,flash times both block kernels in
-one run; --profile prints rank 0's kernel table of one CP Lighthouse step. On an 80 GB GPU
+one run; --paired (W=1) also times the single-GPU layer and the CP path in turn within each
+repeat, so that clock drift during the run cannot favour either; --profile prints rank 0's
+kernel table of one CP Lighthouse step. On an 80 GB GPU
 use --skip-check: the float32 dense GQA reference at 32K runs on PyTorch's math backend and
 needs more memory than that.
 """
@@ -88,21 +90,55 @@ def check_correctness(args, group, rank, world) -> list[dict]:
     return rows
 
 
+def one_time_ms(fn, inputs, dout, group) -> float:
+    """One forward+backward of fn on fresh leaves of `inputs`, CUDA events."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    if group is not None:
+        dist.barrier(group)
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(*inputs).backward(dout)
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop)
+
+
 def time_ms(fn, inputs_list, dout, group, warmup: int, repeats: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        inputs = [t.detach().requires_grad_() for t in inputs_list[i % len(inputs_list)]]
-        if group is not None:
-            dist.barrier(group)
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*inputs).backward(dout)
-        stop.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    times = [one_time_ms(fn, inputs_list[i % len(inputs_list)], dout, group) for i in range(warmup + repeats)]
+    return statistics.median(times[warmup:])
+
+
+def paired_w1(args, group) -> list[dict]:
+    """W = 1: the single-GPU layer and the CP path (both exchanges) timed in turn within every
+    repeat (single, all-gather, ring, single, ...), so that a drift of the GPU's clocks during
+    the run reaches all three alike; each row gives the medians and the median of the
+    per-repeat ratios CP / single."""
+    n, heads, dim = args.tokens_per_gpu, args.heads, args.dim
+    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+    gen = torch.Generator(device="cuda").manual_seed(99)
+    make = lambda: torch.randn(1, n, heads, dim, device="cuda", generator=gen).bfloat16()
+    sets, dout = [[make() for _ in range(3)] for _ in range(2)], make()
+    fns = {"single": (layer("lighthouse", cfg), None)}
+    fns.update({e: (layer("lighthouse", cfg, group, e), group) for e in ("allgather", "ring")})
+    times = {name: [] for name in fns}
+    for i in range(args.warmup + args.repeats):
+        for name, (fn, fn_group) in fns.items():
+            ms = one_time_ms(fn, sets[i % 2], dout, fn_group)
+            if i >= args.warmup:
+                times[name].append(ms)
+    rows = []
+    for exchange in ("allgather", "ring"):
+        ratios = [cp / single for cp, single in zip(times[exchange], times["single"])]
+        row = dict(kind="lighthouse", exchange=exchange, W=1, N=n, repeats=args.repeats,
+                   single_gpu_ms=statistics.median(times["single"]), cp_ms=statistics.median(times[exchange]),
+                   paired_ratio=statistics.median(ratios), ratios=ratios,
+                   device=torch.cuda.get_device_name(), torch=torch.__version__)
+        rows.append(row)
+        print(f"paired W=1 {exchange:9} N={n}: single {row['single_gpu_ms']:.2f} ms, CP {row['cp_ms']:.2f} ms, "
+              f"median ratio of {args.repeats} pairs {row['paired_ratio']:.3f} "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+    return rows
 
 
 def collective_ms(numel: int, group, repeats: int) -> float:
@@ -203,6 +239,8 @@ def main(argv=None) -> int:
                    help="CP block kernels to time, comma-separated: cudnn (the default path), flash")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--profile", action="store_true", help="print rank 0's CUDA-time profile of one CP Lighthouse step")
+    p.add_argument("--paired", action="store_true",
+                   help="W=1 only: also time the single-GPU layer and the CP path in turn within each repeat")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     for key, value in NVLS_OFF.items():
@@ -211,10 +249,17 @@ def main(argv=None) -> int:
             return 2
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.paired and world != 1:
+        print(f"--paired compares the CP path with the single-GPU layer on one GPU: run it with "
+              f"--nproc-per-node 1, not {world}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     group = dist.group.WORLD
     result = {"check": [] if args.skip_check else check_correctness(args, group, rank, world)}
     result["scaling"] = weak_scaling(args, group, rank, world)
+    if args.paired:
+        result["paired"] = paired_w1(args, group)
     if args.profile:
         profile_step(args, group, rank)
     if rank == 0 and args.out:
