@@ -45,7 +45,7 @@ class Compressed:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    deliver: Callable[[torch.Tensor, int], torch.Tensor]
+    deliver: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (out_entries, spill=0) -> (rows, spill rows)
 
 
 def check_spill(spill: int, cfg: LighthouseConfig) -> None:

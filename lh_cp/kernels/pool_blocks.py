@@ -29,7 +29,7 @@ def _store_selected(vals, y_ptr, map_ptr, slot, ok, b, hx, group, heads, m, sy_b
     """Write the rows `vals` to the causal positions of their entries (`slot` indexes the plan's
     slot map, which holds -1 for an entry not selected), once per query head reading head hx.
     y is [B, H, S, D] with strides sy_b, sy_h, sy_s (a unit last stride): contiguous, or the
-    heads-outer layout of a CP shard's entries (lh_cp.kernels.ops.entry_buffer)."""
+    heads-outer layout of a CP shard's entries (lh_cp.kernels.rows.empty_entries)."""
     for g in range(group):
         bh = (b * heads + hx * group + g).to(tl.int64)
         position = tl.load(map_ptr + bh * m + slot, mask=ok, other=-1).to(tl.int64)

@@ -126,9 +126,9 @@ def pool_rows(
     xs: [B, R, Hx, D] tensors, R >= plan.n rows; `tail` [B, R', Hx, D] (one tensor only): rows
     R .. R + R' - 1 of the token tensor (the spill rows' gradient of a CP chunk's scatter).
     Returns [B, H, S, D] each: contiguous, or written into `outs` (one per x, equal strides with
-    a unit last one, e.g. empty_entries(..., heads_outer=True)). Levels of span <= 256 are pooled by token blocks
-    (pool_blocks.py: each row read once); coarser levels, if any, by the per-level kernel above
-    (each entry reads its span).
+    a unit last one, e.g. empty_entries(..., heads_outer=True)). Levels of span <= 256 are
+    pooled by token blocks (pool_blocks.py: each row read once); coarser levels, if any, by the
+    per-level kernel above (each entry reads its span).
     """
     if len(xs) not in (1, 3):
         raise ValueError(f"pool_rows takes 1 or 3 tensors, got {len(xs)}")
@@ -177,7 +177,8 @@ def pool_rows(
             n, n_x, n_rows, heads, group, count, blocks[level - 1], s,
             xs[0].stride(0), xs[0].stride(1), xs[0].stride(2), x2.stride(0), x2.stride(1), x2.stride(2),
             t.stride(0), t.stride(1), t.stride(2), ys[0].stride(0), ys[0].stride(1), ys[0].stride(2),
-            SPAN=span, SHIFT=shift, MEAN=mean, NT=len(xs), HAS_TAIL=tail is not None, D=dim, BLOCK_D=block_d, BLOCK_E=block_e, CHUNK=chunk,
+            SPAN=span, SHIFT=shift, MEAN=mean, NT=len(xs), HAS_TAIL=tail is not None,
+            D=dim, BLOCK_D=block_d, BLOCK_E=block_e, CHUNK=chunk,
             num_warps=8 if len(xs) == 3 else 4,
         )
     return ys
