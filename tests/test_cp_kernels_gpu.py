@@ -1,7 +1,8 @@
 """The CP Lighthouse layer on its CUDA kernels against its reference path (skipped without a GPU).
 
 - The chunk step's twins (tests/chunk_twins.py): identical chunk-local selection, entries,
-  deliveries onto C + c_L rows and gradients within 1e-5 (float32, compiled kernels).
+  deliveries (the chunk's rows and its spill rows) and gradients within 1e-5 (float32,
+  compiled kernels).
 - The whole CP layer in a process group of one rank (its two chunks are chunks 0 and 1, so the
   first chunk's spill lands on the second on the same rank; W >= 2 runs in
   benchmarks/cp_multigpu.py): the kernel path against the reference path (kernels disabled)
@@ -51,19 +52,21 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("exchange", ["allgather", "ring"])
-@pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads,dim,selection", [
-    (4, 3, 256, 32, 16384, 4, 2, 64, "tile_topk"),
-    (2, 4, 64, 8, 4096, 3, 3, 72, "tile_topk"),
+@pytest.mark.parametrize("pool,levels,topk,budget,n,batch,heads,kv_heads,dim,selection", [
+    (4, 3, 256, 32, 16384, 1, 4, 2, 64, "tile_topk"),
+    (2, 4, 64, 8, 4096, 1, 3, 3, 72, "tile_topk"),
+    # two sequences: the heads-outer entries' exchange layout is not contiguous then
+    (2, 4, 64, 8, 4096, 2, 3, 3, 72, "tile_topk"),
     # the second chunk starts from the first chunk's thresholds (selection_carry.py)
-    (4, 3, 256, 32, 16384, 4, 2, 64, "causal"),
+    (4, 3, 256, 32, 16384, 1, 4, 2, 64, "causal"),
 ])
-def test_cp_kernel_path_matches_reference_path(one_rank_group, exchange, pool, levels, topk, budget, n, heads, kv_heads, dim,
-                                               selection):
+def test_cp_kernel_path_matches_reference_path(one_rank_group, exchange, pool, levels, topk, budget, n, batch, heads, kv_heads,
+                                               dim, selection):
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection)
     torch.manual_seed(n + levels)
-    q = torch.randn(1, n, heads, dim, device=DEV)
-    k, v = (torch.randn(1, n, kv_heads, dim, device=DEV) for _ in range(2))
-    grad_out = torch.randn(1, n, heads, dim, device=DEV)
+    q = torch.randn(batch, n, heads, dim, device=DEV)
+    k, v = (torch.randn(batch, n, kv_heads, dim, device=DEV) for _ in range(2))
+    grad_out = torch.randn(batch, n, heads, dim, device=DEV)
     got32 = _layer(q, k, v, grad_out, cfg, one_rank_group, exchange)
     bf16 = [x.bfloat16() for x in (q, k, v)]
     with kernels.disabled():

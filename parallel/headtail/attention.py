@@ -35,9 +35,12 @@ def chunk_config(cfg: LighthouseConfig, n_global: int, world: int) -> Lighthouse
 
 def _to_exchange_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
     """Per-chunk entries [2B, H, S, D] (row 2b + slot) -> [B, H, 2S, D], the two chunks along
-    the sequence in local order (the exchange's layout): a view of heads-outer entries."""
+    the sequence in local order (the exchange's layout): of heads-outer entries a view, and at
+    B = 1 a contiguous one. For B > 1 its batch and head strides are swapped; it is copied then
+    (as before the heads-outer layout): the block kernels have been run on GPUs only with
+    contiguous blocks."""
     _, heads, length, dim = x.shape
-    return x.unflatten(0, (batch, 2)).transpose(1, 2).reshape(batch, heads, 2 * length, dim)
+    return x.unflatten(0, (batch, 2)).transpose(1, 2).reshape(batch, heads, 2 * length, dim).contiguous()
 
 
 def _from_exchange_layout(x: torch.Tensor) -> torch.Tensor:
