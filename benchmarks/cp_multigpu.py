@@ -41,6 +41,11 @@ from lh_cp.parallel.transport import all_gather_flat
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def bench_config(args) -> LighthouseConfig:
+    """The Lighthouse config of every measurement here, from the command line."""
+    return LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+
+
 def layer(kind: str, cfg: LighthouseConfig, group=None, exchange: str = "allgather"):
     if kind == "lighthouse":
         return lambda q, k, v: lighthouse_attention(q, k, v, cfg, cp=group, exchange=exchange)
@@ -63,7 +68,7 @@ def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
 def check_correctness(args, group, rank, world) -> list[dict]:
     rows = []
     n, heads, dim = args.check_tokens, args.heads, args.dim
-    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+    cfg = bench_config(args)
     for dtype in (torch.float32, torch.bfloat16):
         for kv_heads in (heads, max(1, heads // 4)):
             gen = torch.Generator(device="cuda").manual_seed(1234 + kv_heads)
@@ -115,7 +120,7 @@ def paired_w1(args, group) -> list[dict]:
     the run reaches all three alike; each row gives the medians and the median of the
     per-repeat ratios CP / single."""
     n, heads, dim = args.tokens_per_gpu, args.heads, args.dim
-    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+    cfg = bench_config(args)
     gen = torch.Generator(device="cuda").manual_seed(99)
     make = lambda: torch.randn(1, n, heads, dim, device="cuda", generator=gen).bfloat16()
     sets, dout = [[make() for _ in range(3)] for _ in range(2)], make()
@@ -162,7 +167,7 @@ def collective_ms(numel: int, group, repeats: int) -> float:
 def weak_scaling(args, group, rank, world) -> list[dict]:
     rows = []
     per_gpu, heads, dim = args.tokens_per_gpu, args.heads, args.dim
-    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+    cfg = bench_config(args)
     for kind in args.scale_kinds.split(","):
         gen = torch.Generator(device="cuda").manual_seed(99 + rank)
         make = lambda n: torch.randn(1, n, heads, dim, device="cuda", generator=gen).bfloat16()
@@ -208,7 +213,7 @@ def weak_scaling(args, group, rank, world) -> list[dict]:
 
 def profile_step(args, group, rank) -> None:
     """One CP Lighthouse forward+backward (all-gather exchange) under torch.profiler."""
-    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+    cfg = bench_config(args)
     make = lambda: torch.randn(1, args.tokens_per_gpu, args.heads, args.dim, device="cuda").bfloat16()
     q, k, v, dout = make(), make(), make(), make()
     fn = layer("lighthouse", cfg, group, "allgather")
