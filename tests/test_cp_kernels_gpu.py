@@ -11,6 +11,12 @@
   2e-2 and at most 2x the bf16 reference path's own error + 1e-3 (as tests/test_kernels_gpu.py).
 - Compressed Ulysses in an NCCL group of one rank (its all-to-all on CUDA tensors): the kernel
   path against the reference path, with the same tolerances.
+- The exchanges' LSE merge: the Triton kernel against its twin (tests/merge_twins.py,
+  tolerances there), and the merges of every rank of W = 2..4 over each exchange's key blocks
+  in bf16 on the cuDNN blocks (W >= 2 needs no second GPU here: no collective is involved):
+  the merge kernel within one bf16 ulp of the reference merge on the same block outputs, and
+  within 1e-2 relative L2 of one float64 attention over the whole sequence (bf16 inputs,
+  bf16 output: about 4e-3 is the rounding alone).
 """
 
 import pytest
@@ -22,6 +28,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from chunk_twins import check_chunk_twins  # noqa: E402
+from merge_twins import accumulated_rows, assert_within_ulp, check_merge_twins, full_rows  # noqa: E402
 from dist_utils import free_port  # noqa: E402
 
 from lh_cp import LighthouseConfig, kernels, lighthouse_attention  # noqa: E402
@@ -117,3 +124,25 @@ def test_compressed_ulysses_kernel_path_matches_reference_path(one_rank_nccl, mo
     for name, g, r, e in zip(("out", "dq", "dk", "dv"), got_bf16, ref_bf16, exact):
         err, ref_err = rel_err(g, e), rel_err(r, e)
         assert err <= 2e-2 and err <= 2 * ref_err + 1e-3, (name, err, ref_err)
+
+
+def test_merge_twins_compiled():
+    check_merge_twins(DEV)
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "ring"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_accumulated_merges_with_the_kernel(world, exchange):
+    torch.manual_seed(world)
+    length = 256
+    q = torch.randn(1, 4, 2 * world * length, 64, device=DEV).bfloat16()
+    k, v = (torch.randn(1, 2, 2 * world * length, 64, device=DEV).bfloat16() for _ in range(2))
+    for rank in range(world):
+        out, lse = accumulated_rows(q, k, v, rank, world, exchange)
+        assert out.dtype == torch.bfloat16  # merged into the final rows, not a float32 copy
+        with kernels.disabled():
+            ref_out, ref_lse = accumulated_rows(q, k, v, rank, world, exchange)
+        assert_within_ulp(out, ref_out, torch.bfloat16, f"rank {rank}")
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+        want_out, _ = full_rows(q, k, v, rank, world)
+        assert rel_err(out, want_out) <= 1e-2, (rank, rel_err(out, want_out))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lh_cp import kernels
 from lh_cp.parallel.headtail.fused_blocks import fused_block_backward, fused_block_forward, fused_supported
 from lh_cp.pyramid import accumulation_dtype
 
@@ -114,39 +115,78 @@ def own_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     return _forward_fn(q)(q, k, v, True)
 
 
-def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Fold a block result (out [.., S, D], lse [.., S]) into running accumulators, in place.
+def merge_reference(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                    dest: torch.Tensor) -> None:
+    """Fold a block result (out [.., S, D], lse [.., S]) into a running one: dest <- the merged
+    output (dest may be out_acc itself), lse_acc <- the merged LSE, in place.
 
     An empty accumulator has lse -inf and out 0: its weight exp(-inf - lse) is exactly 0.
-    `out` may be in a lower precision than the accumulator; products are taken in the latter.
+    The operands may be in a lower precision than the LSEs; products are taken in the latter.
     """
     merged = torch.logaddexp(lse_acc, lse)
-    out_acc.mul_(torch.exp(lse_acc - merged).unsqueeze(-1)).add_(out * torch.exp(lse - merged).unsqueeze(-1))
+    dest.copy_(out_acc.to(lse.dtype) * torch.exp(lse_acc - merged).unsqueeze(-1)
+               + out.to(lse.dtype) * torch.exp(lse - merged).unsqueeze(-1))
     lse_acc.copy_(merged)
 
 
+def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+               dest: torch.Tensor | None = None) -> None:
+    """merge_reference, through its one-pass Triton twin (lh_cp/kernels/merge.py) where the
+    kernels run; dest None merges in place into out_acc."""
+    dest = out_acc if dest is None else dest
+    if kernels.available(out_acc, out, dest) and lse_acc.dtype == lse.dtype == torch.float32:
+        from lh_cp.kernels.merge import merge_kernel
+
+        merge_kernel(out_acc, lse_acc, out, lse, dest)
+    else:
+        merge_reference(out_acc, lse_acc, out, lse, dest)
+
+
+def merges_per_chunk(q_ids: tuple[int, int], key_blocks: list) -> list[int]:
+    """How many of the key blocks (chunk ids of each, in arrival order) each query chunk sees."""
+    return [sum(1 for kv_ids in key_blocks if visible_prefix(q_id, kv_ids) > 0) for q_id in q_ids]
+
+
 class Accumulated:
-    """The running output and LSE of the rank's queries [B, H, 2S, D] over the blocks seen so
-    far: starts as the own block's result and widens to the accumulation dtype only when a
-    second block arrives (at W = 1 nothing is converted or merged)."""
+    """The output and LSE of the rank's two query chunks [B, H, 2S, D] over the key blocks
+    seen so far, starting from the own block's result (at W = 1 that is all: nothing is
+    converted or merged).
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        self.out, self.lse, self.widened = out, lse, False
+    Every remote block is folded in by one merge (merge_into) whose destination is chosen so
+    that nothing is converted apart: a chunk's last merge writes its final rows into `out`
+    itself (in the block kernel's dtype: the layer's output); a chunk that has more merges to
+    come keeps a running sum in the accumulation dtype in between (the ring at W >= 3), so the
+    partial results of W - 1 blocks are never rounded to bf16 on the way.
+    `key_blocks`: the chunk ids of each remote block, in the order add_remote receives them.
+    """
 
-    def add_remote(self, q: torch.Tensor, kv: torch.Tensor, q_ids: tuple[int, int], kv_ids, length: int) -> None:
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, q_ids: tuple[int, int], key_blocks: list) -> None:
+        self.out, self.lse, self.q_ids = out, lse, q_ids
+        self.merges_left = merges_per_chunk(q_ids, key_blocks)
+        self.running: list[torch.Tensor | None] = [None, None]
+
+    def add_remote(self, q: torch.Tensor, kv: torch.Tensor, kv_ids, length: int) -> None:
         """Attend each query chunk to the prefix of the block kv [2, B, Hk, M*S, D] (chunks
         kv_ids, ascending) it sees, one unmasked call each, and merge by LSE."""
         block = _forward_fn(q)
-        for slot, q_id in enumerate(q_ids):
+        for slot, q_id in enumerate(self.q_ids):
             seen = visible_prefix(q_id, kv_ids)
             if seen == 0:
                 continue
-            if not self.widened:
-                self.out, self.widened = self.out.to(accumulation_dtype(q.dtype)), True
             keys = kv[:, :, :, : seen * length]
             out, lse = block(chunk_rows(q, slot, length), keys[0], keys[1], False)
             rows = slice(slot * length, (slot + 1) * length)
-            merge_into(self.out[:, :, rows], self.lse[:, :, rows], out, lse)
+            if self.merges_left[slot] == 0:
+                raise ValueError(f"key block {kv_ids} reaches query chunk {q_id} after its last listed block")
+            self.merges_left[slot] -= 1
+            final_rows, running = self.out[:, :, rows], self.running[slot]
+            if self.merges_left[slot] == 0:
+                dest = final_rows
+            else:
+                dest = running if running is not None else torch.empty(
+                    final_rows.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            merge_into(final_rows if running is None else running, self.lse[:, :, rows], out, lse, dest)
+            self.running[slot] = dest if self.merges_left[slot] else None
 
     def saved_output(self, q: torch.Tensor) -> torch.Tensor:
         """The output as the block backward reads it: in q's dtype for the fused kernels, in

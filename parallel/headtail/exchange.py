@@ -64,11 +64,12 @@ class AllGatherAttention(torch.autograd.Function):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         length = q.shape[2] // 2
         gathering = all_gather_start(torch.stack([k, v]), group, "kv_forward") if world > 1 else None
-        acc = Accumulated(*own_block_forward(q, k, v))
+        remote_ids = _remote_chunk_ids(rank, world)
+        acc = Accumulated(*own_block_forward(q, k, v), local_chunk_ids(rank, world), [remote_ids] if world > 1 else [])
         kv_remote = q.new_empty(0)
         if gathering is not None:
             kv_remote = _remote_sequence(gathering.wait(), rank, world, length)
-            acc.add_remote(q, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world), length)
+            acc.add_remote(q, kv_remote, remote_ids, length)
         ctx.save_for_backward(q, k, v, kv_remote, acc.saved_output(q), acc.lse)
         ctx.group = group
         return acc.out.to(q.dtype)

@@ -38,12 +38,13 @@ def ring_forward(q, k, v, group) -> Accumulated:
     length = q.shape[2] // 2
     kv = torch.stack([k, v]) if world > 1 else None  # [2, B, Hk, 2S, D], the travelling block
     pending = ring_shift(kv, group, _KV_TAG, "kv_forward") if world > 1 else None
-    acc = Accumulated(*own_block_forward(q, k, v))
-    for step in range(1, world):
+    sources = [(rank - step) % world for step in range(1, world)]
+    acc = Accumulated(*own_block_forward(q, k, v), local_chunk_ids(rank, world),
+                      [local_chunk_ids(source, world) for source in sources])
+    for step, source in enumerate(sources, start=1):
         (current,) = pending.wait()
         pending = ring_shift(current, group, _KV_TAG, "kv_forward") if step < world - 1 else None
-        source = (rank - step) % world
-        acc.add_remote(q, current, local_chunk_ids(rank, world), local_chunk_ids(source, world), length)
+        acc.add_remote(q, current, local_chunk_ids(source, world), length)
     return acc
 
 
