@@ -229,15 +229,25 @@ def backward_inputs(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse:
 
 
 def remote_backward(grads: BackwardInputs, q: torch.Tensor, kv: torch.Tensor, q_ids: tuple[int, int], kv_ids,
-                    length: int, dq_acc: torch.Tensor, dkv_acc: torch.Tensor) -> None:
-    """Add the gradients of the unmasked calls of Accumulated.add_remote for one block: into
-    dq_acc [B, H, 2S, D] and dkv_acc [2, B, Hk, M*S, D] (accumulation dtype)."""
+                    length: int, dkv_acc: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
+    """The gradients of the unmasked calls of Accumulated.add_remote for one block: dK/dV are
+    added into dkv_acc [2, B, Hk, M*S, D] (accumulation dtype); each query chunk's dq is
+    returned with its rows of the rank's [B, H, 2S, D] queries, for the caller to add where
+    its own sum lives (in the kernel's dtype after the own block's dq, or a float32 sum)."""
+    dq_parts = []
     for slot, q_id in enumerate(q_ids):
         seen = visible_prefix(q_id, kv_ids)
         if seen == 0:
             continue
         keys = kv[:, :, :, : seen * length]
         dq, dk, dv = grads.block_backward(chunk_rows(q, slot, length), keys[0], keys[1], False, slot, length)
-        dq_acc[:, :, slot * length : (slot + 1) * length] += dq
+        dq_parts.append((slice(slot * length, (slot + 1) * length), dq))
         dkv_acc[0, :, :, : seen * length] += dk
         dkv_acc[1, :, :, : seen * length] += dv
+    return dq_parts
+
+
+def add_rows(dq: torch.Tensor, dq_parts: list[tuple[slice, torch.Tensor]]) -> None:
+    """dq [B, H, 2S, D] += each (rows, part) of remote_backward, in place."""
+    for rows, part in dq_parts:
+        dq[:, :, rows] += part

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.headtail.blocks import Accumulated, backward_inputs, own_block_forward, remote_backward
+from lh_cp.parallel.headtail.blocks import Accumulated, add_rows, backward_inputs, own_block_forward, remote_backward
 from lh_cp.parallel.headtail.ring import RingAttention
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
 from lh_cp.parallel.transport import all_gather_start, reduce_scatter_start
@@ -81,18 +81,19 @@ class AllGatherAttention(torch.autograd.Function):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         length = q.shape[2] // 2
         grads = backward_inputs(dout, q, out, lse)
-        pending = None
+        pending, dq_parts = None, []
         if world > 1:
-            acc = accumulation_dtype(q.dtype)
-            dq_remote = torch.zeros(q.shape, dtype=acc, device=q.device)
-            dkv_remote = torch.zeros(kv_remote.shape, dtype=acc, device=q.device)
-            remote_backward(grads, q, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world),
-                            length, dq_remote, dkv_remote)
+            dkv_remote = torch.zeros(kv_remote.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            dq_parts = remote_backward(grads, q, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world),
+                                       length, dkv_remote)
             pending = reduce_scatter_start(_to_owners(dkv_remote, rank, world, length), group, "dkv_backward")
         dq, dk, dv = grads.block_backward(q, k, v, True)  # the own block, while the others' sums travel
+        # One remote call per query chunk: its dq is added to the own block's in place (a bf16
+        # add computes in float32 and rounds once, as a float32 sum converted at the end would).
+        add_rows(dq, dq_parts)
         if pending is not None:
             dkv = pending.wait()  # [2, B, Hk, 2S, D]: what every other rank's queries gave this block
-            dq, dk, dv = dq_remote + dq, dkv[0] + dk, dkv[1] + dv
+            dk, dv = dkv[0] + dk, dkv[1] + dv
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None
 
 

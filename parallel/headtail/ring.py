@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.headtail.blocks import Accumulated, backward_inputs, own_block_forward, remote_backward
+from lh_cp.parallel.headtail.blocks import Accumulated, add_rows, backward_inputs, own_block_forward, remote_backward
 from lh_cp.parallel.headtail.sharding import local_chunk_ids
 from lh_cp.parallel.transport import ring_shift
 from lh_cp.pyramid import accumulation_dtype
@@ -67,8 +67,8 @@ def ring_backward(dout, q, k, v, out, lse, group):
         kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward") if step < world - 1 else None
         source = (rank - step) % world
         contribution = torch.zeros(current.shape, dtype=acc, device=q.device)
-        remote_backward(grads, q, current, local_chunk_ids(rank, world), local_chunk_ids(source, world),
-                        length, dq, contribution)
+        add_rows(dq, remote_backward(grads, q, current, local_chunk_ids(rank, world), local_chunk_ids(source, world),
+                                     length, contribution))
         # The accumulator for this block arrives from rank r - 1 while we computed.
         (incoming,) = grad_pending.wait()
         contribution += incoming
