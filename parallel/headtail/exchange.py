@@ -40,14 +40,38 @@ def _remote_sequence(kv_all: torch.Tensor, rank: int, world: int, length: int) -
     return torch.cat(pieces, dim=3)
 
 
-def _to_owners(dkv_remote: torch.Tensor, rank: int, world: int, length: int) -> torch.Tensor:
-    """Adjoint of _remote_sequence: [2, B, Hk, (2W-2)S, D] -> [W, 2, B, Hk, 2S, D], this rank's
-    own row zero (its own gradient is added after the reduce-scatter)."""
-    out = dkv_remote.new_zeros((world, *dkv_remote.shape[:3], 2 * length, dkv_remote.shape[-1]))
+def _sole_owner(rank: int, world: int) -> int | None:
+    """The rank whose two chunks, in its local order, are all of `rank`'s remote chunks in
+    ascending order, if there is one: the other rank at W = 2 (chunks 1, 2 for rank 0; 0, 3
+    for rank 1), nobody from W = 3 on."""
+    owners = [chunk_owner(c, world) for c in _remote_chunk_ids(rank, world)]
+    only = owners[0][0] if owners else None
+    return only if owners == [(only, 0), (only, 1)] else None
+
+
+def _gradient_buffers(kv_remote: torch.Tensor, rank: int, world: int, length: int):
+    """Zeroed float accumulators for the other ranks' dK/dV: the reduce-scatter's input
+    [W, 2, B, Hk, 2S, D] (this rank's own row stays zero: its own gradient is added after the
+    reduce-scatter) and the remote-order [2, B, Hk, (2W-2)S, D] one that remote_backward adds
+    into. Where one rank owns all remote chunks in order (W = 2) the second is a view of the
+    first, so nothing is copied between them."""
+    dtype = accumulation_dtype(kv_remote.dtype)
+    owners = kv_remote.new_zeros((world, *kv_remote.shape[:3], 2 * length, kv_remote.shape[-1]), dtype=dtype)
+    sole = _sole_owner(rank, world)
+    if sole is not None:
+        return owners, owners[sole]
+    return owners, torch.zeros(kv_remote.shape, dtype=dtype, device=kv_remote.device)
+
+
+def _to_owners(dkv_remote: torch.Tensor, owners: torch.Tensor, rank: int, world: int, length: int) -> torch.Tensor:
+    """Adjoint of _remote_sequence: the remote-order dK/dV [2, B, Hk, (2W-2)S, D] into the
+    owners' rows of `owners` [W, 2, B, Hk, 2S, D] (nothing to do where it is a view of them)."""
+    if _sole_owner(rank, world) is not None:
+        return owners  # dkv_remote is a view of that owner's row (_gradient_buffers)
     for i, chunk in enumerate(_remote_chunk_ids(rank, world)):
         owner, slot = chunk_owner(chunk, world)
-        out[owner, :, :, :, slot * length : (slot + 1) * length] = dkv_remote[:, :, :, i * length : (i + 1) * length]
-    return out
+        owners[owner, :, :, :, slot * length : (slot + 1) * length] = dkv_remote[:, :, :, i * length : (i + 1) * length]
+    return owners
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -83,10 +107,10 @@ class AllGatherAttention(torch.autograd.Function):
         grads = backward_inputs(dout, q, out, lse)
         pending, dq_parts = None, []
         if world > 1:
-            dkv_remote = torch.zeros(kv_remote.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            owners, dkv_remote = _gradient_buffers(kv_remote, rank, world, length)
             dq_parts = remote_backward(grads, q, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world),
                                        length, dkv_remote)
-            pending = reduce_scatter_start(_to_owners(dkv_remote, rank, world, length), group, "dkv_backward")
+            pending = reduce_scatter_start(_to_owners(dkv_remote, owners, rank, world, length), group, "dkv_backward")
         dq, dk, dv = grads.block_backward(q, k, v, True)  # the own block, while the others' sums travel
         # One remote call per query chunk: its dq is added to the own block's in place (a bf16
         # add computes in float32 and rounds once, as a float32 sum converted at the end would).
