@@ -153,11 +153,12 @@ def cp_dense_bytes_per_token(recipe: Recipe) -> int:
     backward (parallel/headtail/exchange.py, ring.py): dK/dV accumulators (8 bytes per
     key/value channel each): three in the ring (one being computed, one in flight, one
     arriving), W + 1 in the all-gather (one per source, plus the reduce-scatter's result)
-    beside the gathered bf16 K/V (4 bytes per key/value channel per source); and the ring's
-    float32 dq sum over W blocks (4 bytes per query channel). The all-gather adds each query
-    chunk's one remote dq to the own block's in the kernel's dtype and merges the forward
-    straight into the bf16 output rows: no float32 buffer per query channel. Zero without CP,
-    under Ulysses, or when no layer ever attends densely."""
+    beside the gathered bf16 K/V (4 bytes per key/value channel per source); and, from W = 3
+    on, the ring's float32 dq sum over several remote blocks (4 bytes per query channel).
+    Where a query chunk gets at most one remote dq (the all-gather; the ring at W = 2) it is
+    added to the own block's in the kernel's dtype, and the forward merges straight into the
+    bf16 output rows: no float32 buffer per query channel. Zero without CP, under Ulysses, or
+    when no layer ever attends densely."""
     m, par = recipe.model, recipe.parallel
     dense_somewhere = bool(normalize_layer_indices(recipe.lighthouse.dense_layers, m.n_layers)) or any(
         s.attention == "dense" for s in recipe.stages
@@ -166,7 +167,7 @@ def cp_dense_bytes_per_token(recipe: Recipe) -> int:
         return 0
     q_channels, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
     if par.dense_exchange == "ring":
-        return 4 * q_channels + 3 * 8 * kv
+        return (4 * q_channels if par.cp >= 3 else 0) + 3 * 8 * kv
     return (par.cp + 1) * 8 * kv + par.cp * 4 * kv
 
 

@@ -11,7 +11,9 @@ and cannot deadlock.
 Backward runs the same ring again. Each block travels with its dK/dV accumulator: rank r adds
 its contribution and passes the accumulator on, and after W hops it reaches its owner holding
 the sum over all ranks. Gradients are accumulated and sent in float32 (float64 for float64)
-so that low-precision inputs do not lose the sum over W partial gradients. Backward holds two
+so that low-precision inputs do not lose the sum over W partial gradients; dq too from W = 3
+on, where a query chunk gets several remote parts (at W = 2 it gets at most one, added to the
+own block's dq in the kernel's dtype: one rounding either way). Backward holds two
 K/V blocks and up to three dK/dV buffers (one in flight, one arriving, one being computed):
 the arriving accumulator is added after the local contribution, so its transfer overlaps
 the compute. At W = 1 nothing travels: forward and backward are the own block's call.
@@ -22,7 +24,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.headtail.blocks import Accumulated, add_rows, backward_inputs, own_block_forward, remote_backward
+from lh_cp.parallel.headtail.blocks import (
+    Accumulated, add_rows, backward_inputs, merges_per_chunk, own_block_forward, remote_backward,
+)
 from lh_cp.parallel.headtail.sharding import local_chunk_ids
 from lh_cp.parallel.transport import ring_shift
 from lh_cp.pyramid import accumulation_dtype
@@ -32,13 +36,18 @@ from lh_cp.pyramid import accumulation_dtype
 _KV_TAG, _GRAD_TAG = 11, 12
 
 
+def _sources(rank: int, world: int) -> list[int]:
+    """The ranks whose K/V blocks reach `rank` at steps 1 .. W-1, in order."""
+    return [(rank - step) % world for step in range(1, world)]
+
+
 def ring_forward(q, k, v, group) -> Accumulated:
     """q [B, H, 2S, D], k and v [B, Hk, 2S, D] -> the merged output and LSE."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     length = q.shape[2] // 2
     kv = torch.stack([k, v]) if world > 1 else None  # [2, B, Hk, 2S, D], the travelling block
     pending = ring_shift(kv, group, _KV_TAG, "kv_forward") if world > 1 else None
-    sources = [(rank - step) % world for step in range(1, world)]
+    sources = _sources(rank, world)
     acc = Accumulated(*own_block_forward(q, k, v), local_chunk_ids(rank, world),
                       [local_chunk_ids(source, world) for source in sources])
     for step, source in enumerate(sources, start=1):
@@ -58,14 +67,15 @@ def ring_backward(dout, q, k, v, out, lse, group):
     acc = accumulation_dtype(q.dtype)
     current = torch.stack([k, v])
     kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward")
+    sources = _sources(rank, world)
     dq, dk, dv = grads.block_backward(q, k, v, True)
-    dq = dq.to(acc)
+    if max(merges_per_chunk(local_chunk_ids(rank, world), [local_chunk_ids(s, world) for s in sources])) > 1:
+        dq = dq.to(acc)  # several remote parts for a chunk: summed in float32, rounded once at the end
     contribution = torch.stack([dk, dv]).to(acc)  # [2, B, Hk, 2S, D], this rank's share of its own block
     grad_pending = ring_shift(contribution, group, _GRAD_TAG, "dkv_backward")
-    for step in range(1, world):
+    for step, source in enumerate(sources, start=1):
         (current,) = kv_pending.wait()
         kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward") if step < world - 1 else None
-        source = (rank - step) % world
         contribution = torch.zeros(current.shape, dtype=acc, device=q.device)
         add_rows(dq, remote_backward(grads, q, current, local_chunk_ids(rank, world), local_chunk_ids(source, world),
                                      length, contribution))
