@@ -173,11 +173,11 @@ class Accumulated:
             seen = visible_prefix(q_id, kv_ids)
             if seen == 0:
                 continue
+            if self.merges_left[slot] == 0:
+                raise ValueError(f"key block {kv_ids} reaches query chunk {q_id} after its last listed block")
             keys = kv[:, :, :, : seen * length]
             out, lse = block(chunk_rows(q, slot, length), keys[0], keys[1], False)
             rows = slice(slot * length, (slot + 1) * length)
-            if self.merges_left[slot] == 0:
-                raise ValueError(f"key block {kv_ids} reaches query chunk {q_id} after its last listed block")
             self.merges_left[slot] -= 1
             final_rows, running = self.out[:, :, rows], self.running[slot]
             if self.merges_left[slot] == 0:
