@@ -93,14 +93,13 @@ def causal_thresholds(q_pyramid: list[torch.Tensor], k_pyramid: list[torch.Tenso
     batch, heads = q_pyramid[0].shape[:2]
     per_level = []
     for level in range(2, cfg.levels + 1):
-        pair = []
-        for pyramid in (q_pyramid, k_pyramid):
-            first_child = pyramid[level - 2][..., :: cfg.pool]  # [B, H, N / c_l]: score of each level-l span
-            spans = first_child.reshape(batch, heads, -1, tile // cfg.span(level))
-            if level < cfg.levels:
-                spans = spans.unflatten(-1, (-1, cfg.pool))[..., 1:].flatten(-2)
-            pair.append(_kth_largest(spans, cfg.threshold_rank(level, tile)))
-        per_level.append(torch.stack(pair, dim=-1))
+        # [B, H, 2, N / c_l]: the first-child score of each level-l span, query then key, so
+        # that one top-k call serves both
+        first_child = torch.stack([pyramid[level - 2][..., :: cfg.pool] for pyramid in (q_pyramid, k_pyramid)], dim=2)
+        spans = first_child.reshape(batch, heads, 2, -1, tile // cfg.span(level))  # [B, H, 2, tiles, spans]
+        if level < cfg.levels:
+            spans = spans.unflatten(-1, (-1, cfg.pool))[..., 1:].flatten(-2)
+        per_level.append(_kth_largest(spans, cfg.threshold_rank(level, tile)).transpose(2, 3))  # [B, H, tiles, 2]
     return torch.stack(per_level, dim=-2)
 
 
