@@ -12,24 +12,17 @@
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from merge_twins import accumulated_rows, full_rows
+from triton_interpreter import run_under_triton_interpreter
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")
 def test_merge_kernel_equals_reference_under_triton_interpreter():
-    script = Path(__file__).with_name("merge_twins.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "merge twins agree" in done.stdout
+    run_under_triton_interpreter(Path(__file__).with_name("merge_twins.py"), "merge twins agree", timeout=300)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
