@@ -9,10 +9,10 @@ accumulator is empty (lse -inf: the result is the block's output exactly), odd D
 row count that is not a multiple of the kernel's rows per program.
 
 Tolerances: the merged LSE within 4e-7 relative + 2e-7 absolute (log(1 + exp(-d)) against
-torch's logaddexp: a few float32 ulps of values up to ~20); float32 destinations within 2e-6 absolute + 2e-6
-relative (the weights differ by a few float32 ulps); low-precision destinations round the
-same float32 value, so they agree but for rare ties at a rounding boundary: within one ulp
-of the destination dtype (2**-7 relative for bf16, 2**-10 for fp16) of the larger magnitude.
+torch's logaddexp: a few float32 ulps of values up to ~20); float32 destinations within 2e-6
+absolute + 2e-6 relative (the weights differ by a few float32 ulps); low-precision
+destinations round the same float32 value, so they agree but for rare ties at a rounding
+boundary: within one ulp of the destination dtype (2**-7 relative for bf16, 2**-10 for fp16).
 
 Imported by the GPU tests; run as a script under TRITON_INTERPRET=1 it checks the same on CPU
 through Triton's interpreter (tests/test_merge_kernel.py).
