@@ -13,7 +13,7 @@ key/value head h // (H // Hk)); scale 1/sqrt(D), as the single-device SDPA.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -164,6 +164,7 @@ class Accumulated:
         self.out, self.lse, self.q_ids = out, lse, q_ids
         self.merges_left = merges_per_chunk(q_ids, key_blocks)
         self.running: list[torch.Tensor | None] = [None, None]
+        self.query_rows: dict[int, torch.Tensor] = {}  # each chunk's contiguous q rows, copied once
 
     def add_remote(self, q: torch.Tensor, kv: torch.Tensor, kv_ids, length: int) -> None:
         """Attend each query chunk to the prefix of the block kv [2, B, Hk, M*S, D] (chunks
@@ -176,7 +177,9 @@ class Accumulated:
             if self.merges_left[slot] == 0:
                 raise ValueError(f"key block {kv_ids} reaches query chunk {q_id} after its last listed block")
             keys = kv[:, :, :, : seen * length]
-            out, lse = block(chunk_rows(q, slot, length), keys[0], keys[1], False)
+            if slot not in self.query_rows:
+                self.query_rows[slot] = chunk_rows(q, slot, length)
+            out, lse = block(self.query_rows[slot], keys[0], keys[1], False)
             rows = slice(slot * length, (slot + 1) * length)
             self.merges_left[slot] -= 1
             final_rows, running = self.out[:, :, rows], self.running[slot]
@@ -196,39 +199,51 @@ class Accumulated:
 
 @dataclass(frozen=True)
 class BackwardInputs:
-    """What every block's backward reads, prepared once per layer: the output gradient and
-    the final output in the form the block kernels want, delta = rowsum(dout * out) for the
-    reference (the fused kernels compute it themselves), and the final LSE. [B, H, 2S, ..]."""
+    """What every block's backward reads, prepared once per layer: the queries, the output
+    gradient and the final output in the form the block kernels want, delta = rowsum(dout *
+    out) for the reference (the fused kernels compute it themselves), and the final LSE,
+    [B, H, 2S, ..]; and, made on first use and kept for the layer, each query chunk's rows of
+    them as contiguous tensors (the ring reads a chunk's rows once per remote block)."""
 
+    q: torch.Tensor
     dout: torch.Tensor
     out: torch.Tensor
     lse: torch.Tensor
     delta: torch.Tensor | None
     fused: bool
+    _chunks: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def block_backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                       slot: int | None = None, length: int = 0):
-        """dq, dk, dv of queries q against keys k, v: all 2S rows (slot None) or chunk `slot`
-        of `length` rows (q is then already that chunk)."""
-        def rows(x):
-            return x if slot is None else chunk_rows(x, slot, length)
+    def chunk(self, slot: int, length: int) -> tuple:
+        """q, dout, out, lse, delta of query chunk `slot` (`length` rows each), contiguous."""
+        if slot not in self._chunks:
+            self._chunks[slot] = tuple(None if x is None else chunk_rows(x, slot, length)
+                                       for x in (self.q, self.dout, self.out, self.lse, self.delta))
+        return self._chunks[slot]
+
+    def block_backward(self, k: torch.Tensor, v: torch.Tensor, causal: bool, slot: int | None = None, length: int = 0):
+        """dq, dk, dv of the queries (all 2S rows with slot None, else chunk `slot` of `length`
+        rows) against keys k, v."""
+        if slot is None:
+            q, dout, out, lse, delta = self.q, self.dout, self.out, self.lse, self.delta
+        else:
+            q, dout, out, lse, delta = self.chunk(slot, length)
         if self.fused:
-            return fused_block_backward(rows(self.dout), q, k, v, rows(self.out), rows(self.lse), causal)
-        return block_backward(rows(self.dout), q, k, v, rows(self.lse), rows(self.delta), causal)
+            return fused_block_backward(dout, q, k, v, out, lse, causal)
+        return block_backward(dout, q, k, v, lse, delta, causal)
 
 
 def backward_inputs(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> BackwardInputs:
-    """dout [B, H, 2S, D], the saved out and lse of the forward -> BackwardInputs.
+    """dout [B, H, 2S, D], the queries and the saved out and lse of the forward -> BackwardInputs.
 
     The fused kernels take dout and out in q's dtype (converted here once, not per block)."""
     if fused_supported(q):
-        return BackwardInputs(dout.to(q.dtype).contiguous(), out.to(q.dtype), lse, None, True)
+        return BackwardInputs(q, dout.to(q.dtype).contiguous(), out.to(q.dtype), lse, None, True)
     acc = accumulation_dtype(q.dtype)
     dout, out = dout.to(acc), out.to(acc)
-    return BackwardInputs(dout, out, lse, (dout * out).sum(dim=-1), False)
+    return BackwardInputs(q, dout, out, lse, (dout * out).sum(dim=-1), False)
 
 
-def remote_backward(grads: BackwardInputs, q: torch.Tensor, kv: torch.Tensor, q_ids: tuple[int, int], kv_ids,
+def remote_backward(grads: BackwardInputs, kv: torch.Tensor, q_ids: tuple[int, int], kv_ids,
                     length: int, dkv_acc: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
     """The gradients of the unmasked calls of Accumulated.add_remote for one block: dK/dV are
     added into dkv_acc [2, B, Hk, M*S, D] (accumulation dtype); each query chunk's dq is
@@ -240,7 +255,7 @@ def remote_backward(grads: BackwardInputs, q: torch.Tensor, kv: torch.Tensor, q_
         if seen == 0:
             continue
         keys = kv[:, :, :, : seen * length]
-        dq, dk, dv = grads.block_backward(chunk_rows(q, slot, length), keys[0], keys[1], False, slot, length)
+        dq, dk, dv = grads.block_backward(keys[0], keys[1], False, slot, length)
         dq_parts.append((slice(slot * length, (slot + 1) * length), dq))
         dkv_acc[0, :, :, : seen * length] += dk
         dkv_acc[1, :, :, : seen * length] += dv

@@ -108,10 +108,10 @@ class AllGatherAttention(torch.autograd.Function):
         pending, dq_parts = None, []
         if world > 1:
             owners, dkv_remote = _gradient_buffers(kv_remote, rank, world, length)
-            dq_parts = remote_backward(grads, q, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world),
+            dq_parts = remote_backward(grads, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world),
                                        length, dkv_remote)
             pending = reduce_scatter_start(_to_owners(dkv_remote, owners, rank, world, length), group, "dkv_backward")
-        dq, dk, dv = grads.block_backward(q, k, v, True)  # the own block, while the others' sums travel
+        dq, dk, dv = grads.block_backward(k, v, True)  # the own block, while the others' sums travel
         # One remote call per query chunk: its dq is added to the own block's in place (a bf16
         # add computes in float32 and rounds once, as a float32 sum converted at the end would).
         add_rows(dq, dq_parts)

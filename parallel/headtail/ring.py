@@ -63,12 +63,12 @@ def ring_backward(dout, q, k, v, out, lse, group):
     length = q.shape[2] // 2
     grads = backward_inputs(dout, q, out, lse)
     if world == 1:
-        return grads.block_backward(q, k, v, True)
+        return grads.block_backward(k, v, True)
     acc = accumulation_dtype(q.dtype)
     current = torch.stack([k, v])
     kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward")
     sources = _sources(rank, world)
-    dq, dk, dv = grads.block_backward(q, k, v, True)
+    dq, dk, dv = grads.block_backward(k, v, True)
     if max(merges_per_chunk(local_chunk_ids(rank, world), [local_chunk_ids(s, world) for s in sources])) > 1:
         dq = dq.to(acc)  # several remote parts for a chunk: summed in float32, rounded once at the end
     contribution = torch.stack([dk, dv]).to(acc)  # [2, B, Hk, 2S, D], this rank's share of its own block
@@ -77,7 +77,7 @@ def ring_backward(dout, q, k, v, out, lse, group):
         (current,) = kv_pending.wait()
         kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward") if step < world - 1 else None
         contribution = torch.zeros(current.shape, dtype=acc, device=q.device)
-        add_rows(dq, remote_backward(grads, q, current, local_chunk_ids(rank, world), local_chunk_ids(source, world),
+        add_rows(dq, remote_backward(grads, current, local_chunk_ids(rank, world), local_chunk_ids(source, world),
                                      length, contribution))
         # The accumulator for this block arrives from rank r - 1 while we computed.
         (incoming,) = grad_pending.wait()
