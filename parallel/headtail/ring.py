@@ -36,9 +36,10 @@ from lh_cp.pyramid import accumulation_dtype
 _KV_TAG, _GRAD_TAG = 11, 12
 
 
-def _sources(rank: int, world: int) -> list[int]:
-    """The ranks whose K/V blocks reach `rank` at steps 1 .. W-1, in order."""
-    return [(rank - step) % world for step in range(1, world)]
+def _key_blocks(rank: int, world: int) -> list[tuple[int, int]]:
+    """The chunk ids of the K/V blocks that reach `rank` at steps 1 .. W-1 (those of ranks
+    r - 1, r - 2, ...), in order."""
+    return [local_chunk_ids((rank - step) % world, world) for step in range(1, world)]
 
 
 def ring_forward(q, k, v, group) -> Accumulated:
@@ -47,13 +48,12 @@ def ring_forward(q, k, v, group) -> Accumulated:
     length = q.shape[2] // 2
     kv = torch.stack([k, v]) if world > 1 else None  # [2, B, Hk, 2S, D], the travelling block
     pending = ring_shift(kv, group, _KV_TAG, "kv_forward") if world > 1 else None
-    sources = _sources(rank, world)
-    acc = Accumulated(*own_block_forward(q, k, v), local_chunk_ids(rank, world),
-                      [local_chunk_ids(source, world) for source in sources])
-    for step, source in enumerate(sources, start=1):
+    blocks = _key_blocks(rank, world)
+    acc = Accumulated(*own_block_forward(q, k, v), local_chunk_ids(rank, world), blocks)
+    for step, kv_ids in enumerate(blocks, start=1):
         (current,) = pending.wait()
         pending = ring_shift(current, group, _KV_TAG, "kv_forward") if step < world - 1 else None
-        acc.add_remote(q, current, local_chunk_ids(source, world), length)
+        acc.add_remote(q, current, kv_ids, length)
     return acc
 
 
@@ -67,18 +67,17 @@ def ring_backward(dout, q, k, v, out, lse, group):
     acc = accumulation_dtype(q.dtype)
     current = torch.stack([k, v])
     kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward")
-    sources = _sources(rank, world)
+    blocks = _key_blocks(rank, world)
     dq, dk, dv = grads.block_backward(k, v, True)
-    if max(merges_per_chunk(local_chunk_ids(rank, world), [local_chunk_ids(s, world) for s in sources])) > 1:
+    if max(merges_per_chunk(local_chunk_ids(rank, world), blocks)) > 1:
         dq = dq.to(acc)  # several remote parts for a chunk: summed in float32, rounded once at the end
     contribution = torch.stack([dk, dv]).to(acc)  # [2, B, Hk, 2S, D], this rank's share of its own block
     grad_pending = ring_shift(contribution, group, _GRAD_TAG, "dkv_backward")
-    for step, source in enumerate(sources, start=1):
+    for step, kv_ids in enumerate(blocks, start=1):
         (current,) = kv_pending.wait()
         kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward") if step < world - 1 else None
         contribution = torch.zeros(current.shape, dtype=acc, device=q.device)
-        add_rows(dq, remote_backward(grads, current, local_chunk_ids(rank, world), local_chunk_ids(source, world),
-                                     length, contribution))
+        add_rows(dq, remote_backward(grads, current, local_chunk_ids(rank, world), kv_ids, length, contribution))
         # The accumulator for this block arrives from rank r - 1 while we computed.
         (incoming,) = grad_pending.wait()
         contribution += incoming
