@@ -14,7 +14,7 @@ so that generating them is not timed.
 On CUDA `lighthouse_attention` runs the Triton kernels of lh_cp/kernels; `--reference` adds
 a column for the pure-PyTorch path (the same call inside `kernels.disabled()`). SDPA on the
 selected entries, in Lighthouse and in the floor alike, goes through
-lh_cp.kernels.sdpa.sdpa_causal_fast, and the row records which backend PyTorch picked.
+lh_cp.ops.kernels.sdpa.sdpa_causal_fast, and the row records which backend PyTorch picked.
 Dense SDPA is the library's `causal_attention` (PyTorch's default backend choice); above
 `--dense-max-n` it is measured once, without warm-up, and the row says so
 (`sdpa_repeats`). `--profile N,...` prints the CUDA kernels of one Lighthouse
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from lh_cp import LighthouseConfig, causal_attention, kernels, lighthouse_attention
+from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
+from lh_cp.ops import kernels
 
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM device-to-device copy, read+write (device/KINDS.md)
 
@@ -54,11 +55,18 @@ def levels_by_n(levels: str, ns: list[int]) -> dict[int, int]:
     return {n: int(levels) for n in ns}
 
 
-def _random_sets(count: int, shapes: list[tuple[int, ...]], dtype, device) -> list[list[torch.Tensor]]:
-    return [[torch.randn(shape, dtype=dtype, device=device).requires_grad_() for shape in shapes] for _ in range(count)]
+def _random_sets(
+    count: int, shapes: list[tuple[int, ...]], dtype, device
+) -> list[list[torch.Tensor]]:
+    return [
+        [torch.randn(shape, dtype=dtype, device=device).requires_grad_() for shape in shapes]
+        for _ in range(count)
+    ]
 
 
-def time_ms(fn, input_sets: list[list[torch.Tensor]], backward: bool, warmup: int, repeats: int) -> float:
+def time_ms(
+    fn, input_sets: list[list[torch.Tensor]], backward: bool, warmup: int, repeats: int
+) -> float:
     """Median CUDA-event time of fn(*inputs) (and its backward) over fresh input sets."""
     if backward:
         with torch.no_grad():
@@ -99,11 +107,15 @@ def bench_one(n: int, cfg: LighthouseConfig, args, impls: dict) -> dict:
     entry_shapes = [(1, heads, s, dim)] * 3
     token_sets = _random_sets(args.sets, token_shapes, dtype, "cuda")
     entry_sets = _random_sets(args.sets, entry_shapes, dtype, "cuda")
-    from lh_cp.kernels.sdpa import backend_name, sdpa_causal_fast
+    from lh_cp.ops.kernels.sdpa import backend_name, sdpa_causal_fast
 
     sdpa_on_entries = sdpa_causal_fast
 
-    row = {"N": n, "S": s, "config": vars(cfg) | {"heads": heads, "dim": dim, "dtype": args.dtype, "batch": 1}}
+    row = {
+        "N": n,
+        "S": s,
+        "config": vars(cfg) | {"heads": heads, "dim": dim, "dtype": args.dtype, "batch": 1},
+    }
     row["sdpa_selected_ms"] = time_ms(sdpa_on_entries, entry_sets, True, args.warmup, args.repeats)
     row["sdpa_selected_backend"] = backend_name(*entry_sets[0])
     del entry_sets
@@ -144,7 +156,10 @@ def profile_table(n: int, cfg: LighthouseConfig, args, top: int = 14) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     dtype = getattr(torch, args.dtype)
-    q, k, v = (torch.randn(1, n, args.heads, args.dim, dtype=dtype, device="cuda").requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(1, n, args.heads, args.dim, dtype=dtype, device="cuda").requires_grad_()
+        for _ in range(3)
+    )
     grad = torch.randn(1, n, args.heads, args.dim, dtype=dtype, device="cuda")
     for _ in range(2):
         lighthouse_attention(q, k, v, cfg).backward(grad)
@@ -158,7 +173,9 @@ def profile_table(n: int, cfg: LighthouseConfig, args, top: int = 14) -> str:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / 1e3
-    lines = [f"profile N={n} levels={cfg.levels}: {total:.2f} ms of CUDA kernels in one forward+backward"]
+    lines = [
+        f"profile N={n} levels={cfg.levels}: {total:.2f} ms of CUDA kernels in one forward+backward"
+    ]
     for e in events[:top]:
         lines.append(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:90]}")
     lines.append("  launches in order (ms):")
@@ -183,9 +200,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ns", default="32768,131072", help="comma-separated sequence lengths")
-    p.add_argument("--levels", default="3", help="levels for every N, or N:levels pairs, e.g. 131072:3,524288:4")
+    p.add_argument(
+        "--levels",
+        default="3",
+        help="levels for every N, or N:levels pairs, e.g. 131072:3,524288:4",
+    )
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--tile-budget", type=int, default=128)
@@ -197,7 +220,9 @@ def main(argv=None) -> int:
     p.add_argument("--sets", type=int, default=2, help="random input sets rotated between repeats")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--reference", action="store_true", help="also time the pure-PyTorch path")
-    p.add_argument("--dense-max-n", type=int, default=524288, help="above this N, dense SDPA runs once")
+    p.add_argument(
+        "--dense-max-n", type=int, default=524288, help="above this N, dense SDPA runs once"
+    )
     p.add_argument("--profile", default="", help="comma-separated N to profile (kernel time table)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -209,24 +234,38 @@ def main(argv=None) -> int:
     if args.reference:
         impls["reference"] = reference_attention
     for n in [int(x) for x in args.profile.split(",") if x]:
-        cfg = LighthouseConfig(pool=args.pool, levels=levels_of.get(n, 3), topk=args.topk, tile_budget=args.tile_budget)
+        cfg = LighthouseConfig(
+            pool=args.pool, levels=levels_of.get(n, 3), topk=args.topk, tile_budget=args.tile_budget
+        )
         print(profile_table(n, cfg, args), flush=True)
-    bench_lengths(args, ns, levels_of, lambda n, cfg: bench_one(n, cfg, args, impls), format_table,
-                  "times are medians in ms")
+    bench_lengths(
+        args,
+        ns,
+        levels_of,
+        lambda n, cfg: bench_one(n, cfg, args, impls),
+        format_table,
+        "times are medians in ms",
+    )
     return 0
 
 
-def bench_lengths(args, ns: list[int], levels_of: dict[int, int], bench, table, note: str) -> list[dict]:
+def bench_lengths(
+    args, ns: list[int], levels_of: dict[int, int], bench, table, note: str
+) -> list[dict]:
     """bench(n, cfg) -> row for every N (printing each row as it comes), then the whole table
     with the setup line, and the rows as JSON to args.out when given."""
     rows = []
     for n in ns:
-        cfg = LighthouseConfig(pool=args.pool, levels=levels_of[n], topk=args.topk, tile_budget=args.tile_budget)
+        cfg = LighthouseConfig(
+            pool=args.pool, levels=levels_of[n], topk=args.topk, tile_budget=args.tile_budget
+        )
         rows.append(bench(n, cfg))
         print(table(rows[-1:]), flush=True)
         torch.cuda.empty_cache()
-    print(f"\n{rows[0]['device']}, torch {torch.__version__}, B=1 H={args.heads} D={args.dim} {args.dtype}, "
-          f"pool={args.pool} topk={args.topk} tile_budget={args.tile_budget}; {note}")
+    print(
+        f"\n{rows[0]['device']}, torch {torch.__version__}, B=1 H={args.heads} D={args.dim} {args.dtype}, "
+        f"pool={args.pool} topk={args.topk} tile_budget={args.tile_budget}; {note}"
+    )
     print(table(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,9 @@ def reference(q, k, v, dout, bottom_right: bool):
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))
     sq, sk = q.shape[2], k.shape[2]
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1 + (sk - sq if bottom_right else 0))
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(
+        1 + (sk - sq if bottom_right else 0)
+    )
     scores = scores.masked_fill(mask, float("-inf"))
     lse = scores.logsumexp(-1)
     out = scores.softmax(-1) @ v
@@ -42,7 +44,11 @@ def reference(q, k, v, dout, bottom_right: bool):
 
 
 def diagonal_rows() -> list[dict]:
-    from lh_cp.parallel.headtail.fused_blocks import fused_backend, fused_block_backward, fused_block_forward
+    from lh_cp.parallel.headtail.fused_blocks import (
+        fused_backend,
+        fused_block_backward,
+        fused_block_forward,
+    )
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -68,8 +74,11 @@ def diagonal_rows() -> list[dict]:
                 continue
             for name, bottom_right in (("bottom_right", True), ("top_left", False)):
                 ref_out, ref_lse, ref_grads = reference(q, k, v, dout, bottom_right)
-                row[name] = {"out": rel(out, ref_out), "lse": rel(lse, ref_lse),
-                             **{f"d{n}": rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
+                row[name] = {
+                    "out": rel(out, ref_out),
+                    "lse": rel(lse, ref_lse),
+                    **{f"d{n}": rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)},
+                }
             rows.append(row)
             print(json.dumps(row), flush=True)
     torch.backends.cuda.enable_cudnn_sdp(was)
@@ -78,7 +87,11 @@ def diagonal_rows() -> list[dict]:
 
 def dense_rows(n: int, repeats: int) -> list[dict]:
     rows = []
-    choices = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    choices = {
+        "default": None,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+    }
     for name, backend in choices.items():
         times = []
         for i in range(repeats + 2):
@@ -95,7 +108,11 @@ def dense_rows(n: int, repeats: int) -> list[dict]:
             torch.cuda.synchronize()
             if i >= 2:
                 times.append(start.elapsed_time(stop))
-        picked = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True)).name if backend is None else backend.name
+        picked = (
+            SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True)).name
+            if backend is None
+            else backend.name
+        )
         row = {"sdpa": name, "picks": picked, "N": n, "fwd_bwd_ms": statistics.median(times)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -103,14 +120,20 @@ def dense_rows(n: int, repeats: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dense-tokens", type=int, default=131072)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(), "diagonal": diagonal_rows(),
-              "dense": dense_rows(args.dense_tokens, args.repeats)}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "diagonal": diagonal_rows(),
+        "dense": dense_rows(args.dense_tokens, args.repeats),
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

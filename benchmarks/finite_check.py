@@ -1,7 +1,7 @@
 """Cost of the non-finite input check of a Lighthouse layer on one GPU.
 
 The selection makes one host sync to refuse bad scores. It used to test the sum of the q and k
-norms for NaN only (so inf in k and anything in v passed); lh_cp.select.check_finite tests the
+norms for NaN only (so inf in k and anything in v passed); lh_cp.ops.select.check_finite tests the
 maxima of the q and k norms and of |v| for finiteness, in the same single sync. Timed here,
 with CUDA events (median of --repeats, each including its host sync): the previous check, the
 current one, and one whole Lighthouse layer forward+backward for scale.
@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lh_cp import LighthouseConfig, lighthouse_attention  # noqa: E402
-from lh_cp.kernels.scores import token_norms  # noqa: E402
-from lh_cp.select import check_finite  # noqa: E402
+from lh_cp.ops.entries import check_finite  # noqa: E402
+from lh_cp.ops.kernels.scores import token_norms  # noqa: E402
 
 
 def previous_check(query_scores: torch.Tensor, key_scores: torch.Tensor, v: torch.Tensor) -> None:
@@ -48,7 +48,9 @@ def timed(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=131072)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -57,8 +59,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    q = torch.randn(1, args.n, args.heads, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, args.n, args.kv_heads, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(
+        1, args.n, args.heads, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
+    k = torch.randn(
+        1, args.n, args.kv_heads, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
     v = torch.randn_like(k, requires_grad=True)
     qs, ks = token_norms(q.detach()), token_norms(k.detach())
     cfg = LighthouseConfig(pool=4, levels=3, topk=2048, tile_budget=128)
@@ -68,12 +74,20 @@ def main(argv=None) -> int:
         lighthouse_attention(q, k, v, cfg).backward(grad)
 
     result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "shape": {"N": args.n, "H": args.heads, "Hkv": args.kv_heads, "D": args.dim, "dtype": "bfloat16"},
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": {
+            "N": args.n,
+            "H": args.heads,
+            "Hkv": args.kv_heads,
+            "D": args.dim,
+            "dtype": "bfloat16",
+        },
         "previous_check_ms": timed(lambda: previous_check(qs, ks, v.detach()), args.repeats),
         "check_finite_ms": timed(lambda: check_finite(qs, ks, v.detach()), args.repeats),
         "layer_fwd_bwd_ms": timed(layer, max(args.repeats // 2, 5)),
-        "command": "python benchmarks/finite_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/finite_check.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     result["added_ms"] = result["check_finite_ms"] - result["previous_check_ms"]
     result["added_fraction_of_layer"] = result["added_ms"] / result["layer_fwd_bwd_ms"]

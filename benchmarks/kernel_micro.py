@@ -17,7 +17,9 @@ import torch
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=524288)
     p.add_argument("--levels", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -26,11 +28,11 @@ def main(argv=None) -> int:
     import triton
 
     from lh_cp import LighthouseConfig
-    from lh_cp.kernels.launch import check_grid
-    from lh_cp.kernels.ops import select_with_plan
-    from lh_cp.kernels.pool_blocks import block_levels, launch_pool_blocks
-    from lh_cp.kernels.rows import expand_rows, pool_rows
-    from lh_cp.kernels.scores import token_norms
+    from lh_cp.ops.kernels.launch import check_grid
+    from lh_cp.ops.kernels.ops import select_with_plan
+    from lh_cp.ops.kernels.pool_blocks import block_levels, launch_pool_blocks
+    from lh_cp.ops.kernels.rows import expand_rows, pool_rows
+    from lh_cp.ops.kernels.scores import token_norms
 
     cfg = LighthouseConfig(pool=4, levels=args.levels, topk=2048, tile_budget=128)
     n, heads, dim = args.n, args.heads, args.dim
@@ -43,7 +45,9 @@ def main(argv=None) -> int:
     levels_here, tb = block_levels(cfg.pool, cfg.levels)
 
     def blocks(lb, rows):
-        return lambda: launch_pool_blocks(q, None, y, plan.slot_map, n, 1, cfg.pool, lb, rows, 0, True, check_grid)
+        return lambda: launch_pool_blocks(
+            q, None, y, plan.slot_map, n, 1, cfg.pool, lb, rows, 0, True, check_grid
+        )
 
     cases = {
         "copy q (read+write)": (lambda: q.clone(), 2 * x_bytes),
@@ -55,7 +59,9 @@ def main(argv=None) -> int:
         "scatter fwd (expand_rows)": (lambda: expand_rows([entries], plan, cfg, 1, False), x_bytes),
         "scatter bwd (pool_rows shift 1)": (lambda: pool_rows([q], plan, cfg, 1, False), x_bytes),
     }
-    print(f"{torch.cuda.get_device_name()} N={n} levels={cfg.levels} H={heads} D={dim} bf16; one tensor = {x_bytes / 1e9:.2f} GB")
+    print(
+        f"{torch.cuda.get_device_name()} N={n} levels={cfg.levels} H={heads} D={dim} bf16; one tensor = {x_bytes / 1e9:.2f} GB"
+    )
     for name, (fn, nbytes) in cases.items():
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         print(f"{name:45s} {ms:8.3f} ms  {nbytes / ms / 1e9:7.2f} TB/s", flush=True)

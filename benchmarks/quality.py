@@ -20,7 +20,7 @@ the final dense-mode validation loss of each seed, mean and standard deviation (
 loss jump at the switch (mean training loss of the first 10 dense steps minus that of the
 last 10 Lighthouse steps); the crossing step (the first validation after the switch from
 which the arm's seed-mean dense-mode loss stays below its baseline's: dense, or dense_wsd for
-the wsd arm); the leak metric at the last Lighthouse-stage validation (lh_cp/leak.py; in a
+the wsd arm); the leak metric at the last Lighthouse-stage validation (lh_cp/train/leak.py; in a
 dense arm it is measured in dense mode, where it is exactly zero); throughput and wall time
 from runs alone on the GPU (--timing-steps: each attention configuration trains alone for a
 few steps; an arm's wall time = sum over its stages of steps * tokens per step / that
@@ -54,9 +54,21 @@ from runs import REPO, read_metrics, train
 RECIPE = "recipes/quality_16k.toml"
 JUMP_STEPS = 10  # steps on each side of the switch averaged for the loss jump
 # A CPU smoke test of the whole pipeline: the recipe shrunk to seconds per run.
-TINY = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
-        "data.seq_len=1024", "lighthouse.topk=64", "lighthouse.tile_budget=16", "eval.val_interval=10",
-        "eval.val_batches=1", "eval.leak_positions=4", "checkpoint.interval=0", "data.source='stdlib'"]
+TINY = [
+    "model.dim=64",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=128",
+    "data.seq_len=1024",
+    "lighthouse.topk=64",
+    "lighthouse.tile_budget=16",
+    "eval.val_interval=10",
+    "eval.val_batches=1",
+    "eval.leak_positions=4",
+    "checkpoint.interval=0",
+    "data.source='stdlib'",
+]
 
 
 @dataclass(frozen=True)
@@ -70,39 +82,79 @@ class Arm:
     def overrides(self, steps: int, seed: int) -> list[str]:
         lighthouse = round(self.lighthouse_fraction * steps)
         dense = steps - lighthouse
-        stages = [f"{{name='dense', attention='dense', steps={steps}}}"] if not lighthouse else [
-            f"{{name='lighthouse', attention='lighthouse', steps={lighthouse}}}",
-            f"{{name='recovery', attention='dense', steps={dense}}}"]
-        sets = [f"stages=[{', '.join(stages)}]", f"schedule.warmup_steps={steps // 8}",
-                f"run.seed={seed}", f"data.seed={seed}", f"run.name='{self.name}-seed{seed}'"]
+        stages = (
+            [f"{{name='dense', attention='dense', steps={steps}}}"]
+            if not lighthouse
+            else [
+                f"{{name='lighthouse', attention='lighthouse', steps={lighthouse}}}",
+                f"{{name='recovery', attention='dense', steps={dense}}}",
+            ]
+        )
+        sets = [
+            f"stages=[{', '.join(stages)}]",
+            f"schedule.warmup_steps={steps // 8}",
+            f"run.seed={seed}",
+            f"data.seed={seed}",
+            f"run.name='{self.name}-seed{seed}'",
+        ]
         if self.wsd:
-            sets += ["schedule.decay='wsd'", f"schedule.decay_steps={round(0.375 * steps)}", "schedule.min_lr_ratio=0.1"]
+            sets += [
+                "schedule.decay='wsd'",
+                f"schedule.decay_steps={round(0.375 * steps)}",
+                "schedule.min_lr_ratio=0.1",
+            ]
         return sets + list(self.sets)
 
 
 # Dense arms measure the leak metric in dense mode (it must come out exactly zero).
 DENSE_LEAK_CHECK = ("eval.leak_in_dense_stages=true",)
-ARMS = {arm.name: arm for arm in (
-    Arm("dense", 0.0, "dense", DENSE_LEAK_CHECK),
-    Arm("paper_split", 0.625, "dense"),
-    Arm("split_75_25", 0.75, "dense"),
-    Arm("paper_split_wsd", 0.625, "dense_wsd", wsd=True),
-    Arm("dense_wsd", 0.0, "dense_wsd", DENSE_LEAK_CHECK, wsd=True),
-    Arm("paper_split_pool2", 0.625, "dense", ("lighthouse.pool=2", "lighthouse.topk=1024", "lighthouse.tile_budget=128")),
-    Arm("paper_split_causal", 0.625, "dense", ("lighthouse.selection='causal'",)),
-    Arm("paper_split_causal_pool2", 0.625, "dense", ("lighthouse.selection='causal'", "lighthouse.pool=2",
-                                                     "lighthouse.topk=1024", "lighthouse.tile_budget=128")),
-)}
+ARMS = {
+    arm.name: arm
+    for arm in (
+        Arm("dense", 0.0, "dense", DENSE_LEAK_CHECK),
+        Arm("paper_split", 0.625, "dense"),
+        Arm("split_75_25", 0.75, "dense"),
+        Arm("paper_split_wsd", 0.625, "dense_wsd", wsd=True),
+        Arm("dense_wsd", 0.0, "dense_wsd", DENSE_LEAK_CHECK, wsd=True),
+        Arm(
+            "paper_split_pool2",
+            0.625,
+            "dense",
+            ("lighthouse.pool=2", "lighthouse.topk=1024", "lighthouse.tile_budget=128"),
+        ),
+        Arm("paper_split_causal", 0.625, "dense", ("lighthouse.selection='causal'",)),
+        Arm(
+            "paper_split_causal_pool2",
+            0.625,
+            "dense",
+            (
+                "lighthouse.selection='causal'",
+                "lighthouse.pool=2",
+                "lighthouse.topk=1024",
+                "lighthouse.tile_budget=128",
+            ),
+        ),
+    )
+}
 DENSE_ARM, PAPER_SPLIT_ARM = "dense", "paper_split"
 # Attention configurations timed alone: (name, --set overrides).
 TIMED = {
     "dense": ["stages.0.attention='dense'"],
     "lighthouse_pool4": ["stages.0.attention='lighthouse'"],
-    "lighthouse_pool2": ["stages.0.attention='lighthouse'", "lighthouse.pool=2", "lighthouse.topk=1024",
-                         "lighthouse.tile_budget=128"],
+    "lighthouse_pool2": [
+        "stages.0.attention='lighthouse'",
+        "lighthouse.pool=2",
+        "lighthouse.topk=1024",
+        "lighthouse.tile_budget=128",
+    ],
     "lighthouse_causal": ["stages.0.attention='lighthouse'", "lighthouse.selection='causal'"],
-    "lighthouse_causal_pool2": ["stages.0.attention='lighthouse'", "lighthouse.selection='causal'", "lighthouse.pool=2",
-                                "lighthouse.topk=1024", "lighthouse.tile_budget=128"],
+    "lighthouse_causal_pool2": [
+        "stages.0.attention='lighthouse'",
+        "lighthouse.selection='causal'",
+        "lighthouse.pool=2",
+        "lighthouse.topk=1024",
+        "lighthouse.tile_budget=128",
+    ],
 }
 
 
@@ -127,8 +179,14 @@ def run_one(args, arm: Arm, seed: int, common: list[str]) -> dict:
     if (folder / "done").is_file():
         return json.loads((folder / "done").read_text())
     # One intra-op thread each: several runs share the machine's cores.
-    seconds, code, tail = train(RECIPE, folder, common + arm.overrides(args.steps, seed), args.run_timeout,
-                                env={"OMP_NUM_THREADS": "1"}, log=folder / "console.log")
+    seconds, code, tail = train(
+        RECIPE,
+        folder,
+        common + arm.overrides(args.steps, seed),
+        args.run_timeout,
+        env={"OMP_NUM_THREADS": "1"},
+        log=folder / "console.log",
+    )
     result = {"arm": arm.name, "seed": seed, "exit_code": code, "wall_s_shared_gpu": seconds}
     if code == 0:
         (folder / "done").write_text(json.dumps(result))
@@ -138,7 +196,9 @@ def run_one(args, arm: Arm, seed: int, common: list[str]) -> dict:
 
 
 def run_all(args, common: list[str]) -> list[dict]:
-    jobs = [(ARMS[name], seed) for seed in args.seeds for name in args.arms]  # seed-major: whole seeds first
+    jobs = [
+        (ARMS[name], seed) for seed in args.seeds for name in args.arms
+    ]  # seed-major: whole seeds first
     results, lock, began = [], threading.Lock(), time.perf_counter()
 
     def one(job):
@@ -149,8 +209,11 @@ def run_all(args, common: list[str]) -> list[dict]:
             done, elapsed = len(results), time.perf_counter() - began
             eta = elapsed / done * (len(jobs) - done)
             status = "ok" if result["exit_code"] == 0 else f"FAILED (exit {result['exit_code']})"
-            print(f"[quality] {done}/{len(jobs)} {arm.name} seed {seed}: {status}, {result['wall_s_shared_gpu']:.0f} s; "
-                  f"elapsed {elapsed:.0f} s, eta {eta:.0f} s", flush=True)
+            print(
+                f"[quality] {done}/{len(jobs)} {arm.name} seed {seed}: {status}, {result['wall_s_shared_gpu']:.0f} s; "
+                f"elapsed {elapsed:.0f} s, eta {eta:.0f} s",
+                flush=True,
+            )
         return result
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -164,18 +227,34 @@ def time_alone(args, common: list[str]) -> dict:
     timing, needed = {}, set()
     for name in args.arms:
         arm = ARMS[name]
-        needed |= {stage_timing_key(arm, "dense")} | ({stage_timing_key(arm, "lighthouse")} if arm.lighthouse_fraction else set())
+        needed |= {stage_timing_key(arm, "dense")} | (
+            {stage_timing_key(arm, "lighthouse")} if arm.lighthouse_fraction else set()
+        )
     for name, sets in TIMED.items():
         if name not in needed:
             continue
         folder = args.out / "timing" / name
         steps = args.timing_steps
-        stage = [f"stages=[{{name='timed', attention='dense', steps={steps}}}]", "schedule.warmup_steps=1",
-                 "eval.leak=false", "eval.leak_in_dense_stages=false", "checkpoint.interval=0"]
-        seconds, code, tail = train(RECIPE, folder, common + stage + sets, args.run_timeout, log=folder / "console.log")
-        rates = [r["perf/tokens_per_s"] for r in read_metrics(folder) if r["kind"] == "train" and r["step"] > 10]
-        timing[name] = {"tokens_per_s": statistics.median(rates) if rates else None, "steps": len(rates),
-                        "exit_code": code}
+        stage = [
+            f"stages=[{{name='timed', attention='dense', steps={steps}}}]",
+            "schedule.warmup_steps=1",
+            "eval.leak=false",
+            "eval.leak_in_dense_stages=false",
+            "checkpoint.interval=0",
+        ]
+        seconds, code, tail = train(
+            RECIPE, folder, common + stage + sets, args.run_timeout, log=folder / "console.log"
+        )
+        rates = [
+            r["perf/tokens_per_s"]
+            for r in read_metrics(folder)
+            if r["kind"] == "train" and r["step"] > 10
+        ]
+        timing[name] = {
+            "tokens_per_s": statistics.median(rates) if rates else None,
+            "steps": len(rates),
+            "exit_code": code,
+        }
         if code != 0:
             timing[name]["error_tail"] = tail[-1500:]
         print(f"[quality] alone: {name} {timing[name]['tokens_per_s']} tokens/s", flush=True)
@@ -195,7 +274,9 @@ def switch_step(arm: Arm, steps: int) -> int | None:
     return round(arm.lighthouse_fraction * steps) or None
 
 
-def loss_jump(train_loss: list[list[float]], last_lighthouse: int, width: int = JUMP_STEPS) -> float | None:
+def loss_jump(
+    train_loss: list[list[float]], last_lighthouse: int, width: int = JUMP_STEPS
+) -> float | None:
     """Mean train loss of the `width` steps after the switch minus that of the `width` steps
     up to it (None if the log lacks them)."""
     losses = dict((int(s), v) for s, v in train_loss)
@@ -209,10 +290,15 @@ def loss_jump(train_loss: list[list[float]], last_lighthouse: int, width: int = 
 def seed_mean(curves: list[list[list[float]]]) -> dict[int, float]:
     """step -> mean over the curves of the value at that step (steps present in every curve)."""
     common = set.intersection(*(set(int(s) for s, _ in c) for c in curves)) if curves else set()
-    return {s: statistics.fmean(dict((int(k), v) for k, v in c)[s] for c in curves) for s in sorted(common)}
+    return {
+        s: statistics.fmean(dict((int(k), v) for k, v in c)[s] for c in curves)
+        for s in sorted(common)
+    }
 
 
-def crossing_step(arm_mean: dict[int, float], baseline_mean: dict[int, float], after: int) -> int | None:
+def crossing_step(
+    arm_mean: dict[int, float], baseline_mean: dict[int, float], after: int
+) -> int | None:
     """First validation step > `after` from which arm_mean stays below baseline_mean at every
     later common step; None if it never does (or ends above)."""
     steps = [s for s in sorted(arm_mean) if s > after and s in baseline_mean]
@@ -237,9 +323,13 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
             if not val_dense or val_dense[-1][0] != steps:
                 continue  # unfinished or failed: reported under "runs"
             last = switch_step(arm, steps)
-            leak_at = last if last else steps  # the stage-1 end, or the final (dense-mode) validation
-            leak = {k: dict((int(s), v) for s, v in series(metrics, "val", f"val/{k}")).get(leak_at)
-                    for k in ("leak_next_token_nats", "leak_near_future_nats")}
+            leak_at = (
+                last if last else steps
+            )  # the stage-1 end, or the final (dense-mode) validation
+            leak = {
+                k: dict((int(s), v) for s, v in series(metrics, "val", f"val/{k}")).get(leak_at)
+                for k in ("leak_next_token_nats", "leak_near_future_nats")
+            }
             train_loss = series(metrics, "train", "train/loss")
             per_seed[seed] = {
                 "final_dense_val_loss": val_dense[-1][1],
@@ -252,25 +342,46 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
                 "train_loss": train_loss,
             }
         finals = [r["final_dense_val_loss"] for r in per_seed.values()]
-        jumps = [r["switch_jump_train_nats"] for r in per_seed.values() if r["switch_jump_train_nats"] is not None]
-        leaks = {k: [r["leak_at_switch"][k] for r in per_seed.values() if r["leak_at_switch"][k] is not None]
-                 for k in ("leak_next_token_nats", "leak_near_future_nats")}
+        jumps = [
+            r["switch_jump_train_nats"]
+            for r in per_seed.values()
+            if r["switch_jump_train_nats"] is not None
+        ]
+        leaks = {
+            k: [
+                r["leak_at_switch"][k]
+                for r in per_seed.values()
+                if r["leak_at_switch"][k] is not None
+            ]
+            for k in ("leak_next_token_nats", "leak_near_future_nats")
+        }
         lighthouse_steps = round(arm.lighthouse_fraction * steps)
         stage_steps = [("lighthouse", lighthouse_steps), ("dense", steps - lighthouse_steps)]
-        rates = {a: (timing or {}).get(stage_timing_key(arm, a), {}).get("tokens_per_s") for a, _ in stage_steps}
+        rates = {
+            a: (timing or {}).get(stage_timing_key(arm, a), {}).get("tokens_per_s")
+            for a, _ in stage_steps
+        }
         wall = None
         if all(rates[a] for a, n in stage_steps if n):
             wall = sum(n * tokens_per_step / rates[a] for a, n in stage_steps if n)
         arms[name] = {
-            "baseline": arm.baseline, "overrides_seed0": arm.overrides(steps, 0),
-            "lighthouse_steps": lighthouse_steps, "dense_steps": steps - lighthouse_steps,
-            "seeds": sorted(per_seed), "final_dense_val_loss": finals,
+            "baseline": arm.baseline,
+            "overrides_seed0": arm.overrides(steps, 0),
+            "lighthouse_steps": lighthouse_steps,
+            "dense_steps": steps - lighthouse_steps,
+            "seeds": sorted(per_seed),
+            "final_dense_val_loss": finals,
             "final_dense_val_loss_mean": statistics.fmean(finals) if finals else None,
             "final_dense_val_loss_std": statistics.stdev(finals) if len(finals) > 1 else None,
             "switch_jump_train_nats": statistics.fmean(jumps) if jumps else None,
-            "leak_next_token_nats": statistics.fmean(leaks["leak_next_token_nats"]) if leaks["leak_next_token_nats"] else None,
-            "leak_near_future_nats": statistics.fmean(leaks["leak_near_future_nats"]) if leaks["leak_near_future_nats"] else None,
-            "tokens_per_s_alone": rates, "train_wall_s_alone": wall,
+            "leak_next_token_nats": statistics.fmean(leaks["leak_next_token_nats"])
+            if leaks["leak_next_token_nats"]
+            else None,
+            "leak_near_future_nats": statistics.fmean(leaks["leak_near_future_nats"])
+            if leaks["leak_near_future_nats"]
+            else None,
+            "tokens_per_s_alone": rates,
+            "train_wall_s_alone": wall,
             "per_seed": {str(s): r for s, r in per_seed.items()},
         }
     derive_comparisons(arms)
@@ -293,9 +404,14 @@ def derive_comparisons(arms: dict) -> None:
             mine = seed_mean([r["val_loss_dense"] for r in result["per_seed"].values()])
             theirs = seed_mean([r["val_loss_dense"] for r in baseline["per_seed"].values()])
             result["crossing_step"] = crossing_step(mine, theirs, result["lighthouse_steps"])
-        result["minus_baseline_final_mean"] = result["final_dense_val_loss_mean"] - baseline["final_dense_val_loss_mean"]
-        paired = {seed: mine["final_dense_val_loss"] - baseline["per_seed"][seed]["final_dense_val_loss"]
-                  for seed, mine in result["per_seed"].items() if seed in baseline["per_seed"]}
+        result["minus_baseline_final_mean"] = (
+            result["final_dense_val_loss_mean"] - baseline["final_dense_val_loss_mean"]
+        )
+        paired = {
+            seed: mine["final_dense_val_loss"] - baseline["per_seed"][seed]["final_dense_val_loss"]
+            for seed, mine in result["per_seed"].items()
+            if seed in baseline["per_seed"]
+        }
         result["paired_minus_baseline"] = paired
         if paired:
             result["paired_minus_baseline_mean"] = statistics.fmean(paired.values())
@@ -324,17 +440,31 @@ def plot(result_path: Path) -> list[Path]:
         values = {s: [dict((int(k), v) for k, v in c)[s] for c in curves] for s in mean}
         ax.plot(xs, list(mean.values()), color=color, label=label, linewidth=1.4)
         if len(curves) > 1:
-            ax.fill_between(xs, [min(v) for v in values.values()], [max(v) for v in values.values()], color=color, alpha=0.18)
+            ax.fill_between(
+                xs,
+                [min(v) for v in values.values()],
+                [max(v) for v in values.values()],
+                color=color,
+                alpha=0.18,
+            )
 
     # Dense-mode validation loss by step: whole run and the second half, zoomed.
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, first in zip(axes, (0, steps // 2)):
         for name, arm in arms.items():
-            curves = [[p for p in r["val_loss_dense"] if p[0] >= first] for r in arm["per_seed"].values()]
+            curves = [
+                [p for p in r["val_loss_dense"] if p[0] >= first] for r in arm["per_seed"].values()
+            ]
             band(ax, curves, colors[name], f"{name} ({len(curves)} seeds)")
             if arm["lighthouse_steps"] and arm["lighthouse_steps"] >= first:
-                ax.axvline(arm["lighthouse_steps"] + 0.5, color=colors[name], linestyle=":", linewidth=1)
-        ax.set_xlabel("step"), ax.set_ylabel("validation loss, every layer dense (nats/byte)"), ax.grid(alpha=0.3)
+                ax.axvline(
+                    arm["lighthouse_steps"] + 0.5, color=colors[name], linestyle=":", linewidth=1
+                )
+        (
+            ax.set_xlabel("step"),
+            ax.set_ylabel("validation loss, every layer dense (nats/byte)"),
+            ax.grid(alpha=0.3),
+        )
     axes[0].set_title("whole run (dotted: switch to dense)")
     axes[1].set_title(f"from step {steps // 2}")
     axes[1].legend(fontsize=8)
@@ -355,9 +485,13 @@ def plot(result_path: Path) -> list[Path]:
 
         def seconds(step, split=split, rates=rates):
             lh = min(step, split)
-            return (lh / (rates["lighthouse"] or 1) + (step - lh) / rates["dense"]) * tokens_per_step
+            return (
+                lh / (rates["lighthouse"] or 1) + (step - lh) / rates["dense"]
+            ) * tokens_per_step
 
-        curves = [[p for p in r["val_loss_dense"] if p[0] >= steps // 4] for r in arm["per_seed"].values()]
+        curves = [
+            [p for p in r["val_loss_dense"] if p[0] >= steps // 4] for r in arm["per_seed"].values()
+        ]
         band(ax, curves, colors[name], name, x_of=seconds)
     ax.set_xlabel("training seconds alone on the GPU (steps x tokens / measured throughput)")
     ax.set_ylabel("validation loss, every layer dense"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
@@ -369,16 +503,26 @@ def plot(result_path: Path) -> list[Path]:
 
     # The leak metric through the Lighthouse stage (and, after it, in dense mode: zero).
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, key, title in zip(axes, ("leak_next_token_nats", "leak_near_future_nats"),
-                              ("input at t+1 replaced", "inputs at t+2..t+4 replaced")):
+    for ax, key, title in zip(
+        axes,
+        ("leak_next_token_nats", "leak_near_future_nats"),
+        ("input at t+1 replaced", "inputs at t+2..t+4 replaced"),
+    ):
         for name, arm in arms.items():
             curves = [r[key] for r in arm["per_seed"].values() if r[key]]
             if curves:
                 band(ax, curves, colors[name], name)
         ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xlabel("step"), ax.set_ylabel("loss increase at t (nats)"), ax.set_title(title), ax.grid(alpha=0.3)
+        (
+            ax.set_xlabel("step"),
+            ax.set_ylabel("loss increase at t (nats)"),
+            ax.set_title(title),
+            ax.grid(alpha=0.3),
+        )
     axes[0].legend(fontsize=8)
-    fig.suptitle("leak metric: how much the loss at t reads later inputs (a causal model: exactly 0)")
+    fig.suptitle(
+        "leak metric: how much the loss at t reads later inputs (a causal model: exactly 0)"
+    )
     fig.tight_layout()
     written.append(result_path.with_name(f"{result_path.stem}_leak.png"))
     fig.savefig(written[-1], dpi=110)
@@ -387,9 +531,11 @@ def plot(result_path: Path) -> list[Path]:
 
 
 def format_table(result: dict) -> str:
-    rows = ["| arm | seeds | final dense-mode val loss (per seed) | mean | std | paired minus baseline: mean (std) | "
-            "jump at switch | crossing step | leak t+1 (nats) | leak t+2..4 | tokens/s alone (LH / dense) | train time alone |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arm | seeds | final dense-mode val loss (per seed) | mean | std | paired minus baseline: mean (std) | "
+        "jump at switch | crossing step | leak t+1 (nats) | leak t+2..4 | tokens/s alone (LH / dense) | train time alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def num(x, fmt=".4f"):
         return "-" if x is None else format(x, fmt)
@@ -404,33 +550,57 @@ def format_table(result: dict) -> str:
             f"{arm['crossing_step'] if arm['crossing_step'] is not None else '-'} | {num(arm['leak_next_token_nats'], '+.4f')} | "
             f"{num(arm['leak_near_future_nats'], '+.4f')} | "
             f"{num(rates.get('lighthouse') if arm['lighthouse_steps'] else None, ',.0f')} / {num(rates.get('dense'), ',.0f')} | "
-            f"{num(arm['train_wall_s_alone'], '.0f')} s |")
+            f"{num(arm['train_wall_s_alone'], '.0f')} s |"
+        )
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=1600, help="total steps of every arm")
     p.add_argument("--parallel", type=int, default=6, help="training runs at a time on the device")
-    p.add_argument("--timing-steps", type=int, default=60, help="steps of each alone-on-the-GPU timing run (0: none)")
+    p.add_argument(
+        "--timing-steps",
+        type=int,
+        default=60,
+        help="steps of each alone-on-the-GPU timing run (0: none)",
+    )
     p.add_argument("--run-timeout", type=float, default=3600)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="a shrunken model and sequence: a CPU smoke test")
-    p.add_argument("--plot", type=Path, default=None, help="only draw the PNGs (and print the table) of a result file")
-    p.add_argument("--collect", action="store_true", help="train nothing: summarise the runs finished so far")
-    p.add_argument("--merge", type=Path, action="append", default=[],
-                   help="with --plot: first add the arms of this result file (same recipe and steps); repeatable")
+    p.add_argument(
+        "--tiny", action="store_true", help="a shrunken model and sequence: a CPU smoke test"
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="only draw the PNGs (and print the table) of a result file",
+    )
+    p.add_argument(
+        "--collect", action="store_true", help="train nothing: summarise the runs finished so far"
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --plot: first add the arms of this result file (same recipe and steps); repeatable",
+    )
     args = p.parse_args(argv)
     if args.plot:
         result = json.loads(args.plot.read_text())
         for other_path in args.merge:
             other = json.loads(other_path.read_text())
             if (other["recipe"], other["steps"]) != (result["recipe"], result["steps"]):
-                p.error(f"--merge {other_path}: recipe/steps {other['recipe']}/{other['steps']} differ from "
-                        f"{result['recipe']}/{result['steps']}")
+                p.error(
+                    f"--merge {other_path}: recipe/steps {other['recipe']}/{other['steps']} differ from "
+                    f"{result['recipe']}/{result['steps']}"
+                )
             result["arms"].update(other["arms"])
             result["runs"] = result.get("runs", []) + other.get("runs", [])
         derive_comparisons(result["arms"])  # a stored file gets the current definitions
@@ -447,25 +617,36 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from lh_cp.corpus import describe_python_corpus
-    from lh_cp.recipe import load_recipe
+    from lh_cp.data.corpus import describe_python_corpus
+    from lh_cp.train.recipe import load_recipe
 
-    common = [f"run.device='{args.device}'"] + (TINY if args.tiny else []) + [
-        f"data.cache_dir='{args.out / 'token_cache'}'"]
+    common = (
+        [f"run.device='{args.device}'"]
+        + (TINY if args.tiny else [])
+        + [f"data.cache_dir='{args.out / 'token_cache'}'"]
+    )
     recipe = load_recipe(REPO / RECIPE, common)
     args.seq_len, args.batch_size = recipe.data.seq_len, recipe.data.batch_size
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    corpus = describe_python_corpus(recipe.data.validation_fraction) if recipe.data.source == "python" else recipe.data.source
+    corpus = (
+        describe_python_corpus(recipe.data.validation_fraction)
+        if recipe.data.source == "python"
+        else recipe.data.source
+    )
     print(f"[quality] {corpus}", flush=True)
     if args.collect:
-        runs = [json.loads((run_dir(args.out, a, seed) / "done").read_text()) for seed in args.seeds for a in args.arms
-                if (run_dir(args.out, a, seed) / "done").is_file()]
+        runs = [
+            json.loads((run_dir(args.out, a, seed) / "done").read_text())
+            for seed in args.seeds
+            for a in args.arms
+            if (run_dir(args.out, a, seed) / "done").is_file()
+        ]
         timing_file = args.out / "timing.json"
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else None
     else:
         # Tokenize the corpus once, before the runs start and share it through the cache.
-        from lh_cp.data import make_tokenizer, token_stream
+        from lh_cp.data.loader import make_tokenizer, token_stream
 
         for split in ("train", "validation"):
             token_stream(recipe.data, make_tokenizer(recipe.data), split)
@@ -474,11 +655,19 @@ def main(argv=None) -> int:
         (args.out / "timing.json").write_text(json.dumps(timing))
         runs = run_all(args, common)
     result = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
-        "recipe": RECIPE, "common_overrides": common, "steps": args.steps, "seeds": args.seeds,
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "corpus": corpus, "timing_alone": timing,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "torch": torch.__version__,
+        "recipe": RECIPE,
+        "common_overrides": common,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "corpus": corpus,
+        "timing_alone": timing,
         "benchmark_wall_s": time.perf_counter() - began,
-        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/quality.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         **summarise(args, runs, timing),
     }
     path = args.out / "quality.json"

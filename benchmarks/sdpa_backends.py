@@ -32,7 +32,9 @@ def fwd_bwd(backend, q, k, v, grad):
 def time_backend(backend, s, heads, dim, repeats=10, warmup=3):
     times = []
     for i in range(warmup + repeats):
-        q, k, v, grad = (torch.randn(1, heads, s, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, k, v, grad = (
+            torch.randn(1, heads, s, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)
+        )
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fwd_bwd(backend, q, k, v, grad)
@@ -44,7 +46,9 @@ def time_backend(backend, s, heads, dim, repeats=10, warmup=3):
 
 
 def same_bits(backend, s, heads, dim, deterministic):
-    q, k, v, grad = (torch.randn(1, heads, s, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v, grad = (
+        torch.randn(1, heads, s, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)
+    )
     torch.use_deterministic_algorithms(deterministic)
     try:
         first, second = fwd_bwd(backend, q, k, v, grad), fwd_bwd(backend, q, k, v, grad)
@@ -54,7 +58,9 @@ def same_bits(backend, s, heads, dim, deterministic):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ss", default="18432,24576,32768,40960")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=128)
@@ -62,7 +68,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
+    )
     print(f"{'S':>7} {'backend':>20} {'f+b ms':>8} {'same bits':>10} {'same bits (det.)':>17}")
     for s in [int(x) for x in args.ss.split(",")]:
         for backend in BACKENDS:
@@ -73,7 +81,9 @@ def main(argv=None) -> int:
             except RuntimeError as err:
                 print(f"{s:>7} {backend.name:>20} unavailable: {str(err).splitlines()[0][:80]}")
                 continue
-            print(f"{s:>7} {backend.name:>20} {ms:>8.2f} {str(det):>10} {str(det_on):>17}", flush=True)
+            print(
+                f"{s:>7} {backend.name:>20} {ms:>8.2f} {str(det):>10} {str(det_on):>17}", flush=True
+            )
     return 0
 
 

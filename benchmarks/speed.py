@@ -27,18 +27,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cp_multigpu import NVLS_OFF as CP_ENV  # NVLink multicast stays off
 from runs import REPO
 from train_h100 import throughput
-
-from cp_multigpu import NVLS_OFF as CP_ENV  # NVLink multicast stays off
 
 
 def cp_w1(out: Path, profile: bool) -> dict:
     result_path = out / "cp_w1.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           str(REPO / "benchmarks/cp_multigpu.py"), "--skip-check", "--scale-kinds", "lighthouse",
-           "--repeats", "10", "--paired", "--out", str(result_path)] + (["--profile"] if profile else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **CP_ENV}, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        str(REPO / "benchmarks/cp_multigpu.py"),
+        "--skip-check",
+        "--scale-kinds",
+        "lighthouse",
+        "--repeats",
+        "10",
+        "--paired",
+        "--out",
+        str(result_path),
+    ] + (["--profile"] if profile else [])
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **CP_ENV}, timeout=600
+    )
     log = done.stdout + done.stderr
     (out / "cp_w1.log").write_text(log)
     if done.returncode != 0:
@@ -48,24 +63,56 @@ def cp_w1(out: Path, profile: bool) -> dict:
     ratios = {r["exchange"]: r["cp_ms"] / r["single_gpu_ms"] for r in rows}
     paired_ratios = {r["exchange"]: r["paired_ratio"] for r in paired}
     for r in rows:
-        print(f"CP W=1 {r['exchange']:9}: single {r['single_gpu_ms']:.2f} ms, CP {r['cp_ms']:.2f} ms, "
-              f"ratio {ratios[r['exchange']]:.3f}; paired {paired_ratios[r['exchange']]:.3f}", flush=True)
-    return {"command": " ".join(cmd[1:]), "rows": rows, "ratio_by_exchange": ratios, "paired": paired,
-            "paired_ratio_by_exchange": paired_ratios, "cp_w1_over_single_128k": max(paired_ratios.values())}
+        print(
+            f"CP W=1 {r['exchange']:9}: single {r['single_gpu_ms']:.2f} ms, CP {r['cp_ms']:.2f} ms, "
+            f"ratio {ratios[r['exchange']]:.3f}; paired {paired_ratios[r['exchange']]:.3f}",
+            flush=True,
+        )
+    return {
+        "command": " ".join(cmd[1:]),
+        "rows": rows,
+        "ratio_by_exchange": ratios,
+        "paired": paired,
+        "paired_ratio_by_exchange": paired_ratios,
+        "cp_w1_over_single_128k": max(paired_ratios.values()),
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, required=True, help="run directories, logs and profiles")
-    p.add_argument("--label", required=True, help="name of this measurement in the result file, e.g. before, after")
+    p.add_argument(
+        "--label",
+        required=True,
+        help="name of this measurement in the result file, e.g. before, after",
+    )
     p.add_argument("--result", type=Path, default=None, help="JSON file to add this measurement to")
     p.add_argument("--skip-cp", action="store_true")
-    p.add_argument("--cp-profile", action="store_true", help="also print a profile of one CP W=1 step")
-    p.add_argument("--contexts", default="131072", help="training contexts, comma-separated; empty = no training")
+    p.add_argument(
+        "--cp-profile", action="store_true", help="also print a profile of one CP W=1 step"
+    )
+    p.add_argument(
+        "--contexts",
+        default="131072",
+        help="training contexts, comma-separated; empty = no training",
+    )
     p.add_argument("--tp-steps", type=int, default=6)
     p.add_argument("--tp-timeout", type=float, default=420)
-    p.add_argument("--profile-step", type=int, default=0, help="profile this training step (metrics.profile_step)")
-    p.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe --set for every training run")
+    p.add_argument(
+        "--profile-step",
+        type=int,
+        default=0,
+        help="profile this training step (metrics.profile_step)",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        help="extra recipe --set for every training run",
+    )
     args = p.parse_args(argv)
     import torch
 
@@ -82,7 +129,10 @@ def main(argv=None) -> int:
         for n in sorted({r["N"] for r in rows}):
             lh, dense = by.get((n, "lighthouse")), by.get((n, "dense"))
             ratio = f"{lh / dense:.2f}x" if lh and dense else "-"
-            print(f"train N={n}: Lighthouse {lh or 0:,.0f} tok/s, dense {dense or 0:,.0f} tok/s, {ratio}", flush=True)
+            print(
+                f"train N={n}: Lighthouse {lh or 0:,.0f} tok/s, dense {dense or 0:,.0f} tok/s, {ratio}",
+                flush=True,
+            )
     (args.out / f"speed_{args.label}.json").write_text(json.dumps(run, indent=1) + "\n")
     if args.result:
         result = json.loads(args.result.read_text()) if args.result.is_file() else {"runs": {}}

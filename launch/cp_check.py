@@ -37,7 +37,11 @@ def max_errors(fn, group, device, n, heads=4, kv_heads=2, dim=16) -> float:
 
 
 def main() -> int:
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -49,17 +53,25 @@ def main() -> int:
     worst = {}
     for exchange in ("allgather", "ring"):
         worst[f"lighthouse/{exchange}"] = max_errors(
-            lambda q, k, v, cp: lighthouse_attention(q, k, v, cfg, cp=cp, exchange=exchange), group, device, n
+            lambda q, k, v, cp: lighthouse_attention(q, k, v, cfg, cp=cp, exchange=exchange),
+            group,
+            device,
+            n,
         )
         worst[f"dense/{exchange}"] = max_errors(
-            lambda q, k, v, cp: causal_attention(q, k, v, cp=cp, exchange=exchange), group, device, n
+            lambda q, k, v, cp: causal_attention(q, k, v, cp=cp, exchange=exchange),
+            group,
+            device,
+            n,
         )
     errors = torch.tensor([worst[key] for key in sorted(worst)], dtype=torch.float64, device=device)
     dist.all_reduce(errors, op=dist.ReduceOp.MAX)
     ok = bool((errors <= TOLERANCE).all())
     if rank == 0:
         summary = ", ".join(f"{key} {err:.1e}" for key, err in zip(sorted(worst), errors.tolist()))
-        print(f"cp_check {'passed' if ok else 'FAILED'}: W={world}, N={n}, max abs error over ranks: {summary}")
+        print(
+            f"cp_check {'passed' if ok else 'FAILED'}: W={world}, N={n}, max abs error over ranks: {summary}"
+        )
     dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -1,9 +1,10 @@
 """lh-cp: Lighthouse attention and context parallelism for long-context pre-training."""
 
 from lh_cp.api import causal_attention, lighthouse_attention
-from lh_cp.attention import attend_selected
-from lh_cp.config import LighthouseConfig
-from lh_cp.select import Selection, select
+from lh_cp.ops.attention import attend_selected
+from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.entries import Selection
+from lh_cp.ops.select import select
 
 __all__ = [
     "LighthouseConfig",

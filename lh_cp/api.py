@@ -1,5 +1,5 @@
 """The public attention functions with their `cp=` argument: one device or a context-parallel
-group. With cp=None they are lh_cp.attention's single-device functions; with a ProcessGroup
+group. With cp=None they are lh_cp.ops.attention's single-device functions; with a ProcessGroup
 they run lh_cp.parallel.ContextParallel's exchange (loaded only then, so single-device use never
 imports the distributed code).
 
@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from lh_cp import attention
-from lh_cp.config import LighthouseConfig
+from lh_cp.ops import attention
+from lh_cp.ops.config import LighthouseConfig
 
 
 def lighthouse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig, cp=None, exchange: str = "allgather"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: LighthouseConfig,
+    cp=None,
+    exchange: str = "allgather",
 ) -> torch.Tensor:
     """Lighthouse attention (LIGHTHOUSE.md): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
@@ -27,20 +32,22 @@ def lighthouse_attention(
     (contiguous shards, only the compressed entries all-to-all'd).
     """
     if cp is None:
-        return attention.lighthouse_attention(q, k, v, cfg)
+        return attention.single_device_lighthouse(q, k, v, cfg)
     from lh_cp.parallel.context import ContextParallel
 
     return ContextParallel.for_lighthouse(cp, exchange).lighthouse(q, k, v, cfg)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp=None, exchange: str = "allgather") -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp=None, exchange: str = "allgather"
+) -> torch.Tensor:
     """Dense causal attention: q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
     cp: None or the CP ProcessGroup; exchange: "allgather" or "ring" (head-tail shards) or
     "ulysses" (contiguous shards); there is nothing to compress.
     """
     if cp is None:
-        return attention.causal_attention(q, k, v)
+        return attention.single_device_causal(q, k, v)
     from lh_cp.parallel.context import ContextParallel
 
     return ContextParallel.for_dense(cp, exchange).dense(q, k, v)

@@ -8,23 +8,36 @@ from pathlib import Path
 
 import torch
 
-from lh_cp.config import LighthouseConfig
+from lh_cp.ops.config import LighthouseConfig
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def _add_demo(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="time one Lighthouse layer against dense attention and check it")
+    p = subparsers.add_parser(
+        "demo", help="time one Lighthouse layer against dense attention and check it"
+    )
     p.add_argument("--n", type=int, default=16384, help="sequence length in tokens")
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default = heads")
+    p.add_argument(
+        "--kv-heads", type=int, default=None, help="key/value heads (GQA); default = heads"
+    )
     p.add_argument("--dim", type=int, default=64, help="head dimension")
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--topk", type=int, default=256)
     p.add_argument("--tile-budget", type=int, default=32)
-    p.add_argument("--selection", choices=("tile_topk", "causal"), default="tile_topk",
-                   help="tile_topk: the paper's; causal: no output reads a later token (docs/LIGHTHOUSE.md s.11)")
+    p.add_argument(
+        "--selection",
+        choices=("tile_topk", "causal"),
+        default="tile_topk",
+        help="tile_topk: the paper's; causal: no output reads a later token (docs/LIGHTHOUSE.md s.11)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
@@ -35,14 +48,29 @@ def _run_demo(args) -> int:
     from lh_cp.demo import format_demo, run_demo
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: torch sees no CUDA device here (torch {torch.__version__}); "
-                         f"use --device cpu")
-    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget,
-                           selection=args.selection)
+        raise ValueError(
+            f"--device {args.device}: torch sees no CUDA device here (torch {torch.__version__}); "
+            f"use --device cpu"
+        )
+    cfg = LighthouseConfig(
+        pool=args.pool,
+        levels=args.levels,
+        topk=args.topk,
+        tile_budget=args.tile_budget,
+        selection=args.selection,
+    )
     cfg.tile_size(args.n)
     dtype = DTYPES[args.dtype]
     result = run_demo(
-        args.n, args.heads, args.kv_heads or args.heads, args.dim, cfg, dtype, args.device, args.repeats, args.seed
+        args.n,
+        args.heads,
+        args.kv_heads or args.heads,
+        args.dim,
+        cfg,
+        dtype,
+        args.device,
+        args.repeats,
+        args.seed,
     )
     print(format_demo(result, cfg, dtype, args.device))
     return 0
@@ -52,7 +80,11 @@ def _add_recipe_command(subparsers, name: str, help_text: str) -> argparse.Argum
     p = subparsers.add_parser(name, help=help_text)
     p.add_argument("recipe", help="recipe TOML file (see recipes/)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one recipe value (TOML syntax; repeatable), e.g. --set data.seq_len=2048 --set stages.1.steps=10",
     )
     return p
@@ -61,11 +93,13 @@ def _add_recipe_command(subparsers, name: str, help_text: str) -> argparse.Argum
 def _run_plan(args) -> int:
     import os
 
-    from lh_cp.plan import check_recipe, format_plan, plan_numbers
-    from lh_cp.recipe import load_recipe
+    from lh_cp.train.plan import check_recipe, format_plan, plan_numbers
+    from lh_cp.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    world = args.world_size or (int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None)
+    world = args.world_size or (
+        int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    )
     errors = check_recipe(recipe, world)
     if errors:
         print(f"recipe {args.recipe}: {len(errors)} problem(s)", file=sys.stderr)
@@ -77,39 +111,64 @@ def _run_plan(args) -> int:
 
 
 def _run_train(args) -> int:
-    from lh_cp.recipe import load_recipe
-    from lh_cp.train import train
+    from lh_cp.train.recipe import load_recipe
+    from lh_cp.train.trainer import train
 
     train(load_recipe(args.recipe, args.overrides))
     return 0
 
 
 def _run_plot(args) -> int:
-    from lh_cp.plot import plot_losses
+    from lh_cp.train.plot import plot_losses
 
     print(f"wrote {plot_losses(args.logdir, args.output)}")
     return 0
 
 
 def _add_export(subparsers) -> None:
-    p = subparsers.add_parser("export", help="write the trained dense model as a Hugging Face folder (LlamaForCausalLM)")
-    p.add_argument("checkpoint", help="a step folder, a checkpoints folder or a run folder (its newest verifying checkpoint)")
-    p.add_argument("--hf", required=True, metavar="OUT_DIR", help="folder to write config.json, model.safetensors and the tokenizer to")
-    p.add_argument("--recipe", default=None, help="the run's recipe, for checkpoints written before manifests")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="recipe overrides, with --recipe")
+    p = subparsers.add_parser(
+        "export", help="write the trained dense model as a Hugging Face folder (LlamaForCausalLM)"
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a step folder, a checkpoints folder or a run folder (its newest verifying checkpoint)",
+    )
+    p.add_argument(
+        "--hf",
+        required=True,
+        metavar="OUT_DIR",
+        help="folder to write config.json, model.safetensors and the tokenizer to",
+    )
+    p.add_argument(
+        "--recipe", default=None, help="the run's recipe, for checkpoints written before manifests"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="recipe overrides, with --recipe",
+    )
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--allow-lighthouse-stage", action="store_true",
-                   help="export a checkpoint from inside a Lighthouse stage (not a dense model: see README)")
+    p.add_argument(
+        "--allow-lighthouse-stage",
+        action="store_true",
+        help="export a checkpoint from inside a Lighthouse stage (not a dense model: see README)",
+    )
 
 
 def _run_export(args) -> int:
     from lh_cp.export import export_hf
-    from lh_cp.recipe import load_recipe
+    from lh_cp.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
-    folder = export_hf(Path(args.checkpoint), Path(args.hf), recipe, args.dtype, args.allow_lighthouse_stage)
-    print(f"wrote {args.hf} from {folder} (transformers.AutoModelForCausalLM.from_pretrained({str(args.hf)!r}))")
+    folder = export_hf(
+        Path(args.checkpoint), Path(args.hf), recipe, args.dtype, args.allow_lighthouse_stage
+    )
+    print(
+        f"wrote {args.hf} from {folder} (transformers.AutoModelForCausalLM.from_pretrained({str(args.hf)!r}))"
+    )
     return 0
 
 
@@ -117,26 +176,47 @@ def main(argv: list[str] | None = None) -> int:
     from lh_cp import __version__
 
     parser = argparse.ArgumentParser(prog="lh-cp", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"lh-cp {__version__} (torch {torch.__version__})")
+    parser.add_argument(
+        "--version", action="version", version=f"lh-cp {__version__} (torch {torch.__version__})"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_recipe_command(subparsers, "train", "train a recipe (alone, or one rank under torchrun)")
-    plan = _add_recipe_command(subparsers, "plan", "check a recipe and print tile size, S, ranks, tokens and memory")
-    plan.add_argument("--world-size", type=int, default=None, help="check against this many processes (default: $WORLD_SIZE if set)")
-    plot = subparsers.add_parser("plot", help="PNG of train/validation loss from a run's TensorBoard logs, stages marked")
-    plot.add_argument("logdir", help="TensorBoard folder of a run (e.g. runs/quickstart/tensorboard)")
+    plan = _add_recipe_command(
+        subparsers, "plan", "check a recipe and print tile size, S, ranks, tokens and memory"
+    )
+    plan.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="check against this many processes (default: $WORLD_SIZE if set)",
+    )
+    plot = subparsers.add_parser(
+        "plot", help="PNG of train/validation loss from a run's TensorBoard logs, stages marked"
+    )
+    plot.add_argument(
+        "logdir", help="TensorBoard folder of a run (e.g. runs/quickstart/tensorboard)"
+    )
     plot.add_argument("--output", default=None, help="PNG path (default: <logdir>/../loss.png)")
     _add_export(subparsers)
     args = parser.parse_args(argv)
-    commands = {"demo": _run_demo, "plan": _run_plan, "train": _run_train, "plot": _run_plot, "export": _run_export}
+    commands = {
+        "demo": _run_demo,
+        "plan": _run_plan,
+        "train": _run_train,
+        "plot": _run_plot,
+        "export": _run_export,
+    }
     # Errors in what the user gave (recipe, paths, missing packages) print one message; any
     # other exception during training keeps its traceback.
-    from lh_cp.recipe import RecipeError
+    from lh_cp.train.engines import NonFiniteStep
+    from lh_cp.train.recipe import RecipeError
 
-    from lh_cp.engines import NonFiniteStep
-
-    user_errors = (RecipeError, FileNotFoundError, ImportError, NonFiniteStep) if args.command == "train" else (
-        ValueError, FileNotFoundError, ImportError, KeyError)
+    user_errors = (
+        (RecipeError, FileNotFoundError, ImportError, NonFiniteStep)
+        if args.command == "train"
+        else (ValueError, FileNotFoundError, ImportError, KeyError)
+    )
     try:
         return commands[args.command](args)
     except user_errors as err:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lh_cp.attention import attend_selected, causal_attention, lighthouse_attention
-from lh_cp.config import LighthouseConfig
-from lh_cp.select import Selection, select
+from lh_cp.ops.attention import attend_selected, single_device_causal, single_device_lighthouse
+from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.entries import Selection
+from lh_cp.ops.select import select
 
 
 @dataclass
@@ -44,15 +45,32 @@ def _forward_backward_seconds(fn, inputs: list[torch.Tensor], repeats: int) -> f
 
 
 def run_demo(
-    n: int, heads: int, kv_heads: int, dim: int, cfg: LighthouseConfig,
-    dtype: torch.dtype, device: str, repeats: int, seed: int,
+    n: int,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    cfg: LighthouseConfig,
+    dtype: torch.dtype,
+    device: str,
+    repeats: int,
+    seed: int,
 ) -> DemoResult:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(1, n, heads, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    k = torch.randn(1, n, kv_heads, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    v = torch.randn(1, n, kv_heads, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    lighthouse_s = _forward_backward_seconds(lambda a, b, c: lighthouse_attention(a, b, c, cfg), [q, k, v], repeats)
-    dense_s = _forward_backward_seconds(causal_attention, [q, k, v], repeats)
+    k = (
+        torch.randn(1, n, kv_heads, dim, generator=gen)
+        .to(device=device, dtype=dtype)
+        .requires_grad_()
+    )
+    v = (
+        torch.randn(1, n, kv_heads, dim, generator=gen)
+        .to(device=device, dtype=dtype)
+        .requires_grad_()
+    )
+    lighthouse_s = _forward_backward_seconds(
+        lambda a, b, c: single_device_lighthouse(a, b, c, cfg), [q, k, v], repeats
+    )
+    dense_s = _forward_backward_seconds(single_device_causal, [q, k, v], repeats)
     with torch.no_grad():
         sel = select(q, k, cfg)
         out = attend_selected(q, k, v, sel, cfg)
@@ -67,7 +85,9 @@ def run_demo(
     )
 
 
-def _error_versus_float64(q, k, v, sel: Selection, cfg: LighthouseConfig, out: torch.Tensor) -> tuple[float, float]:
+def _error_versus_float64(
+    q, k, v, sel: Selection, cfg: LighthouseConfig, out: torch.Tensor
+) -> tuple[float, float]:
     """Max |out - float64 evaluation with the same selection|, one head at a time.
 
     One head at a time because float64 SDPA runs the math backend, whose S x S score matrix
@@ -76,9 +96,14 @@ def _error_versus_float64(q, k, v, sel: Selection, cfg: LighthouseConfig, out: t
     group = q.shape[2] // k.shape[2]
     error = ref_max = 0.0
     for head in range(q.shape[2]):
-        one = Selection(*(t[:, head : head + 1] for t in (sel.start, sel.end, sel.level, sel.internal)), sel.levels)
+        one = Selection(
+            *(t[:, head : head + 1] for t in (sel.start, sel.end, sel.level, sel.internal)),
+            sel.levels,
+        )
         kv = slice(head // group, head // group + 1)
-        ref = attend_selected(q[:, :, head : head + 1].double(), k[:, :, kv].double(), v[:, :, kv].double(), one, cfg)
+        ref = attend_selected(
+            q[:, :, head : head + 1].double(), k[:, :, kv].double(), v[:, :, kv].double(), one, cfg
+        )
         error = max(error, (out[:, :, head : head + 1].double() - ref).abs().max().item())
         ref_max = max(ref_max, ref.abs().max().item())
     return error, ref_max

@@ -26,9 +26,15 @@ from pathlib import Path
 
 import torch
 
-from lh_cp.checkpoint import MANIFEST, checkpoint_engine, newest_verified, unwrapped_name, verify_checkpoint
-from lh_cp.model import ModelConfig, Transformer
-from lh_cp.recipe import Recipe, RecipeError, stage_containing
+from lh_cp.model.transformer import ModelConfig, Transformer
+from lh_cp.train.checkpoint import (
+    MANIFEST,
+    checkpoint_engine,
+    newest_verified,
+    unwrapped_name,
+    verify_checkpoint,
+)
+from lh_cp.train.recipe import Recipe, RecipeError, stage_containing
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -42,7 +48,9 @@ def find_checkpoint(path: Path) -> Path:
     checkpoints folder, or a run folder holding checkpoints/)."""
     path = Path(path)
     if not path.exists():
-        raise ExportError(f"{path} does not exist (give a step folder, a checkpoints folder or a run folder)")
+        raise ExportError(
+            f"{path} does not exist (give a step folder, a checkpoints folder or a run folder)"
+        )
     if (path / MANIFEST).is_file() or checkpoint_engine(path) is not None:
         verdict = verify_checkpoint(path)
         if not verdict.ok:
@@ -53,37 +61,50 @@ def find_checkpoint(path: Path) -> Path:
         if found is not None:
             return found[1]
         if failed:
-            raise ExportError("no checkpoint verifies; tried:\n  " + "\n  ".join(f"{p}: {reason}" for p, reason in failed))
-    raise ExportError(f"{path} holds no checkpoint (no step_XXXXXXXX folder here or in {path / 'checkpoints'})")
+            raise ExportError(
+                "no checkpoint verifies; tried:\n  "
+                + "\n  ".join(f"{p}: {reason}" for p, reason in failed)
+            )
+    raise ExportError(
+        f"{path} holds no checkpoint (no step_XXXXXXXX folder here or in {path / 'checkpoints'})"
+    )
 
 
 def _flat_recipe(recipe: Recipe) -> dict:
-    from lh_cp.runtime import run_fingerprint
+    from lh_cp.train.runtime import run_fingerprint
 
     return run_fingerprint(recipe, 1)
 
 
 def _describe(folder: Path, recipe: Recipe | None) -> tuple[int, dict]:
     """(step, flattened recipe) of a checkpoint: from its manifest, or from `recipe`."""
-    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
+    manifest = (
+        json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
+    )
     if recipe is not None:
         flat = _flat_recipe(recipe)
     elif manifest is not None and manifest.get("recipe"):
         flat = manifest["recipe"]
     else:
-        raise ExportError(f"checkpoint {folder} has no {MANIFEST} (written before manifests): give --recipe, the "
-                          f"recipe it was trained with, for the model's shape")
+        raise ExportError(
+            f"checkpoint {folder} has no {MANIFEST} (written before manifests): give --recipe, the "
+            f"recipe it was trained with, for the model's shape"
+        )
     if manifest is not None:
         step = int(manifest["step"])
     elif folder.name.startswith("step_") and folder.name[5:].isdigit():
         step = int(folder.name[5:])
     else:
-        raise ExportError(f"cannot tell the step of {folder} (no manifest, not a step_XXXXXXXX folder)")
+        raise ExportError(
+            f"cannot tell the step of {folder} (no manifest, not a step_XXXXXXXX folder)"
+        )
     return step, flat
 
 
 def model_config(flat: dict) -> ModelConfig:
-    fields = {key.removeprefix("model."): value for key, value in flat.items() if key.startswith("model.")}
+    fields = {
+        key.removeprefix("model."): value for key, value in flat.items() if key.startswith("model.")
+    }
     return ModelConfig(**fields)
 
 
@@ -92,7 +113,13 @@ def stage_of(step: int, flat: dict) -> tuple[int, str, str]:
     from the flattened recipe ('stages.0.name', ...)."""
     stages, i = [], 0
     while f"stages.{i}.steps" in flat:
-        stages.append((flat[f"stages.{i}.name"], flat[f"stages.{i}.attention"], int(flat[f"stages.{i}.steps"])))
+        stages.append(
+            (
+                flat[f"stages.{i}.name"],
+                flat[f"stages.{i}.attention"],
+                int(flat[f"stages.{i}.steps"]),
+            )
+        )
         i += 1
     if not stages:
         raise ExportError("the recipe names no stages")
@@ -117,17 +144,30 @@ def load_weights(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
         return {unwrapped_name(name): tensor.float() for name, tensor in state.items()}
-    raise ExportError(f"{folder} holds neither a DCP (.metadata) nor a DeepSpeed (*_model_states.pt) checkpoint")
+    raise ExportError(
+        f"{folder} holds neither a DCP (.metadata) nor a DeepSpeed (*_model_states.pt) checkpoint"
+    )
 
 
 def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """lh-cp names -> LlamaForCausalLM names, every tensor as is (same layouts: nn.Linear
     [out, in]; q and k heads in rotate-half order, as Hugging Face Llama expects)."""
-    renames = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-               "output.weight": "lm_head.weight"}
-    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-                 "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-                 "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    renames = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    per_layer = {
+        "attention.wq": "self_attn.q_proj",
+        "attention.wk": "self_attn.k_proj",
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w3": "mlp.up_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
     out = {}
     for name, tensor in weights.items():
         if name in renames:
@@ -135,21 +175,31 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             continue
         parts = name.split(".")
         if parts[0] != "layers" or len(parts) < 4:
-            raise ExportError(f"unexpected parameter {name!r} in the checkpoint (not an lh-cp Transformer?)")
+            raise ExportError(
+                f"unexpected parameter {name!r} in the checkpoint (not an lh-cp Transformer?)"
+            )
         module, leaf = ".".join(parts[2:-1]), parts[-1]
         if module not in per_layer:
-            raise ExportError(f"unexpected parameter {name!r} in the checkpoint (not an lh-cp Transformer?)")
+            raise ExportError(
+                f"unexpected parameter {name!r} in the checkpoint (not an lh-cp Transformer?)"
+            )
         out[f"model.layers.{parts[1]}.{per_layer[module]}.{leaf}"] = tensor
     expected = 2 + (0 if cfg.tie_embeddings else 1) + 9 * cfg.n_layers
     if len(out) != expected:
-        raise ExportError(f"the checkpoint holds {len(out)} model tensors, an lh-cp Transformer of this shape has {expected}")
+        raise ExportError(
+            f"the checkpoint holds {len(out)} model tensors, an lh-cp Transformer of this shape has {expected}"
+        )
     return out
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte-level alphabet of GPT-2-style tokenizers: printable bytes map to themselves,
     the other 68 to the code points from 256 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -166,7 +216,7 @@ def write_byte_tokenizer(out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lh_cp.tokenizer import ByteTokenizer
+    from lh_cp.data.tokenizer import ByteTokenizer
 
     vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -176,8 +226,12 @@ def write_byte_tokenizer(out_dir: Path) -> None:
     tokenizer.add_special_tokens([eod, pad])
     ids = tokenizer.token_to_id(eod), tokenizer.token_to_id(pad)
     if ids != (ByteTokenizer.eod_id, ByteTokenizer.pad_id):
-        raise ExportError(f"byte tokenizer special ids {ids} differ from lh-cp's {(ByteTokenizer.eod_id, ByteTokenizer.pad_id)}")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eod, pad_token=pad).save_pretrained(str(out_dir))
+        raise ExportError(
+            f"byte tokenizer special ids {ids} differ from lh-cp's {(ByteTokenizer.eod_id, ByteTokenizer.pad_id)}"
+        )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=eod, pad_token=pad
+    ).save_pretrained(str(out_dir))
 
 
 def write_hf_tokenizer(path: str, eod_token: str, pad_token: str, out_dir: Path) -> None:
@@ -187,20 +241,32 @@ def write_hf_tokenizer(path: str, eod_token: str, pad_token: str, out_dir: Path)
     source = Path(path)
     file = source / "tokenizer.json" if source.is_dir() else source
     if not file.is_file():
-        raise ExportError(f"the run's tokenizer {path!r} is not on this machine (data.tokenizer); it is copied into the export")
+        raise ExportError(
+            f"the run's tokenizer {path!r} is not on this machine (data.tokenizer); it is copied into the export"
+        )
     shutil.copy(file, out_dir / "tokenizer.json")
-    PreTrainedTokenizerFast(tokenizer_file=str(out_dir / "tokenizer.json"), eos_token=eod_token or None,
-                            pad_token=pad_token or eod_token or None).save_pretrained(str(out_dir))
+    PreTrainedTokenizerFast(
+        tokenizer_file=str(out_dir / "tokenizer.json"),
+        eos_token=eod_token or None,
+        pad_token=pad_token or eod_token or None,
+    ).save_pretrained(str(out_dir))
 
 
-def export_hf(checkpoint: Path, out_dir: Path, recipe: Recipe | None = None, dtype: str = "bfloat16",
-              allow_lighthouse_stage: bool = False) -> Path:
+def export_hf(
+    checkpoint: Path,
+    out_dir: Path,
+    recipe: Recipe | None = None,
+    dtype: str = "bfloat16",
+    allow_lighthouse_stage: bool = False,
+) -> Path:
     """Write the Hugging Face folder; returns the step folder it was made from."""
     try:
         from safetensors.torch import save_file
         from transformers import LlamaConfig
     except ImportError as err:
-        raise ImportError("lh-cp export needs 'transformers' and 'safetensors' (pip install 'lh-cp[hf]')") from err
+        raise ImportError(
+            "lh-cp export needs 'transformers' and 'safetensors' (pip install 'lh-cp[hf]')"
+        ) from err
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     folder = find_checkpoint(checkpoint)
@@ -224,25 +290,51 @@ def export_hf(checkpoint: Path, out_dir: Path, recipe: Recipe | None = None, dty
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        max_position_embeddings=int(flat.get("data.seq_len", 2048)), hidden_act="silu", attention_bias=False,
-        mlp_bias=False, torch_dtype=dtype,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=int(flat.get("data.seq_len", 2048)),
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        torch_dtype=dtype,
     )
     byte_level = flat.get("data.tokenizer", "bytes") == "bytes"
     if byte_level:
-        from lh_cp.tokenizer import ByteTokenizer
+        from lh_cp.data.tokenizer import ByteTokenizer
 
         # No beginning-of-sequence token in lh-cp's byte vocabulary (LlamaConfig defaults to 1, a byte).
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = None, ByteTokenizer.eod_id, ByteTokenizer.pad_id
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+            None,
+            ByteTokenizer.eod_id,
+            ByteTokenizer.pad_id,
+        )
     config.save_pretrained(str(out_dir))
-    save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     if byte_level:
         write_byte_tokenizer(out_dir)
     else:
-        write_hf_tokenizer(flat["data.tokenizer"], flat.get("data.eod_token", ""), flat.get("data.pad_token", ""), out_dir)
-    (out_dir / "lh_cp_export.json").write_text(json.dumps(
-        {"checkpoint": str(folder), "step": step, "stage": name, "dtype": dtype}, indent=1) + "\n")
+        write_hf_tokenizer(
+            flat["data.tokenizer"],
+            flat.get("data.eod_token", ""),
+            flat.get("data.pad_token", ""),
+            out_dir,
+        )
+    (out_dir / "lh_cp_export.json").write_text(
+        json.dumps(
+            {"checkpoint": str(folder), "step": step, "stage": name, "dtype": dtype}, indent=1
+        )
+        + "\n"
+    )
     return folder

@@ -26,7 +26,12 @@ from lh_cp.parallel.context import (
     exchange_problems,
 )
 from lh_cp.parallel.fsdp import checkpoint_and_compile, parallelize
-from lh_cp.parallel.headtail.sharding import head_tail_positions, shard_positions, shard_sequence, unshard_sequence
+from lh_cp.parallel.headtail.sharding import (
+    head_tail_positions,
+    shard_positions,
+    shard_sequence,
+    unshard_sequence,
+)
 from lh_cp.parallel.headtail.traffic import CommBytes, dense_cp_bytes, lighthouse_cp_bytes
 from lh_cp.parallel.loss import global_token_mean, global_token_mean_loss
 from lh_cp.parallel.mesh import MESH_AXES, build_mesh, check_mesh_shape

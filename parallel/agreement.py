@@ -33,7 +33,12 @@ def agree_on_run(fingerprint: dict, group: dist.ProcessGroup) -> None:
     found = first_difference(gathered[0], gathered)
     if found is not None:
         rank, key, theirs, ours = found
-        count = sum(1 for other in gathered for k in set(other) | set(gathered[0]) if other.get(k) != gathered[0].get(k))
+        count = sum(
+            1
+            for other in gathered
+            for k in set(other) | set(gathered[0])
+            if other.get(k) != gathered[0].get(k)
+        )
         raise ValueError(
             f"the ranks disagree on the run before it starts: rank {rank} has {key}={theirs!r}, rank 0 has "
             f"{key}={ours!r} ({count} differing key(s) in all); launch every rank with the same recipe file, "
@@ -41,15 +46,23 @@ def agree_on_run(fingerprint: dict, group: dist.ProcessGroup) -> None:
         )
 
 
-def agree_on_call(names: tuple[str, ...], values: tuple[int, ...], group: dist.ProcessGroup, device: torch.device) -> None:
+def agree_on_call(
+    names: tuple[str, ...], values: tuple[int, ...], group: dist.ProcessGroup, device: torch.device
+) -> None:
     """Collective: raise ValueError on every rank unless all ranks of `group` pass the same
     integers `values` (named by `names`: shapes, dtype, configuration)."""
     mine = torch.tensor(values, dtype=torch.int64, device=device)
-    gathered = torch.empty(dist.get_world_size(group) * len(values), dtype=torch.int64, device=device)
+    gathered = torch.empty(
+        dist.get_world_size(group) * len(values), dtype=torch.int64, device=device
+    )
     all_gather_flat(gathered, mine, group=group)  # flat: gloo wants 1-D here
     rows = gathered.view(-1, len(values)).tolist()
     for rank, row in enumerate(rows):
-        differing = [f"{name}: rank {rank} {a}, rank 0 {b}" for name, a, b in zip(names, row, rows[0]) if a != b]
+        differing = [
+            f"{name}: rank {rank} {a}, rank 0 {b}"
+            for name, a, b in zip(names, row, rows[0])
+            if a != b
+        ]
         if differing:
             raise ValueError(
                 f"the ranks of the context-parallel group call attention with different inputs ({'; '.join(differing)}); "

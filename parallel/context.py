@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.attention import opaque_to_compile
-from lh_cp.config import LighthouseConfig
+from lh_cp.ops.attention import opaque_to_compile
+from lh_cp.ops.config import LighthouseConfig
 from lh_cp.parallel.agreement import agree_on_call
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
 from lh_cp.parallel.headtail.sharding import shard_positions, shard_sequence, unshard_sequence
@@ -49,7 +49,9 @@ def exchange_problems(exchange: str, dense_exchange: str, prefix: str = "") -> l
     if exchange not in LIGHTHOUSE_EXCHANGES:
         problems.append(f"{prefix}exchange must be one of {LIGHTHOUSE_EXCHANGES}, got {exchange!r}")
     if dense_exchange not in DENSE_EXCHANGES:
-        problems.append(f"{prefix}dense_exchange must be one of {DENSE_EXCHANGES}, got {dense_exchange!r}")
+        problems.append(
+            f"{prefix}dense_exchange must be one of {DENSE_EXCHANGES}, got {dense_exchange!r}"
+        )
     if not problems and (exchange in ULYSSES_EXCHANGES) != (dense_exchange == "ulysses"):
         problems.append(
             f"{prefix}exchange={exchange!r} and {prefix}dense_exchange={dense_exchange!r} split the sequence "
@@ -70,10 +72,12 @@ class ContextParallel:
     shard / unshard / positions cut a full [.., N, ..] tensor into this rank's shard, gather it
     back, and give the global positions of the shard's tokens (for RoPE); lighthouse / dense
     take the rank's shard of q [B, n, H, D], k/v [B, n, Hkv, D] and return that shard of the
-    single-device result (the methods lh_cp.attention.SingleDevice has for one device).
+    single-device result (the methods lh_cp.ops.attention.SingleDevice has for one device).
     """
 
-    def __init__(self, group: dist.ProcessGroup, exchange: str = "allgather", dense_exchange: str = "ring") -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, exchange: str = "allgather", dense_exchange: str = "ring"
+    ) -> None:
         problems = exchange_problems(exchange, dense_exchange)
         if problems:
             raise ValueError("; ".join(problems))
@@ -81,12 +85,12 @@ class ContextParallel:
         self.contiguous = exchange in ULYSSES_EXCHANGES
 
     @classmethod
-    def for_lighthouse(cls, group: dist.ProcessGroup, exchange: str) -> "ContextParallel":
+    def for_lighthouse(cls, group: dist.ProcessGroup, exchange: str) -> ContextParallel:
         """The object of a call that names only the Lighthouse exchange (the public cp= function)."""
         return cls(group, exchange, "ulysses" if exchange in ULYSSES_EXCHANGES else "ring")
 
     @classmethod
-    def for_dense(cls, group: dist.ProcessGroup, exchange: str) -> "ContextParallel":
+    def for_dense(cls, group: dist.ProcessGroup, exchange: str) -> ContextParallel:
         """The object of a call that names only the dense exchange."""
         return cls(group, "ulysses" if exchange == "ulysses" else "allgather", exchange)
 
@@ -117,10 +121,14 @@ class ContextParallel:
             return ulysses_positions(n, self.group, device)
         return shard_positions(n, self.group, device)
 
-    def _agree(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig | None) -> None:
+    def _agree(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig | None
+    ) -> None:
         """Before the first collective of each new call signature (shapes, dtype, config,
         exchange): every rank must pass the same one, or every rank raises (not a hang)."""
-        lighthouse = (cfg.pool, cfg.levels, cfg.topk, cfg.tile_budget) if cfg is not None else (0, 0, 0, 0)
+        lighthouse = (
+            (cfg.pool, cfg.levels, cfg.topk, cfg.tile_budget) if cfg is not None else (0, 0, 0, 0)
+        )
         exchange = self.exchange if cfg is not None else self.dense_exchange
         dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
         shapes = tuple(x for t in (q, k, v) for x in _padded_shape(t))
@@ -128,15 +136,28 @@ class ContextParallel:
         key = (id(self.group), values)
         if key in _AGREED or self.world == 1:
             return
-        names = (*(f"{t}.{field}" for t in "qkv" for field in ("ndim", *(f"shape[{i}]" for i in range(_MAX_DIMS)))),
-                 "dtype (0 f64, 1 f32, 2 bf16, 3 f16)", "pool", "levels", "topk", "tile_budget", "exchange")
+        names = (
+            *(
+                f"{t}.{field}"
+                for t in "qkv"
+                for field in ("ndim", *(f"shape[{i}]" for i in range(_MAX_DIMS)))
+            ),
+            "dtype (0 f64, 1 f32, 2 bf16, 3 f16)",
+            "pool",
+            "levels",
+            "topk",
+            "tile_budget",
+            "exchange",
+        )
         agree_on_call(names, values, self.group, q.device)
         _AGREED.add(key)
 
     # Both are opaque to torch.compile: collectives, autograd Functions around them and the
-    # data-dependent selection; a compiled block breaks once, here (lh_cp.attention.SingleDevice).
+    # data-dependent selection; a compiled block breaks once, here (lh_cp.ops.attention.SingleDevice).
     @opaque_to_compile
-    def lighthouse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig) -> torch.Tensor:
+    def lighthouse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+    ) -> torch.Tensor:
         self._agree(q, k, v, cfg)
         if self.exchange == "ulysses":
             return ulysses_attention(q, k, v, cfg, self.group)
@@ -156,13 +177,15 @@ class ContextParallel:
 
 
 def attach_context_parallel(model: torch.nn.Module, context) -> int:
-    """Hand `context` (a ContextParallel, or lh_cp.attention.SINGLE_DEVICE) to every module of
+    """Hand `context` (a ContextParallel, or lh_cp.ops.attention.SINGLE_DEVICE) to every module of
     `model` that takes one (a `use_context` method: lh_cp's Attention, the torchtitan inner
     attention); returns how many took it. A CP context reaching no module is an error."""
     takers = [m for m in model.modules() if callable(getattr(m, "use_context", None))]
     if isinstance(context, ContextParallel) and not takers:
-        raise ValueError(f"{type(model).__name__} has no attention module with a use_context method to run "
-                         f"context parallelism")
+        raise ValueError(
+            f"{type(model).__name__} has no attention module with a use_context method to run "
+            f"context parallelism"
+        )
     for module in takers:
         module.use_context(context)
     return len(takers)

@@ -7,7 +7,7 @@ numbers. The engine then replaces FSDP2 + optimizer in a training step:
 
     engine = build_deepspeed_engine(model, build_optimizer(model, recipe), zero_stage=3, grad_clip=1.0)
     set_learning_rate(engine, lr_at(step, ...))     # the schedule stays a pure function of the step
-    loss, mean_loss = training_loss(engine, rt, inputs, targets)   # lh_cp/steps.py
+    loss, mean_loss = training_loss(engine, rt, inputs, targets)   # lh_cp/train/steps.py
     engine.backward(loss)
     engine.step()                                   # clips, steps, zeroes the gradients
     norm = engine.get_global_grad_norm()
@@ -44,10 +44,15 @@ def deepspeed_config(
     bf16: bf16 weights and activations with fp32 master weights (CUDA runs); False = fp32.
     """
     if zero_stage not in ZERO_STAGES:
-        raise ValueError(f"zero_stage must be one of {ZERO_STAGES} (1: optimizer state, 2: + gradients, 3: + weights), got {zero_stage!r}")
+        raise ValueError(
+            f"zero_stage must be one of {ZERO_STAGES} (1: optimizer state, 2: + gradients, 3: + weights), got {zero_stage!r}"
+        )
     if grad_clip < 0:
         raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
-    for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum_steps", grad_accum_steps)):
+    for name, value in (
+        ("micro_batch_size", micro_batch_size),
+        ("grad_accum_steps", grad_accum_steps),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return {
@@ -74,7 +79,7 @@ def build_deepspeed_engine(
 ):
     """deepspeed.initialize(model, optimizer, deepspeed_config(...)) -> the DeepSpeedEngine.
 
-    optimizer: torch.optim.AdamW (as lh_cp.engines.build_optimizer makes) or torch.optim.Adam over
+    optimizer: torch.optim.AdamW (as lh_cp.train.engines.build_optimizer makes) or torch.optim.Adam over
         the model's parameters, param groups included; ZeRO repartitions its state.
     The other arguments are those of deepspeed_config. Collective over every rank of the
     default process group (started by the launcher, torchrun or `deepspeed`; DeepSpeed wraps
@@ -84,8 +89,11 @@ def build_deepspeed_engine(
     import deepspeed
 
     config = deepspeed_config(
-        zero_stage=zero_stage, grad_clip=grad_clip, micro_batch_size=micro_batch_size,
-        grad_accum_steps=grad_accum_steps, bf16=bf16,
+        zero_stage=zero_stage,
+        grad_clip=grad_clip,
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        bf16=bf16,
     )
     # Exact types, as DeepSpeed checks them: a subclass may change the step ZeRO relies on.
     if type(optimizer) not in SUPPORTED_OPTIMIZERS:

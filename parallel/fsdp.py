@@ -29,7 +29,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lh_cp.model import normalize_layer_indices
+from lh_cp.model.transformer import normalize_layer_indices
 from lh_cp.parallel.context import ContextParallel, attach_context_parallel
 
 
@@ -48,7 +48,9 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _flag(cfg, name: str) -> bool:
     value = getattr(cfg, name, None)
     if not isinstance(value, bool):
-        raise ValueError(f"parallelize reads cfg.{name} as a bool, got {value!r} on {type(cfg).__name__}")
+        raise ValueError(
+            f"parallelize reads cfg.{name} as a bool, got {value!r} on {type(cfg).__name__}"
+        )
     return value
 
 
@@ -63,8 +65,9 @@ def mixed_precision_policy(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def checkpoint_and_compile(model: nn.Module, cfg, *, compile_in_place: bool = False,
-                           context: ContextParallel | None = None) -> nn.Module:
+def checkpoint_and_compile(
+    model: nn.Module, cfg, *, compile_in_place: bool = False, context: ContextParallel | None = None
+) -> nn.Module:
     """The context handed to the attention modules (when given), then activation checkpointing
     and/or torch.compile of each block of `model.layers`, as cfg's flags say, in place; no
     sharding. parallelize's first step, and the whole of it for an engine that shards the
@@ -78,7 +81,9 @@ def checkpoint_and_compile(model: nn.Module, cfg, *, compile_in_place: bool = Fa
     if context is not None:
         attach_context_parallel(model, context)
     blocks = _blocks(model)
-    kept = normalize_layer_indices(getattr(cfg, "no_checkpoint_layers", ()), len(blocks), "parallel.no_checkpoint_layers")
+    kept = normalize_layer_indices(
+        getattr(cfg, "no_checkpoint_layers", ()), len(blocks), "parallel.no_checkpoint_layers"
+    )
     for index, (name, block) in enumerate(blocks):
         # Compile first, then checkpoint: a block's graph breaks at attention, and dynamo does
         # not trace a checkpointed region with a break inside; compiled outside the checkpoint
@@ -96,7 +101,9 @@ def checkpoint_and_compile(model: nn.Module, cfg, *, compile_in_place: bool = Fa
     return model
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, cfg, context: ContextParallel | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh, cfg, context: ContextParallel | None = None
+) -> nn.Module:
     """Hand `context` to the attention modules, then apply activation checkpointing, optional
     torch.compile and FSDP2 to `model` in place.
 
@@ -104,11 +111,17 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg, context: ContextParalle
     dp_shard_cp). Returns the model (now an FSDPModule).
     """
     checkpoint_and_compile(model, cfg, context=context)
-    shard_mesh = mesh["dp_replicate", "dp_shard_cp"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard_cp"]
+    shard_mesh = (
+        mesh["dp_replicate", "dp_shard_cp"]
+        if mesh["dp_replicate"].size() > 1
+        else mesh["dp_shard_cp"]
+    )
     policy = mixed_precision_policy(mesh.device_type)
     blocks = _blocks(model)
     for index, (_, block) in enumerate(blocks):
         # The last block's weights are needed again right away by backward: keep them gathered.
-        fully_shard(block, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+        fully_shard(
+            block, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1
+        )
     fully_shard(model, mesh=shard_mesh, mp_policy=policy)
     return model

@@ -10,11 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lh_cp.loss import IGNORE_INDEX
-from lh_cp.pyramid import accumulation_dtype
+from lh_cp.model.loss import IGNORE_INDEX
+from lh_cp.ops.pyramid import accumulation_dtype
 
 
-def global_token_mean(local_sum: torch.Tensor, local_count: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+def global_token_mean(
+    local_sum: torch.Tensor, local_count: torch.Tensor, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, global token mean for logging) from this rank's summed token
     loss and its count of real targets.
 
@@ -32,7 +34,10 @@ def global_token_mean(local_sum: torch.Tensor, local_count: torch.Tensor, group:
 
 
 def global_token_mean_loss(
-    logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    group: dist.ProcessGroup,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """This rank's share of the mean cross-entropy over every real token of the global batch.
 
@@ -43,6 +48,9 @@ def global_token_mean_loss(
     (log `all_reduce(loss, AVG)`).
     """
     local_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).to(accumulation_dtype(logits.dtype)), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]).to(accumulation_dtype(logits.dtype)),
+        labels.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="sum",
     )
     return global_token_mean(local_sum, (labels != ignore_index).sum(), group)[0]

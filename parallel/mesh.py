@@ -16,7 +16,9 @@ MESH_AXES = ("dp_replicate", "dp_shard", "cp")
 GROUP_AXES = (*MESH_AXES, "dp_shard_cp", "dp", "dp_cp")  # every axis build_mesh makes a group for
 
 
-def check_mesh_shape(world_size: int, dp_replicate: int = 1, dp_shard: int = 1, cp: int = 1) -> None:
+def check_mesh_shape(
+    world_size: int, dp_replicate: int = 1, dp_shard: int = 1, cp: int = 1
+) -> None:
     """Raise ValueError unless every degree is a positive int and their product is world_size.
 
     Needs no process group, so recipes can be checked before any process starts.
@@ -32,14 +34,18 @@ def check_mesh_shape(world_size: int, dp_replicate: int = 1, dp_shard: int = 1, 
         )
 
 
-def build_mesh(device_type: str, dp_replicate: int = 1, dp_shard: int = 1, cp: int = 1) -> DeviceMesh:
+def build_mesh(
+    device_type: str, dp_replicate: int = 1, dp_shard: int = 1, cp: int = 1
+) -> DeviceMesh:
     """3-D mesh (dp_replicate, dp_shard, cp) over the initialised default process group.
 
     Ranks are laid out cp-fastest, so a CP group is made of neighbouring ranks (one node, the
     fastest links, when cp <= GPUs per node).
     """
     if not dist.is_initialized():
-        raise ValueError("build_mesh needs an initialised default process group (torch.distributed.init_process_group)")
+        raise ValueError(
+            "build_mesh needs an initialised default process group (torch.distributed.init_process_group)"
+        )
     check_mesh_shape(dist.get_world_size(), dp_replicate, dp_shard, cp)
     mesh = init_device_mesh(device_type, (dp_replicate, dp_shard, cp), mesh_dim_names=MESH_AXES)
     mesh["dp_shard", "cp"]._flatten("dp_shard_cp")

@@ -17,8 +17,12 @@ import torch.distributed as dist
 from lh_cp.parallel.transport import all_gather
 
 
-def preceding_thresholds(carry: torch.Tensor, my_chunks: list[int], locate: Callable[[int], tuple[int, int]],
-                         group: dist.ProcessGroup) -> torch.Tensor:
+def preceding_thresholds(
+    carry: torch.Tensor,
+    my_chunks: list[int],
+    locate: Callable[[int], tuple[int, int]],
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
     """The thresholds each of this rank's chunks starts from: [P, B, H, L-1, 2].
 
     carry [P, B, H, L-1, 2]: selection_carry of this rank's P chunks, in slot order;

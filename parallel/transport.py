@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 # Meters currently counting (innermost last). Instrumentation only: it never changes what is
 # sent, and communication state (the group) is always passed explicitly.
-_ACTIVE_METERS: list["SentBytes"] = []
+_ACTIVE_METERS: list[SentBytes] = []
 
 
 class SentBytes:
@@ -28,7 +28,7 @@ class SentBytes:
     def __init__(self) -> None:
         self.by_category: dict[str, int] = defaultdict(int)
 
-    def __enter__(self) -> "SentBytes":
+    def __enter__(self) -> SentBytes:
         _ACTIVE_METERS.append(self)
         return self
 
@@ -99,7 +99,9 @@ def ring_shift(x: torch.Tensor, group: dist.ProcessGroup, tag: int, category: st
         return Pending([], [], [x])
     rank = dist.get_rank(group)
     received = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return exchange_p2p([(x, (rank + 1) % world, tag)], [(received, (rank - 1) % world, tag)], group, category)
+    return exchange_p2p(
+        [(x, (rank + 1) % world, tag)], [(received, (rank - 1) % world, tag)], group, category
+    )
 
 
 # torch 2.13 renamed the flat collectives (the *_into_tensor / *_tensor names warn there);
@@ -145,7 +147,9 @@ def reduce_scatter_start(x: torch.Tensor, group: dist.ProcessGroup, category: st
     so that the caller can compute while it travels."""
     world = dist.get_world_size(group)
     if x.shape[0] != world:
-        raise ValueError(f"reduce_scatter expects a leading dim equal to the group size {world}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"reduce_scatter expects a leading dim equal to the group size {world}, got {tuple(x.shape)}"
+        )
     if world == 1:
         return PendingGather(None, x[0], x)
     x = x.contiguous()

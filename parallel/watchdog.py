@@ -27,8 +27,15 @@ EXIT_CODE = 3
 
 
 class Watchdog:
-    def __init__(self, store: dist.Store, rank: int, world: int, limit: float, period: float | None = None,
-                 label: str = "lh-cp") -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world: int,
+        limit: float,
+        period: float | None = None,
+        label: str = "lh-cp",
+    ) -> None:
         if limit <= 0:
             raise ValueError(f"the watchdog limit must be > 0 seconds, got {limit}")
         self.store, self.rank, self.world, self.limit = store, rank, world, limit
@@ -38,18 +45,22 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="lh-cp-watchdog", daemon=True)
 
     @classmethod
-    def for_torchrun(cls, rank: int, world: int, limit: float) -> "Watchdog | None":
+    def for_torchrun(cls, rank: int, world: int, limit: float) -> Watchdog | None:
         """A watchdog over a fresh client of the job's store, or None for a single process
         (nothing can stop behind its back) or a launcher that sets no MASTER_ADDR."""
         if world < 2 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             return None
-        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                               timeout=datetime.timedelta(seconds=max(limit, 30.0)))
+        client = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=max(limit, 30.0)),
+        )
         run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         return cls(dist.PrefixStore(f"lh_cp_watchdog/{run}/{restart}/", client), rank, world, limit)
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         self._thread.start()
         return self
 
@@ -86,7 +97,11 @@ class Watchdog:
 
     def _stalled(self, other: int, value: str, silent: float) -> None:
         last_step = value.split()[1] if value else "none (it never beat)"
-        print(f"[{self.label}] rank {other} has sent no heartbeat for {silent:.0f} s (its last finished step: "
-              f"{last_step}); it has stopped or hung, so rank {self.rank} ends the job (watchdog limit "
-              f"{self.limit:g} s = parallel.timeout_s / 2)", file=sys.stderr, flush=True)
+        print(
+            f"[{self.label}] rank {other} has sent no heartbeat for {silent:.0f} s (its last finished step: "
+            f"{last_step}); it has stopped or hung, so rank {self.rank} ends the job (watchdog limit "
+            f"{self.limit:g} s = parallel.timeout_s / 2)",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(EXIT_CODE)

@@ -1,4 +1,4 @@
-"""Kernel and reference twins of compression (lh_cp/compress.py) agree on CP chunks.
+"""Kernel and reference twins of compression (lh_cp/ops/compress.py) agree on CP chunks.
 
 `check_chunk_twins(device)` runs both on the chunks of a head-tail shard ([2B, C] rows, chunk
 config; the kernels' entries heads-outer, as the CP path stores them): the kernel selection
@@ -18,11 +18,11 @@ import functools
 import torch
 
 from lh_cp import LighthouseConfig
-from lh_cp.kernels.ops import select_with_plan
-from lh_cp.kernels.plan import Plan, selection_from_fields
-from lh_cp.compress import compress_kernels, compress_reference
+from lh_cp.ops.compress import compress_kernels, compress_reference
+from lh_cp.ops.kernels.ops import select_with_plan
+from lh_cp.ops.kernels.slot_plan import Plan, selection_from_fields
+from lh_cp.ops.select import select
 from lh_cp.parallel.headtail.attention import chunk_config
-from lh_cp.select import select
 
 # (pool, levels, topk, tile_budget, N global, W, H, Hkv, D): spills of 3 and 15 rows, GQA, levels=1.
 CASES = [
@@ -45,16 +45,30 @@ def _run(compress, q, k, v, cfg, grad_rows, grad_spill):
     rows, spill_rows = entries.deliver(out_entries, grad_spill.shape[1])
     loss = (rows * grad_rows).sum() + (spill_rows * grad_spill).sum()
     (entries.q.sum() + (entries.k * entries.v).sum() + loss).backward()
-    return [entries.q, entries.k, entries.v, rows, spill_rows, q.grad, k.grad, v.grad, out_entries.grad]
+    return [
+        entries.q,
+        entries.k,
+        entries.v,
+        rows,
+        spill_rows,
+        q.grad,
+        k.grad,
+        v.grad,
+        out_entries.grad,
+    ]
 
 
 def check_chunk_twins(device: str) -> None:
     for pool, levels, topk, budget, n, world, heads, kv_heads, dim in CASES:
-        cfg = chunk_config(LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget), n, world)
+        cfg = chunk_config(
+            LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget), n, world
+        )
         chunk, spill = n // (2 * world), cfg.coarsest_span - 1
         gen = torch.Generator().manual_seed(n + levels)
         q = torch.randn(2 * BATCH, chunk, heads, dim, generator=gen).to(device)
-        k, v = (torch.randn(2 * BATCH, chunk, kv_heads, dim, generator=gen).to(device) for _ in range(2))
+        k, v = (
+            torch.randn(2 * BATCH, chunk, kv_heads, dim, generator=gen).to(device) for _ in range(2)
+        )
         grad_rows = torch.randn(2 * BATCH, chunk, heads, dim, generator=gen).to(device)
         grad_spill = torch.randn(2 * BATCH, spill, heads, dim, generator=gen).to(device)
 
@@ -74,7 +88,17 @@ def check_chunk_twins(device: str) -> None:
         s = got[0].shape[2]
         assert got[0].stride()[:2] == (s * dim, 2 * BATCH * s * dim), got[0].stride()
         want = _run(compress_reference, q, k, v, cfg, grad_rows, grad_spill)
-        names = ("q entries", "k entries", "v entries", "rows", "spill rows", "dq", "dk", "dv", "d out entries")
+        names = (
+            "q entries",
+            "k entries",
+            "v entries",
+            "rows",
+            "spill rows",
+            "dq",
+            "dk",
+            "dv",
+            "d out entries",
+        )
         for name, a, b in zip(names, got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 

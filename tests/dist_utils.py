@@ -65,7 +65,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
     port = free_port()
     with tempfile.TemporaryDirectory() as result_dir:
         procs = [
-            ctx.Process(target=_worker, args=(rank, world_size, port, result_dir, fn, args), daemon=True)
+            ctx.Process(
+                target=_worker, args=(rank, world_size, port, result_dir, fn, args), daemon=True
+            )
             for rank in range(world_size)
         ]
         for proc in procs:
@@ -88,7 +90,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
             raise TimeoutError(f"distributed job of {world_size} ranks exceeded {timeout} s")
         if failed is not None:
             err = os.path.join(result_dir, f"rank{failed}.err")
-            detail = open(err).read() if os.path.exists(err) else f"exit code {procs[failed].exitcode}"
+            detail = (
+                open(err).read() if os.path.exists(err) else f"exit code {procs[failed].exitcode}"
+            )
             raise RuntimeError(f"rank {failed} of {world_size} failed:\n{detail}")
         results = []
         for rank in range(world_size):

@@ -1,4 +1,4 @@
-"""The one-pass Triton LSE merge (lh_cp/kernels/merge.py) equals its reference twin
+"""The one-pass Triton LSE merge (lh_cp/ops/kernels/merge.py) equals its reference twin
 (lh_cp.parallel.headtail.blocks.merge_reference) on the layouts the CP exchange hands it.
 
 `check_merge_twins(device)` merges partial results on: chunk rows of a [B, H, 2S, D] buffer
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from lh_cp.parallel.headtail.blocks import Accumulated, block_forward, merge_reference, own_block_forward
+from lh_cp.ops.kernels.merge_reference import merge_reference
+from lh_cp.parallel.headtail.blocks import Accumulated, block_forward, own_block_forward
 
 ULP = {torch.float32: 2e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -40,12 +41,31 @@ def _partial(gen, shape, device, dtype, bshd=False):
 
 def assert_within_ulp(got, want, dtype, what):
     diff = (got.double() - want.double()).abs()
-    bound = ULP[dtype] * (1 + want.double().abs()) if dtype == torch.float32 else ULP[dtype] * want.double().abs().clamp_min(1e-3)
+    bound = (
+        ULP[dtype] * (1 + want.double().abs())
+        if dtype == torch.float32
+        else ULP[dtype] * want.double().abs().clamp_min(1e-3)
+    )
     worst = (diff - bound).max().item()
-    assert worst <= 0, f"{what}: kernel and reference differ by {diff.max().item():.3e} (bound exceeded by {worst:.3e})"
+    assert worst <= 0, (
+        f"{what}: kernel and reference differ by {diff.max().item():.3e} (bound exceeded by {worst:.3e})"
+    )
 
 
-def _case(device, gen, batch, heads, rows, dim, acc_dtype, part_dtype, dest_dtype, in_place, bshd, empty_rows):
+def _case(
+    device,
+    gen,
+    batch,
+    heads,
+    rows,
+    dim,
+    acc_dtype,
+    part_dtype,
+    dest_dtype,
+    in_place,
+    bshd,
+    empty_rows,
+):
     # The accumulator: chunk rows `rows` of a two-chunk buffer [B, H, 2R, D], the second chunk.
     buffer, lse_buffer = _partial(gen, (batch, heads, 2 * rows, dim), device, acc_dtype)
     out_acc, lse_acc = buffer[:, :, rows:], lse_buffer[:, :, rows:]
@@ -53,7 +73,9 @@ def _case(device, gen, batch, heads, rows, dim, acc_dtype, part_dtype, dest_dtyp
         lse_acc[:, :, : rows // 3] = float("-inf")
     part, lse_part = _partial(gen, (batch, heads, rows, dim), device, part_dtype, bshd)
     results = []
-    from lh_cp.kernels.merge import merge_kernel  # Triton: imported where it is used, as lh_cp does
+    from lh_cp.ops.kernels.merge import (
+        merge_kernel,
+    )  # Triton: imported where it is used, as lh_cp does
 
     for merge in (merge_kernel, merge_reference):
         acc, lse = out_acc.clone(), lse_acc.clone()
@@ -68,7 +90,9 @@ def _case(device, gen, batch, heads, rows, dim, acc_dtype, part_dtype, dest_dtyp
     assert_within_ulp(got, want, dest_dtype, what)
     if empty_rows:
         empty = slice(0, rows // 3)
-        assert torch.equal(got[:, :, empty], part[:, :, empty].to(dest_dtype)), what + ": empty accumulator rows"
+        assert torch.equal(got[:, :, empty], part[:, :, empty].to(dest_dtype)), (
+            what + ": empty accumulator rows"
+        )
 
 
 def check_merge_twins(device: str) -> None:
@@ -96,7 +120,10 @@ def key_blocks(rank: int, world: int, exchange: str) -> list[tuple[int, ...]]:
     mine = (rank, 2 * world - 1 - rank)
     if exchange == "allgather":
         return [tuple(c for c in range(2 * world) if c not in mine)] if world > 1 else []
-    return [(source, 2 * world - 1 - source) for source in ((rank - step) % world for step in range(1, world))]
+    return [
+        (source, 2 * world - 1 - source)
+        for source in ((rank - step) % world for step in range(1, world))
+    ]
 
 
 def accumulated_rows(q, k, v, rank: int, world: int, exchange: str):
@@ -109,10 +136,14 @@ def accumulated_rows(q, k, v, rank: int, world: int, exchange: str):
 
     mine = (rank, 2 * world - 1 - rank)
     blocks = key_blocks(rank, world, exchange)
-    acc = Accumulated(*own_block_forward(chunks(q, mine), chunks(k, mine), chunks(v, mine)), mine, blocks)
+    acc = Accumulated(
+        *own_block_forward(chunks(q, mine), chunks(k, mine), chunks(v, mine)), mine, blocks
+    )
     for ids in blocks:
         acc.add_remote(chunks(q, mine), torch.stack([chunks(k, ids), chunks(v, ids)]), ids, length)
-    assert acc.merges_left == [0, 0] and acc.running == [None, None], "a chunk missed its final merge"
+    assert acc.merges_left == [0, 0] and acc.running == [None, None], (
+        "a chunk missed its final merge"
+    )
     return acc.out, acc.lse
 
 
@@ -121,7 +152,9 @@ def full_rows(q, k, v, rank: int, world: int):
     length = q.shape[2] // (2 * world)
     out, lse = block_forward(q.double(), k.double(), v.double(), causal=True)
     rows = [slice(c * length, (c + 1) * length) for c in (rank, 2 * world - 1 - rank)]
-    return torch.cat([out[:, :, r] for r in rows], dim=2), torch.cat([lse[:, :, r] for r in rows], dim=2)
+    return torch.cat([out[:, :, r] for r in rows], dim=2), torch.cat(
+        [lse[:, :, r] for r in rows], dim=2
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,16 @@ import math
 import torch
 
 
-def naive_select_head(q_norm: list[float], k_norm: list[float], pool: int, levels: int, topk: int, budget: int,
-                      selection: str = "tile_topk", preceding: dict | None = None):
+def naive_select_head(
+    q_norm: list[float],
+    k_norm: list[float],
+    pool: int,
+    levels: int,
+    topk: int,
+    budget: int,
+    selection: str = "tile_topk",
+    preceding: dict | None = None,
+):
     """Sorted list of (key, start, end, level, internal) for one head.
 
     selection "causal" follows LIGHTHOUSE.md s.11; `preceding` maps (level, 0 for query or 1 for
@@ -34,9 +42,13 @@ def naive_select_head(q_norm: list[float], k_norm: list[float], pool: int, level
         for level in range(levels, 1, -1):
             if selection == "causal":
                 in_use = thresholds or {(level, which): float("-inf") for which in (0, 1)}
-                refined = naive_causal_refine(candidates, q_norm, k_norm, pool, levels, level, budget, in_use)
+                refined = naive_causal_refine(
+                    candidates, q_norm, k_norm, pool, levels, level, budget, in_use
+                )
             else:
-                by_query = sorted(candidates, key=lambda i: (-score(q_norm, level, i), i))[: budget // 2]
+                by_query = sorted(candidates, key=lambda i: (-score(q_norm, level, i), i))[
+                    : budget // 2
+                ]
                 rest = [i for i in candidates if i not in by_query]
                 by_key = sorted(rest, key=lambda i: (-score(k_norm, level, i), i))[: budget // 2]
                 refined = sorted(by_query + by_key)
@@ -44,7 +56,9 @@ def naive_select_head(q_norm: list[float], k_norm: list[float], pool: int, level
                 entries.append((level, i, i in refined))
             candidates = [r * pool + j for r in refined for j in range(pool)]
         if selection == "causal":
-            thresholds = naive_tile_thresholds(q_norm, k_norm, pool, levels, budget, tile_start, tile)
+            thresholds = naive_tile_thresholds(
+                q_norm, k_norm, pool, levels, budget, tile_start, tile
+            )
         for i in candidates:
             entries.append((1, i, False))
     out = []
@@ -67,20 +81,30 @@ def naive_eligible(pool: int, levels: int, level: int, index: int) -> bool:
     return level == levels or index % pool != 0
 
 
-def naive_tile_thresholds(q_norm, k_norm, pool: int, levels: int, budget: int, tile_start: int, tile: int) -> dict:
+def naive_tile_thresholds(
+    q_norm, k_norm, pool: int, levels: int, budget: int, tile_start: int, tile: int
+) -> dict:
     """What the tile at tile_start hands to the next: {(level, 0 | 1): k-th largest score}."""
     out = {}
     for level in range(2, levels + 1):
         c = pool ** (level - 1)
         rank = budget // 2 if level == levels else tile // (2 * c * pool)
-        spans = [i for i in range(tile_start // c, (tile_start + tile) // c) if naive_eligible(pool, levels, level, i)]
+        spans = [
+            i
+            for i in range(tile_start // c, (tile_start + tile) // c)
+            if naive_eligible(pool, levels, level, i)
+        ]
         for which, norms in ((0, q_norm), (1, k_norm)):
-            scores = sorted((naive_first_child_score(norms, pool, level, i) for i in spans), reverse=True)
+            scores = sorted(
+                (naive_first_child_score(norms, pool, level, i) for i in spans), reverse=True
+            )
             out[level, which] = scores[rank - 1]
     return out
 
 
-def naive_causal_refine(candidates, q_norm, k_norm, pool, levels, level, budget, thresholds) -> list[int]:
+def naive_causal_refine(
+    candidates, q_norm, k_norm, pool, levels, level, budget, thresholds
+) -> list[int]:
     """s.11, one candidate at a time in index order: forced once the refinable candidates left
     are no more than the budget left, else by query score, else by key score."""
     refinable = [i for i in candidates if naive_eligible(pool, levels, level, i)]
@@ -88,16 +112,24 @@ def naive_causal_refine(candidates, q_norm, k_norm, pool, levels, level, budget,
     for position, i in enumerate(refinable):
         if budget - len(refined) >= len(refinable) - position:
             refined.append(i)
-        elif by_query < budget // 2 and naive_first_child_score(q_norm, pool, level, i) >= thresholds[level, 0]:
+        elif (
+            by_query < budget // 2
+            and naive_first_child_score(q_norm, pool, level, i) >= thresholds[level, 0]
+        ):
             refined.append(i)
             by_query += 1
-        elif by_key < budget // 2 and naive_first_child_score(k_norm, pool, level, i) >= thresholds[level, 1]:
+        elif (
+            by_key < budget // 2
+            and naive_first_child_score(k_norm, pool, level, i) >= thresholds[level, 1]
+        ):
             refined.append(i)
             by_key += 1
     return refined
 
 
-def naive_lighthouse(q, k, v, pool: int, levels: int, topk: int, budget: int, selection: str = "tile_topk"):
+def naive_lighthouse(
+    q, k, v, pool: int, levels: int, topk: int, budget: int, selection: str = "tile_topk"
+):
     """Output [B, N, H, D] (float64) and the per-(b, h) sorted entry lists."""
     batch, n, heads, dim = q.shape
     group = heads // k.shape[2]
@@ -105,7 +137,11 @@ def naive_lighthouse(q, k, v, pool: int, levels: int, topk: int, budget: int, se
     selections = {}
     for b in range(batch):
         for h in range(heads):
-            qh, kh, vh = q[b, :, h].double(), k[b, :, h // group].double(), v[b, :, h // group].double()
+            qh, kh, vh = (
+                q[b, :, h].double(),
+                k[b, :, h // group].double(),
+                v[b, :, h // group].double(),
+            )
             q_norm = [float(torch.linalg.vector_norm(qh[t].float())) for t in range(n)]
             k_norm = [float(torch.linalg.vector_norm(kh[t].float())) for t in range(n)]
             entries = naive_select_head(q_norm, k_norm, pool, levels, topk, budget, selection)

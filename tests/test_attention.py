@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from naive_lighthouse import naive_lighthouse
 
 from lh_cp import LighthouseConfig, attend_selected, causal_attention, lighthouse_attention, select
-from lh_cp.pyramid import gather_entries
-from lh_cp.scatter import scatter_entries
-from naive_lighthouse import naive_lighthouse
+from lh_cp.ops.pyramid import gather_entries
+from lh_cp.ops.scatter import scatter_entries
 
 
 def qkv(batch, n, heads, kv_heads, dim, dtype=torch.float64, seed=0):
@@ -21,14 +21,18 @@ def test_levels_one_is_dense_causal_attention():
     q, k, v = qkv(2, 96, 4, 2, 16)
     out = lighthouse_attention(q, k, v, cfg)
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2),
+        q.transpose(1, 2),
+        k.repeat_interleave(2, 2).transpose(1, 2),
+        v.repeat_interleave(2, 2).transpose(1, 2),
         is_causal=True,
     ).transpose(1, 2)
     assert (out - ref).abs().max() <= 1e-12
     assert (causal_attention(q, k, v) - ref).abs().max() <= 1e-12
 
 
-@pytest.mark.parametrize("pool, levels, topk, budget, n", [(2, 3, 4, 2, 64), (4, 2, 8, 4, 128), (2, 4, 2, 2, 64)])
+@pytest.mark.parametrize(
+    "pool, levels, topk, budget, n", [(2, 3, 4, 2, 64), (4, 2, 8, 4, 128), (2, 4, 2, 2, 64)]
+)
 def test_output_matches_naive_twin(pool, levels, topk, budget, n):
     """Float64 outputs equal the loop-by-loop twin to 1e-12 (only summation order differs)."""
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
@@ -91,7 +95,9 @@ def test_later_tiles_never_affect_earlier_tiles():
         q2, k2, v2 = (x.clone() for x in (q, k, v))
         for x in (q2, k2, v2):
             x[:, tile_start:] = 5.0 * torch.randn_like(x[:, tile_start:])
-        assert torch.equal(lighthouse_attention(q2, k2, v2, cfg)[:, :tile_start], base[:, :tile_start])
+        assert torch.equal(
+            lighthouse_attention(q2, k2, v2, cfg)[:, :tile_start], base[:, :tile_start]
+        )
 
 
 def test_gradcheck_with_selection_fixed():
@@ -100,7 +106,9 @@ def test_gradcheck_with_selection_fixed():
     q, k, v = qkv(1, 32, 2, 1, 4, seed=6)
     sel = select(q, k, cfg)
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    assert torch.autograd.gradcheck(lambda a, b, c: attend_selected(a, b, c, sel, cfg), inputs, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: attend_selected(a, b, c, sel, cfg), inputs, eps=1e-6, atol=1e-8
+    )
 
 
 def test_gradcheck_gather_and_scatter_separately():
@@ -119,8 +127,11 @@ def test_gqa_equals_explicit_expansion():
     cfg = LighthouseConfig(pool=4, levels=2, topk=8, tile_budget=4)
     q, k, v = qkv(2, 128, 6, 2, 8, seed=9)
     grouped = [t.clone().requires_grad_() for t in (q, k, v)]
-    expanded = [q.clone().requires_grad_(), k.repeat_interleave(3, 2).requires_grad_(),
-                v.repeat_interleave(3, 2).requires_grad_()]
+    expanded = [
+        q.clone().requires_grad_(),
+        k.repeat_interleave(3, 2).requires_grad_(),
+        v.repeat_interleave(3, 2).requires_grad_(),
+    ]
     out_g = lighthouse_attention(*grouped, cfg)
     out_e = lighthouse_attention(*expanded, cfg)
     assert (out_g - out_e).abs().max() <= 1e-12
@@ -171,8 +182,17 @@ def test_bad_inputs_raise(bad):
         lighthouse_attention(q, k, v, cfg)
 
 
-@pytest.mark.parametrize("tensor, value", [("q", float("nan")), ("q", float("inf")), ("k", float("inf")),
-                                           ("k", float("nan")), ("v", float("nan")), ("v", float("-inf"))])
+@pytest.mark.parametrize(
+    "tensor, value",
+    [
+        ("q", float("nan")),
+        ("q", float("inf")),
+        ("k", float("inf")),
+        ("k", float("nan")),
+        ("v", float("nan")),
+        ("v", float("-inf")),
+    ],
+)
 def test_non_finite_inputs_raise_naming_the_tensor(tensor, value):
     """NaN or inf anywhere in q, k or v is refused before any attention runs (it would spread to
     almost every output row); the message names the tensor and how many entries are bad."""

@@ -9,13 +9,13 @@ import random
 
 import pytest
 import torch
-
-from lh_cp import LighthouseConfig, lighthouse_attention, select
-from lh_cp.attention import attend_selected
-from lh_cp.compress import selection_carry
-from lh_cp.recipe import recipe_from_dict
 from naive_lighthouse import naive_select_head, naive_tile_thresholds
 from test_select import CONFIGS, valid_grid
+
+from lh_cp import LighthouseConfig, lighthouse_attention, select
+from lh_cp.ops.attention import attend_selected
+from lh_cp.ops.compress import selection_carry
+from lh_cp.train.recipe import recipe_from_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,18 +37,43 @@ def worked_example_inputs():
 
 WORKED_EXAMPLE = [
     # (start, end, internal, level, key)
-    (0, 2, False, 2, 0), (2, 3, False, 1, 6), (3, 4, False, 1, 9), (2, 4, True, 2, 10), (0, 4, True, 3, 11),
-    (4, 6, False, 2, 12), (6, 7, False, 1, 18), (7, 8, False, 1, 21), (6, 8, True, 2, 22), (4, 8, True, 3, 23),
-    (8, 12, False, 3, 24), (12, 16, False, 3, 36),
-    (16, 20, False, 3, 48), (20, 24, False, 3, 60), (24, 26, False, 2, 72), (26, 27, False, 1, 78),
-    (27, 28, False, 1, 81), (26, 28, True, 2, 82), (24, 28, True, 3, 83), (28, 30, False, 2, 84),
-    (30, 31, False, 1, 90), (31, 32, False, 1, 93), (30, 32, True, 2, 94), (28, 32, True, 3, 95),
+    (0, 2, False, 2, 0),
+    (2, 3, False, 1, 6),
+    (3, 4, False, 1, 9),
+    (2, 4, True, 2, 10),
+    (0, 4, True, 3, 11),
+    (4, 6, False, 2, 12),
+    (6, 7, False, 1, 18),
+    (7, 8, False, 1, 21),
+    (6, 8, True, 2, 22),
+    (4, 8, True, 3, 23),
+    (8, 12, False, 3, 24),
+    (12, 16, False, 3, 36),
+    (16, 20, False, 3, 48),
+    (20, 24, False, 3, 60),
+    (24, 26, False, 2, 72),
+    (26, 27, False, 1, 78),
+    (27, 28, False, 1, 81),
+    (26, 28, True, 2, 82),
+    (24, 28, True, 3, 83),
+    (28, 30, False, 2, 84),
+    (30, 31, False, 1, 90),
+    (31, 32, False, 1, 93),
+    (30, 32, True, 2, 94),
+    (28, 32, True, 3, 95),
 ]
 
 
 def _rows(sel, b=0, h=0):
-    return list(zip(sel.start[b, h].tolist(), sel.end[b, h].tolist(), sel.internal[b, h].tolist(),
-                    sel.level[b, h].tolist(), sel.key[b, h].tolist()))
+    return list(
+        zip(
+            sel.start[b, h].tolist(),
+            sel.end[b, h].tolist(),
+            sel.internal[b, h].tolist(),
+            sel.level[b, h].tolist(),
+            sel.key[b, h].tolist(),
+        )
+    )
 
 
 def test_worked_example_entry_for_entry():
@@ -58,7 +83,12 @@ def test_worked_example_entry_for_entry():
     assert _rows(select(q, k, cfg)) == WORKED_EXAMPLE
     # The paper's selection refines [16, 20) for token 19's query norm; the causal one does not.
     paper = select(q, k, LighthouseConfig(pool=2, levels=3, topk=4, tile_budget=2))
-    refined = set(zip(paper.start[0, 0][paper.internal[0, 0]].tolist(), paper.end[0, 0][paper.internal[0, 0]].tolist()))
+    refined = set(
+        zip(
+            paper.start[0, 0][paper.internal[0, 0]].tolist(),
+            paper.end[0, 0][paper.internal[0, 0]].tolist(),
+        )
+    )
     assert (16, 20) in refined
 
 
@@ -72,8 +102,15 @@ def test_selection_matches_naive_twin(pool, levels, topk, budget, n):
         qn = torch.linalg.vector_norm(q[b, :, h], dim=-1).tolist()
         kn = torch.linalg.vector_norm(k[b, :, h], dim=-1).tolist()
         expected = naive_select_head(qn, kn, pool, levels, topk, budget, "causal")
-        got = list(zip(sel.key[b, h].tolist(), sel.start[b, h].tolist(), sel.end[b, h].tolist(),
-                       sel.level[b, h].tolist(), sel.internal[b, h].tolist()))
+        got = list(
+            zip(
+                sel.key[b, h].tolist(),
+                sel.start[b, h].tolist(),
+                sel.end[b, h].tolist(),
+                sel.level[b, h].tolist(),
+                sel.internal[b, h].tolist(),
+            )
+        )
         assert got == expected
 
 
@@ -98,7 +135,9 @@ def _outputs_up_to_t_unchanged(cfg: LighthouseConfig, n: int, seed: int, trials:
     for t in torch.randint(0, n - 1, (trials,), generator=gen).tolist():
         changed = [x.clone() for x in (q, k, v)]
         for x in changed:
-            x[:, t + 1 :] = 3.0 * torch.randn(x[:, t + 1 :].shape, generator=gen, dtype=torch.float64)
+            x[:, t + 1 :] = 3.0 * torch.randn(
+                x[:, t + 1 :].shape, generator=gen, dtype=torch.float64
+            )
         same.append(torch.equal(lighthouse_attention(*changed, cfg)[:, : t + 1], out[:, : t + 1]))
     return same
 
@@ -118,7 +157,9 @@ def test_the_papers_selection_fails_strict_causality():
     failures = 0
     for trial in range(10):
         cfg, n = _random_config(rng)
-        paper = LighthouseConfig(pool=cfg.pool, levels=cfg.levels, topk=cfg.topk, tile_budget=cfg.tile_budget)
+        paper = LighthouseConfig(
+            pool=cfg.pool, levels=cfg.levels, topk=cfg.topk, tile_budget=cfg.tile_budget
+        )
         failures += _outputs_up_to_t_unchanged(paper, n, seed=trial, trials=6).count(False)
     assert failures > 0
 
@@ -128,7 +169,12 @@ def test_selected_length_partition_and_exact_budget_over_a_grid():
     exactly b refined per level and tile, never a first child below the top level."""
     checked = 0
     for paper_cfg, n in valid_grid():
-        cfg = causal(pool=paper_cfg.pool, levels=paper_cfg.levels, topk=paper_cfg.topk, tile_budget=paper_cfg.tile_budget)
+        cfg = causal(
+            pool=paper_cfg.pool,
+            levels=paper_cfg.levels,
+            topk=paper_cfg.topk,
+            tile_budget=paper_cfg.tile_budget,
+        )
         sel = select(torch.randn(1, n, 1, 4), torch.randn(1, n, 1, 4), cfg)
         assert sel.start.shape[-1] == cfg.selected_length(n)
         keys = sel.key[0, 0]
@@ -155,16 +201,24 @@ def test_pieces_with_the_carry_equal_the_whole_sequence():
     the whole sequence's selection; starting a later piece from nothing does not."""
     cfg = causal(pool=2, levels=3, topk=8, tile_budget=2)  # N = 128: tile 32, 4 tiles
     gen = torch.Generator().manual_seed(5)
-    q, k, v = torch.randn(2, 128, 2, 8, generator=gen), torch.randn(2, 128, 1, 8, generator=gen), torch.randn(2, 128, 1, 8, generator=gen)
+    q, k, v = (
+        torch.randn(2, 128, 2, 8, generator=gen),
+        torch.randn(2, 128, 1, 8, generator=gen),
+        torch.randn(2, 128, 1, 8, generator=gen),
+    )
     whole = select(q, k, cfg)
     piece_cfg = cfg.for_pieces(128, 2)
     first = select(q[:, :64], k[:, :64], piece_cfg)
     carry = selection_carry(q[:, :64], k[:, :64], v[:, :64], piece_cfg)
     second = select(q[:, 64:], k[:, 64:], piece_cfg, preceding=carry).shifted(64)
     for name in ("start", "end", "level", "internal"):
-        assert torch.equal(torch.cat([getattr(first, name), getattr(second, name)], dim=-1), getattr(whole, name))
+        assert torch.equal(
+            torch.cat([getattr(first, name), getattr(second, name)], dim=-1), getattr(whole, name)
+        )
     alone = select(q[:, 64:], k[:, 64:], piece_cfg).shifted(64)
-    assert not torch.equal(alone.internal, second.internal) or not torch.equal(alone.start, second.start)
+    assert not torch.equal(alone.internal, second.internal) or not torch.equal(
+        alone.start, second.start
+    )
 
 
 def test_carry_is_the_naive_thresholds_of_the_last_tile():
@@ -181,13 +235,21 @@ def test_carry_is_the_naive_thresholds_of_the_last_tile():
 def test_gradcheck_with_the_causal_selection_fixed():
     cfg = causal(pool=2, levels=3, topk=4, tile_budget=2)
     gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(1, 64, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    inputs = [
+        torch.randn(1, 64, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    ]
     sel = select(*(x.detach() for x in inputs[:2]), cfg)
-    assert torch.autograd.gradcheck(lambda a, b, c: attend_selected(a, b, c, sel, cfg), inputs, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: attend_selected(a, b, c, sel, cfg), inputs, eps=1e-6, atol=1e-8
+    )
 
 
 def test_bad_selection_names_the_rule():
-    with pytest.raises(ValueError, match=r"selection must be one of \('tile_topk', 'causal'\), got selection='topk'"):
+    with pytest.raises(
+        ValueError,
+        match=r"selection must be one of \('tile_topk', 'causal'\), got selection='topk'",
+    ):
         LighthouseConfig(selection="topk")
     recipe = recipe_from_dict({"lighthouse": {"selection": "strict"}})
     assert any("selection='strict'" in problem for problem in recipe.lighthouse.problems())

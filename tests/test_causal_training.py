@@ -4,16 +4,29 @@ trains as one process does, and the leak metric of the Lighthouse stage is exact
 from __future__ import annotations
 
 import pytest
+from train_utils import (
+    logged_losses,
+    tiny_recipe,
+    tiny_recipe_dict,
+    torchrun_train,
+    write_corpus,
+    write_toml,
+)
 
-from lh_cp.train import train
-from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, torchrun_train, write_corpus, write_toml
+from lh_cp.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # tile 16 in a 128-token sequence: 8 tiles, 2 per head-tail chunk under CP = 2, and 4 top-level
 # spans per tile for a budget of 2, so the thresholds (and their carry across ranks) decide.
-CAUSAL = ["lighthouse.pool=2", "lighthouse.levels=3", "lighthouse.topk=16", "lighthouse.tile_budget=2",
-          "lighthouse.selection='causal'", "eval.val_interval=4"]
+CAUSAL = [
+    "lighthouse.pool=2",
+    "lighthouse.levels=3",
+    "lighthouse.topk=16",
+    "lighthouse.tile_budget=2",
+    "lighthouse.selection='causal'",
+    "eval.val_interval=4",
+]
 
 
 @pytest.mark.timeout(300)

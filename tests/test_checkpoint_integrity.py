@@ -1,4 +1,4 @@
-"""Checkpoint integrity (lh_cp/checkpoint.py): manifests, verification, fallback on resume,
+"""Checkpoint integrity (lh_cp/train/checkpoint.py): manifests, verification, fallback on resume,
 checkpoints that do not fit the run, and resharding.
 
 Two runs of 2 torchrun processes on gloo (CP=2, the tiny two-stage recipe, checkpoints at
@@ -21,15 +21,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lh_cp.checkpoint import MANIFEST, checkpoint_path, complete_checkpoints, verify_checkpoint
-from lh_cp.recipe import load_recipe
-from lh_cp.train import train
 from train_utils import logged_losses, tiny_recipe_dict, torchrun_train, write_corpus, write_toml
+
+from lh_cp.train.checkpoint import (
+    MANIFEST,
+    checkpoint_path,
+    complete_checkpoints,
+    verify_checkpoint,
+)
+from lh_cp.train.recipe import load_recipe
+from lh_cp.train.trainer import train
 
 CP2 = ["parallel.cp=2", "lighthouse.topk=16", "checkpoint.interval=2", "checkpoint.keep_last=5"]
 ENGINES = {"fsdp": [], "deepspeed": ["parallel.engine='deepspeed'", "parallel.zero_stage=3"]}
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +64,10 @@ def runs(recipe_file):
 
 
 def _largest_file(folder: Path) -> Path:
-    return max((p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST), key=lambda p: p.stat().st_size)
+    return max(
+        (p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST),
+        key=lambda p: p.stat().st_size,
+    )
 
 
 def _flip_byte(path: Path, offset: int | None = None) -> None:
@@ -79,7 +89,9 @@ def _corrupt(folder: Path, kind: str, engine: str) -> None:
         data[middle : middle + 64] = bytes(64)
         target.write_bytes(bytes(data))
     elif kind == "missing_metadata":
-        (folder / ".metadata" if engine == "fsdp" else next(folder.glob("*_model_states.pt"))).unlink()
+        (
+            folder / ".metadata" if engine == "fsdp" else next(folder.glob("*_model_states.pt"))
+        ).unlink()
     elif kind == "empty_folder":
         shutil.rmtree(folder)
         folder.mkdir()
@@ -126,7 +138,9 @@ def test_every_corruption_fails_verification_with_its_reason(runs, engine, tmp_p
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("engine", ["fsdp", pytest.param("deepspeed", marks=needs_deepspeed)])
-def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(runs, recipe_file, engine, tmp_path):
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(
+    runs, recipe_file, engine, tmp_path
+):
     """Newest first: an empty step_8 folder and a step_6 with a flipped byte fail; a half-written
     step_10.partial (a rank killed mid-save) is never a candidate; step 4 verifies, and the
     resumed steps 5 and 6 repeat the uninterrupted run exactly."""
@@ -140,11 +154,18 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(runs, recipe_f
     shutil.copytree(checkpoint_path(checkpoints, 4), partial)
     _largest_file(partial).write_bytes(b"")
     console = torchrun_train(recipe_file, out, CP2 + ENGINES[engine], timeout=420).stdout
-    assert f"checkpoint {checkpoint_path(checkpoints, 8)} failed verification: empty folder" in console
+    assert (
+        f"checkpoint {checkpoint_path(checkpoints, 8)} failed verification: empty folder" in console
+    )
     assert "step_00000006 failed verification:" in console and "fails its checksum" in console
-    assert f"resumed from {checkpoint_path(checkpoints, 4)} (step 4), the newest checkpoint that verifies" in console
+    assert (
+        f"resumed from {checkpoint_path(checkpoints, 4)} (step 4), the newest checkpoint that verifies"
+        in console
+    )
     assert "step_00000010" not in console
-    assert logged_losses(out) == logged_losses(straight)  # steps 1-4 kept from before, 5-6 redone exactly
+    assert logged_losses(out) == logged_losses(
+        straight
+    )  # steps 1-4 kept from before, 5-6 redone exactly
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
@@ -153,7 +174,9 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(runs, recipe_f
 
 
 @pytest.mark.timeout(300)
-def test_no_verifying_checkpoint_is_a_clear_error_listing_what_was_tried(runs, recipe_file, tmp_path):
+def test_no_verifying_checkpoint_is_a_clear_error_listing_what_was_tried(
+    runs, recipe_file, tmp_path
+):
     out = tmp_path / "run"
     shutil.copytree(runs("fsdp"), out)
     for step in (2, 4, 6):
@@ -161,12 +184,16 @@ def test_no_verifying_checkpoint_is_a_clear_error_listing_what_was_tried(runs, r
     result = torchrun_train(recipe_file, out, CP2, check=False, timeout=240)
     assert result.returncode != 0
     err = result.stderr
-    assert "lh-cp train: error: no checkpoint under" in err and "verifies; tried, newest first:" in err, err[-3000:]
+    assert (
+        "lh-cp train: error: no checkpoint under" in err and "verifies; tried, newest first:" in err
+    ), err[-3000:]
     assert all(f"step_0000000{step}: manifest.json is unreadable" in err for step in (2, 4, 6))
 
 
 @pytest.mark.timeout(300)
-def test_a_checkpoint_of_another_model_is_refused_naming_every_difference(runs, recipe_file, tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_naming_every_difference(
+    runs, recipe_file, tmp_path
+):
     out = tmp_path / "run"
     shutil.copytree(runs("fsdp"), out)
     result = torchrun_train(recipe_file, out, CP2 + ["model.dim=32"], check=False, timeout=240)

@@ -3,7 +3,7 @@ through torchrun, 3 steps (2 Lighthouse, 1 dense), against the same run eager.
 
 Tolerance: 1e-5 relative on every logged loss. Inductor may fuse and reorder float32 work
 inside the blocks (norms, SwiGLU, residuals); attention is not compiled (one opaque call,
-lh_cp.attention.SingleDevice / ContextParallel), so only those reorderings can differ. Observed:
+lh_cp.ops.attention.SingleDevice / ContextParallel), so only those reorderings can differ. Observed:
 identical losses.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch._dynamo
-
-from lh_cp.config import LighthouseConfig
-from lh_cp.model import ModelConfig, Transformer, rope_tables
 from train_utils import logged_losses, tiny_recipe_dict, torchrun_train, write_corpus, write_toml
+
+from lh_cp.model.transformer import ModelConfig, Transformer, rope_tables
+from lh_cp.ops.config import LighthouseConfig
 
 CP2 = ["parallel.cp=2", "lighthouse.topk=16", "eval.leak=false"]
 
@@ -24,8 +24,15 @@ CP2 = ["parallel.cp=2", "lighthouse.topk=16", "eval.leak=false"]
 @pytest.mark.timeout(600)
 def test_compiled_blocks_train_as_eager(tmp_path):
     recipe_file = tmp_path / "tiny.toml"
-    write_toml(recipe_file, tiny_recipe_dict(tmp_path / "unused", write_corpus(tmp_path / "corpus"), lighthouse_steps=2,
-                                             dense_steps=1))
+    write_toml(
+        recipe_file,
+        tiny_recipe_dict(
+            tmp_path / "unused",
+            write_corpus(tmp_path / "corpus"),
+            lighthouse_steps=2,
+            dense_steps=1,
+        ),
+    )
     torchrun_train(recipe_file, tmp_path / "eager", CP2)
     torchrun_train(recipe_file, tmp_path / "compiled", CP2 + ["parallel.compile=true"], timeout=560)
     eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
@@ -45,7 +52,10 @@ def block_graph_breaks() -> dict[str, tuple[int, int, set[str]]]:
     for layer in model.layers:
         explained = torch._dynamo.explain(layer)(x, cos, sin)
         # Where each break happened: the innermost frame of lh-cp code.
-        reasons = {f"{Path(b.user_stack[-1].filename).name}:{b.user_stack[-1].name}" for b in explained.break_reasons}
+        reasons = {
+            f"{Path(b.user_stack[-1].filename).name}:{b.user_stack[-1].name}"
+            for b in explained.break_reasons
+        }
         found[layer.attention.mode] = (explained.graph_count, explained.graph_break_count, reasons)
         torch._dynamo.reset()
     return found
@@ -59,7 +69,7 @@ def test_a_compiled_block_breaks_only_at_attention():
     assert found["dense"][:2] == (1, 0)
     graphs, breaks, reasons = found["lighthouse"]
     assert (graphs, breaks) == (4, 3), found
-    assert reasons == {"attention.py:call"}, reasons  # lh_cp.attention.opaque_to_compile
+    assert reasons == {"attention.py:call"}, reasons  # lh_cp.ops.attention.opaque_to_compile
 
 
 def test_checkpointed_blocks_are_compiled():
@@ -69,7 +79,7 @@ def test_checkpointed_blocks_are_compiled():
     from torch._dynamo.utils import counters
 
     from lh_cp.parallel import checkpoint_and_compile
-    from lh_cp.recipe import ParallelConfig
+    from lh_cp.train.recipe import ParallelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=258, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)

@@ -8,13 +8,25 @@ from lh_cp import LighthouseConfig
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(pool=3, levels=3, topk=256, tile_budget=32), "pool must be a power of two >= 2, got pool=3"),
-        (dict(pool=1, levels=3, topk=256, tile_budget=32), "pool must be a power of two >= 2, got pool=1"),
+        (
+            dict(pool=3, levels=3, topk=256, tile_budget=32),
+            "pool must be a power of two >= 2, got pool=3",
+        ),
+        (
+            dict(pool=1, levels=3, topk=256, tile_budget=32),
+            "pool must be a power of two >= 2, got pool=1",
+        ),
         (dict(pool=4, levels=0, topk=256, tile_budget=32), "levels must be >= 1, got levels=0"),
         (dict(pool=4, levels=3, topk=256, tile_budget=7), "tile_budget must be even and >= 2"),
-        (dict(pool=4, levels=3, topk=250, tile_budget=32), "topk % tile_budget == 0 fails for topk=250, tile_budget=32"),
+        (
+            dict(pool=4, levels=3, topk=250, tile_budget=32),
+            "topk % tile_budget == 0 fails for topk=250, tile_budget=32",
+        ),
         (dict(pool=4, levels=3, topk=0, tile_budget=32), "topk must be a positive multiple"),
-        (dict(pool=4.0, levels=3, topk=256, tile_budget=32), "LighthouseConfig.pool must be an int"),
+        (
+            dict(pool=4.0, levels=3, topk=256, tile_budget=32),
+            "LighthouseConfig.pool must be an int",
+        ),
     ],
 )
 def test_invalid_config_raises_naming_the_rule(kwargs, message):
@@ -29,9 +41,15 @@ def test_invalid_config_raises_naming_the_rule(kwargs, message):
         # T = 1000 * 32 / 256 = 125: not whole.
         (1001, "N % T == 0 fails"),
         # T = 1000 * 32 / 256 = 125: whole, but not a multiple of 4**2 = 16.
-        (1000, "T % pool**(levels-1) == 0 fails: tile size T=125 (N=1000) is not a multiple of pool**(levels-1) = 4**2 = 16"),
+        (
+            1000,
+            "T % pool**(levels-1) == 0 fails: tile size T=125 (N=1000) is not a multiple of pool**(levels-1) = 4**2 = 16",
+        ),
         # T = 2048 * 32 / 256 = 256; 256 / 16 = 16 < 32 entries at the coarsest level.
-        (2048, "T / pool**(levels-1) >= tile_budget fails: the coarsest level of a tile has 256 / 16 = 16 entries, fewer than tile_budget=32"),
+        (
+            2048,
+            "T / pool**(levels-1) >= tile_budget fails: the coarsest level of a tile has 256 / 16 = 16 entries, fewer than tile_budget=32",
+        ),
         (0, "sequence length must be >= 1"),
     ],
 )

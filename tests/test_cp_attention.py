@@ -20,7 +20,13 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 
 from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
-from lh_cp.parallel import SentBytes, dense_cp_bytes, lighthouse_cp_bytes, shard_sequence, unshard_sequence
+from lh_cp.parallel import (
+    SentBytes,
+    dense_cp_bytes,
+    lighthouse_cp_bytes,
+    shard_sequence,
+    unshard_sequence,
+)
 
 TOLERANCE = {"torch.float64": 1e-9, "torch.float32": 1e-5, "torch.bfloat16": 2e-2}
 BATCH, HEAD_DIM, CHUNK_TILES = 2, 8, 2
@@ -40,7 +46,12 @@ def lighthouse_configs(world: int) -> dict[str, tuple[LighthouseConfig, int]]:
         # the strictly causal selection, tile 16 (4 top-level spans for a budget of 2, so the
         # thresholds decide): each chunk's first tile starts from the thresholds of the previous
         # chunk's last tile, which cross ranks (selection_carry.py)
-        "p2L3causal": (LighthouseConfig(pool=2, levels=3, topk=n_c * 2 // 16, tile_budget=2, selection="causal"), n_c),
+        "p2L3causal": (
+            LighthouseConfig(
+                pool=2, levels=3, topk=n_c * 2 // 16, tile_budget=2, selection="causal"
+            ),
+            n_c,
+        ),
         # levels=1 is dense attention through the Lighthouse path: no spill, no halo
         "p2L1": (LighthouseConfig(pool=2, levels=1, topk=n_a * 2 // 8, tile_budget=2), n_a),
     }
@@ -87,7 +98,13 @@ def _compare(fn, inputs, group, exchange):
     return errors
 
 
-CASES = [(torch.float64, (4, 2)), (torch.float64, (2, 2)), (torch.float32, (4, 2)), (torch.float32, (2, 2)), (torch.bfloat16, (4, 2))]
+CASES = [
+    (torch.float64, (4, 2)),
+    (torch.float64, (2, 2)),
+    (torch.float32, (4, 2)),
+    (torch.float32, (2, 2)),
+    (torch.bfloat16, (4, 2)),
+]
 
 
 def attention_job(rank: int, world: int) -> dict:
@@ -105,10 +122,19 @@ def attention_job(rank: int, world: int) -> dict:
         with SentBytes() as meter:
             results["cases"][key] = _compare(fn, inputs, group, exchange)
         # unshard traffic is the test's own gather, not the layer's.
-        results["bytes"][key] = {c: b for c, b in meter.by_category.items() if not c.startswith("unshard")}
+        results["bytes"][key] = {
+            c: b for c, b in meter.by_category.items() if not c.startswith("unshard")
+        }
         results["expected_bytes"][key] = lighthouse_cp_bytes(
-            n, world, rank, cfg, batch=BATCH, heads=heads, head_dim=HEAD_DIM,
-            dtype_bytes=inputs[0].element_size(), exchange=exchange,
+            n,
+            world,
+            rank,
+            cfg,
+            batch=BATCH,
+            heads=heads,
+            head_dim=HEAD_DIM,
+            dtype_bytes=inputs[0].element_size(),
+            exchange=exchange,
         ).nonzero()
     for exchange, (dtype, (heads, kv_heads)) in itertools.product(("allgather", "ring"), CASES):
         n = 2 * world * 12  # chunk of 12 tokens: nothing Lighthouse-specific about it
@@ -116,10 +142,17 @@ def attention_job(rank: int, world: int) -> dict:
         key = ("dense", "-", exchange, str(dtype), heads, kv_heads)
         with SentBytes() as meter:
             results["cases"][key] = _compare(causal_attention, inputs, group, exchange)
-        results["bytes"][key] = {c: b for c, b in meter.by_category.items() if not c.startswith("unshard")}
+        results["bytes"][key] = {
+            c: b for c, b in meter.by_category.items() if not c.startswith("unshard")
+        }
         results["expected_bytes"][key] = dense_cp_bytes(
-            n, world, batch=BATCH, kv_heads=kv_heads, head_dim=HEAD_DIM,
-            dtype_bytes=inputs[0].element_size(), exchange=exchange,
+            n,
+            world,
+            batch=BATCH,
+            kv_heads=kv_heads,
+            head_dim=HEAD_DIM,
+            dtype_bytes=inputs[0].element_size(),
+            exchange=exchange,
         ).nonzero()
 
     # A CP group of one rank (each rank alone) is the single-device computation.
@@ -130,14 +163,22 @@ def attention_job(rank: int, world: int) -> dict:
     def single(q, k, v, cp, exchange):
         return lighthouse_attention(q, k, v, cfg, cp=cp, exchange=exchange)
 
-    results["single_rank_group"] = {ex: _compare(single, inputs, singles[rank], ex) for ex in ("allgather", "ring")}
+    results["single_rank_group"] = {
+        ex: _compare(single, inputs, singles[rank], ex) for ex in ("allgather", "ring")
+    }
 
     # A chunk that is not a whole number of tiles fails on every rank before any communication.
     cfg, n = lighthouse_configs(world)["p2L3"]
     bad = LighthouseConfig(pool=2, levels=3, topk=cfg.topk // 4, tile_budget=2)  # tile 32, chunk 16
     q, k, v, _ = _inputs(n, 2, 2, torch.float64, seed=1)
     try:
-        lighthouse_attention(shard_sequence(q, group), shard_sequence(k, group), shard_sequence(v, group), bad, cp=group)
+        lighthouse_attention(
+            shard_sequence(q, group),
+            shard_sequence(k, group),
+            shard_sequence(v, group),
+            bad,
+            cp=group,
+        )
         results["bad_chunk_error"] = None
     except ValueError as err:
         results["bad_chunk_error"] = str(err)
@@ -157,15 +198,23 @@ def test_cp_attention_matches_single_process(world):
         for key, errors in res["cases"].items():
             tol = TOLERANCE[key[3]]
             for name, err in errors.items():
-                assert err <= tol, f"rank {rank} W={world} {key}: max abs error of {name} = {err:.3e} > {tol:g}"
+                assert err <= tol, (
+                    f"rank {rank} W={world} {key}: max abs error of {name} = {err:.3e} > {tol:g}"
+                )
             if key[0] == "lighthouse" and key[1] != "p2L1":
-                assert res["bytes"][key].get("halo_forward", 0) > 0, f"rank {rank} {key}: halo path did not send"
-                assert res["bytes"][key].get("halo_backward", 0) > 0, f"rank {rank} {key}: halo backward did not send"
+                assert res["bytes"][key].get("halo_forward", 0) > 0, (
+                    f"rank {rank} {key}: halo path did not send"
+                )
+                assert res["bytes"][key].get("halo_backward", 0) > 0, (
+                    f"rank {rank} {key}: halo backward did not send"
+                )
             assert res["bytes"][key] == res["expected_bytes"][key], (
                 f"rank {rank} W={world} {key}: sent {res['bytes'][key]} != accounted {res['expected_bytes'][key]}"
             )
         for exchange, errors in res["single_rank_group"].items():
             for name, err in errors.items():
-                assert err <= 1e-9, f"rank {rank}: CP group of one rank, {exchange}: {name} error {err:.3e}"
+                assert err <= 1e-9, (
+                    f"rank {rank}: CP group of one rank, {exchange}: {name} error {err:.3e}"
+                )
         message = res["bad_chunk_error"]
         assert message is not None and "multiple of the tile size" in message, message

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 from triton_interpreter import run_under_triton_interpreter
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)"
+)
 
 
 def test_chunk_kernels_equal_reference_under_triton_interpreter():
-    run_under_triton_interpreter(Path(__file__).with_name("chunk_twins.py"), "chunk twins agree", timeout=600)
-
+    run_under_triton_interpreter(
+        Path(__file__).with_name("chunk_twins.py"), "chunk twins agree", timeout=600
+    )

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
+
 from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
 from lh_cp.parallel import shard_sequence
 
@@ -68,7 +68,12 @@ CASES = {
 def _inputs(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
     batch, heads, kv_heads, dim, kind, _ = CASES[name]
     gen = torch.Generator().manual_seed(len(name))
-    shapes = [(batch, N, heads, dim), (batch, N, kv_heads, dim), (batch, N, kv_heads, dim), (batch, N, heads, dim)]
+    shapes = [
+        (batch, N, heads, dim),
+        (batch, N, kv_heads, dim),
+        (batch, N, kv_heads, dim),
+        (batch, N, heads, dim),
+    ]
     if kind == "rand":
         tensors = [torch.rand(s, generator=gen) for s in shapes]
     else:
@@ -105,7 +110,8 @@ def _job(rank: int, world: int) -> dict:
                 local = [shard_sequence(t, group) for t in _inputs(name, dtype)]
                 for exchange in ("allgather", "ring"):
                     results[(name, kind, str(dtype).removeprefix("torch."), exchange)] = _run(
-                        _attention(kind), local, cp=group, exchange=exchange)
+                        _attention(kind), local, cp=group, exchange=exchange
+                    )
     return results
 
 
@@ -118,10 +124,16 @@ def _references() -> dict:
         references = {}
         for name in CASES:
             for kind in ("dense", "lighthouse"):
-                references[(name, kind, "float32")] = _run(_attention(kind), _inputs(name, torch.float32))
+                references[(name, kind, "float32")] = _run(
+                    _attention(kind), _inputs(name, torch.float32)
+                )
                 low = _inputs(name, torch.bfloat16)
-                references[(name, kind, "bfloat16")] = _run(_attention(kind), [t.float() for t in low])
-                references[(name, kind, "bfloat16_one_device")] = [t.float() for t in _run(_attention(kind), low)]
+                references[(name, kind, "bfloat16")] = _run(
+                    _attention(kind), [t.float() for t in low]
+                )
+                references[(name, kind, "bfloat16_one_device")] = [
+                    t.float() for t in _run(_attention(kind), low)
+                ]
         return references
     finally:
         torch.set_num_threads(threads)
@@ -148,8 +160,12 @@ def _check_bf16_output(label: str, world: int, got: torch.Tensor, want: torch.Te
         error = _max_error(got, want) / want.abs().max().item()
         assert error <= rule[1], (label, error)
         return
-    atol, rtol = (rule[1] * world, rule[2] * world) if rule[0] == "peer_scaled" else (rule[1], rule[2])
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{label} out: {m}")
+    atol, rtol = (
+        (rule[1] * world, rule[2] * world) if rule[0] == "peer_scaled" else (rule[1], rule[2])
+    )
+    torch.testing.assert_close(
+        got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{label} out: {m}"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -163,13 +179,26 @@ def test_peer_shapes_and_tolerances(world, references):
             want = [_head_tail(t, rank, world) for t in references[(name, kind, dtype)]]
             if dtype == "float32":
                 for field, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-                    assert _max_error(a, b) <= OWN_FLOAT32_ABSOLUTE, (label, field, _max_error(a, b))
+                    assert _max_error(a, b) <= OWN_FLOAT32_ABSOLUTE, (
+                        label,
+                        field,
+                        _max_error(a, b),
+                    )
                     checked += 1
                 continue
-            one_device = [_head_tail(t, rank, world) for t in references[(name, kind, "bfloat16_one_device")]]
+            one_device = [
+                _head_tail(t, rank, world) for t in references[(name, kind, "bfloat16_one_device")]
+            ]
             if kind == "dense":
                 _check_bf16_output(label, world, got[0], want[0])
             for field, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, one_device):
-                assert _max_error(a, b) <= 2 * _max_error(c, b) + 1e-3, (label, field, _max_error(a, b), _max_error(c, b))
+                assert _max_error(a, b) <= 2 * _max_error(c, b) + 1e-3, (
+                    label,
+                    field,
+                    _max_error(a, b),
+                    _max_error(c, b),
+                )
                 checked += 1
-    assert checked == world * len(CASES) * 2 * 2 * 2 * 4  # ranks x cases x kinds x dtypes x exchanges x fields
+    assert (
+        checked == world * len(CASES) * 2 * 2 * 2 * 4
+    )  # ranks x cases x kinds x dtypes x exchanges x fields

@@ -3,7 +3,7 @@
 HSDP (dp_replicate=2 x cp=2) is checked in the same job.
 
 The model is a tiny decoder defined here (one Lighthouse layer, one dense layer, RoPE at
-explicit global positions), so this test does not depend on lh_cp.model. Activation
+explicit global positions), so this test does not depend on lh_cp.model.transformer. Activation
 checkpointing is on (it recomputes the CP exchange in backward). Float32 throughout;
 tolerance 1e-5 on the loss and on every updated weight (an SGD step of size 0.5 moves
 weights by lr * grad, and the gradients differ from one process only by summation order).
@@ -24,7 +24,9 @@ from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
 from lh_cp.parallel import build_mesh, global_token_mean_loss, parallelize, shard_sequence
 
 VOCAB, DIM, HEADS, KV_HEADS, SEQ, BATCH, LR = 32, 16, 4, 2, 64, 2, 0.5
-LIGHTHOUSE = LighthouseConfig(pool=2, levels=3, topk=16, tile_budget=2)  # tile 8: chunks of 16 hold 2
+LIGHTHOUSE = LighthouseConfig(
+    pool=2, levels=3, topk=16, tile_budget=2
+)  # tile 8: chunks of 16 hold 2
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,9 @@ def fsdp_cp_job(rank: int, world: int) -> dict:
 def fsdp_cp_step(mesh, exchange: str) -> dict:
     cp_group = mesh["cp"].get_group()
     torch.manual_seed(0)
-    model = parallelize(TinyModel(), mesh, SimpleNamespace(activation_checkpoint=True, compile=False))
+    model = parallelize(
+        TinyModel(), mesh, SimpleNamespace(activation_checkpoint=True, compile=False)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     tokens, labels = batch()
     row = mesh["dp"].get_local_rank()  # dp_shard rank picks its batch row, CP ranks share it

@@ -53,19 +53,27 @@ def fused_path_job(rank: int, world: int) -> dict:
     results = {}
     configs = {name: lighthouse_configs(world)[name] for name in ("p2L3", "p2L3causal")}
     for (name, (cfg, n)), exchange, (heads, kv_heads) in itertools.product(
-            configs.items(), ("allgather", "ring"), ((4, 2), (2, 2))):
+        configs.items(), ("allgather", "ring"), ((4, 2), (2, 2))
+    ):
+
         def fn(q, k, v, cp, exchange, cfg=cfg):
             out = lighthouse_attention(q, k, v, cfg, cp=cp, exchange=exchange)
             results.setdefault("dtypes", set()).add(str(out.dtype))
             return out
 
         calls = emulated_forward.calls
-        errors = _compare(fn, _inputs(n, heads, kv_heads, torch.bfloat16, seed=n + heads), group, exchange)
+        errors = _compare(
+            fn, _inputs(n, heads, kv_heads, torch.bfloat16, seed=n + heads), group, exchange
+        )
         results[(name, exchange, heads, kv_heads)] = errors, emulated_forward.calls > calls
     for exchange, (heads, kv_heads) in itertools.product(("allgather", "ring"), ((4, 2), (2, 2))):
         calls = emulated_forward.calls
-        errors = _compare(causal_attention, _inputs(2 * world * 12, heads, kv_heads, torch.bfloat16, seed=7), group,
-                          exchange)
+        errors = _compare(
+            causal_attention,
+            _inputs(2 * world * 12, heads, kv_heads, torch.bfloat16, seed=7),
+            group,
+            exchange,
+        )
         results[("dense", exchange, heads, kv_heads)] = errors, emulated_forward.calls > calls
     return results
 
@@ -75,8 +83,13 @@ def fused_path_job(rank: int, world: int) -> dict:
 def test_fused_path_bookkeeping_matches_single_process(world):
     results = run_distributed(fused_path_job, world, timeout=160)
     for rank, res in enumerate(results):
-        assert res.pop("dtypes") == {"torch.bfloat16", "torch.float32"}  # CP runs bf16, the reference float32
+        assert res.pop("dtypes") == {
+            "torch.bfloat16",
+            "torch.float32",
+        }  # CP runs bf16, the reference float32
         for key, (errors, emulated) in res.items():
             assert emulated, f"rank {rank} {key}: the fused-path emulation did not run"
             for name, err in errors.items():
-                assert err <= TOLERANCE, f"rank {rank} W={world} {key}: error of {name} = {err:.3e} > {TOLERANCE:g}"
+                assert err <= TOLERANCE, (
+                    f"rank {rank} W={world} {key}: error of {name} = {err:.3e} > {TOLERANCE:g}"
+                )

@@ -28,10 +28,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from chunk_twins import check_chunk_twins  # noqa: E402
-from merge_twins import accumulated_rows, assert_within_ulp, check_merge_twins, full_rows  # noqa: E402
 from dist_utils import free_port  # noqa: E402
+from merge_twins import accumulated_rows, assert_within_ulp, check_merge_twins, full_rows  # noqa: E402
 
-from lh_cp import LighthouseConfig, kernels, lighthouse_attention  # noqa: E402
+from lh_cp import LighthouseConfig, lighthouse_attention  # noqa: E402
+from lh_cp.ops import kernels  # noqa: E402
 
 DEV = "cuda"
 
@@ -42,7 +43,9 @@ def test_chunk_twins_compiled():
 
 @pytest.fixture(scope="module")
 def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
     yield dist.group.WORLD
     dist.destroy_process_group()
 
@@ -59,17 +62,23 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("exchange", ["allgather", "ring"])
-@pytest.mark.parametrize("pool,levels,topk,budget,n,batch,heads,kv_heads,dim,selection", [
-    (4, 3, 256, 32, 16384, 1, 4, 2, 64, "tile_topk"),
-    (2, 4, 64, 8, 4096, 1, 3, 3, 72, "tile_topk"),
-    # two sequences: the heads-outer entries' exchange layout is not contiguous then
-    (2, 4, 64, 8, 4096, 2, 3, 3, 72, "tile_topk"),
-    # the second chunk starts from the first chunk's thresholds (selection_carry.py)
-    (4, 3, 256, 32, 16384, 1, 4, 2, 64, "causal"),
-])
-def test_cp_kernel_path_matches_reference_path(one_rank_group, exchange, pool, levels, topk, budget, n, batch, heads, kv_heads,
-                                               dim, selection):
-    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection)
+@pytest.mark.parametrize(
+    "pool,levels,topk,budget,n,batch,heads,kv_heads,dim,selection",
+    [
+        (4, 3, 256, 32, 16384, 1, 4, 2, 64, "tile_topk"),
+        (2, 4, 64, 8, 4096, 1, 3, 3, 72, "tile_topk"),
+        # two sequences: the heads-outer entries' exchange layout is not contiguous then
+        (2, 4, 64, 8, 4096, 2, 3, 3, 72, "tile_topk"),
+        # the second chunk starts from the first chunk's thresholds (selection_carry.py)
+        (4, 3, 256, 32, 16384, 1, 4, 2, 64, "causal"),
+    ],
+)
+def test_cp_kernel_path_matches_reference_path(
+    one_rank_group, exchange, pool, levels, topk, budget, n, batch, heads, kv_heads, dim, selection
+):
+    cfg = LighthouseConfig(
+        pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection
+    )
     torch.manual_seed(n + levels)
     q = torch.randn(batch, n, heads, dim, device=DEV)
     k, v = (torch.randn(batch, n, kv_heads, dim, device=DEV) for _ in range(2))
@@ -94,19 +103,29 @@ def one_rank_nccl(one_rank_group):
     return dist.new_group([0], backend="nccl")
 
 
-@pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads,dim,selection", [
-    (4, 3, 256, 32, 16384, 4, 2, 64, "tile_topk"),
-    (2, 4, 64, 8, 4096, 2, 1, 72, "tile_topk"),
-    (4, 3, 256, 32, 16384, 4, 2, 64, "causal"),
-])
-def test_compressed_ulysses_kernel_path_matches_reference_path(one_rank_nccl, monkeypatch, pool, levels, topk, budget, n, heads,
-                                                               kv_heads, dim, selection):
-    import lh_cp.compress
+@pytest.mark.parametrize(
+    "pool,levels,topk,budget,n,heads,kv_heads,dim,selection",
+    [
+        (4, 3, 256, 32, 16384, 4, 2, 64, "tile_topk"),
+        (2, 4, 64, 8, 4096, 2, 1, 72, "tile_topk"),
+        (4, 3, 256, 32, 16384, 4, 2, 64, "causal"),
+    ],
+)
+def test_compressed_ulysses_kernel_path_matches_reference_path(
+    one_rank_nccl, monkeypatch, pool, levels, topk, budget, n, heads, kv_heads, dim, selection
+):
+    import lh_cp.ops.compress
 
     kernel_calls = []
-    original = lh_cp.compress.compress_kernels
-    monkeypatch.setattr(lh_cp.compress, "compress_kernels", lambda *a, **kw: kernel_calls.append(1) or original(*a, **kw))
-    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection)
+    original = lh_cp.ops.compress.compress_kernels
+    monkeypatch.setattr(
+        lh_cp.ops.compress,
+        "compress_kernels",
+        lambda *a, **kw: kernel_calls.append(1) or original(*a, **kw),
+    )
+    cfg = LighthouseConfig(
+        pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection
+    )
     torch.manual_seed(n + levels + 1)
     q = torch.randn(1, n, heads, dim, device=DEV)
     k, v = (torch.randn(1, n, kv_heads, dim, device=DEV) for _ in range(2))
@@ -116,7 +135,9 @@ def test_compressed_ulysses_kernel_path_matches_reference_path(one_rank_nccl, mo
     bf16 = [x.bfloat16() for x in (q, k, v)]
     with kernels.disabled():
         want32 = _layer(q, k, v, grad_out, cfg, one_rank_nccl, "ulysses_compressed")
-        exact = _layer(*(x.double() for x in bf16), grad_out, cfg, one_rank_nccl, "ulysses_compressed")
+        exact = _layer(
+            *(x.double() for x in bf16), grad_out, cfg, one_rank_nccl, "ulysses_compressed"
+        )
         ref_bf16 = _layer(*bf16, grad_out, cfg, one_rank_nccl, "ulysses_compressed")
     for name, a, b in zip(("out", "dq", "dk", "dv"), got32, want32):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -15,8 +15,8 @@ from lh_cp.parallel import (
     lighthouse_cp_bytes,
 )
 from lh_cp.parallel.headtail.attention import chunk_config
-from lh_cp.parallel.headtail.exchange import exchange_function
 from lh_cp.parallel.headtail.blocks import block_backward, block_forward, merge_into
+from lh_cp.parallel.headtail.exchange import exchange_function
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
 
 
@@ -56,7 +56,10 @@ def test_chunk_selection_equals_single_device_selection(world):
 
 def test_chunk_config_rejects_chunks_that_split_tiles():
     cfg = LighthouseConfig(pool=2, levels=3, topk=4, tile_budget=2)  # N=64: tile 32
-    with pytest.raises(ValueError, match=r"each head-tail chunk of 64 / 4 = 16 tokens must be a multiple of the tile size T=32"):
+    with pytest.raises(
+        ValueError,
+        match=r"each head-tail chunk of 64 / 4 = 16 tokens must be a multiple of the tile size T=32",
+    ):
         chunk_config(cfg, 64, 2)
     with pytest.raises(ValueError, match="N % T == 0 fails"):
         chunk_config(cfg, 61, 2)
@@ -74,7 +77,10 @@ def test_for_pieces_is_the_rule_of_every_split():
         assert piece.topk == 64 // pieces and piece.tile_size(1024 // pieces) == cfg.tile_size(1024)
         assert piece.selected_length(1024 // pieces) * pieces == cfg.selected_length(1024)
     for pieces in (3, 16):
-        with pytest.raises(ValueError, match=f"topk=64 must be a multiple of {pieces} \\* tile_budget = {8 * pieces}"):
+        with pytest.raises(
+            ValueError,
+            match=f"topk=64 must be a multiple of {pieces} \\* tile_budget = {8 * pieces}",
+        ):
             cfg.for_pieces(1024 * 3, pieces, "each shard")
 
 
@@ -86,9 +92,13 @@ def test_mesh_shape_and_exchange_errors_name_the_values():
         check_mesh_shape(8, dp_shard=8, cp=0)
     with pytest.raises(ValueError, match="exchange='alltoall'"):
         exchange_function("alltoall")
-    assert exchange_problems("allgather", "ring") == [] and exchange_problems("ulysses_compressed", "ulysses") == []
+    assert (
+        exchange_problems("allgather", "ring") == []
+        and exchange_problems("ulysses_compressed", "ulysses") == []
+    )
     assert exchange_problems("tree", "ring", "parallel.") == [
-        "parallel.exchange must be one of ('allgather', 'ring', 'ulysses', 'ulysses_compressed'), got 'tree'"]
+        "parallel.exchange must be one of ('allgather', 'ring', 'ulysses', 'ulysses_compressed'), got 'tree'"
+    ]
     assert "split the sequence differently" in exchange_problems("ring", "ulysses")[0]
     with pytest.raises(ValueError, match="dense_exchange must be one of"):
         ContextParallel(None, "ring", "tree")  # checked before the group is ever used
@@ -143,10 +153,15 @@ def test_comm_accounting_relations():
     assert ring.kv_forward == 7 * block * 2 and ring.kv_backward == 7 * block * 2
     assert ring.dkv_backward == 8 * block * 4
     assert ring.halo_forward == 2 * 15 * 8 * 128 * 2
-    assert lighthouse_cp_bytes(n, world, 0, cfg, exchange="ring", **common).halo_forward == 15 * 8 * 128 * 2
+    assert (
+        lighthouse_cp_bytes(n, world, 0, cfg, exchange="ring", **common).halo_forward
+        == 15 * 8 * 128 * 2
+    )
     gather = lighthouse_cp_bytes(n, world, 1, cfg, exchange="allgather", **common)
     assert gather.kv_backward == 0 and gather.dkv_backward == 7 * block * 4
-    dense = dense_cp_bytes(n, world, batch=1, kv_heads=8, head_dim=128, dtype_bytes=2, exchange="ring")
+    dense = dense_cp_bytes(
+        n, world, batch=1, kv_heads=8, head_dim=128, dtype_bytes=2, exchange="ring"
+    )
     assert dense.kv_forward == 7 * 2 * 8 * (n // 8) * 128 * 2
     assert dense.total > 5 * ring.total
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lh_cp.corpus import in_split, stdlib_files
-from lh_cp.data import BatchLoader, DataConfig, make_tokenizer, token_stream
-from lh_cp.tokenizer import ByteTokenizer, load_tokenizer
+from lh_cp.data.corpus import in_split, stdlib_files
+from lh_cp.data.loader import BatchLoader, DataConfig, make_tokenizer, token_stream
+from lh_cp.data.tokenizer import ByteTokenizer, load_tokenizer
 
 
 def test_byte_tokenizer_round_trip_and_specials():
@@ -49,7 +49,9 @@ def test_loader_is_deterministic_and_resumes_exactly():
     first = [a.next_batch()[0] for _ in range(40)]  # 40 * 3 = 120 windows > 78 per epoch
     assert all(torch.equal(x, b.next_batch()[0]) for x in first)
     c = BatchLoader(_stream(), 64, 3, 0, 1, seed=7, shuffle=True)
-    c.load_state_dict(BatchLoader(_stream(), 64, 3, 0, 1, 7, True).state_dict() | {"consumed": torch.tensor(60)})
+    c.load_state_dict(
+        BatchLoader(_stream(), 64, 3, 0, 1, 7, True).state_dict() | {"consumed": torch.tensor(60)}
+    )
     assert all(torch.equal(first[20 + i], c.next_batch()[0]) for i in range(20))
     other_seed = BatchLoader(_stream(), 64, 3, 0, 1, seed=8, shuffle=True)
     assert not torch.equal(other_seed.next_batch()[0], first[0])
@@ -73,20 +75,32 @@ def test_data_parallel_ranks_read_disjoint_slices_of_one_global_batch():
 
 
 def test_too_small_split_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"fewer than one global batch of data.batch_size \* dp = 4 \* 2"):
+    with pytest.raises(
+        ValueError, match=r"fewer than one global batch of data.batch_size \* dp = 4 \* 2"
+    ):
         BatchLoader(_stream(300), 64, 4, 0, 2, seed=0, shuffle=True)
 
 
 def test_local_text_and_jsonl_files(tmp_path):
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}", "id": i}) for i in range(50)) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"doc {i}", "id": i}) for i in range(50)) + "\n"
+    )
     cfg = DataConfig(source="files", path=str(tmp_path), format="jsonl", validation_fraction=0.2)
     tok = make_tokenizer(cfg)
     train, val = token_stream(cfg, tok, "train"), token_stream(cfg, tok, "validation")
-    docs = [tok.decode(d) for d in np.split(np.concatenate([train, val]), np.where(np.concatenate([train, val]) == 256)[0] + 1) if len(d)]
+    docs = [
+        tok.decode(d)
+        for d in np.split(
+            np.concatenate([train, val]), np.where(np.concatenate([train, val]) == 256)[0] + 1
+        )
+        if len(d)
+    ]
     assert sorted(docs) == sorted(f"doc {i}" for i in range(50))
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "one.txt").write_text("hello")
-    text_cfg = DataConfig(source="files", path=str(tmp_path / "t"), format="text", validation_fraction=0.01)
+    text_cfg = DataConfig(
+        source="files", path=str(tmp_path / "t"), format="text", validation_fraction=0.01
+    )
     assert tok.decode(token_stream(text_cfg, tok, "train")) == "hello"
 
 
@@ -100,10 +114,23 @@ def test_local_files_split_does_not_depend_on_where_the_dataset_lies(tmp_path):
         (folder / "sub").mkdir(parents=True)
         for i in range(40):
             (folder / ("sub" if i % 2 else ".") / f"doc_{i:02d}.txt").write_text(f"document {i}")
-        (folder / "records.jsonl").write_text("\n".join(json.dumps({"text": f"record {i}"}) for i in range(40)) + "\n")
+        (folder / "records.jsonl").write_text(
+            "\n".join(json.dumps({"text": f"record {i}"}) for i in range(40)) + "\n"
+        )
         text = DataConfig(source="files", path=str(folder), format="text", validation_fraction=0.3)
-        jsonl = DataConfig(source="files", path=str(folder / "records.jsonl"), format="jsonl", validation_fraction=0.3)
-        streams.append([token_stream(cfg, tok, split) for cfg in (text, jsonl) for split in ("train", "validation")])
+        jsonl = DataConfig(
+            source="files",
+            path=str(folder / "records.jsonl"),
+            format="jsonl",
+            validation_fraction=0.3,
+        )
+        streams.append(
+            [
+                token_stream(cfg, tok, split)
+                for cfg in (text, jsonl)
+                for split in ("train", "validation")
+            ]
+        )
     for first, second in zip(*streams):
         assert len(first) > 0 and np.array_equal(first, second)
 
@@ -111,10 +138,18 @@ def test_local_files_split_does_not_depend_on_where_the_dataset_lies(tmp_path):
 def test_missing_paths_and_fields_are_clear_errors(tmp_path):
     tok = ByteTokenizer()
     with pytest.raises(FileNotFoundError, match=r"data.path='/nonexistent/corpus' does not exist"):
-        token_stream(DataConfig(source="files", path="/nonexistent/corpus", format="text"), tok, "train")
+        token_stream(
+            DataConfig(source="files", path="/nonexistent/corpus", format="text"), tok, "train"
+        )
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(KeyError, match=r"no field data.text_field='text'"):
-        token_stream(DataConfig(source="files", path=str(tmp_path), format="jsonl", validation_fraction=0.001), tok, "train")
+        token_stream(
+            DataConfig(
+                source="files", path=str(tmp_path), format="jsonl", validation_fraction=0.001
+            ),
+            tok,
+            "train",
+        )
     with pytest.raises(FileNotFoundError, match=r"no tokenizer file at"):
         load_tokenizer(str(tmp_path / "missing"), "<eod>")
 
@@ -123,7 +158,13 @@ def test_token_stream_cache_is_reused(tmp_path):
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / "x.txt").write_text("abc" * 100)
-    cfg = DataConfig(source="files", path=str(corpus), format="text", validation_fraction=0.001, cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        source="files",
+        path=str(corpus),
+        format="text",
+        validation_fraction=0.001,
+        cache_dir=str(tmp_path / "cache"),
+    )
     first = token_stream(cfg, ByteTokenizer(), "train")
     cached = list((tmp_path / "cache").glob("train-*.npy"))
     assert len(cached) == 1
@@ -149,7 +190,9 @@ def test_hf_tokenizer_from_a_local_file(tmp_path):
 
 def test_hf_datasets_from_local_jsonl(tmp_path):
     pytest.importorskip("datasets")
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"record {i}"}) for i in range(40)) + "\n")
+    (tmp_path / "d.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"record {i}"}) for i in range(40)) + "\n"
+    )
     cfg = DataConfig(source="hf", path=str(tmp_path), format="jsonl", validation_fraction=0.25)
     tok = ByteTokenizer()
     total = np.concatenate([token_stream(cfg, tok, "train"), token_stream(cfg, tok, "validation")])
@@ -178,13 +221,19 @@ def test_python_corpus_dedupes_by_content_and_splits_by_whole_unit():
     lies wholly on one side; the held-out bytes stay within the fraction; two builds agree."""
     import hashlib
 
-    from lh_cp.corpus import python_corpus
+    from lh_cp.data.corpus import python_corpus
 
     corpus = python_corpus(0.02)
     names = [unit.name for unit in corpus.units]
     assert names == sorted(names) and len(set(names)) == len(names)
-    assert any(n.startswith("dist/torch") for n in names) and any(n.startswith("stdlib/") for n in names)
-    digests = [hashlib.blake2b(f.read_bytes(), digest_size=16).digest() for u in corpus.units for f in u.files]
+    assert any(n.startswith("dist/torch") for n in names) and any(
+        n.startswith("stdlib/") for n in names
+    )
+    digests = [
+        hashlib.blake2b(f.read_bytes(), digest_size=16).digest()
+        for u in corpus.units
+        for f in u.files
+    ]
     assert len(set(digests)) == len(digests)
     files = [f for u in corpus.units for f in u.files]
     assert len(set(files)) == len(files)  # no file in two units
@@ -197,7 +246,7 @@ def test_python_corpus_dedupes_by_content_and_splits_by_whole_unit():
 
 
 def test_python_source_streams_both_splits_and_caches_by_the_file_list(tmp_path):
-    from lh_cp.corpus import python_corpus
+    from lh_cp.data.corpus import python_corpus
 
     cfg = DataConfig(source="python", cache_dir=str(tmp_path))
     tok = make_tokenizer(cfg)
@@ -211,15 +260,25 @@ def test_python_source_streams_both_splits_and_caches_by_the_file_list(tmp_path)
 
 
 def test_a_run_that_would_repeat_data_is_refused_with_the_numbers(tmp_path):
-    from lh_cp.recipe import RecipeError, recipe_from_dict
-    from lh_cp.train import check_data_volume
+    from lh_cp.train.recipe import RecipeError, recipe_from_dict
+    from lh_cp.train.trainer import check_data_volume
 
-    recipe = recipe_from_dict({"data": {"seq_len": 128, "batch_size": 2}, "eval": {"val_batches": 3},
-                               "stages": [{"name": "a", "attention": "dense", "steps": 10}]})
+    recipe = recipe_from_dict(
+        {
+            "data": {"seq_len": 128, "batch_size": 2},
+            "eval": {"val_batches": 3},
+            "stages": [{"name": "a", "attention": "dense", "steps": 10}],
+        }
+    )
     check_data_volume(recipe, train_windows=20, val_windows=6, dp=1)  # exactly one pass, no wrap
-    with pytest.raises(RecipeError, match=r"10 steps x 2 sequences = 20 sequences.*holds 19 \(1.05 passes; data.max_epochs=1\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"10 steps x 2 sequences = 20 sequences.*holds 19 \(1.05 passes; data.max_epochs=1\)",
+    ):
         check_data_volume(recipe, train_windows=19, val_windows=6, dp=1)
-    with pytest.raises(RecipeError, match=r"eval.val_batches=3 x 4 = 12 sequences.*the validation split holds 6"):
+    with pytest.raises(
+        RecipeError, match=r"eval.val_batches=3 x 4 = 12 sequences.*the validation split holds 6"
+    ):
         check_data_volume(recipe, train_windows=100, val_windows=6, dp=2)
     recipe.data.max_epochs = 0.0  # no limit
     check_data_volume(recipe, train_windows=1, val_windows=6, dp=1)

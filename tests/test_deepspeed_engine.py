@@ -24,12 +24,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation deepspeed (after torch)")
+pytest.importorskip(
+    "deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation deepspeed (after torch)"
+)
 
 from dist_utils import run_distributed  # noqa: E402
 
 from lh_cp import LighthouseConfig  # noqa: E402
-from lh_cp.model import ModelConfig, Transformer  # noqa: E402
+from lh_cp.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 TOLERANCE = 1e-5
 SEQ, ROWS = 64, 2
@@ -39,17 +41,21 @@ GRAD_CLIP = 0.05
 
 def optimizer(model: Transformer) -> torch.optim.Optimizer:
     """The trainer's AdamW (decay groups included) at LRS[0]."""
-    from lh_cp.recipe import OptimConfig, Recipe
-    from lh_cp.engines import build_optimizer
+    from lh_cp.train.engines import build_optimizer
+    from lh_cp.train.recipe import OptimConfig, Recipe
 
-    optim = OptimConfig(lr=LRS[0], betas=[0.9, 0.95], eps=1e-6, weight_decay=1.0, grad_clip=GRAD_CLIP)
+    optim = OptimConfig(
+        lr=LRS[0], betas=[0.9, 0.95], eps=1e-6, weight_decay=1.0, grad_clip=GRAD_CLIP
+    )
     return build_optimizer(model, Recipe(optim=optim))
 
 
 def small_model() -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=258, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
-    return Transformer(cfg, LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=2), dense_layers=(0,))
+    return Transformer(
+        cfg, LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=2), dense_layers=(0,)
+    )
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +118,11 @@ def zero_job(rank: int, world: int, checkpoint_root: str) -> dict:
     import deepspeed
 
     from lh_cp.parallel.deepspeed import build_deepspeed_engine
-    from lh_cp.checkpoint import latest_checkpoint
-    from lh_cp.checkpoint import load_deepspeed_checkpoint, save_deepspeed_checkpoint
+    from lh_cp.train.checkpoint import (
+        latest_checkpoint,
+        load_deepspeed_checkpoint,
+        save_deepspeed_checkpoint,
+    )
 
     # DeepSpeed's ZeRO-3 helpers read the launcher's environment even with a group in place.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
@@ -122,7 +131,9 @@ def zero_job(rank: int, world: int, checkpoint_root: str) -> dict:
     world_group = dist.group.WORLD
     for stage in (1, 2, 3):
         model = small_model()
-        engine = build_deepspeed_engine(model, optimizer(model), zero_stage=stage, grad_clip=GRAD_CLIP)
+        engine = build_deepspeed_engine(
+            model, optimizer(model), zero_stage=stage, grad_clip=GRAD_CLIP
+        )
         losses, norms, weights = [], [], []
         for i, lr in enumerate(LRS):
             loss, norm = _step(engine, lr, rank, world)
@@ -130,14 +141,22 @@ def zero_job(rank: int, world: int, checkpoint_root: str) -> dict:
             norms.append(norm)
             weights.append(_weights(engine))
             if stage == 3 and i == 0:
-                saved = save_deepspeed_checkpoint(engine, checkpoint_root, 1, {"position": torch.tensor(7)}, world_group)
+                saved = save_deepspeed_checkpoint(
+                    engine, checkpoint_root, 1, {"position": torch.tensor(7)}, world_group
+                )
         results[stage] = {"loss": losses, "norm": norms, "weights": weights}
     # Resume: a fresh engine (fresh model) loads step 1 and repeats step 2.
     model = small_model()
     fresh = build_deepspeed_engine(model, optimizer(model), zero_stage=3, grad_clip=GRAD_CLIP)
     step, data = load_deepspeed_checkpoint(fresh, latest_checkpoint(Path(checkpoint_root))[1])
     resumed_loss, _ = _step(fresh, LRS[1], rank, world)
-    results["resume"] = {"step": step, "data": data, "path": str(saved), "loss": resumed_loss, "weights": _weights(fresh)}
+    results["resume"] = {
+        "step": step,
+        "data": data,
+        "path": str(saved),
+        "loss": resumed_loss,
+        "weights": _weights(fresh),
+    }
     return results
 
 
@@ -154,11 +173,25 @@ def test_deepspeed_zero_step_equals_plain_step(tmp_path):
         for stage in (1, 2, 3):
             got = result[stage]
             for i in range(len(LRS)):
-                assert abs(got["loss"][i] - ref["loss"][i]) <= TOLERANCE, (rank, stage, i, got["loss"][i], ref["loss"][i])
+                assert abs(got["loss"][i] - ref["loss"][i]) <= TOLERANCE, (
+                    rank,
+                    stage,
+                    i,
+                    got["loss"][i],
+                    ref["loss"][i],
+                )
                 # The norm the trainer logs: before clipping, over the whole model.
-                assert abs(got["norm"][i] - ref["norm"][i]) <= TOLERANCE, (rank, stage, i, got["norm"][i], ref["norm"][i])
+                assert abs(got["norm"][i] - ref["norm"][i]) <= TOLERANCE, (
+                    rank,
+                    stage,
+                    i,
+                    got["norm"][i],
+                    ref["norm"][i],
+                )
                 error = _max_error(got["weights"][i], ref["weights"][i])
-                assert error <= TOLERANCE, f"rank {rank} ZeRO-{stage} step {i + 1}: weights differ by {error}"
+                assert error <= TOLERANCE, (
+                    f"rank {rank} ZeRO-{stage} step {i + 1}: weights differ by {error}"
+                )
         resume = result["resume"]
         assert resume["step"] == 1 and int(resume["data"]["position"]) == 7
         assert resume["path"] == str(tmp_path / "step_00000001")
@@ -176,14 +209,23 @@ def test_deepspeed_zero_step_equals_plain_step(tmp_path):
 def test_deepspeed_config_rejects_bad_values():
     from lh_cp.parallel.deepspeed import deepspeed_config
 
-    config = deepspeed_config(zero_stage=3, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=4, bf16=True)
+    config = deepspeed_config(
+        zero_stage=3, grad_clip=1.0, micro_batch_size=2, grad_accum_steps=4, bf16=True
+    )
     assert config["zero_optimization"] == {"stage": 3} and config["bf16"] == {"enabled": True}
-    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
+    assert (
+        config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
+    )
     from lh_cp.parallel.deepspeed import build_deepspeed_engine
 
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="needs an optimizer DeepSpeed supports under ZeRO: torch.optim.AdamW or torch.optim.Adam, got torch.optim.sgd.SGD"):
-        build_deepspeed_engine(model, torch.optim.SGD(model.parameters(), lr=0.1), zero_stage=1, grad_clip=1.0)
+    with pytest.raises(
+        ValueError,
+        match="needs an optimizer DeepSpeed supports under ZeRO: torch.optim.AdamW or torch.optim.Adam, got torch.optim.sgd.SGD",
+    ):
+        build_deepspeed_engine(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), zero_stage=1, grad_clip=1.0
+        )
     with pytest.raises(ValueError, match="zero_stage must be one of"):
         deepspeed_config(zero_stage=4, grad_clip=1.0)
     with pytest.raises(ValueError, match="grad_clip must be >= 0"):

@@ -28,13 +28,23 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation 'deepspeed>=0.19.8' (after torch)")
+pytest.importorskip(
+    "deepspeed",
+    reason="needs DeepSpeed: pip install --no-build-isolation 'deepspeed>=0.19.8' (after torch)",
+)
 
-from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, torchrun_train, write_corpus, write_toml  # noqa: E402
+from train_utils import (
+    logged_losses,
+    tiny_recipe,
+    tiny_recipe_dict,
+    torchrun_train,
+    write_corpus,
+    write_toml,
+)  # noqa: E402
 
-from lh_cp.checkpoint import complete_checkpoints  # noqa: E402
-from lh_cp.plan import check_recipe  # noqa: E402
-from lh_cp.recipe import RecipeError  # noqa: E402
+from lh_cp.train.checkpoint import complete_checkpoints  # noqa: E402
+from lh_cp.train.plan import check_recipe  # noqa: E402
+from lh_cp.train.recipe import RecipeError  # noqa: E402
 
 RELATIVE = 1e-4
 # CP=2 over the tiny recipe: seq_len 128, tile T = 128 * 4 / 16 = 32, a head-tail chunk (32
@@ -51,8 +61,13 @@ RELATIVE = 1e-4
 CP2 = ["parallel.cp=2", "lighthouse.topk=16", "optim.lr=2e-4"]
 DEEPSPEED = CP2 + ["parallel.engine='deepspeed'", "parallel.zero_stage=3"]
 ULYSSES = ["parallel.exchange='ulysses_compressed'", "parallel.dense_exchange='ulysses'"]
-PASSKEY = ["eval.passkey.enabled=true", "eval.passkey.length=256", "eval.passkey.depths=[0.5]",
-           "eval.passkey.samples=1", "eval.passkey.digits=2"]
+PASSKEY = [
+    "eval.passkey.enabled=true",
+    "eval.passkey.length=256",
+    "eval.passkey.depths=[0.5]",
+    "eval.passkey.samples=1",
+    "eval.passkey.digits=2",
+]
 
 
 def grad_norms(out: Path) -> dict[int, float]:
@@ -63,7 +78,12 @@ def grad_norms(out: Path) -> dict[int, float]:
 def assert_close(got: dict[int, float], expected: dict[int, float], what: str) -> None:
     assert sorted(got) == sorted(expected) == list(range(1, 7)), (what, got, expected)
     for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=RELATIVE), (what, step, got[step], expected[step])
+        assert got[step] == pytest.approx(expected[step], rel=RELATIVE), (
+            what,
+            step,
+            got[step],
+            expected[step],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +101,13 @@ def deepspeed_straight(recipe_file) -> Path:
     out = recipe_file.parent / "deepspeed"
     console = torchrun_train(recipe_file, out, DEEPSPEED).stdout
     assert "stage 2/2 'recovery': dense attention from step 5" in console
-    assert sorted(complete_checkpoints(out / "checkpoints")) == [4, 6]  # stage ends, DeepSpeed folders
-    assert (out / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    assert sorted(complete_checkpoints(out / "checkpoints")) == [
+        4,
+        6,
+    ]  # stage ends, DeepSpeed folders
+    assert (
+        out / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    ).is_file()
     return out
 
 
@@ -104,7 +129,9 @@ def test_deepspeed_exact_resume(recipe_file, deepspeed_straight):
     assert sorted(complete_checkpoints(out / "checkpoints")) == [3]
     console = torchrun_train(recipe_file, out, DEEPSPEED).stdout
     assert "resumed from step 3" in console
-    assert logged_losses(out) == logged_losses(deepspeed_straight)  # steps 1-3, then 4-6 after the resume
+    assert logged_losses(out) == logged_losses(
+        deepspeed_straight
+    )  # steps 1-3, then 4-6 after the resume
     assert grad_norms(out) == grad_norms(deepspeed_straight)
     assert logged_losses(out, "val") == logged_losses(deepspeed_straight, "val")
 
@@ -112,7 +139,9 @@ def test_deepspeed_exact_resume(recipe_file, deepspeed_straight):
 @pytest.mark.timeout(420)
 def test_deepspeed_ulysses_compressed_equals_allgather(recipe_file, deepspeed_straight):
     out = recipe_file.parent / "ulysses"
-    console = torchrun_train(recipe_file, out, DEEPSPEED + ULYSSES + PASSKEY + ["parallel.activation_checkpoint=true"]).stdout
+    console = torchrun_train(
+        recipe_file, out, DEEPSPEED + ULYSSES + PASSKEY + ["parallel.activation_checkpoint=true"]
+    ).stdout
     assert_close(logged_losses(out), logged_losses(deepspeed_straight), "train loss")
     assert_close(grad_norms(out), grad_norms(deepspeed_straight), "grad norm")
     assert "passkey retrieval at 256 tokens (dense attention)" in console
@@ -120,29 +149,61 @@ def test_deepspeed_ulysses_compressed_equals_allgather(recipe_file, deepspeed_st
 
 
 def _errors(overrides: list[str], world_size: int = 2) -> str:
-    return "\n".join(check_recipe(tiny_recipe(Path("unused"), Path("unused"), overrides), world_size))
+    return "\n".join(
+        check_recipe(tiny_recipe(Path("unused"), Path("unused"), overrides), world_size)
+    )
 
 
 def test_deepspeed_plan_rules_name_the_key_and_the_numbers(monkeypatch):
     assert _errors(DEEPSPEED + ULYSSES) == ""
-    assert "parallel.engine must be one of ('fsdp', 'deepspeed'), got 'zero'" in _errors(CP2 + ["parallel.engine='zero'"])
-    assert "parallel.zero_stage must be one of (1, 2, 3)" in _errors(DEEPSPEED + ["parallel.zero_stage=0"])
+    assert "parallel.engine must be one of ('fsdp', 'deepspeed'), got 'zero'" in _errors(
+        CP2 + ["parallel.engine='zero'"]
+    )
+    assert "parallel.zero_stage must be one of (1, 2, 3)" in _errors(
+        DEEPSPEED + ["parallel.zero_stage=0"]
+    )
     errors = _errors(["parallel.engine='deepspeed'", "parallel.dp_replicate=2"])
-    assert "parallel.dp_replicate=2 must be 1 under parallel.engine='deepspeed'" in errors and "dp_shard=2" in errors
+    assert (
+        "parallel.dp_replicate=2 must be 1 under parallel.engine='deepspeed'" in errors
+        and "dp_shard=2" in errors
+    )
     errors = _errors(CP2 + ULYSSES)
-    assert "run under parallel.engine='deepspeed' only" in errors and "got parallel.engine='fsdp'" in errors
+    assert (
+        "run under parallel.engine='deepspeed' only" in errors
+        and "got parallel.engine='fsdp'" in errors
+    )
     errors = _errors(DEEPSPEED + ["parallel.exchange='ulysses_compressed'"])
-    assert "parallel.exchange='ulysses_compressed' and parallel.dense_exchange='ring' split the sequence differently" in errors
-    assert "parallel.dense_exchange must be one of ('allgather', 'ring', 'ulysses'), got 'ulysses_compressed'" in _errors(
-        DEEPSPEED + ["parallel.dense_exchange='ulysses_compressed'"])
-    errors = _errors(DEEPSPEED + ULYSSES + ["model.n_heads=3", "model.n_kv_heads=1", "model.dim=48"])
+    assert (
+        "parallel.exchange='ulysses_compressed' and parallel.dense_exchange='ring' split the sequence differently"
+        in errors
+    )
+    assert (
+        "parallel.dense_exchange must be one of ('allgather', 'ring', 'ulysses'), got 'ulysses_compressed'"
+        in _errors(DEEPSPEED + ["parallel.dense_exchange='ulysses_compressed'"])
+    )
+    errors = _errors(
+        DEEPSPEED + ULYSSES + ["model.n_heads=3", "model.n_kv_heads=1", "model.dim=48"]
+    )
     assert "model.n_heads=3 must be a multiple of parallel.cp=2" in errors
     # topk 8: tile 64, contiguous shards of 128 / 2 = 64 tokens hold one tile; of 128 / 4 = 32, none.
     assert _errors(["parallel.engine='deepspeed'", "parallel.cp=2"] + ULYSSES) == ""
     errors = _errors(["parallel.engine='deepspeed'", "parallel.cp=4"] + ULYSSES, world_size=4)
-    assert "each contiguous shard (compressed on its own rank) of 128 / 4 = 32 tokens must be a multiple of the tile size T=64" in errors
-    errors = _errors(["parallel.engine='deepspeed'", "parallel.cp=3", "parallel.exchange='ulysses'",
-                      "parallel.dense_exchange='ulysses'", "model.n_heads=6", "model.n_kv_heads=3", "model.dim=48"], 3)
+    assert (
+        "each contiguous shard (compressed on its own rank) of 128 / 4 = 32 tokens must be a multiple of the tile size T=64"
+        in errors
+    )
+    errors = _errors(
+        [
+            "parallel.engine='deepspeed'",
+            "parallel.cp=3",
+            "parallel.exchange='ulysses'",
+            "parallel.dense_exchange='ulysses'",
+            "model.n_heads=6",
+            "model.n_kv_heads=3",
+            "model.dim=48",
+        ],
+        3,
+    )
     assert "data.seq_len=128 must split into parallel.cp=3 equal contiguous shards" in errors
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
     errors = _errors(DEEPSPEED)
@@ -155,7 +216,7 @@ def test_deepspeed_refuses_a_checkpoint_of_the_other_engine(tmp_path):
     import torch
     import torch.distributed as dist
 
-    from lh_cp.train import train
+    from lh_cp.train.trainer import train
 
     corpus = write_corpus(tmp_path / "corpus")
     threads = torch.get_num_threads()
@@ -164,7 +225,10 @@ def test_deepspeed_refuses_a_checkpoint_of_the_other_engine(tmp_path):
         train(tiny_recipe(tmp_path / "run", corpus, ["run.stop_after_step=1"]))
     finally:
         torch.set_num_threads(threads)
-    with pytest.raises(RecipeError, match=r"step_00000001, was written by parallel.engine='fsdp' but this run uses "
-                                          r"parallel.engine='deepspeed'"):
+    with pytest.raises(
+        RecipeError,
+        match=r"step_00000001, was written by parallel.engine='fsdp' but this run uses "
+        r"parallel.engine='deepspeed'",
+    ):
         train(tiny_recipe(tmp_path / "run", corpus, ["parallel.engine='deepspeed'"]))
     assert not dist.is_initialized()

@@ -24,7 +24,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation deepspeed (after torch)")
+pytest.importorskip(
+    "deepspeed", reason="needs DeepSpeed: pip install --no-build-isolation deepspeed (after torch)"
+)
 
 from dist_utils import run_distributed  # noqa: E402
 
@@ -46,7 +48,9 @@ def configs(world: int) -> dict[str, LighthouseConfig | None]:
         "p2L3": LighthouseConfig(pool=2, levels=3, topk=n * 2 // 16, tile_budget=2),
         "p4L3": LighthouseConfig(pool=4, levels=3, topk=n * 2 // 32, tile_budget=2),
         # strictly causal selection: shard r's first tile starts from shard r-1's thresholds
-        "p2L3causal": LighthouseConfig(pool=2, levels=3, topk=n * 2 // 16, tile_budget=2, selection="causal"),
+        "p2L3causal": LighthouseConfig(
+            pool=2, levels=3, topk=n * 2 // 16, tile_budget=2, selection="causal"
+        ),
         "dense": None,
     }
 
@@ -63,20 +67,31 @@ class WireTap:
     through. For all_to_all_single, the rows destined for this rank never leave it.
     """
 
-    def __enter__(self) -> "WireTap":
+    def __enter__(self) -> WireTap:
         self.sent = 0
         self._a2a, self._p2p = dist.all_to_all_single, dist.batch_isend_irecv
         tap = self
 
-        def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        def all_to_all_single(
+            output,
+            input,
+            output_split_sizes=None,
+            input_split_sizes=None,
+            group=None,
+            async_op=False,
+        ):
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             rows = input_split_sizes or [input.shape[0] // world] * world
             row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
             tap.sent += sum(count for peer, count in enumerate(rows) if peer != rank) * row_bytes
-            return tap._a2a(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+            return tap._a2a(
+                output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op
+            )
 
         def batch_isend_irecv(ops):
-            tap.sent += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+            tap.sent += sum(
+                op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend
+            )
             return tap._p2p(ops)
 
         dist.all_to_all_single, dist.batch_isend_irecv = all_to_all_single, batch_isend_irecv
@@ -88,14 +103,19 @@ class WireTap:
 
 def _inputs(n: int, heads: int, kv_heads: int, dtype: torch.dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(BATCH, n, heads, HEAD_DIM), (BATCH, n, kv_heads, HEAD_DIM), (BATCH, n, kv_heads, HEAD_DIM), (BATCH, n, heads, HEAD_DIM)]
+    shapes = [
+        (BATCH, n, heads, HEAD_DIM),
+        (BATCH, n, kv_heads, HEAD_DIM),
+        (BATCH, n, kv_heads, HEAD_DIM),
+        (BATCH, n, heads, HEAD_DIM),
+    ]
     return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in shapes]
 
 
 def _case(variant: str, cfg, inputs, group) -> dict:
     """Errors against one process, and bytes sent forward/backward (measured and expected)."""
-    from lh_cp.parallel.ulysses.plain import ulysses_attention
     from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
+    from lh_cp.parallel.ulysses.plain import ulysses_attention
     from lh_cp.parallel.ulysses.sharding import ulysses_shard, ulysses_unshard
     from lh_cp.parallel.ulysses.traffic import compressed_ulysses_bytes, plain_ulysses_bytes
 
@@ -124,32 +144,44 @@ def _case(variant: str, cfg, inputs, group) -> dict:
         errors[name] = (a.grad - b.grad[:, local]).abs().max().item()
     size = q.element_size()
     if variant == "ulysses":
-        expected = plain_ulysses_bytes(n, world, batch=batch, heads=heads, kv_heads=k.shape[2], head_dim=dim, dtype_bytes=size)
+        expected = plain_ulysses_bytes(
+            n, world, batch=batch, heads=heads, kv_heads=k.shape[2], head_dim=dim, dtype_bytes=size
+        )
     else:
-        expected = compressed_ulysses_bytes(n, world, rank, cfg, batch=batch, heads=heads, head_dim=dim, dtype_bytes=size)
+        expected = compressed_ulysses_bytes(
+            n, world, rank, cfg, batch=batch, heads=heads, head_dim=dim, dtype_bytes=size
+        )
     return {
         "errors": errors,
         "sent": (forward_tap.sent, backward_tap.sent),
-        "expected": (expected.alltoall_forward + expected.halo_forward, expected.alltoall_backward + expected.halo_backward),
+        "expected": (
+            expected.alltoall_forward + expected.halo_forward,
+            expected.alltoall_backward + expected.halo_backward,
+        ),
     }
 
 
 def _rejections(group) -> dict[str, str]:
     """Messages of the shape errors, raised on every rank before any communication."""
-    from lh_cp.parallel.ulysses.plain import ulysses_attention
     from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
+    from lh_cp.parallel.ulysses.plain import ulysses_attention
 
     messages = {}
     world = dist.get_world_size(group)
     # Shard of 24 tokens, tile 16: the global rules hold (N = 24 W, topk = 3 W), the shard rule fails.
     q = torch.randn(1, 24, 4, HEAD_DIM)
     try:
-        compressed_ulysses_attention(q, q, q, LighthouseConfig(pool=2, levels=3, topk=3 * world, tile_budget=2), group)
+        compressed_ulysses_attention(
+            q, q, q, LighthouseConfig(pool=2, levels=3, topk=3 * world, tile_budget=2), group
+        )
     except ValueError as err:
         messages["compressed_tiles"] = str(err)
     q3 = torch.randn(1, SHARD, 3, HEAD_DIM)
     good = configs(world)["p2L3"]
-    for name, fn in (("compressed_heads", compressed_ulysses_attention), ("ulysses_heads", ulysses_attention)):
+    for name, fn in (
+        ("compressed_heads", compressed_ulysses_attention),
+        ("ulysses_heads", ulysses_attention),
+    ):
         try:
             fn(q3, q3, q3, good, group)
         except ValueError as err:
@@ -164,14 +196,23 @@ def ulysses_job(rank: int, world: int) -> dict:
     group = dist.new_group(list(range(world)))
     from lh_cp.parallel.ulysses.sharding import ulysses_positions
 
-    results = {"cases": {}, "rejections": _rejections(group), "positions": ulysses_positions(world * SHARD, group).tolist()}
+    results = {
+        "cases": {},
+        "rejections": _rejections(group),
+        "positions": ulysses_positions(world * SHARD, group).tolist(),
+    }
     for (name, cfg), (heads, kv_heads), dtype, variant in itertools.product(
-        configs(world).items(), head_cases(world), (torch.float64, torch.float32), ("ulysses", "compressed")
+        configs(world).items(),
+        head_cases(world),
+        (torch.float64, torch.float32),
+        ("ulysses", "compressed"),
     ):
         inputs = _inputs(world * SHARD, heads, kv_heads, dtype, seed=heads * 10 + kv_heads)
         if variant == "compressed" and cfg is None:
             continue  # the compressed variant is Lighthouse only; dense runs plain Ulysses
-        results["cases"][(variant, name, heads, kv_heads, str(dtype))] = _case(variant, cfg, inputs, group)
+        results["cases"][(variant, name, heads, kv_heads, str(dtype))] = _case(
+            variant, cfg, inputs, group
+        )
     return results
 
 
@@ -180,16 +221,23 @@ def ulysses_job(rank: int, world: int) -> dict:
 def test_deepspeed_ulysses_equals_single_process(world):
     results = run_distributed(ulysses_job, world, timeout=200)
     for rank, result in enumerate(results):
-        assert len(result["cases"]) == 3 * 2 * 2 * 2 + 2 * 2  # (3 Lighthouse configs x heads x dtypes x variants) + dense
+        assert (
+            len(result["cases"]) == 3 * 2 * 2 * 2 + 2 * 2
+        )  # (3 Lighthouse configs x heads x dtypes x variants) + dense
         for key, case in result["cases"].items():
             dtype = torch.float64 if "float64" in key[-1] else torch.float32
             worst = max(case["errors"].values())
             assert worst <= TOLERANCE[dtype], f"rank {rank} case {key}: errors {case['errors']}"
-            assert case["sent"] == case["expected"], f"rank {rank} case {key}: sent {case['sent']}, expected {case['expected']}"
+            assert case["sent"] == case["expected"], (
+                f"rank {rank} case {key}: sent {case['sent']}, expected {case['expected']}"
+            )
             assert case["sent"][0] > 0 and case["sent"][1] > 0
         assert result["positions"] == list(range(rank * SHARD, (rank + 1) * SHARD))
         rejections = result["rejections"]
-        assert f"shard (compressed Ulysses compresses it on its own rank) of {24 * world} / {world} = 24 tokens must be a multiple of the tile size T=" in rejections["compressed_tiles"]
+        assert (
+            f"shard (compressed Ulysses compresses it on its own rank) of {24 * world} / {world} = 24 tokens must be a multiple of the tile size T="
+            in rejections["compressed_tiles"]
+        )
         for name in ("compressed_heads", "ulysses_heads"):
             assert f"H=3 is not a multiple of W={world}" in rejections[name]
 
@@ -197,17 +245,32 @@ def test_deepspeed_ulysses_equals_single_process(world):
 def test_deepspeed_compressed_traffic_table():
     """The README configuration: compressed Ulysses sends under a fifth of plain Ulysses' bytes
     on every rank; the accounting rejects the shapes the attention rejects."""
-    from lh_cp.parallel.ulysses.traffic import compressed_ulysses_bytes, plain_ulysses_bytes, traffic_table
+    from lh_cp.parallel.ulysses.traffic import (
+        compressed_ulysses_bytes,
+        plain_ulysses_bytes,
+        traffic_table,
+    )
 
     cfg = LighthouseConfig(pool=4, levels=3, topk=2048, tile_budget=128)
     for n in (131072, 262144, 524288, 1048576):
         plain = plain_ulysses_bytes(n, 8, batch=1, heads=8, kv_heads=8, head_dim=128, dtype_bytes=2)
         for rank in range(8):
-            compressed = compressed_ulysses_bytes(n, 8, rank, cfg, batch=1, heads=8, head_dim=128, dtype_bytes=2)
+            compressed = compressed_ulysses_bytes(
+                n, 8, rank, cfg, batch=1, heads=8, head_dim=128, dtype_bytes=2
+            )
             assert compressed.total < 0.2 * plain.total
     table = traffic_table()
     assert table.count("\n") == 5 and "| 1M |" in table
     with pytest.raises(ValueError, match="multiple of the tile size"):
-        compressed_ulysses_bytes(24 * 2, 2, 0, LighthouseConfig(pool=2, levels=3, topk=6, tile_budget=2), batch=1, heads=4, head_dim=8, dtype_bytes=4)
+        compressed_ulysses_bytes(
+            24 * 2,
+            2,
+            0,
+            LighthouseConfig(pool=2, levels=3, topk=6, tile_budget=2),
+            batch=1,
+            heads=4,
+            head_dim=8,
+            dtype_bytes=4,
+        )
     with pytest.raises(ValueError, match="H=3 is not a multiple of W=2"):
         plain_ulysses_bytes(64, 2, batch=1, heads=3, kv_heads=3, head_dim=8, dtype_bytes=4)

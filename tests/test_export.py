@@ -27,16 +27,23 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers", reason="needs transformers (pip install 'lh-cp[test]')")
 
+from train_utils import (
+    logged_losses,
+    tiny_recipe,
+    tiny_recipe_dict,
+    torchrun_train,
+    write_corpus,
+    write_toml,
+)  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from lh_cp.cli import main  # noqa: E402
-from lh_cp.data import BatchLoader, make_tokenizer, token_stream  # noqa: E402
+from lh_cp.data.loader import BatchLoader, make_tokenizer, token_stream  # noqa: E402
+from lh_cp.data.tokenizer import ByteTokenizer  # noqa: E402
 from lh_cp.export import ExportError, export_hf, find_checkpoint, load_weights, model_config  # noqa: E402
-from lh_cp.model import Transformer  # noqa: E402
-from lh_cp.recipe import load_recipe  # noqa: E402
-from lh_cp.tokenizer import ByteTokenizer  # noqa: E402
-from lh_cp.train import train  # noqa: E402
-from train_utils import logged_losses, tiny_recipe, tiny_recipe_dict, torchrun_train, write_corpus, write_toml  # noqa: E402
+from lh_cp.model.transformer import Transformer  # noqa: E402
+from lh_cp.train.recipe import load_recipe  # noqa: E402
+from lh_cp.train.trainer import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOGIT_TOLERANCE = 1e-5
@@ -66,7 +73,9 @@ def _validation_loss(hf_model, recipe) -> float:
     """The exported model's mean token loss on the run's first validation batch."""
     data = recipe.data
     stream = token_stream(data, make_tokenizer(data), "validation")
-    inputs, targets = BatchLoader(stream, data.seq_len, data.batch_size, 0, 1, data.seed, shuffle=False).next_batch()
+    inputs, targets = BatchLoader(
+        stream, data.seq_len, data.batch_size, 0, 1, data.seed, shuffle=False
+    ).next_batch()
     with torch.no_grad():
         logits = hf_model(inputs).logits
     return float(F.cross_entropy(logits.flatten(0, 1).double(), targets.flatten()))
@@ -83,9 +92,15 @@ def test_exported_model_equals_lh_cp(fsdp_run, corpus, tmp_path):
     out = tmp_path / "hf"
     folder = export_hf(fsdp_run, out, dtype="float32")
     assert folder == fsdp_run / "checkpoints" / "step_00000006"
-    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    hf, info = AutoModelForCausalLM.from_pretrained(
+        out, output_loading_info=True, dtype=torch.float32
+    )
     assert type(hf).__name__ == "LlamaForCausalLM"
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    assert (
+        info["missing_keys"] == set()
+        and info["unexpected_keys"] == set()
+        and info["mismatched_keys"] == set()
+    )
     model = _lh_cp_model(folder)
     tokens = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -106,7 +121,10 @@ def test_byte_tokenizer_round_trips(fsdp_run, tmp_path):
     text = "déf f(x):\n    return x  # ✓ \x00\t"
     assert tokenizer.encode(text) == ByteTokenizer().encode(text)
     assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (ByteTokenizer.eod_id, ByteTokenizer.pad_id)
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        ByteTokenizer.eod_id,
+        ByteTokenizer.pad_id,
+    )
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.dtype == torch.bfloat16  # the default export dtype
 
@@ -126,8 +144,12 @@ def test_a_permuted_rope_layout_would_be_caught(fsdp_run, tmp_path):
     with torch.no_grad():
         for layer in hf.model.layers:
             attention = layer.self_attn
-            attention.q_proj.weight.copy_(_interleave(attention.q_proj.weight, hf.config.num_attention_heads))
-            attention.k_proj.weight.copy_(_interleave(attention.k_proj.weight, hf.config.num_key_value_heads))
+            attention.q_proj.weight.copy_(
+                _interleave(attention.q_proj.weight, hf.config.num_attention_heads)
+            )
+            attention.k_proj.weight.copy_(
+                _interleave(attention.k_proj.weight, hf.config.num_key_value_heads)
+            )
         moved = (model(tokens, torch.arange(64)) - hf(tokens).logits).abs().max().item()
     # 1.4e-3 on this barely trained model: over 100x the tolerance the export is held to.
     assert moved > 10 * LOGIT_TOLERANCE, moved
@@ -138,8 +160,11 @@ def test_bad_path_and_lighthouse_stage_are_refused(fsdp_run, corpus, tmp_path, c
         find_checkpoint(Path("/no/such/run"))
     stage1 = tmp_path / "stage1"
     train(tiny_recipe(stage1, corpus, ["run.stop_after_step=4"]))
-    with pytest.raises(ExportError, match=r"step_00000004 \(step 4\) is from stage 1 'lighthouse', which trains with "
-                                          r"lighthouse attention"):
+    with pytest.raises(
+        ExportError,
+        match=r"step_00000004 \(step 4\) is from stage 1 'lighthouse', which trains with "
+        r"lighthouse attention",
+    ):
         export_hf(stage1, tmp_path / "out")
     assert main(["export", str(stage1), "--hf", str(tmp_path / "out")]) == 2
     assert "lh-cp export: error: checkpoint" in capsys.readouterr().err
@@ -166,10 +191,17 @@ def test_a_deepspeed_zero3_checkpoint_exports(corpus, tmp_path):
     recipe_file = tmp_path / "tiny.toml"
     write_toml(recipe_file, tiny_recipe_dict(tmp_path / "unused", corpus))
     out = tmp_path / "deepspeed"
-    overrides = ["parallel.cp=2", "lighthouse.topk=16", "parallel.engine='deepspeed'", "parallel.zero_stage=3"]
+    overrides = [
+        "parallel.cp=2",
+        "lighthouse.topk=16",
+        "parallel.engine='deepspeed'",
+        "parallel.zero_stage=3",
+    ]
     torchrun_train(recipe_file, out, overrides, timeout=400)
     export_hf(out, tmp_path / "hf", dtype="float32")
-    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True, dtype=torch.float32)
+    hf, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True, dtype=torch.float32
+    )
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
     recipe = load_recipe(recipe_file, overrides + [f"run.out_dir='{out}'"])
     assert _validation_loss(hf, recipe) == pytest.approx(logged_losses(out, "val")[6], rel=1e-4)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
+from train_utils import logged_losses, tiny_recipe_dict, torchrun_command, write_corpus, write_toml
+
 from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
 from lh_cp.parallel import shard_sequence
-from train_utils import logged_losses, tiny_recipe_dict, torchrun_command, write_corpus, write_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,9 +46,19 @@ def _disagreeing_calls(rank: int, world: int) -> dict[str, str]:
                 q_loc, k_loc, v_loc = (x[:, :32] for x in (q_loc, k_loc, v_loc))
             if case == "dense_heads":
                 heads = 2 if rank == 0 else 1
-                causal_attention(q_loc[:, :, :heads], k_loc[:, :, :heads], v_loc[:, :, :heads], cp=group, exchange="ring")
+                causal_attention(
+                    q_loc[:, :, :heads],
+                    k_loc[:, :, :heads],
+                    v_loc[:, :, :heads],
+                    cp=group,
+                    exchange="ring",
+                )
             else:
-                local_cfg = LighthouseConfig(pool=2, levels=2, topk=16, tile_budget=2) if case == "config" and rank == 1 else cfg
+                local_cfg = (
+                    LighthouseConfig(pool=2, levels=2, topk=16, tile_budget=2)
+                    if case == "config" and rank == 1
+                    else cfg
+                )
                 lighthouse_attention(q_loc, k_loc, v_loc, local_cfg, cp=group, exchange="allgather")
             messages[case] = "no error"
         except ValueError as err:
@@ -81,18 +91,27 @@ def recipe_file(tmp_path_factory) -> Path:
 @pytest.mark.timeout(200)
 def test_ranks_with_different_recipes_stop_at_start_naming_the_key(recipe_file, tmp_path):
     driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent(f"""
+    driver.write_text(
+        textwrap.dedent(f"""
         import os, sys
         from lh_cp.cli import main
         seq = "128" if os.environ["RANK"] == "0" else "256"
-        sys.exit(main(["train", {str(recipe_file)!r}, "--set", "run.out_dir='{tmp_path / 'out'}'",
+        sys.exit(main(["train", {str(recipe_file)!r}, "--set", "run.out_dir='{tmp_path / "out"}'",
                        "--set", "data.seq_len=" + seq]))
-    """))
-    result = subprocess.run(torchrun_command([str(driver)]), capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """)
+    )
+    result = subprocess.run(
+        torchrun_command([str(driver)]),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode != 0
-    assert ("the ranks disagree on the run before it starts: rank 1 has data.seq_len=256, rank 0 has "
-            "data.seq_len=128") in result.stderr, result.stderr[-3000:]
+    assert (
+        "the ranks disagree on the run before it starts: rank 1 has data.seq_len=256, rank 0 has "
+        "data.seq_len=128"
+    ) in result.stderr, result.stderr[-3000:]
 
 
 def _worker_pid(tag: str, rank: int) -> int | None:
@@ -104,8 +123,11 @@ def _worker_pid(tag: str, rank: int) -> int | None:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"LH_CP_TEST_TAG={tag}".encode() in environ and f"RANK={rank}".encode() in environ and \
-                b"LOCAL_RANK=" + str(rank).encode() in environ:
+        if (
+            f"LH_CP_TEST_TAG={tag}".encode() in environ
+            and f"RANK={rank}".encode() in environ
+            and b"LOCAL_RANK=" + str(rank).encode() in environ
+        ):
             return int(entry.name)
     return None
 
@@ -114,9 +136,17 @@ def _worker_pid(tag: str, rank: int) -> int | None:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
 def test_a_stopped_rank_ends_the_job_naming_it(recipe_file, tmp_path):
     out, tag = tmp_path / "run", uuid.uuid4().hex
-    command = torchrun_command(["-m", "lh_cp.cli", "train", str(recipe_file), "--set", f"run.out_dir='{out}'"])
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", "LH_CP_TEST_TAG": tag})
+    command = torchrun_command(
+        ["-m", "lh_cp.cli", "train", str(recipe_file), "--set", f"run.out_dir='{out}'"]
+    )
+    job = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "LH_CP_TEST_TAG": tag},
+    )
     stopped = None
     try:
         deadline = time.monotonic() + 150
@@ -142,7 +172,9 @@ def test_a_stopped_rank_ends_the_job_naming_it(recipe_file, tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     assert job.returncode != 0
-    assert "rank 1 has sent no heartbeat for" in stderr and "its last finished step:" in stderr, stderr[-3000:]
+    assert "rank 1 has sent no heartbeat for" in stderr and "its last finished step:" in stderr, (
+        stderr[-3000:]
+    )
     assert "watchdog limit 10 s = parallel.timeout_s / 2" in stderr
     # The watchdog fired near its 10 s limit; torchrun's own teardown of the stopped rank adds
     # up to its 30 s grace period before SIGKILL.
@@ -154,8 +186,9 @@ def test_a_stale_deepspeed_build_lock_is_refused_with_its_path(tmp_path, monkeyp
     DeepSpeed's CPU op build would wait on it forever; the trainer names the file instead. A
     fresh lock (a build running now) and no lock pass; where the file does not block (torch
     2.14's advisory lock leaves it on disk after every build) nothing is refused."""
-    import lh_cp.runtime as runtime
     from torch.utils.cpp_extension import _get_build_directory
+
+    import lh_cp.train.runtime as runtime
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(runtime, "LOCK_FILE_BLOCKS", True)
@@ -177,7 +210,7 @@ def test_which_torch_versions_block_on_the_lock_file():
 
     from torch.utils import cpp_extension
 
-    from lh_cp.runtime import LOCK_FILE_BLOCKS
+    from lh_cp.train.runtime import LOCK_FILE_BLOCKS
 
     source = inspect.getsource(cpp_extension._jit_compile)
     assert LOCK_FILE_BLOCKS == ("FileBaton(" in source), (torch.__version__, LOCK_FILE_BLOCKS)

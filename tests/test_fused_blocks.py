@@ -24,10 +24,16 @@ def backend(request):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("heads, kv_heads, sq, sk", [(4, 4, 256, 256), (8, 2, 320, 320), (4, 1, 192, 448)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, sq, sk", [(4, 4, 256, 256), (8, 2, 320, 320), (4, 1, 192, 448)]
+)
 def test_fused_block_matches_reference(backend, causal, heads, kv_heads, sq, sk):
-    from lh_cp.parallel.headtail.fused_blocks import fused_backend, fused_block_backward, fused_block_forward
     from lh_cp.parallel.headtail.blocks import block_backward, block_forward
+    from lh_cp.parallel.headtail.fused_blocks import (
+        fused_backend,
+        fused_block_backward,
+        fused_block_forward,
+    )
 
     if causal and sq != sk:
         # The exchange asks for causal blocks only square (the own block): cuDNN aligns the
@@ -44,7 +50,9 @@ def test_fused_block_matches_reference(backend, causal, heads, kv_heads, sq, sk)
     dout = make(heads, sq)
     grads = fused_block_backward(dout, q, k, v, ref_out, ref_lse, causal)
     delta = (dout.float() * ref_out).sum(-1)
-    ref_grads = block_backward(dout.float(), q.float(), k.float(), v.float(), ref_lse, delta, causal)
+    ref_grads = block_backward(
+        dout.float(), q.float(), k.float(), v.float(), ref_lse, delta, causal
+    )
     for got, want in zip(grads, ref_grads):
         assert got.shape == want.shape
         assert rel(got, want) < 1e-2

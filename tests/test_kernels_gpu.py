@@ -15,18 +15,20 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from lh_cp import LighthouseConfig, kernels  # noqa: E402
-from lh_cp.attention import attend_selected  # noqa: E402
-# On CUDA tensors the single-device layer takes the kernel path (lh_cp.compress chooses it).
-from lh_cp.attention import lighthouse_attention as kernel_lighthouse  # noqa: E402
-from lh_cp.kernels.ops import select as kernel_select  # noqa: E402
-from lh_cp.kernels.plan import Plan, selection_from_fields  # noqa: E402
-from lh_cp.kernels.rows import empty_entries, expand_rows, pool_rows  # noqa: E402
-from lh_cp.kernels.rows_reference import expand_rows_reference, pool_rows_reference  # noqa: E402
-from lh_cp.kernels.scores import token_norms  # noqa: E402
-from lh_cp.kernels.selection import select_plan  # noqa: E402
-from lh_cp.pyramid import token_scores  # noqa: E402
-from lh_cp.select import select_from_scores  # noqa: E402
+from lh_cp import LighthouseConfig  # noqa: E402
+from lh_cp.ops import kernels  # noqa: E402
+from lh_cp.ops.attention import attend_selected  # noqa: E402
+
+# On CUDA tensors the single-device layer takes the kernel path (lh_cp.ops.compress chooses it).
+from lh_cp.ops.attention import single_device_lighthouse as kernel_lighthouse  # noqa: E402
+from lh_cp.ops.kernels.ops import select as kernel_select  # noqa: E402
+from lh_cp.ops.kernels.rows import empty_entries, expand_rows, pool_rows  # noqa: E402
+from lh_cp.ops.kernels.rows_reference import expand_rows_reference, pool_rows_reference  # noqa: E402
+from lh_cp.ops.kernels.scores import token_norms  # noqa: E402
+from lh_cp.ops.kernels.scores_reference import token_scores  # noqa: E402
+from lh_cp.ops.kernels.selection import select_plan  # noqa: E402
+from lh_cp.ops.kernels.selection_reference import select_from_scores  # noqa: E402
+from lh_cp.ops.kernels.slot_plan import Plan, selection_from_fields  # noqa: E402
 
 DEV = "cuda"
 # (pool, levels, topk, tile_budget, N, B, H, Hkv, D): odd B/H/D, GQA, levels 1-5, pool 2/4/8.
@@ -50,13 +52,19 @@ def rel_err(a, b):
 
 
 def equal_selection(a, b):
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("start", "end", "level", "internal"))
+    return all(
+        torch.equal(getattr(a, f), getattr(b, f)) for f in ("start", "end", "level", "internal")
+    )
 
 
 @pytest.mark.parametrize("selection", ["tile_topk", "causal"])
 @pytest.mark.parametrize("pool,levels,topk,budget,n,batch,heads,kv_heads,dim", CONFIGS)
-def test_selection_and_plan_identical(pool, levels, topk, budget, n, batch, heads, kv_heads, dim, selection):
-    cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection)
+def test_selection_and_plan_identical(
+    pool, levels, topk, budget, n, batch, heads, kv_heads, dim, selection
+):
+    cfg = LighthouseConfig(
+        pool=pool, levels=levels, topk=topk, tile_budget=budget, selection=selection
+    )
     torch.manual_seed(n + levels)
     for ties in (False, True):
         qs = torch.rand(batch, heads, n, device=DEV)
@@ -75,7 +83,7 @@ def test_selection_and_plan_identical(pool, levels, topk, budget, n, batch, head
 def test_chunked_top_level_path(monkeypatch, choice):
     """A top level wider than MAX_TOP_IN_REGISTERS takes the chunked path (the radix select, or
     the causal counters carried from block to block)."""
-    import lh_cp.kernels.selection as selection
+    import lh_cp.ops.kernels.selection as selection
 
     monkeypatch.setattr(selection, "MAX_TOP_IN_REGISTERS", 64)
     cfg = LighthouseConfig(pool=2, levels=3, topk=8, tile_budget=4, selection=choice)
@@ -119,7 +127,9 @@ def test_token_norms_match_reference():
     torch.testing.assert_close(token_norms(x), token_scores(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool,levels,topk,budget,n,batch,heads,kv_heads,dim", CONFIGS[1:6] + CONFIGS[8:9] + CONFIGS[10:])
+@pytest.mark.parametrize(
+    "pool,levels,topk,budget,n,batch,heads,kv_heads,dim", CONFIGS[1:6] + CONFIGS[8:9] + CONFIGS[10:]
+)
 def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv_heads, dim):
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
     group = heads // kv_heads
@@ -127,38 +137,67 @@ def test_row_kernels_match_twins(pool, levels, topk, budget, n, batch, heads, kv
     # Sums (not means) over spans of up to c_L unit-normal rows are of size sqrt(c_L), and so is
     # their float32 summation-order difference: an absolute bound fixed at 1e-5 failed once at
     # c_L = 256 (1.8e-5, benchmarks/results/gpu_tests_h200_causal.log).
-    sum_atol = 1e-5 * cfg.coarsest_span ** 0.5
+    sum_atol = 1e-5 * cfg.coarsest_span**0.5
     q = torch.randn(batch, n, heads, dim, device=DEV)
     k, v = (torch.randn(batch, n, kv_heads, dim, device=DEV) for _ in range(2))
     plan = Plan.from_selection(kernel_select(q, k, cfg), n, cfg)
     s = cfg.selected_length(n)
     got = pool_rows([q, k, v], plan, cfg, shift=0, mean=True, group=group)
-    want = [pool_rows_reference(x, plan, cfg, 0, True, g) for x, g in ((q, 1), (k, group), (v, group))]
+    want = [
+        pool_rows_reference(x, plan, cfg, 0, True, g) for x, g in ((q, 1), (k, group), (v, group))
+    ]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # Heads-outer entries (a CP shard's layout): written and read through their strides.
-    outs = [empty_entries(batch, heads, s, dim, torch.float32, DEV, heads_outer=True) for _ in range(3)]
-    for a, b in zip(pool_rows([q, k, v], plan, cfg, shift=0, mean=True, group=group, outs=outs), want):
+    outs = [
+        empty_entries(batch, heads, s, dim, torch.float32, DEV, heads_outer=True) for _ in range(3)
+    ]
+    for a, b in zip(
+        pool_rows([q, k, v], plan, cfg, shift=0, mean=True, group=group, outs=outs), want
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(expand_rows([outs[0]], plan, cfg, 1, False)[0],
-                               expand_rows_reference(want[0], plan, cfg, 1, False), rtol=1e-5, atol=1e-5 * cfg.coarsest_span ** 0.5)
+    torch.testing.assert_close(
+        expand_rows([outs[0]], plan, cfg, 1, False)[0],
+        expand_rows_reference(want[0], plan, cfg, 1, False),
+        rtol=1e-5,
+        atol=1e-5 * cfg.coarsest_span**0.5,
+    )
     entries = torch.randn(batch, heads, s, dim, device=DEV)
-    torch.testing.assert_close(expand_rows([entries], plan, cfg, 1, False)[0],
-                               expand_rows_reference(entries, plan, cfg, 1, False), rtol=1e-5, atol=sum_atol)
+    torch.testing.assert_close(
+        expand_rows([entries], plan, cfg, 1, False)[0],
+        expand_rows_reference(entries, plan, cfg, 1, False),
+        rtol=1e-5,
+        atol=sum_atol,
+    )
     dk, dv = expand_rows([entries, 2 * entries], plan, cfg, 0, True, group)
-    torch.testing.assert_close(dk, expand_rows_reference(entries, plan, cfg, 0, True, group), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dv, expand_rows_reference(2 * entries, plan, cfg, 0, True, group), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        dk, expand_rows_reference(entries, plan, cfg, 0, True, group), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        dv, expand_rows_reference(2 * entries, plan, cfg, 0, True, group), rtol=1e-5, atol=1e-5
+    )
     tokens = torch.randn(batch, n, heads, dim, device=DEV)
-    torch.testing.assert_close(pool_rows([tokens], plan, cfg, 1, False)[0],
-                               pool_rows_reference(tokens, plan, cfg, 1, False), rtol=1e-5, atol=sum_atol)
+    torch.testing.assert_close(
+        pool_rows([tokens], plan, cfg, 1, False)[0],
+        pool_rows_reference(tokens, plan, cfg, 1, False),
+        rtol=1e-5,
+        atol=sum_atol,
+    )
     spill = cfg.coarsest_span - 1  # a CP chunk's spill rows: written apart, pooled back as a tail
     if spill > 0:
-        torch.testing.assert_close(expand_rows([entries], plan, cfg, 1, False, rows=spill, first_row=n)[0],
-                                   expand_rows_reference(entries, plan, cfg, 1, False, rows=spill, first_row=n),
-                                   rtol=1e-5, atol=sum_atol)
+        torch.testing.assert_close(
+            expand_rows([entries], plan, cfg, 1, False, rows=spill, first_row=n)[0],
+            expand_rows_reference(entries, plan, cfg, 1, False, rows=spill, first_row=n),
+            rtol=1e-5,
+            atol=sum_atol,
+        )
         tail = torch.randn(batch, spill, heads, dim, device=DEV)
-        torch.testing.assert_close(pool_rows([tokens], plan, cfg, 1, False, tail=tail)[0],
-                                   pool_rows_reference(tokens, plan, cfg, 1, False, tail=tail), rtol=1e-5, atol=sum_atol)
+        torch.testing.assert_close(
+            pool_rows([tokens], plan, cfg, 1, False, tail=tail)[0],
+            pool_rows_reference(tokens, plan, cfg, 1, False, tail=tail),
+            rtol=1e-5,
+            atol=sum_atol,
+        )
 
 
 def _layer_with_grads(fn, q, k, v, grad_out):
@@ -173,12 +212,22 @@ def test_layer_bf16_close_to_float64(pool, levels, topk, budget, n, batch, heads
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
     torch.manual_seed(7)
     q = torch.randn(batch, n, heads, dim, device=DEV, dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, n, kv_heads, dim, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    k, v = (
+        torch.randn(batch, n, kv_heads, dim, device=DEV, dtype=torch.bfloat16) for _ in range(2)
+    )
     grad_out = torch.randn(batch, n, heads, dim, device=DEV)
     sel = kernel_select(q, k, cfg)
     with kernels.disabled():
-        exact = _layer_with_grads(lambda a, b, c: attend_selected(a, b, c, sel, cfg), q.double(), k.double(), v.double(), grad_out)
-        ref_bf16 = _layer_with_grads(lambda a, b, c: attend_selected(a, b, c, sel, cfg), q, k, v, grad_out)
+        exact = _layer_with_grads(
+            lambda a, b, c: attend_selected(a, b, c, sel, cfg),
+            q.double(),
+            k.double(),
+            v.double(),
+            grad_out,
+        )
+        ref_bf16 = _layer_with_grads(
+            lambda a, b, c: attend_selected(a, b, c, sel, cfg), q, k, v, grad_out
+        )
     got = _layer_with_grads(lambda a, b, c: kernel_lighthouse(a, b, c, cfg), q, k, v, grad_out)
     for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, ref_bf16, exact):
         err, ref_err = rel_err(g, e), rel_err(r, e)
@@ -215,13 +264,17 @@ def test_dispatch_routes_cuda_to_kernels_and_cpu_to_reference(monkeypatch):
     assert not kernels.available(q.double()) and not kernels.available(q.cpu())
     with kernels.disabled():
         assert not kernels.available(q)
-    import lh_cp.compress
+    import lh_cp.ops.compress
     from lh_cp import lighthouse_attention
 
     taken = []
     for twin in ("compress_kernels", "compress_reference"):
-        original = getattr(lh_cp.compress, twin)
-        monkeypatch.setattr(lh_cp.compress, twin, lambda *a, _f=original, _n=twin, **kw: taken.append(_n) or _f(*a, **kw))
+        original = getattr(lh_cp.ops.compress, twin)
+        monkeypatch.setattr(
+            lh_cp.ops.compress,
+            twin,
+            lambda *a, _f=original, _n=twin, **kw: taken.append(_n) or _f(*a, **kw),
+        )
     out = lighthouse_attention(q, q, q, cfg)
     with kernels.disabled():
         ref = lighthouse_attention(q, q, q, cfg)
@@ -257,7 +310,11 @@ def test_four_million_tokens_past_int32_offsets():
     for lvl in range(1, 5):
         span = 4 ** (lvl - 1)
         pos = plan.slot_map[0, :, offsets[lvl - 1] + (tail + 1) // span - 1].long()  # [H, 300]
-        got = torch.where((pos >= 0).unsqueeze(-1), entries[0].gather(1, pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)).float(), 0.0)
+        got = torch.where(
+            (pos >= 0).unsqueeze(-1),
+            entries[0].gather(1, pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)).float(),
+            0.0,
+        )
         ref_tail += got.transpose(0, 1)
     torch.testing.assert_close(out[0, -300:].float(), ref_tail, rtol=1e-2, atol=1e-2)
 
@@ -280,17 +337,24 @@ def test_deterministic_mode_gives_identical_bits():
     grad_out = torch.randn(1, 16384, 4, 64, device=DEV, dtype=torch.bfloat16)
     torch.use_deterministic_algorithms(True)
     try:
-        first = _layer_with_grads(lambda a, b, c: kernel_lighthouse(a, b, c, cfg), q, k, v, grad_out)
-        second = _layer_with_grads(lambda a, b, c: kernel_lighthouse(a, b, c, cfg), q, k, v, grad_out)
+        first = _layer_with_grads(
+            lambda a, b, c: kernel_lighthouse(a, b, c, cfg), q, k, v, grad_out
+        )
+        second = _layer_with_grads(
+            lambda a, b, c: kernel_lighthouse(a, b, c, cfg), q, k, v, grad_out
+        )
     finally:
         torch.use_deterministic_algorithms(False)
     for x, y in zip(first, second):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("tensor, value", [("q", float("nan")), ("k", float("inf")), ("v", float("nan")), ("v", float("inf"))])
+@pytest.mark.parametrize(
+    "tensor, value",
+    [("q", float("nan")), ("k", float("inf")), ("v", float("nan")), ("v", float("inf"))],
+)
 def test_kernel_path_refuses_non_finite_inputs(tensor, value):
-    """The kernel selection's one host sync refuses NaN or inf in q, k and v (lh_cp.select.check_finite)."""
+    """The kernel selection's one host sync refuses NaN or inf in q, k and v (lh_cp.ops.select.check_finite)."""
     cfg = LighthouseConfig(pool=4, levels=3, topk=16, tile_budget=4)
     q = torch.randn(1, 1024, 4, 64, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1024, 2, 64, device=DEV, dtype=torch.bfloat16) for _ in range(2))

@@ -11,13 +11,14 @@ import sys
 import pytest
 import torch
 
-from lh_cp import LighthouseConfig, kernels, select
-from lh_cp.compress import compress_reference
-from lh_cp.kernels.launch import MAX_GRID_X, check_grid
-from lh_cp.kernels.plan import Plan, level_block_offsets, level_block_sizes
-from lh_cp.kernels.rows_reference import expand_rows_reference, pool_rows_reference
-from lh_cp.pyramid import gather_entries, level_offsets
-from lh_cp.scatter import scatter_entries
+from lh_cp import LighthouseConfig, select
+from lh_cp.ops import kernels
+from lh_cp.ops.compress import compress_reference
+from lh_cp.ops.kernels.launch import MAX_GRID_X, check_grid
+from lh_cp.ops.kernels.rows_reference import expand_rows_reference, pool_rows_reference
+from lh_cp.ops.kernels.slot_plan import Plan, level_block_offsets, level_block_sizes
+from lh_cp.ops.pyramid import gather_entries, level_offsets
+from lh_cp.ops.scatter import scatter_entries
 
 CONFIGS = [
     # (pool, levels, topk, tile_budget, N, H, Hkv)
@@ -37,22 +38,39 @@ def _check_twins_against_reference(q, k, cfg, atol):
     plan = Plan.from_selection(sel, n, cfg)
     slots = sel.slots(n, cfg)
     for x, g in ((q, 1), (k, group)):
-        torch.testing.assert_close(pool_rows_reference(x, plan, cfg, 0, True, g), gather_entries(x, slots, cfg), rtol=0, atol=atol)
-        entries = torch.randn(x.shape[0], q.shape[2], sel.start.shape[-1], x.shape[-1], dtype=x.dtype)
+        torch.testing.assert_close(
+            pool_rows_reference(x, plan, cfg, 0, True, g),
+            gather_entries(x, slots, cfg),
+            rtol=0,
+            atol=atol,
+        )
+        entries = torch.randn(
+            x.shape[0], q.shape[2], sel.start.shape[-1], x.shape[-1], dtype=x.dtype
+        )
         leaf = x.detach().clone().requires_grad_()
         gather_entries(leaf, slots, cfg).backward(entries)
-        torch.testing.assert_close(expand_rows_reference(entries, plan, cfg, 0, True, g), leaf.grad, rtol=0, atol=atol)
-    entries = torch.randn(q.shape[0], q.shape[2], sel.start.shape[-1], q.shape[-1], dtype=q.dtype, requires_grad=True)
+        torch.testing.assert_close(
+            expand_rows_reference(entries, plan, cfg, 0, True, g), leaf.grad, rtol=0, atol=atol
+        )
+    entries = torch.randn(
+        q.shape[0], q.shape[2], sel.start.shape[-1], q.shape[-1], dtype=q.dtype, requires_grad=True
+    )
     out = scatter_entries(entries, sel, n, cfg)
-    torch.testing.assert_close(expand_rows_reference(entries.detach(), plan, cfg, 1, False), out, rtol=0, atol=atol)
+    torch.testing.assert_close(
+        expand_rows_reference(entries.detach(), plan, cfg, 1, False), out, rtol=0, atol=atol
+    )
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    torch.testing.assert_close(pool_rows_reference(grad_out, plan, cfg, 1, False), entries.grad, rtol=0, atol=atol)
+    torch.testing.assert_close(
+        pool_rows_reference(grad_out, plan, cfg, 1, False), entries.grad, rtol=0, atol=atol
+    )
     return plan, sel
 
 
 @pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads", CONFIGS)
-def test_plan_twins_equal_reference_gather_and_scatter(pool, levels, topk, budget, n, heads, kv_heads):
+def test_plan_twins_equal_reference_gather_and_scatter(
+    pool, levels, topk, budget, n, heads, kv_heads
+):
     cfg = LighthouseConfig(pool=pool, levels=levels, topk=topk, tile_budget=budget)
     torch.manual_seed(n)
     q = torch.randn(2, n, heads, 8, dtype=torch.float64)
@@ -63,14 +81,21 @@ def test_plan_twins_equal_reference_gather_and_scatter(pool, levels, topk, budge
     blocks = level_block_offsets(n, cfg)
     assert blocks[-1] == sel.start.shape[-1] == cfg.selected_length(n)
     for level in range(1, levels + 1):
-        got = sel.level.gather(-1, plan.level_position[..., blocks[level - 1] : blocks[level]].long())
+        got = sel.level.gather(
+            -1, plan.level_position[..., blocks[level - 1] : blocks[level]].long()
+        )
         assert (got == level).all() and blocks[level] - blocks[level - 1] == sizes[level - 1]
-    assert torch.equal(plan.level_position.long().sort(dim=-1).values, torch.arange(blocks[-1]).expand_as(sel.start))
+    assert torch.equal(
+        plan.level_position.long().sort(dim=-1).values,
+        torch.arange(blocks[-1]).expand_as(sel.start),
+    )
     assert int((plan.slot_map >= 0).sum()) == plan.level_position.numel()
 
 
 @pytest.mark.parametrize("pool,levels,topk,budget,n,heads,kv_heads", CONFIGS)
-def test_twins_scatter_onto_spill_rows_like_the_reference(pool, levels, topk, budget, n, heads, kv_heads):
+def test_twins_scatter_onto_spill_rows_like_the_reference(
+    pool, levels, topk, budget, n, heads, kv_heads
+):
     """A CP chunk scatters past its N rows (its spill into the next chunk): the twins with
     rows > N, and with the spill rows apart (first_row, tail), equal scatter_entries onto
     N + c_L positions, forward and backward (float64)."""
@@ -83,19 +108,32 @@ def test_twins_scatter_onto_spill_rows_like_the_reference(pool, levels, topk, bu
     rows = n + cfg.coarsest_span
     entries = torch.randn(2, heads, sel.start.shape[-1], 8, dtype=torch.float64, requires_grad=True)
     out = scatter_entries(entries, sel, rows, cfg)  # [2, N + c_L, H, D]
-    torch.testing.assert_close(expand_rows_reference(entries.detach(), plan, cfg, 1, False, rows=rows), out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        expand_rows_reference(entries.detach(), plan, cfg, 1, False, rows=rows),
+        out,
+        rtol=0,
+        atol=1e-12,
+    )
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    torch.testing.assert_close(pool_rows_reference(grad_out, plan, cfg, 1, False), entries.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        pool_rows_reference(grad_out, plan, cfg, 1, False), entries.grad, rtol=0, atol=1e-12
+    )
     # The split form the CP paths use: the spill rows written apart, pooled back as a tail.
     spill = cfg.coarsest_span - 1  # 0 with one level: nothing spills
     assert not out[:, n + spill :].any(), "rows past the spill receive nothing"
     if spill > 0:
-        spilled = expand_rows_reference(entries.detach(), plan, cfg, 1, False, rows=spill, first_row=n)
+        spilled = expand_rows_reference(
+            entries.detach(), plan, cfg, 1, False, rows=spill, first_row=n
+        )
         torch.testing.assert_close(spilled, out[:, n : n + spill], rtol=0, atol=1e-12)
     tail = grad_out[:, n : n + spill]
-    torch.testing.assert_close(pool_rows_reference(grad_out[:, :n], plan, cfg, 1, False, tail=tail), entries.grad,
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        pool_rows_reference(grad_out[:, :n], plan, cfg, 1, False, tail=tail),
+        entries.grad,
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_row_windows_and_spills_out_of_range_are_refused():
@@ -148,8 +186,10 @@ def test_launch_grids_fit_up_to_4m_tokens_and_beyond():
 def test_importing_lh_cp_never_imports_triton():
     """Neither triton nor torch._dynamo (which imports triton where it is installed, as with the
     CUDA torch wheels) loads on import; the kernels load them when a CUDA tensor first needs them."""
-    code = ("import sys, lh_cp, lh_cp.kernels, lh_cp.attention, lh_cp.model, lh_cp.parallel; "
-            "loaded = [m for m in ('triton', 'torch._dynamo') if m in sys.modules]; assert not loaded, loaded")
+    code = (
+        "import sys, lh_cp, lh_cp.ops.kernels, lh_cp.ops.attention, lh_cp.model.transformer, lh_cp.parallel; "
+        "loaded = [m for m in ('triton', 'torch._dynamo') if m in sys.modules]; assert not loaded, loaded"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

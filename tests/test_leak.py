@@ -1,4 +1,4 @@
-"""The leak metric (lh_cp/leak.py): exactly zero in dense mode, nonzero where the selection
+"""The leak metric (lh_cp/train/leak.py): exactly zero in dense mode, nonzero where the selection
 provably reads the future, and its probe rows built as documented.
 
 Exact equality (==) in dense mode: the clean and the perturbed forwards have the same shapes,
@@ -12,25 +12,35 @@ import numpy as np
 import pytest
 import torch
 
-from lh_cp.config import LighthouseConfig
-from lh_cp.leak import IGNORE_INDEX, NEAR_OFFSETS, LeakProbe, make_probe
-from lh_cp.model import Transformer
-from lh_cp.recipe import recipe_from_dict
-from lh_cp.runtime import start, stop
-from lh_cp.steps import probe_leak
+from lh_cp.model.transformer import Transformer
+from lh_cp.ops.config import LighthouseConfig
+from lh_cp.train.leak import IGNORE_INDEX, NEAR_OFFSETS, LeakProbe, make_probe
+from lh_cp.train.recipe import recipe_from_dict
+from lh_cp.train.runtime import start, stop
+from lh_cp.train.steps import probe_leak
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _recipe(dim: int, layers: int, heads: int, lighthouse: dict, dense_layers: list[int], seq_len: int):
-    return recipe_from_dict({
-        "run": {"device": "cpu"},
-        "model": {"vocab_size": 258, "dim": dim, "n_layers": layers, "n_heads": heads, "n_kv_heads": heads,
-                  "ffn_dim": 2 * dim},
-        "lighthouse": {**lighthouse, "dense_layers": dense_layers},
-        "data": {"seq_len": seq_len, "batch_size": 3},
-        "stages": [{"name": "lh", "attention": "lighthouse", "steps": 1}],
-    })
+def _recipe(
+    dim: int, layers: int, heads: int, lighthouse: dict, dense_layers: list[int], seq_len: int
+):
+    return recipe_from_dict(
+        {
+            "run": {"device": "cpu"},
+            "model": {
+                "vocab_size": 258,
+                "dim": dim,
+                "n_layers": layers,
+                "n_heads": heads,
+                "n_kv_heads": heads,
+                "ffn_dim": 2 * dim,
+            },
+            "lighthouse": {**lighthouse, "dense_layers": dense_layers},
+            "data": {"seq_len": seq_len, "batch_size": 3},
+            "stages": [{"name": "lh", "attention": "lighthouse", "steps": 1}],
+        }
+    )
 
 
 @pytest.fixture
@@ -63,11 +73,15 @@ def test_probe_rows_change_only_what_the_variant_names():
         changed, same_targets = probe.batch(variant)
         assert (same_targets == targets).all()  # targets unchanged
         diff = (changed != clean).nonzero().tolist()
-        assert sorted(diff) == sorted([r, int(probe.positions[r]) + o] for r in range(5) for o in offsets)
+        assert sorted(diff) == sorted(
+            [r, int(probe.positions[r]) + o] for r in range(5) for o in offsets
+        )
 
 
 def test_leak_is_exactly_zero_in_dense_mode(runtime):
-    recipe = _recipe(32, 3, 2, {"pool": 2, "levels": 3, "topk": 16, "tile_budget": 4}, [0], seq_len=128)
+    recipe = _recipe(
+        32, 3, 2, {"pool": 2, "levels": 3, "topk": 16, "tile_budget": 4}, [0], seq_len=128
+    )
     rt = runtime(recipe)
     torch.manual_seed(0)
     model = _model(recipe)
@@ -86,7 +100,9 @@ def test_leak_is_nonzero_where_the_selection_reads_the_future(runtime):
     (docs/LIGHTHOUSE.md s.4, s.6); with X replaced, [0, 2) and [2, 4) are refined and [6, 8)
     stays a leaf delivering to 7 and 8 only. The output at t = 6 therefore changes with the
     input at t + 1, and so does the loss at 6."""
-    recipe = _recipe(16, 1, 1, {"pool": 2, "levels": 2, "topk": 2, "tile_budget": 2}, [], seq_len=16)
+    recipe = _recipe(
+        16, 1, 1, {"pool": 2, "levels": 2, "topk": 2, "tile_budget": 2}, [], seq_len=16
+    )
     rt = runtime(recipe)
     torch.manual_seed(0)
     model = _model(recipe)
@@ -104,13 +120,41 @@ def test_leak_is_nonzero_where_the_selection_reads_the_future(runtime):
     # Y's span wins the query score without X; Z's the key score among the rest.
     with torch.no_grad():
         attention.wk.weight[:, 1] = 1.0
-    tokens = torch.tensor([y_token, y_token, z_token, z_token, 10, 11, 12, x_token, 14, 15, 16, 17, 18, 19, 20, 21, 22])
-    probe = LeakProbe(tokens[None, :-1], tokens[None, 1:], torch.tensor([6]), torch.tensor([13]),
-                      torch.tensor([[30, 31, 32]]))
+    tokens = torch.tensor(
+        [
+            y_token,
+            y_token,
+            z_token,
+            z_token,
+            10,
+            11,
+            12,
+            x_token,
+            14,
+            15,
+            16,
+            17,
+            18,
+            19,
+            20,
+            21,
+            22,
+        ]
+    )
+    probe = LeakProbe(
+        tokens[None, :-1],
+        tokens[None, 1:],
+        torch.tensor([6]),
+        torch.tensor([13]),
+        torch.tensor([[30, 31, 32]]),
+    )
     lighthouse = probe_leak(model, rt, recipe, probe)
     assert abs(lighthouse["val/leak_next_token_nats"]) > 1e-4, lighthouse
     model.set_attention("dense")
-    assert probe_leak(model, rt, recipe, probe) == {"val/leak_next_token_nats": 0.0, "val/leak_near_future_nats": 0.0}
+    assert probe_leak(model, rt, recipe, probe) == {
+        "val/leak_next_token_nats": 0.0,
+        "val/leak_near_future_nats": 0.0,
+    }
 
 
 def test_selection_of_the_crafted_input_is_what_the_docstring_says():
@@ -140,8 +184,15 @@ def test_leak_is_exactly_zero_with_the_causal_selection_in_lighthouse_mode(runti
     model = _model(recipe)
     stream = np.random.default_rng(1).integers(0, 256, size=6 * 128 + 1).astype(np.uint16)
     probe = make_probe(stream, 128, 7, seed=2)
-    assert probe_leak(model, rt, recipe, probe) == {"val/leak_next_token_nats": 0.0, "val/leak_near_future_nats": 0.0}
+    assert probe_leak(model, rt, recipe, probe) == {
+        "val/leak_next_token_nats": 0.0,
+        "val/leak_near_future_nats": 0.0,
+    }
     # The same model with the paper's selection does leak on these rows.
-    model.layers[1].attention.lighthouse = LighthouseConfig(pool=2, levels=3, topk=16, tile_budget=4)
-    model.layers[2].attention.lighthouse = LighthouseConfig(pool=2, levels=3, topk=16, tile_budget=4)
+    model.layers[1].attention.lighthouse = LighthouseConfig(
+        pool=2, levels=3, topk=16, tile_budget=4
+    )
+    model.layers[2].attention.lighthouse = LighthouseConfig(
+        pool=2, levels=3, topk=16, tile_budget=4
+    )
     assert probe_leak(model, rt, recipe, probe)["val/leak_next_token_nats"] != 0.0

@@ -1,5 +1,5 @@
 """A 64K-token single-head Lighthouse forward+backward on CPU, in a fresh process so that its
-peak resident memory (lh_cp.metrics.cpu_peak_rss_bytes, the trainer's CPU memory figure) is
+peak resident memory (lh_cp.train.metrics.cpu_peak_rss_bytes, the trainer's CPU memory figure) is
 its own."""
 
 import json
@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, time, torch
     from lh_cp import LighthouseConfig, lighthouse_attention
-    from lh_cp.metrics import cpu_peak_rss_bytes
+    from lh_cp.train.metrics import cpu_peak_rss_bytes
     torch.manual_seed(0)
     n, dim = 65536, 64
     cfg = LighthouseConfig(pool=4, levels=3, topk=1024, tile_budget=64)
@@ -32,7 +32,9 @@ def test_64k_tokens_single_head_on_cpu():
     itself raises the peak by under 1 GiB (inputs are 3 x 16 MiB; the float32 pyramids and SDPA on S = 12288
     entries dominate). Seen on the 2-core machine: peak 517 MiB of which 246 MiB the call (torch
     2.13.0 CPU), 811 and 253 MiB (torch 2.14.1, a CUDA build, whose libraries load on import)."""
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     print(stats)

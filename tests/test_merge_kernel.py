@@ -1,6 +1,6 @@
 """The log-sum-exp merge of the CP exchanges (parallel/headtail/blocks.py).
 
-- Its one-pass Triton kernel (lh_cp/kernels/merge.py) equals the reference twin, on CPU through
+- Its one-pass Triton kernel (lh_cp/ops/kernels/merge.py) equals the reference twin, on CPU through
   Triton's interpreter (tests/merge_twins.py, tolerances in its docstring; TRITON_INTERPRET
   must be set before Triton compiles anything, hence a fresh interpreter).
   tests/test_cp_kernels_gpu.py runs the same check compiled.
@@ -20,9 +20,13 @@ from merge_twins import accumulated_rows, full_rows
 from triton_interpreter import run_under_triton_interpreter
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter)"
+)
 def test_merge_kernel_equals_reference_under_triton_interpreter():
-    run_under_triton_interpreter(Path(__file__).with_name("merge_twins.py"), "merge twins agree", timeout=300)
+    run_under_triton_interpreter(
+        Path(__file__).with_name("merge_twins.py"), "merge twins agree", timeout=300
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -47,5 +51,7 @@ def test_a_block_beyond_the_listed_ones_is_refused():
 
     q = torch.randn(1, 2, 4, 8)
     acc = Accumulated(*own_block_forward(q, q, q), (1, 2), [])
-    with pytest.raises(ValueError, match=r"key block \(0,\) reaches query chunk 1 after its last listed block"):
+    with pytest.raises(
+        ValueError, match=r"key block \(0,\) reaches query chunk 1 after its last listed block"
+    ):
         acc.add_remote(q, torch.stack([q[:, :, :2], q[:, :, :2]]), (0,), 2)

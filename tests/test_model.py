@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lh_cp.config import LighthouseConfig
-from lh_cp.model import ModelConfig, Transformer, count_parameters
+from lh_cp.model.transformer import ModelConfig, Transformer, count_parameters
+from lh_cp.ops.config import LighthouseConfig
 
-CFG = ModelConfig(vocab_size=258, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=96, loss_chunk_tokens=48)
+CFG = ModelConfig(
+    vocab_size=258, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=96, loss_chunk_tokens=48
+)
 LH = LighthouseConfig(pool=2, levels=2, topk=16, tile_budget=4)  # T = 32 at N = 128
 
 
@@ -29,8 +31,17 @@ def _tokens(n: int = 128, batch: int = 2) -> torch.Tensor:
 def test_default_dense_layers_are_the_first_two_and_last_two():
     model = _model()
     assert isinstance(model.layers, torch.nn.ModuleList)
-    assert model.attention_modes() == ["dense", "dense", "lighthouse", "lighthouse", "dense", "dense"]
-    assert _model(dense_layers=(1,)).attention_modes() == ["lighthouse", "dense"] + ["lighthouse"] * 4
+    assert model.attention_modes() == [
+        "dense",
+        "dense",
+        "lighthouse",
+        "lighthouse",
+        "dense",
+        "dense",
+    ]
+    assert (
+        _model(dense_layers=(1,)).attention_modes() == ["lighthouse", "dense"] + ["lighthouse"] * 4
+    )
 
 
 def test_switch_to_dense_changes_no_weight_but_changes_the_output():
@@ -55,7 +66,9 @@ def test_one_level_lighthouse_model_is_the_dense_model():
     """levels=1 makes every token a leaf: Lighthouse layers compute dense causal attention."""
     tokens, positions = _tokens(), torch.arange(128)
     one_level = _model(lighthouse=LighthouseConfig(pool=2, levels=1, topk=16, tile_budget=4))
-    assert torch.allclose(one_level(tokens, positions), _model(lighthouse=None)(tokens, positions), atol=1e-10)
+    assert torch.allclose(
+        one_level(tokens, positions), _model(lighthouse=None)(tokens, positions), atol=1e-10
+    )
 
 
 def test_rope_depends_only_on_relative_positions():
@@ -91,7 +104,9 @@ def test_chunked_loss_and_argmax_match_full_logits():
     positions = torch.arange(128)
     logits = model(tokens, positions)
     loss_sum, count = model(tokens, positions, targets)
-    reference = F.cross_entropy(logits.reshape(-1, 258), targets.reshape(-1), reduction="sum", ignore_index=-100)
+    reference = F.cross_entropy(
+        logits.reshape(-1, 258), targets.reshape(-1), reduction="sum", ignore_index=-100
+    )
     assert count == 2 * 128 - 5 and torch.allclose(loss_sum.double(), reference)
     assert torch.equal(model(tokens, positions, predict=True), logits.argmax(-1))
     loss_sum.backward()
@@ -99,7 +114,9 @@ def test_chunked_loss_and_argmax_match_full_logits():
 
 
 def test_gqa_tied_embeddings_and_parameter_count():
-    tied = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96, tie_embeddings=True)
+    tied = ModelConfig(
+        vocab_size=300, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96, tie_embeddings=True
+    )
     model = Transformer(tied)
     assert model.output is None and model.output_weight is model.tok_embeddings.weight
     assert model.layers[0].attention.wk.weight.shape == (2 * 8, 64)

@@ -22,22 +22,53 @@ def test_plain_install_imports_lh_cp_parallel(tmp_path):
     nothing called plain `parallel` lands beside it."""
     target = tmp_path / "site"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(REPO)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     assert (target / "lh_cp" / "parallel" / "__init__.py").is_file()
     assert not (target / "parallel").exists()
     check = subprocess.run(
         [sys.executable, "-c", "import lh_cp.parallel, lh_cp; print(lh_cp.parallel.__file__)"],
-        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
     )
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip().startswith(str(target))
 
 
 def test_cli_demo_prints_selected_length_speed_and_error(capsys):
-    code = main(["demo", "--n", "2048", "--heads", "2", "--dim", "16", "--topk", "32", "--tile-budget", "8", "--repeats", "1"])
+    code = main(
+        [
+            "demo",
+            "--n",
+            "2048",
+            "--heads",
+            "2",
+            "--dim",
+            "16",
+            "--topk",
+            "32",
+            "--tile-budget",
+            "8",
+            "--repeats",
+            "1",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "selected length S = 384 " in text  # 2048/16 + 2*4*32

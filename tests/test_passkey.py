@@ -7,9 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lh_cp.model import ModelConfig, Transformer
-from lh_cp.passkey import NEEDLE, SUFFIX, PasskeyConfig, make_prompt, passkey_accuracy, random_keys
-from lh_cp.tokenizer import ByteTokenizer
+from lh_cp.data.passkey import (
+    NEEDLE,
+    SUFFIX,
+    PasskeyConfig,
+    make_prompt,
+    passkey_accuracy,
+    random_keys,
+)
+from lh_cp.data.tokenizer import ByteTokenizer
+from lh_cp.model.transformer import ModelConfig, Transformer
 
 TOK = ByteTokenizer()
 

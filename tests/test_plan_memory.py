@@ -15,25 +15,44 @@ from pathlib import Path
 
 import pytest
 
-from lh_cp.plan import memory_estimate_gib
-from lh_cp.recipe import load_recipe
+from lh_cp.train.plan import memory_estimate_gib
+from lh_cp.train.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TOLERANCE = 0.10
 
 # The fit probe's overrides (benchmarks/train_h100.py, fit_probe).
-FIT_SETS = ["stages.0.steps=1", "schedule.warmup_steps=0", "data.validation_fraction=0.1", "eval.val_batches=1"]
+FIT_SETS = [
+    "stages.0.steps=1",
+    "schedule.warmup_steps=0",
+    "data.validation_fraction=0.1",
+    "eval.val_batches=1",
+]
 # The overrides of the CP runs' commands (README, "On GPUs over NCCL").
 CP_270M = ["parallel.cp=2", "data.validation_fraction=0.1", "eval.val_batches=1"]
 # recipes/1m.toml as it was when measured: 16 layers, 16/8 heads of 64, FFN 4416 (530.1M
 # parameters; the recipe has since moved to the paper's 30-layer shape).
-MEASURED_530M_MODEL = ["model.n_layers=16", "model.n_heads=16", "model.n_kv_heads=8", "model.ffn_dim=4416",
-                       "lighthouse.dense_layers=[0, 1, -2, -1]"]
+MEASURED_530M_MODEL = [
+    "model.n_layers=16",
+    "model.n_heads=16",
+    "model.n_kv_heads=8",
+    "model.ffn_dim=4416",
+    "lighthouse.dense_layers=[0, 1, -2, -1]",
+]
 CP_530M = MEASURED_530M_MODEL + [
-    "parallel.cp=2", "parallel.dp_shard=1", "data.source='stdlib'", "data.tokenizer='bytes'", "data.path=''",
-    "data.eod_token=''", "data.cache_dir=''", "data.validation_fraction=0.1", "eval.val_batches=1",
-    "eval.passkey.enabled=false", "checkpoint.interval=0", "schedule.warmup_steps=1",
+    "parallel.cp=2",
+    "parallel.dp_shard=1",
+    "data.source='stdlib'",
+    "data.tokenizer='bytes'",
+    "data.path=''",
+    "data.eod_token=''",
+    "data.cache_dir=''",
+    "data.validation_fraction=0.1",
+    "eval.val_batches=1",
+    "eval.passkey.enabled=false",
+    "checkpoint.interval=0",
+    "schedule.warmup_steps=1",
     "stages=[{name='lighthouse', attention='lighthouse', steps=3}]",
 ]
 
@@ -41,9 +60,13 @@ CP_530M = MEASURED_530M_MODEL + [
 def single_gpu_cases() -> list[tuple[str, list[str], float]]:
     rows = json.loads((RESULTS / "train_h100_fit.json").read_text())["fit_probe"]
     return [
-        (f"270M {r['attention']} {r['N']} on 1 GPU", ["data.seq_len=" + str(r["N"]),
-         f"stages.0.attention='{r['attention']}'"] + FIT_SETS, r["peak_memory_gib"])
-        for r in rows if r["fits"]
+        (
+            f"270M {r['attention']} {r['N']} on 1 GPU",
+            ["data.seq_len=" + str(r["N"]), f"stages.0.attention='{r['attention']}'"] + FIT_SETS,
+            r["peak_memory_gib"],
+        )
+        for r in rows
+        if r["fits"]
     ]
 
 
@@ -53,26 +76,42 @@ def peak_of_run(name: str) -> float:
 
 
 CP_CASES = [
-    ("recipes/h100_270m.toml", CP_270M + ["data.seq_len=1048576", "stages.0.steps=3"], "train_1m_cp2_h200x2.jsonl"),
-    ("recipes/h100_270m.toml", CP_270M + ["data.seq_len=262144", "stages.0.steps=4", "stages.0.attention='lighthouse'"],
-     "train_cp2_256k_h200x2_lighthouse.jsonl"),
-    ("recipes/h100_270m.toml", CP_270M + ["data.seq_len=262144", "stages.0.steps=4", "stages.0.attention='dense'"],
-     "train_cp2_256k_h200x2_dense.jsonl"),
+    (
+        "recipes/h100_270m.toml",
+        CP_270M + ["data.seq_len=1048576", "stages.0.steps=3"],
+        "train_1m_cp2_h200x2.jsonl",
+    ),
+    (
+        "recipes/h100_270m.toml",
+        CP_270M + ["data.seq_len=262144", "stages.0.steps=4", "stages.0.attention='lighthouse'"],
+        "train_cp2_256k_h200x2_lighthouse.jsonl",
+    ),
+    (
+        "recipes/h100_270m.toml",
+        CP_270M + ["data.seq_len=262144", "stages.0.steps=4", "stages.0.attention='dense'"],
+        "train_cp2_256k_h200x2_dense.jsonl",
+    ),
     ("recipes/1m.toml", CP_530M, "train_530m_1m_cp2_h200x2.jsonl"),
 ]
 
 
-@pytest.mark.parametrize("label, sets, measured", single_gpu_cases(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "label, sets, measured", single_gpu_cases(), ids=lambda x: x if isinstance(x, str) else ""
+)
 def test_single_gpu_estimate_within_tolerance(label, sets, measured):
     estimate = memory_estimate_gib(load_recipe(REPO / "recipes/h100_270m.toml", sets))
-    assert abs(estimate - measured) <= TOLERANCE * measured, f"{label}: estimate {estimate:.1f} GiB, measured {measured:.1f}"
+    assert abs(estimate - measured) <= TOLERANCE * measured, (
+        f"{label}: estimate {estimate:.1f} GiB, measured {measured:.1f}"
+    )
 
 
 @pytest.mark.parametrize("recipe, sets, result", CP_CASES, ids=[case[2] for case in CP_CASES])
 def test_cp_estimate_within_tolerance(recipe, sets, result):
     measured = peak_of_run(result)
     estimate = memory_estimate_gib(load_recipe(REPO / recipe, sets))
-    assert abs(estimate - measured) <= TOLERANCE * measured, f"{result}: estimate {estimate:.1f} GiB, measured {measured:.1f}"
+    assert abs(estimate - measured) <= TOLERANCE * measured, (
+        f"{result}: estimate {estimate:.1f} GiB, measured {measured:.1f}"
+    )
 
 
 def test_single_gpu_cases_exist():

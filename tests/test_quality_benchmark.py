@@ -17,10 +17,18 @@ import quality  # noqa: E402
 
 def test_crossing_step_is_where_the_arm_goes_below_for_good():
     baseline = {100: 2.0, 200: 1.8, 300: 1.6, 400: 1.5}
-    assert quality.crossing_step({100: 2.5, 200: 1.7, 300: 1.65, 400: 1.4}, baseline, after=100) == 400
-    assert quality.crossing_step({100: 2.5, 200: 1.7, 300: 1.5, 400: 1.4}, baseline, after=100) == 200
-    assert quality.crossing_step({100: 2.5, 200: 1.7, 300: 1.5, 400: 1.6}, baseline, after=100) is None
-    assert quality.crossing_step({100: 1.0, 200: 1.9}, baseline, after=100) is None  # only steps after the switch
+    assert (
+        quality.crossing_step({100: 2.5, 200: 1.7, 300: 1.65, 400: 1.4}, baseline, after=100) == 400
+    )
+    assert (
+        quality.crossing_step({100: 2.5, 200: 1.7, 300: 1.5, 400: 1.4}, baseline, after=100) == 200
+    )
+    assert (
+        quality.crossing_step({100: 2.5, 200: 1.7, 300: 1.5, 400: 1.6}, baseline, after=100) is None
+    )
+    assert (
+        quality.crossing_step({100: 1.0, 200: 1.9}, baseline, after=100) is None
+    )  # only steps after the switch
 
 
 def test_loss_jump_compares_the_steps_on_each_side_of_the_switch():
@@ -32,11 +40,22 @@ def test_loss_jump_compares_the_steps_on_each_side_of_the_switch():
 
 def test_paired_differences_pair_by_seed():
     def arm(baseline, finals, lighthouse_steps=0):
-        per_seed = {str(s): {"final_dense_val_loss": v, "val_loss_dense": [[100, v]]} for s, v in finals.items()}
-        return {"baseline": baseline, "seeds": sorted(finals), "lighthouse_steps": lighthouse_steps,
-                "final_dense_val_loss_mean": sum(finals.values()) / len(finals), "per_seed": per_seed}
+        per_seed = {
+            str(s): {"final_dense_val_loss": v, "val_loss_dense": [[100, v]]}
+            for s, v in finals.items()
+        }
+        return {
+            "baseline": baseline,
+            "seeds": sorted(finals),
+            "lighthouse_steps": lighthouse_steps,
+            "final_dense_val_loss_mean": sum(finals.values()) / len(finals),
+            "per_seed": per_seed,
+        }
 
-    arms = {"dense": arm("dense", {0: 1.5, 1: 1.7}), "lh": arm("dense", {0: 1.4, 1: 1.8, 2: 9.0}, lighthouse_steps=50)}
+    arms = {
+        "dense": arm("dense", {0: 1.5, 1: 1.7}),
+        "lh": arm("dense", {0: 1.4, 1: 1.8, 2: 9.0}, lighthouse_steps=50),
+    }
     quality.derive_comparisons(arms)
     assert arms["lh"]["paired_minus_baseline"] == pytest.approx({"0": -0.1, "1": 0.1})
     assert arms["lh"]["paired_minus_baseline_mean"] == pytest.approx(0.0)
@@ -45,7 +64,10 @@ def test_paired_differences_pair_by_seed():
 
 def test_committed_result_has_the_layout_its_readers_expect():
     result = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
-    assert result["arms"][result["dense_arm"]]["seeds"] == result["arms"][result["paper_split_arm"]]["seeds"]
+    assert (
+        result["arms"][result["dense_arm"]]["seeds"]
+        == result["arms"][result["paper_split_arm"]]["seeds"]
+    )
     for name, arm in result["arms"].items():
         assert len(arm["final_dense_val_loss"]) >= 3, name
         assert all(isinstance(v, float) for v in arm["final_dense_val_loss"])

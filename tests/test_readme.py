@@ -19,5 +19,9 @@ def test_readme_opens_with_main_job_and_test_commands():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci_lines = [
+        line
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert ci_lines == [readme_commands()[1].strip()]

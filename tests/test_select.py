@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 import torch
+from naive_lighthouse import naive_select_head
 
 from lh_cp import LighthouseConfig, select
-from lh_cp.scatter import scatter_entries
-from naive_lighthouse import naive_select_head
+from lh_cp.ops.scatter import scatter_entries
 
 
 def worked_example_inputs():
@@ -42,8 +42,15 @@ def test_worked_example_entry_for_entry():
     sel = select(q, k, cfg)
     assert cfg.tile_size(16) == 16
     assert sel.start.shape == (1, 1, 12) and sel.start.dtype == torch.int64
-    got = list(zip(sel.start[0, 0].tolist(), sel.end[0, 0].tolist(), sel.internal[0, 0].tolist(),
-                   sel.level[0, 0].tolist(), sel.key[0, 0].tolist()))
+    got = list(
+        zip(
+            sel.start[0, 0].tolist(),
+            sel.end[0, 0].tolist(),
+            sel.internal[0, 0].tolist(),
+            sel.level[0, 0].tolist(),
+            sel.key[0, 0].tolist(),
+        )
+    )
     assert got == [row[:5] for row in WORKED_EXAMPLE]
 
     # Deliveries: give entry j the one-hot output e_j; position t then holds which entries reach it.
@@ -79,13 +86,22 @@ def test_selection_matches_naive_twin(pool, levels, topk, budget, n):
         qn = torch.linalg.vector_norm(q[b, :, h], dim=-1).tolist()
         kn = torch.linalg.vector_norm(k[b, :, h], dim=-1).tolist()
         expected = naive_select_head(qn, kn, pool, levels, topk, budget)
-        got = list(zip(sel.key[b, h].tolist(), sel.start[b, h].tolist(), sel.end[b, h].tolist(),
-                       sel.level[b, h].tolist(), sel.internal[b, h].tolist()))
+        got = list(
+            zip(
+                sel.key[b, h].tolist(),
+                sel.start[b, h].tolist(),
+                sel.end[b, h].tolist(),
+                sel.level[b, h].tolist(),
+                sel.internal[b, h].tolist(),
+            )
+        )
         assert got == expected
 
 
 def valid_grid():
-    for pool, levels, budget, tiles in itertools.product((2, 4, 8), (1, 2, 3, 4), (2, 4, 6), (1, 2, 3)):
+    for pool, levels, budget, tiles in itertools.product(
+        (2, 4, 8), (1, 2, 3, 4), (2, 4, 6), (1, 2, 3)
+    ):
         topk = budget * tiles
         tile = max(budget, 1) * pool ** (levels - 1)
         for extra in (1, 2):
@@ -170,4 +186,6 @@ def test_gqa_selection_uses_the_shared_key_head():
     q, k = torch.randn(1, 64, 4, 8), torch.randn(1, 64, 2, 8)
     grouped = select(q, k, cfg)
     expanded = select(q, k.repeat_interleave(2, dim=2), cfg)
-    assert torch.equal(grouped.start, expanded.start) and torch.equal(grouped.internal, expanded.internal)
+    assert torch.equal(grouped.start, expanded.start) and torch.equal(
+        grouped.internal, expanded.internal
+    )

@@ -20,7 +20,9 @@ import dataclasses
 
 import pytest
 
-pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'lh-cp[torchtitan]')")
+pytest.importorskip(
+    "torchtitan", reason="torchtitan is not installed (pip install 'lh-cp[torchtitan]')"
+)
 
 import torch  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402
@@ -30,8 +32,8 @@ TOLERANCE = 1e-5
 
 def _cp_worker(rank: int, world: int, dump_folder: str) -> dict:
     import torch.nn.functional as F
-    from torch.distributed.fsdp import FSDPModule
     import torchtitan.distributed.parallel_dims as parallel_dims_module
+    from torch.distributed.fsdp import FSDPModule
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed.activation_checkpoint import FullAC
     from torchtitan.distributed.context_parallel import prepare_context_parallel_input
@@ -54,34 +56,59 @@ def _cp_worker(rank: int, world: int, dump_folder: str) -> dict:
 
     reference = build_torchtitan_model(config)
     ref_logits = reference(tokens, positions=positions)
-    ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten(), reduction="sum") / n_targets
+    ref_loss = (
+        F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten(), reduction="sum") / n_targets
+    )
     ref_loss.backward()
     ref_grads = grads_by_state_dict_key(reference)
 
-    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=world, tp=1, pp=1, ep=1, world_size=world,
-                        spmd_backend=config.parallelism.spmd_backend)
+    dims = ParallelDims(
+        dp_replicate=1,
+        dp_shard=1,
+        cp=world,
+        tp=1,
+        pp=1,
+        ep=1,
+        world_size=world,
+        spmd_backend=config.parallelism.spmd_backend,
+    )
     dims.build_mesh()
     config.model_spec.parallelize_fn(
-        model, parallel_dims=dims, training=config.training, parallelism=config.parallelism,
-        compile_config=config.compile, ac_config=FullAC.Config(), dump_folder=dump_folder,
+        model,
+        parallel_dims=dims,
+        training=config.training,
+        parallelism=config.parallelism,
+        compile_config=config.compile,
+        ac_config=FullAC.Config(),
+        dump_folder=dump_folder,
     )
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
     group = dims.get_mesh("cp").get_group()
     tokens_loc, labels_loc, extra = prepare_context_parallel_input(
-        tokens, labels, {"positions": positions}, dims.get_mesh("cp"), torch.device("cpu"), "headtail"
+        tokens,
+        labels,
+        {"positions": positions},
+        dims.get_mesh("cp"),
+        torch.device("cpu"),
+        "headtail",
     )
     layout_ok = torch.equal(tokens_loc, shard_sequence(tokens, group)) and torch.equal(
         extra["positions"], shard_sequence(positions, group)
     )
-    groups_ok = all(m.context.group is group for m in model.modules() if isinstance(m, LighthouseInnerAttention))
+    groups_ok = all(
+        m.context.group is group for m in model.modules() if isinstance(m, LighthouseInnerAttention)
+    )
     logits = model(tokens_loc, positions=extra["positions"])
     loss = F.cross_entropy(logits.flatten(0, 1), labels_loc.flatten(), reduction="sum") / n_targets
     loss.backward()
     total_loss = loss.detach().clone()
     torch.distributed.all_reduce(total_loss, group=group)
-    grads = {name.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor() for name, p in model.named_parameters()}
+    grads = {
+        name.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()
+        for name, p in model.named_parameters()
+    }
     shadow = build_torchtitan_model(config)
     for param_name, param in shadow.named_parameters():
         param.grad = grads[param_name]
@@ -90,7 +117,10 @@ def _cp_worker(rank: int, world: int, dump_folder: str) -> dict:
         "layout_ok": layout_ok,
         "groups_ok": groups_ok,
         "loss_error": abs(total_loss.item() - ref_loss.item()),
-        "logits_error": (logits.detach() - shard_sequence(ref_logits.detach(), group)).abs().max().item(),
+        "logits_error": (logits.detach() - shard_sequence(ref_logits.detach(), group))
+        .abs()
+        .max()
+        .item(),
         "grad_error": max((cp_grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads),
         "grad_keys_match": cp_grads.keys() == ref_grads.keys(),
     }
@@ -98,7 +128,9 @@ def _cp_worker(rank: int, world: int, dump_folder: str) -> dict:
 
 def test_cp2_with_torchtitan_parallelize_equals_single_process(tmp_path):
     for result in run_distributed(_cp_worker, 2, str(tmp_path), timeout=300):
-        assert result["layout_ok"], "torchtitan's head-tail shard differs from lh-cp's shard_sequence"
+        assert result["layout_ok"], (
+            "torchtitan's head-tail shard differs from lh-cp's shard_sequence"
+        )
         assert result["groups_ok"], "an inner attention did not receive the CP group"
         assert result["grad_keys_match"]
         assert result["loss_error"] <= TOLERANCE, result
@@ -113,9 +145,29 @@ def test_parallelize_rejects_what_it_does_not_run():
     from lh_cp.torchtitan.parallelize import check_parallelism
 
     parallelism = lighthouse_debugmodel().parallelism
-    tp = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, ep=1, world_size=2, spmd_backend="partial_dtensor")
+    tp = ParallelDims(
+        dp_replicate=1,
+        dp_shard=1,
+        cp=1,
+        tp=2,
+        pp=1,
+        ep=1,
+        world_size=2,
+        spmd_backend="partial_dtensor",
+    )
     with pytest.raises(ValueError, match="tensor_parallel_degree=2 is not supported"):
         check_parallelism(tp, parallelism)
-    cp = ParallelDims(dp_replicate=1, dp_shard=1, cp=2, tp=1, pp=1, ep=1, world_size=2, spmd_backend="partial_dtensor")
+    cp = ParallelDims(
+        dp_replicate=1,
+        dp_shard=1,
+        cp=2,
+        tp=1,
+        pp=1,
+        ep=1,
+        world_size=2,
+        spmd_backend="partial_dtensor",
+    )
     with pytest.raises(ValueError, match="must be 'headtail', got 'ptrr'"):
-        check_parallelism(cp, dataclasses.replace(parallelism, context_parallel_load_balancer="ptrr"))
+        check_parallelism(
+            cp, dataclasses.replace(parallelism, context_parallel_load_balancer="ptrr")
+        )

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'lh-cp[torchtitan]')")
+pytest.importorskip(
+    "torchtitan", reason="torchtitan is not installed (pip install 'lh-cp[torchtitan]')"
+)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torchtitan_utils import batch, build_lh_cp_twin, build_torchtitan_model, grads_by_state_dict_key  # noqa: E402
+from torchtitan_utils import (
+    batch,
+    build_lh_cp_twin,
+    build_torchtitan_model,
+    grads_by_state_dict_key,
+)  # noqa: E402
 
 from lh_cp.torchtitan.config_registry import lighthouse_debugmodel, lighthouse_debugmodel_recovery  # noqa: E402
 from lh_cp.torchtitan.inner_attention import LighthouseInnerAttention  # noqa: E402

@@ -16,10 +16,15 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'lh-cp[torchtitan]')")
+pytest.importorskip(
+    "torchtitan", reason="torchtitan is not installed (pip install 'lh-cp[torchtitan]')"
+)
 if not hasattr(__import__("torch.distributed").distributed, "set_timeout"):
-    pytest.fail("torchtitan 0.3.0's Trainer needs torch.distributed.set_timeout (torch >= 2.14, as lh-cp[torchtitan] "
-                "requires); this torch lacks it", pytrace=False)
+    pytest.fail(
+        "torchtitan 0.3.0's Trainer needs torch.distributed.set_timeout (torch >= 2.14, as lh-cp[torchtitan] "
+        "requires); this torch lacks it",
+        pytrace=False,
+    )
 
 from dist_utils import free_port  # noqa: E402
 
@@ -28,10 +33,22 @@ SCHEDULE = ["--lr_scheduler.total_steps", "5", "--checkpoint.interval", "3"]
 
 
 def _run(stage: str, dump: Path, data: Path, *flags: str) -> dict:
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    done = subprocess.run([sys.executable, str(RUNNER), stage, str(dump), str(data), *flags],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), stage, str(dump), str(data), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -46,6 +63,17 @@ def test_lighthouse_stage_then_recovery_through_torchtitan_trainer(tmp_path):
     assert first["step"] == 3 and first["finite"] and len(first["losses"]) == 3
     assert first["modes"] == ["dense", "dense", "lighthouse", "lighthouse", "dense", "dense"]
     assert (dump / "checkpoint" / "step-3").is_dir()
-    second = _run("lighthouse_debugmodel_recovery", dump, data, "--training.steps", "5", "--stage.resume_step", "3", *SCHEDULE)
-    assert second["step"] == 5 and second["finite"] and len(second["losses"]) == 2  # steps 4 and 5 only
+    second = _run(
+        "lighthouse_debugmodel_recovery",
+        dump,
+        data,
+        "--training.steps",
+        "5",
+        "--stage.resume_step",
+        "3",
+        *SCHEDULE,
+    )
+    assert (
+        second["step"] == 5 and second["finite"] and len(second["losses"]) == 2
+    )  # steps 4 and 5 only
     assert second["modes"] == ["dense"] * 6

@@ -23,10 +23,17 @@ import torchtitan.distributed.utils as titan_dist_utils
 import torchtitan.tools.utils as titan_utils
 
 CPU_DEVICE_MODULE = types.SimpleNamespace(
-    set_device=lambda device: None, get_device_name=lambda device=None: "cpu", current_device=lambda: 0,
-    get_device_properties=lambda device=None: types.SimpleNamespace(total_memory=24 * 2**30, name="cpu"),
-    reset_peak_memory_stats=lambda *args: None, empty_cache=lambda: None, memory_stats=lambda *args: {},
-    device_count=lambda: 1, synchronize=lambda *args: None,
+    set_device=lambda device: None,
+    get_device_name=lambda device=None: "cpu",
+    current_device=lambda: 0,
+    get_device_properties=lambda device=None: types.SimpleNamespace(
+        total_memory=24 * 2**30, name="cpu"
+    ),
+    reset_peak_memory_stats=lambda *args: None,
+    empty_cache=lambda: None,
+    memory_stats=lambda *args: {},
+    device_count=lambda: 1,
+    synchronize=lambda *args: None,
 )
 
 
@@ -43,19 +50,48 @@ def main(stage: str, dump_folder: str, data: str, flags: list[str]) -> None:
 
     from lh_cp.torchtitan.inner_attention import LighthouseInnerAttention
 
-    config = ConfigManager().parse_args([
-        "--module", "lh_cp.torchtitan", "--config", stage, "--dump_folder", dump_folder,
-        "--dataloader.dataset", "files", "--dataloader.dataset_path", data, "--dataloader.format", "text",
-        "--training.mixed_precision_param", "float32", "--optimizer.implementation", "for-loop", *flags,
-    ])
+    config = ConfigManager().parse_args(
+        [
+            "--module",
+            "lh_cp.torchtitan",
+            "--config",
+            stage,
+            "--dump_folder",
+            dump_folder,
+            "--dataloader.dataset",
+            "files",
+            "--dataloader.dataset_path",
+            data,
+            "--dataloader.format",
+            "text",
+            "--training.mixed_precision_param",
+            "float32",
+            "--optimizer.implementation",
+            "for-loop",
+            *flags,
+        ]
+    )
     trainer = config.build()
     losses = []
     log = trainer.metrics_processor.log
-    trainer.metrics_processor.log = lambda step, loss, *args, **kwargs: (losses.append(loss), log(step, loss, *args, **kwargs))
+    trainer.metrics_processor.log = lambda step, loss, *args, **kwargs: (
+        losses.append(loss),
+        log(step, loss, *args, **kwargs),
+    )
     trainer.train()
-    modes = [m.mode for m in trainer.model_parts[0].modules() if isinstance(m, LighthouseInnerAttention)]
-    print(json.dumps({"step": trainer.step, "modes": modes, "losses": losses,
-                      "finite": all(math.isfinite(x) for x in losses)}))
+    modes = [
+        m.mode for m in trainer.model_parts[0].modules() if isinstance(m, LighthouseInnerAttention)
+    ]
+    print(
+        json.dumps(
+            {
+                "step": trainer.step,
+                "modes": modes,
+                "losses": losses,
+                "finite": all(math.isfinite(x) for x in losses),
+            }
+        )
+    )
     trainer.close()
     dist.destroy_process_group()
 

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from lh_cp.model import Transformer
+from lh_cp.model.transformer import Transformer
 from lh_cp.torchtitan.state_dict import lh_cp_to_torchtitan, torchtitan_to_lh_cp
 
 
@@ -27,9 +27,13 @@ def build_lh_cp_twin(config, titan: torch.nn.Module) -> Transformer:
     """lh-cp's own model of the same shape and attention, holding `titan`'s weights."""
     dense = config.stage.attention == "dense"
     model = Transformer(
-        config.model, None if dense else config.lighthouse.config(), dense_layers=tuple(config.lighthouse.dense_layers)
+        config.model,
+        None if dense else config.lighthouse.config(),
+        dense_layers=tuple(config.lighthouse.dense_layers),
     )
-    model.load_state_dict(torchtitan_to_lh_cp(titan.state_dict(), config.model.tie_embeddings), strict=True)
+    model.load_state_dict(
+        torchtitan_to_lh_cp(titan.state_dict(), config.model.tie_embeddings), strict=True
+    )
     return model
 
 
@@ -52,4 +56,10 @@ def batch(config, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return tokens, labels, torch.arange(n).expand(b, n)
 
 
-__all__ = ["batch", "build_lh_cp_twin", "build_torchtitan_model", "grads_by_state_dict_key", "lh_cp_to_torchtitan"]
+__all__ = [
+    "batch",
+    "build_lh_cp_twin",
+    "build_torchtitan_model",
+    "grads_by_state_dict_key",
+    "lh_cp_to_torchtitan",
+]

@@ -19,11 +19,11 @@ import dataclasses as _dataclasses
 import os as _os
 import shlex as _shlex
 
-from lh_cp.recipe import Recipe as _Recipe
-from lh_cp.recipe import load_recipe as _load_recipe
 from lh_cp.torchtitan import named_recipes as _named
 from lh_cp.torchtitan.recipe_config import trainer_config_from_recipe as _from_recipe
 from lh_cp.torchtitan.trainer import LighthouseTrainer
+from lh_cp.train.recipe import Recipe as _Recipe
+from lh_cp.train.recipe import load_recipe as _load_recipe
 
 
 def _any_world_size(config: LighthouseTrainer.Config) -> LighthouseTrainer.Config:
@@ -59,7 +59,9 @@ def lighthouse_530m_recovery() -> LighthouseTrainer.Config:
 def from_recipe() -> LighthouseTrainer.Config:
     path = _os.environ.get("LH_CP_RECIPE")
     if not path:
-        raise ValueError("--config from_recipe reads the lh-cp recipe named by LH_CP_RECIPE, which is not set")
+        raise ValueError(
+            "--config from_recipe reads the lh-cp recipe named by LH_CP_RECIPE, which is not set"
+        )
     recipe: _Recipe = _load_recipe(path, _shlex.split(_os.environ.get("LH_CP_SET", "")))
     stage = _os.environ.get("LH_CP_STAGE", "0")
     return _from_recipe(recipe, int(stage) if stage.isdigit() else stage)

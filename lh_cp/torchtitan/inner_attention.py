@@ -10,13 +10,13 @@ rank's head-tail shard and lh-cp's exchange moves compressed K/V (Lighthouse) or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torchtitan.protocols.module import Module
 
-from lh_cp.attention import SINGLE_DEVICE
-from lh_cp.config import LighthouseConfig
+from lh_cp.ops.attention import SINGLE_DEVICE
+from lh_cp.ops.config import LighthouseConfig
 from lh_cp.parallel.context import HEADTAIL_EXCHANGES
 
 MODES = ("lighthouse", "dense")
@@ -29,37 +29,35 @@ class LighthouseInnerAttention(Module):
     @dataclass(kw_only=True, slots=True)
     class Config(Module.Config):
         """mode: 'lighthouse' or 'dense' (dense layers, and every layer in recovery).
-        pool, levels, topk, tile_budget, selection: LighthouseConfig (lh_cp/config.py); unused
-            when dense.
+        lighthouse: the Lighthouse settings (lh_cp/ops/config.py); unused when dense.
         exchange: CP exchange of the compressed K/V of Lighthouse layers: 'allgather' or 'ring'.
         dense_exchange: CP exchange of dense layers: 'ring' or 'allgather'.
         """
 
         mode: str = "lighthouse"
-        pool: int = 4
-        levels: int = 3
-        topk: int = 2048
-        tile_budget: int = 128
-        selection: str = "tile_topk"
+        lighthouse: LighthouseConfig = field(default_factory=LighthouseConfig)
         exchange: str = "allgather"
         dense_exchange: str = "ring"
 
         def __post_init__(self) -> None:
             if self.mode not in MODES:
-                raise ValueError(f"inner attention mode must be one of {MODES}, got mode={self.mode!r}")
+                raise ValueError(
+                    f"inner attention mode must be one of {MODES}, got mode={self.mode!r}"
+                )
             for name in ("exchange", "dense_exchange"):
                 if getattr(self, name) not in EXCHANGES:
-                    raise ValueError(f"inner attention {name} must be one of {EXCHANGES}, got {name}={getattr(self, name)!r}")
-            self.lighthouse_config()
-
-        def lighthouse_config(self) -> LighthouseConfig:
-            return LighthouseConfig(pool=self.pool, levels=self.levels, topk=self.topk, tile_budget=self.tile_budget,
-                                    selection=self.selection)
+                    raise ValueError(
+                        f"inner attention {name} must be one of {EXCHANGES}, got {name}={getattr(self, name)!r}"
+                    )
+            if not isinstance(self.lighthouse, LighthouseConfig):
+                raise ValueError(
+                    f"inner attention lighthouse must be a LighthouseConfig, got {self.lighthouse!r}"
+                )
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.mode = config.mode
-        self.lighthouse = config.lighthouse_config()
+        self.lighthouse = config.lighthouse
         self.exchange = config.exchange
         self.dense_exchange = config.dense_exchange
         self.context = SINGLE_DEVICE
@@ -87,7 +85,9 @@ class LighthouseInnerAttention(Module):
             )
         head_dim = q_BLNH.shape[-1]
         if scale is not None and abs(scale - head_dim**-0.5) > 1e-12 * scale:
-            raise ValueError(f"LighthouseInnerAttention uses scale 1/sqrt(head_dim) = {head_dim**-0.5}, got scale={scale}")
+            raise ValueError(
+                f"LighthouseInnerAttention uses scale 1/sqrt(head_dim) = {head_dim**-0.5}, got scale={scale}"
+            )
         if self.mode == "lighthouse":
             return self.context.lighthouse(q_BLNH, k_BLNH, v_BLNH, self.lighthouse)
         return self.context.dense(q_BLNH, k_BLNH, v_BLNH)

@@ -18,11 +18,18 @@ under the paper's schedule (AdamW 2e-3, 2000 warmup steps, then constant through
 
 from __future__ import annotations
 
-from lh_cp.data import DataConfig
-from lh_cp.model import ModelConfig
-from lh_cp.recipe import (
-    CheckpointConfig, LighthouseSection, MetricsConfig, OptimConfig, ParallelConfig, Recipe, RunConfig,
-    ScheduleConfig, StageConfig,
+from lh_cp.data.loader import DataConfig
+from lh_cp.model.transformer import ModelConfig
+from lh_cp.train.recipe import (
+    CheckpointConfig,
+    LighthouseSection,
+    MetricsConfig,
+    OptimConfig,
+    ParallelConfig,
+    Recipe,
+    RunConfig,
+    ScheduleConfig,
+    StageConfig,
 )
 
 LLAMA3_VOCAB = 128256
@@ -39,8 +46,18 @@ def _stages(lighthouse_steps: int, recovery_steps: int) -> list[StageConfig]:
 def debugmodel() -> Recipe:
     return Recipe(
         run=RunConfig(name="lighthouse_debugmodel", out_dir="./outputs/lighthouse_debugmodel"),
-        model=ModelConfig(vocab_size=258, dim=128, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=384, rope_theta=10000.0),
-        lighthouse=LighthouseSection(pool=4, levels=3, topk=64, tile_budget=16, dense_layers=[0, 1, -2, -1]),
+        model=ModelConfig(
+            vocab_size=258,
+            dim=128,
+            n_layers=6,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_dim=384,
+            rope_theta=10000.0,
+        ),
+        lighthouse=LighthouseSection(
+            pool=4, levels=3, topk=64, tile_budget=16, dense_layers=[0, 1, -2, -1]
+        ),
         data=DataConfig(source="stdlib", tokenizer="bytes", seq_len=1024, batch_size=2),
         optim=OptimConfig(lr=8e-4),
         schedule=ScheduleConfig(warmup_steps=2, decay="linear", min_lr_ratio=0.0),
@@ -54,11 +71,19 @@ def _llama3(name: str, model: ModelConfig, dense_layers: list[int]) -> Recipe:
     return Recipe(
         run=RunConfig(name=name, out_dir=f"./outputs/{name}"),
         model=model,
-        lighthouse=LighthouseSection(pool=4, levels=3, topk=1536, tile_budget=128, dense_layers=dense_layers),
+        lighthouse=LighthouseSection(
+            pool=4, levels=3, topk=1536, tile_budget=128, dense_layers=dense_layers
+        ),
         parallel=ParallelConfig(activation_checkpoint=True),
         data=DataConfig(
-            source="files", path="./data", format="jsonl", tokenizer=LLAMA3_TOKENIZER,
-            eod_token="<|end_of_text|>", seq_len=98304, batch_size=1, cache_dir=f"./outputs/{name}/tokens",
+            source="files",
+            path="./data",
+            format="jsonl",
+            tokenizer=LLAMA3_TOKENIZER,
+            eod_token="<|end_of_text|>",
+            seq_len=98304,
+            batch_size=1,
+            cache_dir=f"./outputs/{name}/tokens",
         ),
         optim=OptimConfig(lr=2e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, grad_clip=1.0),
         schedule=ScheduleConfig(warmup_steps=2000, decay="constant"),
@@ -69,8 +94,15 @@ def _llama3(name: str, model: ModelConfig, dense_layers: list[int]) -> Recipe:
 
 
 def _paper_model(rope_theta: float) -> ModelConfig:
-    return ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1024, n_layers=30, n_heads=8, n_kv_heads=8, ffn_dim=1536,
-                       rope_theta=rope_theta)
+    return ModelConfig(
+        vocab_size=LLAMA3_VOCAB,
+        dim=1024,
+        n_layers=30,
+        n_heads=8,
+        n_kv_heads=8,
+        ffn_dim=1536,
+        rope_theta=rope_theta,
+    )
 
 
 def llama3_270m() -> Recipe:

@@ -22,8 +22,11 @@ from lh_cp.torchtitan.inner_attention import LighthouseInnerAttention
 
 def check_parallelism(parallel_dims: ParallelDims, parallelism: ParallelismConfig) -> None:
     """Raise ValueError for parallelisms this integration does not run, naming the option."""
-    for name, degree in (("tensor_parallel_degree", parallel_dims.tp), ("pipeline_parallel_degree", parallel_dims.pp),
-                         ("expert_parallel_degree", parallel_dims.ep)):
+    for name, degree in (
+        ("tensor_parallel_degree", parallel_dims.tp),
+        ("pipeline_parallel_degree", parallel_dims.pp),
+        ("expert_parallel_degree", parallel_dims.ep),
+    ):
         if degree > 1:
             raise ValueError(
                 f"lh_cp.torchtitan runs FSDP2 and context parallelism only: parallelism.{name}={degree} "
@@ -48,7 +51,9 @@ def set_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> int:
     configured exchanges (one object per distinct pair); returns how many modules there are."""
     modules = [m for m in model.modules() if isinstance(m, LighthouseInnerAttention)]
     if not modules:
-        raise ValueError(f"{type(model).__name__} has no LighthouseInnerAttention module to run context parallelism")
+        raise ValueError(
+            f"{type(model).__name__} has no LighthouseInnerAttention module to run context parallelism"
+        )
     contexts: dict[tuple[str, str], ContextParallel] = {}
     for module in modules:
         pair = (module.exchange, module.dense_exchange)

@@ -19,12 +19,12 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.config import CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed.activation_checkpoint import FullAC
 
-from lh_cp.recipe import Recipe
 from lh_cp.torchtitan.data import LhCpDataLoader
 from lh_cp.torchtitan.optim import adamw_config, schedule_config
 from lh_cp.torchtitan.stage import StageOptions
 from lh_cp.torchtitan.tokenizer import LhCpTokenizer
 from lh_cp.torchtitan.trainer import LighthouseTrainer
+from lh_cp.train.recipe import Recipe
 
 UNMAPPED = (
     "run.device (torchtitan picks the accelerator)",
@@ -67,35 +67,59 @@ def trainer_config_from_recipe(recipe: Recipe, stage: int | str = 0) -> Lighthou
         model=copy.deepcopy(recipe.model),
         lighthouse=copy.deepcopy(recipe.lighthouse),
         stage=StageOptions(
-            attention=stage_cfg.attention, exchange=par.exchange, dense_exchange=par.dense_exchange,
+            attention=stage_cfg.attention,
+            exchange=par.exchange,
+            dense_exchange=par.dense_exchange,
             resume_step=ends[index - 1] if index > 0 else 0,
         ),
-        tokenizer=LhCpTokenizer.Config(name=data.tokenizer, eod_token=data.eod_token, pad_token=data.pad_token),
+        tokenizer=LhCpTokenizer.Config(
+            name=data.tokenizer, eod_token=data.eod_token, pad_token=data.pad_token
+        ),
         dataloader=LhCpDataLoader.Config(
-            dataset=data.source, dataset_path=data.path or None, format=data.format, text_field=data.text_field,
-            validation_fraction=data.validation_fraction, seed=data.seed, cache_dir=data.cache_dir,
+            dataset=data.source,
+            dataset_path=data.path or None,
+            format=data.format,
+            text_field=data.text_field,
+            validation_fraction=data.validation_fraction,
+            seed=data.seed,
+            cache_dir=data.cache_dir,
         ),
         training=TrainingConfig(
-            local_batch_size=data.batch_size, seq_len=data.seq_len, steps=ends[index],
-            max_norm=optim.grad_clip if optim.grad_clip > 0 else float("inf"), disable_cuda_graphs=True,
+            local_batch_size=data.batch_size,
+            seq_len=data.seq_len,
+            steps=ends[index],
+            max_norm=optim.grad_clip if optim.grad_clip > 0 else float("inf"),
+            disable_cuda_graphs=True,
         ),
         parallelism=ParallelismConfig(
-            spmd_backend="partial_dtensor", context_parallel_degree=par.cp,
-            data_parallel_shard_degree=par.dp_shard, data_parallel_replicate_degree=par.dp_replicate,
+            spmd_backend="partial_dtensor",
+            context_parallel_degree=par.cp,
+            data_parallel_shard_degree=par.dp_shard,
+            data_parallel_replicate_degree=par.dp_replicate,
         ),
         optimizer=adamw_config(optim.lr, tuple(optim.betas), optim.eps, optim.weight_decay),
-        lr_scheduler=schedule_config(schedule.warmup_steps, schedule.decay, schedule.min_lr_ratio, recipe.total_steps,
-                                     schedule.decay_steps),
-        loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=recipe.model.vocab_size)),
+        lr_scheduler=schedule_config(
+            schedule.warmup_steps,
+            schedule.decay,
+            schedule.min_lr_ratio,
+            recipe.total_steps,
+            schedule.decay_steps,
+        ),
+        loss=ChunkedLossWrapper.Config(
+            loss_fn=CrossEntropyLoss.Config(global_vocab_size=recipe.model.vocab_size)
+        ),
         activation_checkpoint=FullAC.Config() if par.activation_checkpoint else None,
         compile=CompileConfig(enable=par.compile, components=["model"]),
         checkpoint=CheckpointManager.Config(
-            enable=True, folder=recipe.checkpoint.dir or "checkpoint",
+            enable=True,
+            folder=recipe.checkpoint.dir or "checkpoint",
             interval=recipe.checkpoint.interval or recipe.total_steps,
-            keep_latest_k=recipe.checkpoint.keep_last, last_save_model_only=False,
+            keep_latest_k=recipe.checkpoint.keep_last,
+            last_save_model_only=False,
         ),
         metrics=MetricsProcessor.Config(
-            log_freq=recipe.metrics.log_interval, enable_tensorboard=True,
+            log_freq=recipe.metrics.log_interval,
+            enable_tensorboard=True,
             save_tb_folder=recipe.metrics.tensorboard_dir or "tb",
         ),
         debug=DebugConfig(seed=recipe.run.seed),

@@ -1,7 +1,7 @@
 """Rotate-half RoPE (the HF Llama layout lh-cp's model uses), angles in float64, one table per model.
 
 torchtitan's CosSinRoPE forms position * frequency in float32, which at a million positions
-is off by ~0.1 rad; lh-cp forms the angles in float64 (lh_cp.model.rope_tables). And every
+is off by ~0.1 rad; lh-cp forms the angles in float64 (lh_cp.model.transformer.rope_tables). And every
 torchtitan attention layer builds its own [max_seq_len, 2 * head_dim] float32 table: 134 MB per
 layer at 128K tokens and head size 128, 1 GiB per layer at 1M. Here layers of equal shape share
 one table (a read-only buffer), built once per device. Applying the table is CosSinRoPE's code.
@@ -24,8 +24,13 @@ def rope_table(dim: int, max_seq_len: int, theta: float, device: torch.device) -
     key = (dim, max_seq_len, float(theta), str(device))
     table = _TABLES.get(key)
     if table is None:
-        inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)  # [dim / 2]
-        angles = torch.arange(max_seq_len, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+        inv_freq = theta ** (
+            -torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
+        )  # [dim / 2]
+        angles = (
+            torch.arange(max_seq_len, dtype=torch.float64, device=device)[:, None]
+            * inv_freq[None, :]
+        )
         angles = torch.cat([angles, angles], dim=-1)  # [max_seq_len, dim]
         table = torch.cat([angles.cos(), angles.sin()], dim=-1).to(torch.float32)
         _TABLES[key] = table
@@ -37,7 +42,9 @@ class Float64CosSinRoPE(CosSinRoPE):
     class Config(CosSinRoPE.Config):
         def __post_init__(self) -> None:
             if self.scaling != "none":
-                raise ValueError(f"Float64CosSinRoPE supports scaling='none' only, got scaling={self.scaling!r}")
+                raise ValueError(
+                    f"Float64CosSinRoPE supports scaling='none' only, got scaling={self.scaling!r}"
+                )
             if self.dim % 2 != 0:
                 raise ValueError(f"RoPE head dimension must be even, got dim={self.dim}")
 

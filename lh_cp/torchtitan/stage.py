@@ -30,6 +30,12 @@ class StageOptions:
             raise ValueError(f"stage.attention must be one of {MODES}, got {self.attention!r}")
         for name in ("exchange", "dense_exchange"):
             if getattr(self, name) not in EXCHANGES:
-                raise ValueError(f"stage.{name} must be one of {EXCHANGES}, got {getattr(self, name)!r}")
-        if isinstance(self.resume_step, bool) or not isinstance(self.resume_step, int) or self.resume_step < 0:
+                raise ValueError(
+                    f"stage.{name} must be one of {EXCHANGES}, got {getattr(self, name)!r}"
+                )
+        if (
+            isinstance(self.resume_step, bool)
+            or not isinstance(self.resume_step, int)
+            or self.resume_step < 0
+        ):
             raise ValueError(f"stage.resume_step must be an int >= 0, got {self.resume_step!r}")

@@ -1,4 +1,4 @@
-"""Weights between lh-cp's model (lh_cp.model.Transformer) and the torchtitan llama3 model.
+"""Weights between lh-cp's model (lh_cp.model.transformer.Transformer) and the torchtitan llama3 model.
 
 Both models hold the same tensors in the same layout (rotate-half RoPE, q/k/v/o and SwiGLU
 w1/w2/w3 as [out, in] matrices); only names differ:
@@ -23,7 +23,9 @@ _SHARED = re.compile(
 )
 
 
-def lh_cp_to_torchtitan(state: dict[str, torch.Tensor], tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+def lh_cp_to_torchtitan(
+    state: dict[str, torch.Tensor], tie_embeddings: bool = False
+) -> dict[str, torch.Tensor]:
     """lh-cp Transformer state dict -> torchtitan Llama3Model state dict (same tensors)."""
     out = {}
     for key, value in state.items():
@@ -42,7 +44,9 @@ def lh_cp_to_torchtitan(state: dict[str, torch.Tensor], tie_embeddings: bool = F
     return out
 
 
-def torchtitan_to_lh_cp(state: dict[str, torch.Tensor], tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+def torchtitan_to_lh_cp(
+    state: dict[str, torch.Tensor], tie_embeddings: bool = False
+) -> dict[str, torch.Tensor]:
     """torchtitan Llama3Model state dict -> lh-cp Transformer state dict (same tensors)."""
     out = {}
     for key, value in state.items():

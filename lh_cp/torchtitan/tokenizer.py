@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from torchtitan.components.tokenizer import BaseTokenizer
 
-from lh_cp.tokenizer import load_tokenizer
+from lh_cp.data.tokenizer import load_tokenizer
 
 
 class LhCpTokenizer(BaseTokenizer):
-    """Wraps lh_cp.tokenizer; `inner` is the lh-cp tokenizer the lh-cp dataloader reads with."""
+    """Wraps lh_cp.data.tokenizer; `inner` is the lh-cp tokenizer the lh-cp dataloader reads with."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(BaseTokenizer.Config):

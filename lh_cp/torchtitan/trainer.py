@@ -2,8 +2,8 @@
 
 The trainer config gains three sections, settable from torchtitan's command line like any
 other (`--model.dim 1024`, `--lighthouse.topk 2048`, `--stage.attention dense`):
-- model: lh_cp.model.ModelConfig (the recipe's [model]);
-- lighthouse: lh_cp.recipe.LighthouseSection (the recipe's [lighthouse]);
+- model: lh_cp.model.transformer.ModelConfig (the recipe's [model]);
+- lighthouse: lh_cp.train.recipe.LighthouseSection (the recipe's [lighthouse]);
 - stage: StageOptions (attention of this stage, CP exchanges, resume step of recovery).
 The ModelSpec (torchtitan's llama3 model with LighthouseInnerAttention) is derived from them
 every time the config is constructed, so the sections are the only source of the model. Rules
@@ -19,16 +19,16 @@ from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.trainer import Trainer
 
-from lh_cp.model import ModelConfig
-from lh_cp.recipe import LighthouseSection
-from lh_cp.tokenizer import ByteTokenizer
+from lh_cp.data.tokenizer import ByteTokenizer
+from lh_cp.model.transformer import ModelConfig
 from lh_cp.torchtitan.data import LhCpDataLoader
 from lh_cp.torchtitan.model import layer_modes, lighthouse_model_spec
 from lh_cp.torchtitan.stage import StageOptions
 from lh_cp.torchtitan.tokenizer import LhCpTokenizer
+from lh_cp.train.recipe import LighthouseSection
 
 
-def _check_lighthouse_shapes(config: "LighthouseTrainer.Config") -> None:
+def _check_lighthouse_shapes(config: LighthouseTrainer.Config) -> None:
     if "lighthouse" not in layer_modes(config.model, config.lighthouse, config.stage):
         return
     cfg = config.lighthouse.config()
@@ -38,7 +38,7 @@ def _check_lighthouse_shapes(config: "LighthouseTrainer.Config") -> None:
         cfg.for_pieces(seq_len, 2 * cp, "each head-tail chunk")
 
 
-def _check_stages(config: "LighthouseTrainer.Config") -> None:
+def _check_stages(config: LighthouseTrainer.Config) -> None:
     checkpoint, schedule_end = config.checkpoint, config.lr_scheduler.total_steps
     if schedule_end is not None and schedule_end > config.training.steps:
         if not checkpoint.enable or checkpoint.last_save_model_only:
@@ -50,7 +50,9 @@ def _check_stages(config: "LighthouseTrainer.Config") -> None:
     resume = config.stage.resume_step
     if resume:
         if not checkpoint.enable:
-            raise ValueError(f"stage.resume_step={resume} resumes from a checkpoint: set checkpoint.enable=True")
+            raise ValueError(
+                f"stage.resume_step={resume} resumes from a checkpoint: set checkpoint.enable=True"
+            )
         if resume >= config.training.steps:
             raise ValueError(
                 f"stage.resume_step={resume} must be smaller than training.steps={config.training.steps} "
@@ -62,7 +64,7 @@ class LighthouseTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         model: ModelConfig = field(default_factory=ModelConfig)
-        """Decoder shape (lh_cp.model.ModelConfig, the recipe's [model])."""
+        """Decoder shape (lh_cp.model.transformer.ModelConfig, the recipe's [model])."""
 
         lighthouse: LighthouseSection = field(default_factory=LighthouseSection)
         """Lighthouse attention of the non-dense layers (the recipe's [lighthouse])."""
@@ -78,8 +80,12 @@ class LighthouseTrainer(Trainer):
 
         tokenizer: LhCpTokenizer.Config = field(default_factory=LhCpTokenizer.Config)
         dataloader: LhCpDataLoader.Config = field(default_factory=LhCpDataLoader.Config)
-        parallelism: ParallelismConfig = field(default_factory=lambda: ParallelismConfig(spmd_backend="partial_dtensor"))
-        training: TrainingConfig = field(default_factory=lambda: TrainingConfig(disable_cuda_graphs=True))
+        parallelism: ParallelismConfig = field(
+            default_factory=lambda: ParallelismConfig(spmd_backend="partial_dtensor")
+        )
+        training: TrainingConfig = field(
+            default_factory=lambda: TrainingConfig(disable_cuda_graphs=True)
+        )
         """CUDA graphs are off: Lighthouse selection checks its scores for NaN on the host."""
 
         def __post_init__(self) -> None:
@@ -88,7 +94,9 @@ class LighthouseTrainer(Trainer):
                     f"lh_cp.torchtitan needs parallelism.spmd_backend='partial_dtensor', got "
                     f"{self.parallelism.spmd_backend!r}"
                 )
-            if not isinstance(self.dataloader, LhCpDataLoader.Config) or not isinstance(self.tokenizer, LhCpTokenizer.Config):
+            if not isinstance(self.dataloader, LhCpDataLoader.Config) or not isinstance(
+                self.tokenizer, LhCpTokenizer.Config
+            ):
                 raise ValueError(
                     f"lh_cp.torchtitan trains on lh-cp data with global positions (Lighthouse attention is "
                     f"causal over the whole packed sequence): dataloader must be LhCpDataLoader.Config and "

@@ -9,7 +9,7 @@ selection, gather and scatter (tiles never straddle chunks, so each chunk's entr
 single-device entries of its tokens); only the compressed q/k/v entries reach the exchange;
 the scatter's spill past each chunk end travels as a halo (added in place); under the causal selection each
 chunk also starts from the thresholds of the chunk before it (selection_carry.py).
-Compression is lh_cp.compress (Triton kernels on CUDA, the pure-PyTorch reference elsewhere),
+Compression is lh_cp.ops.compress (Triton kernels on CUDA, the pure-PyTorch reference elsewhere),
 with the chunk's config (LighthouseConfig.for_pieces).
 """
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.attention import check_qkv
-from lh_cp.compress import compress, selection_carry
-from lh_cp.config import LighthouseConfig
+from lh_cp.ops.attention import check_qkv
+from lh_cp.ops.compress import compress, selection_carry
+from lh_cp.ops.config import LighthouseConfig
 from lh_cp.parallel.headtail.exchange import exchange_attention
 from lh_cp.parallel.headtail.halo import add_halos
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
@@ -40,7 +40,12 @@ def _to_exchange_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
     (as before the heads-outer layout): the block kernels have been run on GPUs only with
     contiguous blocks."""
     _, heads, length, dim = x.shape
-    return x.unflatten(0, (batch, 2)).transpose(1, 2).reshape(batch, heads, 2 * length, dim).contiguous()
+    return (
+        x.unflatten(0, (batch, 2))
+        .transpose(1, 2)
+        .reshape(batch, heads, 2 * length, dim)
+        .contiguous()
+    )
 
 
 def _from_exchange_layout(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,9 @@ def lighthouse_attention_cp(
     batch, n_local, heads, dim = q.shape
     world = dist.get_world_size(group)
     if n_local % 2 != 0:
-        raise ValueError(f"a head-tail shard holds two equal chunks: local length {n_local} must be even")
+        raise ValueError(
+            f"a head-tail shard holds two equal chunks: local length {n_local} must be even"
+        )
     chunk = n_local // 2
     local_cfg = chunk_config(cfg, n_local * world, world)
 
@@ -75,13 +82,23 @@ def lighthouse_attention_cp(
     if local_cfg.uses_thresholds:
         rank = dist.get_rank(group)
         # [2B, H, L-1, 2] (row 2b + slot) -> chunk-major [2, B, H, L-1, 2] and back
-        carry = selection_carry(q_chunks, k_chunks, v_chunks, local_cfg).unflatten(0, (batch, 2)).transpose(0, 1)
-        preceding = preceding_thresholds(carry.contiguous(), list(local_chunk_ids(rank, world)),
-                                         lambda c: chunk_owner(c, world), group)
+        carry = (
+            selection_carry(q_chunks, k_chunks, v_chunks, local_cfg)
+            .unflatten(0, (batch, 2))
+            .transpose(0, 1)
+        )
+        preceding = preceding_thresholds(
+            carry.contiguous(),
+            list(local_chunk_ids(rank, world)),
+            lambda c: chunk_owner(c, world),
+            group,
+        )
         preceding = preceding.transpose(0, 1).flatten(0, 1)
     # Heads-outer entries: the exchange layout below is then a view (at B = 1 no copy either
     # way, forward or backward), not a transpose of every entry tensor.
-    entries = compress(q_chunks, k_chunks, v_chunks, local_cfg, preceding=preceding, heads_outer=True)  # [2B, H, S_c, D]
+    entries = compress(
+        q_chunks, k_chunks, v_chunks, local_cfg, preceding=preceding, heads_outer=True
+    )  # [2B, H, S_c, D]
 
     out_entries = exchange_attention(
         _to_exchange_layout(entries.q, batch),
@@ -102,7 +119,11 @@ def lighthouse_attention_cp(
 
 
 def causal_attention_cp(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, exchange: str = "allgather"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup,
+    exchange: str = "allgather",
 ) -> torch.Tensor:
     """Dense causal attention of this rank's head-tail shard: q [B, 2C, H, D] -> [B, 2C, H, D].
 
@@ -112,6 +133,10 @@ def causal_attention_cp(
     check_qkv(q, k, v)
     batch, n_local, heads, dim = q.shape
     if n_local % 2 != 0:
-        raise ValueError(f"a head-tail shard holds two equal chunks: local length {n_local} must be even")
-    out = exchange_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, exchange)  # [B, H, 2C, D]
+        raise ValueError(
+            f"a head-tail shard holds two equal chunks: local length {n_local} must be even"
+        )
+    out = exchange_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, exchange
+    )  # [B, H, 2C, D]
     return out.transpose(1, 2)

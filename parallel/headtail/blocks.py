@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lh_cp import kernels
-from lh_cp.parallel.headtail.fused_blocks import fused_block_backward, fused_block_forward, fused_supported
-from lh_cp.pyramid import accumulation_dtype
+from lh_cp.ops import kernels
+from lh_cp.ops.kernels.merge_reference import merge_reference
+from lh_cp.ops.pyramid import accumulation_dtype
+from lh_cp.parallel.headtail.fused_blocks import (
+    fused_block_backward,
+    fused_block_forward,
+    fused_supported,
+)
 
 
 def _causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
@@ -32,11 +37,15 @@ def _scores(qg: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
     """qg [B, Hk, G, Sq, D], k [B, Hk, Sk, D] -> scaled scores [B, Hk, G, Sq, Sk]."""
     scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * qg.shape[-1] ** -0.5
     if causal:
-        scores = scores.masked_fill(_causal_mask(scores.shape[-2], scores.shape[-1], scores.device), float("-inf"))
+        scores = scores.masked_fill(
+            _causal_mask(scores.shape[-2], scores.shape[-1], scores.device), float("-inf")
+        )
     return scores
 
 
-def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def block_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of one block: returns out [B, H, Sq, D] and lse [B, H, Sq].
 
     Both in the accumulation dtype (float32, or float64 for float64 inputs). causal=True: the
@@ -107,7 +116,9 @@ def visible_prefix(q_id: int, kv_ids: list[int] | tuple[int, ...]) -> int:
     return seen
 
 
-def own_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def own_block_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The rank's two chunks against themselves, q [B, H, 2S, D], k/v [B, Hk, 2S, D] in local
     order (head chunk r, then tail chunk 2W-1-r): one square causal call, since the tail
     chunk sees all of the earlier head chunk and the head chunk only itself, causally.
@@ -115,27 +126,18 @@ def own_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     return _forward_fn(q)(q, k, v, True)
 
 
-def merge_reference(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                    dest: torch.Tensor) -> None:
-    """Fold a block result (out [.., S, D], lse [.., S]) into a running one: dest <- the merged
-    output (dest may be out_acc itself), lse_acc <- the merged LSE, in place.
-
-    An empty accumulator has lse -inf and out 0: its weight exp(-inf - lse) is exactly 0.
-    The operands may be in a lower precision than the LSEs; products are taken in the latter.
-    """
-    merged = torch.logaddexp(lse_acc, lse)
-    dest.copy_(out_acc.to(lse.dtype) * torch.exp(lse_acc - merged).unsqueeze(-1)
-               + out.to(lse.dtype) * torch.exp(lse - merged).unsqueeze(-1))
-    lse_acc.copy_(merged)
-
-
-def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-               dest: torch.Tensor | None = None) -> None:
-    """merge_reference, through its one-pass Triton twin (lh_cp/kernels/merge.py) where the
+def merge_into(
+    out_acc: torch.Tensor,
+    lse_acc: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dest: torch.Tensor | None = None,
+) -> None:
+    """merge_reference, through its one-pass Triton twin (lh_cp/ops/kernels/merge.py) where the
     kernels run; dest None merges in place into out_acc."""
     dest = out_acc if dest is None else dest
     if kernels.available(out_acc, out, dest) and lse_acc.dtype == lse.dtype == torch.float32:
-        from lh_cp.kernels.merge import merge_kernel
+        from lh_cp.ops.kernels.merge import merge_kernel
 
         merge_kernel(out_acc, lse_acc, out, lse, dest)
     else:
@@ -160,7 +162,9 @@ class Accumulated:
     `key_blocks`: the chunk ids of each remote block, in the order add_remote receives them.
     """
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor, q_ids: tuple[int, int], key_blocks: list) -> None:
+    def __init__(
+        self, out: torch.Tensor, lse: torch.Tensor, q_ids: tuple[int, int], key_blocks: list
+    ) -> None:
         self.out, self.lse, self.q_ids = out, lse, q_ids
         self.merges_left = merges_per_chunk(q_ids, key_blocks)
         self.running: list[torch.Tensor | None] = [None, None]
@@ -175,7 +179,9 @@ class Accumulated:
             if seen == 0:
                 continue
             if self.merges_left[slot] == 0:
-                raise ValueError(f"key block {kv_ids} reaches query chunk {q_id} after its last listed block")
+                raise ValueError(
+                    f"key block {kv_ids} reaches query chunk {q_id} after its last listed block"
+                )
             keys = kv[:, :, :, : seen * length]
             if slot not in self.query_rows:
                 self.query_rows[slot] = chunk_rows(q, slot, length)
@@ -186,9 +192,16 @@ class Accumulated:
             if self.merges_left[slot] == 0:
                 dest = final_rows
             else:
-                dest = running if running is not None else torch.empty(
-                    final_rows.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
-            merge_into(final_rows if running is None else running, self.lse[:, :, rows], out, lse, dest)
+                dest = (
+                    running
+                    if running is not None
+                    else torch.empty(
+                        final_rows.shape, dtype=accumulation_dtype(q.dtype), device=q.device
+                    )
+                )
+            merge_into(
+                final_rows if running is None else running, self.lse[:, :, rows], out, lse, dest
+            )
             self.running[slot] = dest if self.merges_left[slot] else None
 
     def saved_output(self, q: torch.Tensor) -> torch.Tensor:
@@ -216,11 +229,20 @@ class BackwardInputs:
     def chunk(self, slot: int, length: int) -> tuple:
         """q, dout, out, lse, delta of query chunk `slot` (`length` rows each), contiguous."""
         if slot not in self._chunks:
-            self._chunks[slot] = tuple(None if x is None else chunk_rows(x, slot, length)
-                                       for x in (self.q, self.dout, self.out, self.lse, self.delta))
+            self._chunks[slot] = tuple(
+                None if x is None else chunk_rows(x, slot, length)
+                for x in (self.q, self.dout, self.out, self.lse, self.delta)
+            )
         return self._chunks[slot]
 
-    def block_backward(self, k: torch.Tensor, v: torch.Tensor, causal: bool, slot: int | None = None, length: int = 0):
+    def block_backward(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        slot: int | None = None,
+        length: int = 0,
+    ):
         """dq, dk, dv of the queries (all 2S rows with slot None, else chunk `slot` of `length`
         rows) against keys k, v."""
         if slot is None:
@@ -232,7 +254,9 @@ class BackwardInputs:
         return block_backward(dout, q, k, v, lse, delta, causal)
 
 
-def backward_inputs(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> BackwardInputs:
+def backward_inputs(
+    dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> BackwardInputs:
     """dout [B, H, 2S, D], the queries and the saved out and lse of the forward -> BackwardInputs.
 
     The fused kernels take dout and out in q's dtype (converted here once, not per block)."""
@@ -243,8 +267,14 @@ def backward_inputs(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse:
     return BackwardInputs(q, dout, out, lse, (dout * out).sum(dim=-1), False)
 
 
-def remote_backward(grads: BackwardInputs, kv: torch.Tensor, q_ids: tuple[int, int], kv_ids,
-                    length: int, dkv_acc: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
+def remote_backward(
+    grads: BackwardInputs,
+    kv: torch.Tensor,
+    q_ids: tuple[int, int],
+    kv_ids,
+    length: int,
+    dkv_acc: torch.Tensor,
+) -> list[tuple[slice, torch.Tensor]]:
     """The gradients of the unmasked calls of Accumulated.add_remote for one block: dK/dV are
     added into dkv_acc [2, B, Hk, M*S, D] (accumulation dtype); each query chunk's dq is
     returned with its rows of the rank's [B, H, 2S, D] queries, for the caller to add where

@@ -18,11 +18,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.headtail.blocks import Accumulated, add_rows, backward_inputs, own_block_forward, remote_backward
+from lh_cp.ops.pyramid import accumulation_dtype
+from lh_cp.parallel.headtail.blocks import (
+    Accumulated,
+    add_rows,
+    backward_inputs,
+    own_block_forward,
+    remote_backward,
+)
 from lh_cp.parallel.headtail.ring import RingAttention
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
 from lh_cp.parallel.transport import all_gather_start, reduce_scatter_start
-from lh_cp.pyramid import accumulation_dtype
 
 
 def _remote_chunk_ids(rank: int, world: int) -> list[int]:
@@ -56,21 +62,27 @@ def _gradient_buffers(kv_remote: torch.Tensor, rank: int, world: int, length: in
     into. Where one rank owns all remote chunks in order (W = 2) the second is a view of the
     first, so nothing is copied between them."""
     dtype = accumulation_dtype(kv_remote.dtype)
-    owners = kv_remote.new_zeros((world, *kv_remote.shape[:3], 2 * length, kv_remote.shape[-1]), dtype=dtype)
+    owners = kv_remote.new_zeros(
+        (world, *kv_remote.shape[:3], 2 * length, kv_remote.shape[-1]), dtype=dtype
+    )
     sole = _sole_owner(rank, world)
     if sole is not None:
         return owners, owners[sole]
     return owners, torch.zeros(kv_remote.shape, dtype=dtype, device=kv_remote.device)
 
 
-def _to_owners(dkv_remote: torch.Tensor, owners: torch.Tensor, rank: int, world: int, length: int) -> torch.Tensor:
+def _to_owners(
+    dkv_remote: torch.Tensor, owners: torch.Tensor, rank: int, world: int, length: int
+) -> torch.Tensor:
     """Adjoint of _remote_sequence: the remote-order dK/dV [2, B, Hk, (2W-2)S, D] into the
     owners' rows of `owners` [W, 2, B, Hk, 2S, D] (nothing to do where it is a view of them)."""
     if _sole_owner(rank, world) is not None:
         return owners  # dkv_remote is a view of that owner's row (_gradient_buffers)
     for i, chunk in enumerate(_remote_chunk_ids(rank, world)):
         owner, slot = chunk_owner(chunk, world)
-        owners[owner, :, :, :, slot * length : (slot + 1) * length] = dkv_remote[:, :, :, i * length : (i + 1) * length]
+        owners[owner, :, :, :, slot * length : (slot + 1) * length] = dkv_remote[
+            :, :, :, i * length : (i + 1) * length
+        ]
     return owners
 
 
@@ -87,9 +99,15 @@ class AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         length = q.shape[2] // 2
-        gathering = all_gather_start(torch.stack([k, v]), group, "kv_forward") if world > 1 else None
+        gathering = (
+            all_gather_start(torch.stack([k, v]), group, "kv_forward") if world > 1 else None
+        )
         remote_ids = _remote_chunk_ids(rank, world)
-        acc = Accumulated(*own_block_forward(q, k, v), local_chunk_ids(rank, world), [remote_ids] if world > 1 else [])
+        acc = Accumulated(
+            *own_block_forward(q, k, v),
+            local_chunk_ids(rank, world),
+            [remote_ids] if world > 1 else [],
+        )
         kv_remote = q.new_empty(0)
         if gathering is not None:
             kv_remote = _remote_sequence(gathering.wait(), rank, world, length)
@@ -108,15 +126,27 @@ class AllGatherAttention(torch.autograd.Function):
         pending, dq_parts = None, []
         if world > 1:
             owners, dkv_remote = _gradient_buffers(kv_remote, rank, world, length)
-            dq_parts = remote_backward(grads, kv_remote, local_chunk_ids(rank, world), _remote_chunk_ids(rank, world),
-                                       length, dkv_remote)
-            pending = reduce_scatter_start(_to_owners(dkv_remote, owners, rank, world, length), group, "dkv_backward")
-        dq, dk, dv = grads.block_backward(k, v, True)  # the own block, while the others' sums travel
+            dq_parts = remote_backward(
+                grads,
+                kv_remote,
+                local_chunk_ids(rank, world),
+                _remote_chunk_ids(rank, world),
+                length,
+                dkv_remote,
+            )
+            pending = reduce_scatter_start(
+                _to_owners(dkv_remote, owners, rank, world, length), group, "dkv_backward"
+            )
+        dq, dk, dv = grads.block_backward(
+            k, v, True
+        )  # the own block, while the others' sums travel
         # One remote call per query chunk: its dq is added to the own block's in place (a bf16
         # add computes in float32 and rounds once, as a float32 sum converted at the end would).
         add_rows(dq, dq_parts)
         if pending is not None:
-            dkv = pending.wait()  # [2, B, Hk, 2S, D]: what every other rank's queries gave this block
+            dkv = (
+                pending.wait()
+            )  # [2, B, Hk, 2S, D]: what every other rank's queries gave this block
             dk, dv = dkv[0] + dk, dkv[1] + dv
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None
 
@@ -128,7 +158,9 @@ def exchange_function(exchange: str):
     """The autograd Function of a head-tail exchange name; ValueError naming the choices."""
     function = EXCHANGE_FUNCTIONS.get(exchange)
     if function is None:
-        raise ValueError(f"head-tail exchange must be one of {tuple(EXCHANGE_FUNCTIONS)}, got exchange={exchange!r}")
+        raise ValueError(
+            f"head-tail exchange must be one of {tuple(EXCHANGE_FUNCTIONS)}, got exchange={exchange!r}"
+        )
     return function
 
 

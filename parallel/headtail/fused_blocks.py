@@ -5,10 +5,10 @@ CUDA tensors: same layouts, same meaning. Forward returns the block's output (in
 dtype, as the kernel wrote it) and its float32 LSE; backward receives the *final* output and
 LSE of the merged attention, so the kernel's exp(scores - lse) is this block's share of the
 full softmax and block gradients add up, exactly as in the reference. The callers merge the
-outputs in float32 registers (lh_cp/kernels/merge.py) and sum gradients in float32 only where
+outputs in float32 registers (lh_cp/ops/kernels/merge.py) and sum gradients in float32 only where
 a tensor receives several parts (no separate conversion pass).
 
-Backend: cuDNN first, as for the single-device layer (lh_cp/kernels/sdpa.py): on the H100 it
+Backend: cuDNN first, as for the single-device layer (lh_cp/ops/kernels/sdpa.py): on the H100 it
 ran causal forward+backward at S = 24576 in 7.29 ms against flash's 13.93 ms
 (benchmarks/NOTES.md). Flash runs where cuDNN does not: deterministic mode (cuDNN has no
 deterministic backward), cuDNN SDPA switched off by torch.backends.cuda.enable_cudnn_sdp, a
@@ -35,9 +35,16 @@ def fused_backend(q: torch.Tensor) -> str | None:
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0):
         return None
     dim = q.shape[-1]
-    cudnn_ok = torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
-    if (cudnn_ok and dim <= 128 and torch.backends.cuda.cudnn_sdp_enabled()
-            and not torch.are_deterministic_algorithms_enabled() and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+    cudnn_ok = (
+        torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+    )
+    if (
+        cudnn_ok
+        and dim <= 128
+        and torch.backends.cuda.cudnn_sdp_enabled()
+        and not torch.are_deterministic_algorithms_enabled()
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    ):
         return "cudnn"
     if dim <= 256 and torch.backends.cuda.flash_sdp_enabled():
         return "flash"
@@ -48,7 +55,7 @@ def fused_supported(q: torch.Tensor) -> bool:
     return fused_backend(q) is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backward_extras(backend: str, device: torch.device, dtype: torch.dtype) -> tuple:
     """The tensors a padded (non-varlen) forward without dropout returns for its backward:
     flash's cum_seq_q, cum_seq_k, rng_state, unused; cuDNN's philox seed and offset."""
@@ -87,13 +94,39 @@ def fused_block_backward(dout, q, k, v, out, lse, causal: bool):
     if backend == "cudnn":
         seed, offset = extras
         dq, dk, dv = _cudnn_backward(
-            dout, q, k_rep, v_rep, out, lse.float().reshape(*lse.shape, 1).contiguous(), seed, offset,
-            None, None, None, sq, sk, 0.0, causal,
+            dout,
+            q,
+            k_rep,
+            v_rep,
+            out,
+            lse.float().reshape(*lse.shape, 1).contiguous(),
+            seed,
+            offset,
+            None,
+            None,
+            None,
+            sq,
+            sk,
+            0.0,
+            causal,
         )
     else:
         cum_q, cum_k, rng_state, unused = extras
         dq, dk, dv = _flash_backward(
-            dout, q, k_rep, v_rep, out, lse.float().contiguous(), cum_q, cum_k, sq, sk, 0.0, causal, rng_state, unused,
+            dout,
+            q,
+            k_rep,
+            v_rep,
+            out,
+            lse.float().contiguous(),
+            cum_q,
+            cum_k,
+            sq,
+            sk,
+            0.0,
+            causal,
+            rng_state,
+            unused,
         )
     if group > 1:
         dk = dk.reshape(batch, kv_heads, group, sk, dim).sum(dim=2, dtype=torch.float32)

@@ -74,7 +74,9 @@ class _HaloExchange(torch.autograd.Function):
         return *_halo_backward(grad_first.contiguous(), grad_second.contiguous(), ctx.group), None
 
 
-def add_halos(rows: torch.Tensor, spill_rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def add_halos(
+    rows: torch.Tensor, spill_rows: torch.Tensor, group: dist.ProcessGroup
+) -> torch.Tensor:
     """rows [2B, C, H, D] and spill rows [2B, h, H, D] of the two local chunks (row 2b + slot),
     as deliver(out, spill) returns them -> rows with each chunk's halo (its predecessor's
     spill) added to its first h rows, in place: the shard of the single-device scatter."""

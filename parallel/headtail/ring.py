@@ -24,12 +24,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lh_cp.ops.pyramid import accumulation_dtype
 from lh_cp.parallel.headtail.blocks import (
-    Accumulated, add_rows, backward_inputs, merges_per_chunk, own_block_forward, remote_backward,
+    Accumulated,
+    add_rows,
+    backward_inputs,
+    merges_per_chunk,
+    own_block_forward,
+    remote_backward,
 )
 from lh_cp.parallel.headtail.sharding import local_chunk_ids
 from lh_cp.parallel.transport import ring_shift
-from lh_cp.pyramid import accumulation_dtype
 
 # Distinct tags keep the K/V and the dK/dV transfers of one step apart on backends that match
 # messages by tag (gloo); both are posted in the same order on every rank.
@@ -70,14 +75,25 @@ def ring_backward(dout, q, k, v, out, lse, group):
     blocks = _key_blocks(rank, world)
     dq, dk, dv = grads.block_backward(k, v, True)
     if max(merges_per_chunk(local_chunk_ids(rank, world), blocks)) > 1:
-        dq = dq.to(acc)  # several remote parts for a chunk: summed in float32, rounded once at the end
-    contribution = torch.stack([dk, dv]).to(acc)  # [2, B, Hk, 2S, D], this rank's share of its own block
+        dq = dq.to(
+            acc
+        )  # several remote parts for a chunk: summed in float32, rounded once at the end
+    contribution = torch.stack([dk, dv]).to(
+        acc
+    )  # [2, B, Hk, 2S, D], this rank's share of its own block
     grad_pending = ring_shift(contribution, group, _GRAD_TAG, "dkv_backward")
     for step, kv_ids in enumerate(blocks, start=1):
         (current,) = kv_pending.wait()
-        kv_pending = ring_shift(current, group, _KV_TAG, "kv_backward") if step < world - 1 else None
+        kv_pending = (
+            ring_shift(current, group, _KV_TAG, "kv_backward") if step < world - 1 else None
+        )
         contribution = torch.zeros(current.shape, dtype=acc, device=q.device)
-        add_rows(dq, remote_backward(grads, current, local_chunk_ids(rank, world), kv_ids, length, contribution))
+        add_rows(
+            dq,
+            remote_backward(
+                grads, current, local_chunk_ids(rank, world), kv_ids, length, contribution
+            ),
+        )
         # The accumulator for this block arrives from rank r - 1 while we computed.
         (incoming,) = grad_pending.wait()
         contribution += incoming

@@ -31,18 +31,24 @@ def _check_divisible(n: int, world: int) -> None:
         )
 
 
-def head_tail_positions(seq_len: int, rank: int, world: int, device: torch.device | str | None = None) -> torch.Tensor:
+def head_tail_positions(
+    seq_len: int, rank: int, world: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Global positions (int64 [seq_len / W]) of the tokens rank `rank` holds, in local order."""
     _check_divisible(seq_len, world)
     chunk = seq_len // (2 * world)
     first, second = local_chunk_ids(rank, world)
     return torch.cat(
-        [torch.arange(first * chunk, (first + 1) * chunk, device=device),
-         torch.arange(second * chunk, (second + 1) * chunk, device=device)]
+        [
+            torch.arange(first * chunk, (first + 1) * chunk, device=device),
+            torch.arange(second * chunk, (second + 1) * chunk, device=device),
+        ]
     )
 
 
-def shard_positions(seq_len: int, group: dist.ProcessGroup, device: torch.device | str | None = None) -> torch.Tensor:
+def shard_positions(
+    seq_len: int, group: dist.ProcessGroup, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Global positions of this rank's shard of a `seq_len` sequence (for RoPE): int64 [N / W]."""
     return head_tail_positions(seq_len, dist.get_rank(group), dist.get_world_size(group), device)
 
@@ -68,7 +74,10 @@ def _gathered_to_sequence(gathered: torch.Tensor, world: int) -> torch.Tensor:
 def _sequence_to_gathered(x: torch.Tensor, world: int) -> torch.Tensor:
     """Inverse of _gathered_to_sequence: [2W * C, ...] -> [W, 2, C, ...]."""
     chunks = x.chunk(2 * world, dim=0)
-    per_rank = [torch.stack([chunks[a], chunks[b]]) for a, b in (local_chunk_ids(r, world) for r in range(world))]
+    per_rank = [
+        torch.stack([chunks[a], chunks[b]])
+        for a, b in (local_chunk_ids(r, world) for r in range(world))
+    ]
     return torch.stack(per_rank)
 
 
@@ -97,6 +106,8 @@ class _Unshard(torch.autograd.Function):
 def unshard_sequence(x_loc: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> torch.Tensor:
     """Full tensor from every rank's head-tail shard along `dim` (all-gather, differentiable)."""
     if x_loc.shape[dim] % 2 != 0:
-        raise ValueError(f"a head-tail shard holds two equal chunks: its length {x_loc.shape[dim]} along dim {dim} must be even")
+        raise ValueError(
+            f"a head-tail shard holds two equal chunks: its length {x_loc.shape[dim]} along dim {dim} must be even"
+        )
     moved = x_loc.movedim(dim, 0).contiguous()  # [2C, ...]
     return _Unshard.apply(moved, group).movedim(0, dim)

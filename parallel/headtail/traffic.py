@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-from lh_cp.config import LighthouseConfig
+from lh_cp.ops.config import LighthouseConfig
 from lh_cp.parallel.headtail.attention import chunk_config
 from lh_cp.parallel.headtail.exchange import exchange_function
 
@@ -60,7 +60,9 @@ def _grad_bytes(dtype_bytes: int) -> int:
     return 8 if dtype_bytes == 8 else 4
 
 
-def _exchange_bytes(block_elements: int, world: int, dtype_bytes: int, exchange: str) -> dict[str, int]:
+def _exchange_bytes(
+    block_elements: int, world: int, dtype_bytes: int, exchange: str
+) -> dict[str, int]:
     """Traffic of one exchange of a K+V block of `block_elements` elements per rank."""
     exchange_function(exchange)  # a known exchange
     if world == 1:
@@ -126,7 +128,15 @@ def _length_label(n: int) -> str:
 
 
 def traffic_table(
-    lengths: list[int], world: int, cfg: LighthouseConfig, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int
+    lengths: list[int],
+    world: int,
+    cfg: LighthouseConfig,
+    *,
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype_bytes: int,
 ) -> str:
     """A markdown table, one row per sequence length."""
     rank = 1 if world > 2 else 0
@@ -138,7 +148,9 @@ def traffic_table(
     shape = dict(batch=batch, head_dim=head_dim, dtype_bytes=dtype_bytes)
     for n in lengths:
         ring = lighthouse_cp_bytes(n, world, rank, cfg, heads=heads, exchange="ring", **shape)
-        gather = lighthouse_cp_bytes(n, world, rank, cfg, heads=heads, exchange="allgather", **shape)
+        gather = lighthouse_cp_bytes(
+            n, world, rank, cfg, heads=heads, exchange="allgather", **shape
+        )
         dense = dense_cp_bytes(n, world, kv_heads=kv_heads, exchange="ring", **shape)
         rows.append(
             f"| {_length_label(n)} | {cfg.selected_length(n)} | {ring.forward / MIB:.1f} MiB | {ring.total / MIB:.1f} MiB "
@@ -151,7 +163,9 @@ def traffic_table(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=8, help="CP degree W")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024]
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=8)
@@ -162,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--topk", type=int, default=2048)
     parser.add_argument("--tile-budget", type=int, default=128)
     args = parser.parse_args(argv)
-    cfg = LighthouseConfig(pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget)
+    cfg = LighthouseConfig(
+        pool=args.pool, levels=args.levels, topk=args.topk, tile_budget=args.tile_budget
+    )
     print(
         f"Bytes sent by one interior rank per attention layer, forward and backward; W={args.world}, "
         f"B={args.batch}, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, {args.dtype_bytes}-byte "
@@ -172,8 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         traffic_table(
-            args.lengths, args.world, cfg, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
-            head_dim=args.head_dim, dtype_bytes=args.dtype_bytes,
+            args.lengths,
+            args.world,
+            cfg,
+            batch=args.batch,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            dtype_bytes=args.dtype_bytes,
         )
     )
 

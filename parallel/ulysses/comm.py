@@ -22,7 +22,9 @@ def _all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Row j of x [W, ...] goes to rank j; row i of the result came from rank i."""
     world = dist.get_world_size(group)
     if x.shape[0] != world:
-        raise ValueError(f"all-to-all expects a leading dim equal to the group size {world}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"all-to-all expects a leading dim equal to the group size {world}, got {tuple(x.shape)}"
+        )
     x = x.contiguous()
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=group)

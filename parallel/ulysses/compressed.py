@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.attention import check_qkv
-from lh_cp.compress import causal_sdpa, compress, selection_carry
-from lh_cp.config import LighthouseConfig
+from lh_cp.ops.attention import check_qkv
+from lh_cp.ops.compress import compress, entries_sdpa, selection_carry
+from lh_cp.ops.config import LighthouseConfig
 from lh_cp.parallel.selection_carry import preceding_thresholds
 from lh_cp.parallel.spill import add_to_first_rows
 from lh_cp.parallel.ulysses.comm import all_to_all_rows, shift_to_next_rank
@@ -40,13 +40,19 @@ def check_heads_divisible(heads: int, world: int) -> None:
 def shard_config(cfg: LighthouseConfig, shard_len: int, world: int) -> LighthouseConfig:
     """The config that selects inside one contiguous shard of `shard_len` tokens as `cfg` does
     on N = W * shard_len (LighthouseConfig.for_pieces): each rank compresses its own shard."""
-    return cfg.for_pieces(shard_len * world, world, "each contiguous shard (compressed Ulysses compresses it on its own rank)")
+    return cfg.for_pieces(
+        shard_len * world,
+        world,
+        "each contiguous shard (compressed Ulysses compresses it on its own rank)",
+    )
 
 
 def _shards_to_heads(entries: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[P, B, H, S_c, D] (this shard, all heads) -> [P, B, H/W, W * S_c, D] (all shards, my heads)."""
     world = dist.get_world_size(group)
-    send = entries.unflatten(2, (world, -1)).permute(2, 0, 1, 3, 4, 5)  # [W (head group), P, B, H/W, S_c, D]
+    send = entries.unflatten(2, (world, -1)).permute(
+        2, 0, 1, 3, 4, 5
+    )  # [W (head group), P, B, H/W, S_c, D]
     recv = all_to_all_rows(send, group)  # [W (source shard), P, B, H/W, S_c, D]
     return recv.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
 
@@ -60,7 +66,11 @@ def _heads_to_shards(out: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
 
 
 def compressed_ulysses_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig, group: dist.ProcessGroup
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: LighthouseConfig,
+    group: dist.ProcessGroup,
 ) -> torch.Tensor:
     """Lighthouse attention of rank r's contiguous shard: q [B, C, H, D], k/v [B, C, Hkv, D] -> [B, C, H, D].
 
@@ -78,13 +88,17 @@ def compressed_ulysses_attention(
     if local_cfg.uses_thresholds:
         # The causal selection's first tile of shard r starts from shard r-1's last tile.
         carry = selection_carry(q, k, v, local_cfg).unsqueeze(0)  # [1, B, H, L-1, 2]
-        preceding = preceding_thresholds(carry, [dist.get_rank(group)], lambda shard: (shard, 0), group)[0]
-    local = compress(q, k, v, local_cfg, preceding=preceding)  # [B, H, S_c, D] each, spans local to the shard; k, v per query head
+        preceding = preceding_thresholds(
+            carry, [dist.get_rank(group)], lambda shard: (shard, 0), group
+        )[0]
+    local = compress(
+        q, k, v, local_cfg, preceding=preceding
+    )  # [B, H, S_c, D] each, spans local to the shard; k, v per query head
     entries = torch.stack([local.q, local.k, local.v])  # [3, B, H, S_c, D]
     q_all, k_all, v_all = _shards_to_heads(entries, group)  # each [B, H/W, W * S_c, D]
     # Shards are contiguous and each one's entries are sorted by the causal key, so the
     # concatenation in rank order is the single-device causal order.
-    out_entries = _heads_to_shards(causal_sdpa(q_all, k_all, v_all), group)  # [B, H, S_c, D]
+    out_entries = _heads_to_shards(entries_sdpa(q_all, k_all, v_all), group)  # [B, H, S_c, D]
 
     # The shard's C rows and, apart, its c_L - 1 spill rows, which go to rank r + 1 and are
     # added to its first rows there.

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lh_cp.attention import causal_attention, check_qkv, lighthouse_attention
-from lh_cp.config import LighthouseConfig
+from lh_cp.ops.attention import check_qkv, single_device_causal, single_device_lighthouse
+from lh_cp.ops.config import LighthouseConfig
 from lh_cp.parallel.ulysses.compressed import check_heads_divisible
 
 
@@ -38,8 +38,8 @@ class LocalAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.cfg is None:
-            return causal_attention(q, k, v)
-        return lighthouse_attention(q, k, v, self.cfg)
+            return single_device_causal(q, k, v)
+        return single_device_lighthouse(q, k, v, self.cfg)
 
 
 def kv_heads_for_ulysses(heads: int, kv_heads: int, world: int) -> int:
@@ -84,7 +84,11 @@ class UlyssesAttention(nn.Module):
 
 
 def ulysses_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig | None, group: dist.ProcessGroup
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: LighthouseConfig | None,
+    group: dist.ProcessGroup,
 ) -> torch.Tensor:
     """Functional UlyssesAttention: q [B, C, H, D], k/v [B, C, Hkv, D] -> [B, C, H, D]."""
     return UlyssesAttention(cfg, group)(q, k, v)

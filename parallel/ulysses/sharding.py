@@ -15,7 +15,9 @@ from lh_cp.parallel.transport import all_gather
 
 def _shard_length(n: int, world: int) -> int:
     if n % world != 0:
-        raise ValueError(f"Ulysses shards the sequence contiguously: N={n} must be a multiple of W={world}")
+        raise ValueError(
+            f"Ulysses shards the sequence contiguously: N={n} must be a multiple of W={world}"
+        )
     return n // world
 
 
@@ -25,7 +27,9 @@ def ulysses_shard(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> to
     return x.narrow(dim, dist.get_rank(group) * shard, shard)
 
 
-def ulysses_positions(n: int, group: dist.ProcessGroup, device: torch.device | str | None = None) -> torch.Tensor:
+def ulysses_positions(
+    n: int, group: dist.ProcessGroup, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Global positions (int64 [N / W]) of this rank's tokens, for RoPE."""
     shard = _shard_length(n, dist.get_world_size(group))
     start = dist.get_rank(group) * shard

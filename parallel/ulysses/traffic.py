@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lh_cp.config import LighthouseConfig
-from lh_cp.parallel.ulysses.plain import kv_heads_for_ulysses
+from lh_cp.ops.config import LighthouseConfig
 from lh_cp.parallel.ulysses.compressed import check_heads_divisible, shard_config
+from lh_cp.parallel.ulysses.plain import kv_heads_for_ulysses
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,20 @@ class UlyssesBytes:
 
     @property
     def total(self) -> int:
-        return (self.alltoall_forward + self.alltoall_backward + self.halo_forward + self.halo_backward
-                + self.selection_thresholds)
+        return (
+            self.alltoall_forward
+            + self.alltoall_backward
+            + self.halo_forward
+            + self.halo_backward
+            + self.selection_thresholds
+        )
 
 
 def _check_length(n: int, world: int) -> int:
     if n % world != 0:
-        raise ValueError(f"Ulysses shards the sequence contiguously: N={n} must be a multiple of W={world}")
+        raise ValueError(
+            f"Ulysses shards the sequence contiguously: N={n} must be a multiple of W={world}"
+        )
     return n // world
 
 
@@ -66,7 +73,15 @@ def plain_ulysses_bytes(
 
 
 def compressed_ulysses_bytes(
-    n: int, world: int, rank: int, cfg: LighthouseConfig, *, batch: int, heads: int, head_dim: int, dtype_bytes: int
+    n: int,
+    world: int,
+    rank: int,
+    cfg: LighthouseConfig,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype_bytes: int,
 ) -> UlyssesBytes:
     """Bytes rank `rank` sends in one layer of compressed Ulysses at sequence length n.
 
@@ -84,7 +99,9 @@ def compressed_ulysses_bytes(
         alltoall_backward=per_direction,
         halo_forward=spill if rank < world - 1 else 0,
         halo_backward=spill if rank > 0 else 0,
-        selection_thresholds=(world - 1) * batch * heads * (cfg.levels - 1) * 2 * 4 if cfg.uses_thresholds else 0,
+        selection_thresholds=(world - 1) * batch * heads * (cfg.levels - 1) * 2 * 4
+        if cfg.uses_thresholds
+        else 0,
     )
 
 
@@ -110,7 +127,13 @@ def traffic_table(
     ]
     for n in lengths:
         plain = plain_ulysses_bytes(
-            n, world, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes
+            n,
+            world,
+            batch=batch,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype_bytes=dtype_bytes,
         ).total
         compressed = compressed_ulysses_bytes(
             n, world, 1, cfg, batch=batch, heads=heads, head_dim=head_dim, dtype_bytes=dtype_bytes

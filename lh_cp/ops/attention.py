@@ -1,0 +1,110 @@
+"""Single-device attention: Lighthouse (compress, causal SDPA over the entries, deliver) and
+dense causal attention. Nothing here talks to other ranks; the public functions with `cp=`
+(lh_cp/api.py) dispatch to lh_cp.parallel, and lh_cp.parallel.ContextParallel offers the same
+two methods as SingleDevice below.
+
+Layouts follow the public API: q [B, N, H, D], k and v [B, N, Hkv, D], output [B, N, H, D].
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from lh_cp.ops.compress import Compressed, compress, entries_sdpa
+from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.entries import Selection, check_heads
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Shapes, dtypes and devices every attention entry point requires."""
+    check_heads(q, k)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not q.is_floating_point():
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+
+
+def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA on [B, H, S, D] tensors (k, v may have fewer heads: GQA), scale 1/sqrt(D)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def _attend(entries: Compressed) -> torch.Tensor:
+    """Causal SDPA over the entries, delivered onto the N token rows: [B, N, H, D]. Entries are
+    sorted by the causal key, so "key_i <= key_j" is plain position causality."""
+    return entries.deliver(entries_sdpa(entries.q, entries.k, entries.v))[0]
+
+
+def attend_selected(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: Selection, cfg: LighthouseConfig
+) -> torch.Tensor:
+    """Lighthouse attention with a given selection (differentiable in q, k, v): [B, N, H, D]."""
+    check_qkv(q, k, v)
+    return _attend(compress(q, k, v, cfg, selection=sel))
+
+
+def single_device_lighthouse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+) -> torch.Tensor:
+    """Lighthouse attention (LIGHTHOUSE.md) on one device: q [B, N, H, D], k/v [B, N, Hkv, D]
+    -> [B, N, H, D]. The selection is computed without gradient from float32 norms; gradients
+    flow through pooling, gather, SDPA and scatter."""
+    check_qkv(q, k, v)
+    return _attend(compress(q, k, v, cfg))
+
+
+def single_device_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention on one device: q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D]."""
+    check_qkv(q, k, v)
+    out = _dense_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+Fn = TypeVar("Fn", bound=Callable)
+
+
+def opaque_to_compile(fn: Fn) -> Fn:
+    """`fn` runs as one opaque call under torch.compile (torch.compiler.disable, applied while
+    tracing) and as itself in eager mode. Applying torch.compiler.disable when the module is
+    imported would import torch._dynamo, and with it triton, on every `import lh_cp`."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+class SingleDevice:
+    """The attention of a model that is not split over ranks. A model's attention modules call
+    `context.lighthouse(q, k, v, cfg)` or `context.dense(q, k, v)` on this, or on the
+    lh_cp.parallel.ContextParallel that parallelize hands them, without knowing which.
+
+    Under torch.compile the Lighthouse call is one opaque step (opaque_to_compile): its
+    selection is data-dependent (sorting, the finiteness check's host sync) and would split the
+    block's graph a dozen times; this way a compiled block breaks once, at attention."""
+
+    @opaque_to_compile
+    def lighthouse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+    ) -> torch.Tensor:
+        return single_device_lighthouse(q, k, v, cfg)
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return single_device_causal(q, k, v)
+
+
+SINGLE_DEVICE = SingleDevice()
