@@ -533,7 +533,8 @@ def plot(result_path: Path) -> list[Path]:
 def format_table(result: dict) -> str:
     rows = [
         "| arm | seeds | final dense-mode val loss (per seed) | mean | std | paired minus baseline: mean (std) | "
-        "jump at switch | crossing step | leak t+1 (nats) | leak t+2..4 | tokens/s alone (LH / dense) | train time alone |",
+        "jump at switch | crossing step | leak t+1 (nats) | leak t+2..4 | tokens/s alone (LH / "
+        "dense) | train time alone |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -545,11 +546,14 @@ def format_table(result: dict) -> str:
         rows.append(
             f"| {name} | {len(arm['seeds'])} | {', '.join(num(v) for v in arm['final_dense_val_loss'])} | "
             f"{num(arm['final_dense_val_loss_mean'])} | {num(arm['final_dense_val_loss_std'])} | "
-            f"{num(arm.get('paired_minus_baseline_mean'), '+.4f')} ({num(arm.get('paired_minus_baseline_std'))}) vs {arm['baseline']} | "
+            f"{num(arm.get('paired_minus_baseline_mean'), '+.4f')} "
+            f"({num(arm.get('paired_minus_baseline_std'))}) vs {arm['baseline']} | "
             f"{num(arm['switch_jump_train_nats'], '+.3f')} | "
-            f"{arm['crossing_step'] if arm['crossing_step'] is not None else '-'} | {num(arm['leak_next_token_nats'], '+.4f')} | "
+            f"{arm['crossing_step'] if arm['crossing_step'] is not None else '-'} | "
+            f"{num(arm['leak_next_token_nats'], '+.4f')} | "
             f"{num(arm['leak_near_future_nats'], '+.4f')} | "
-            f"{num(rates.get('lighthouse') if arm['lighthouse_steps'] else None, ',.0f')} / {num(rates.get('dense'), ',.0f')} | "
+            f"{num(rates.get('lighthouse') if arm['lighthouse_steps'] else None, ',.0f')} / "
+            f"{num(rates.get('dense'), ',.0f')} | "
             f"{num(arm['train_wall_s_alone'], '.0f')} s |"
         )
     return "\n".join(rows)

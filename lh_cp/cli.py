@@ -85,7 +85,8 @@ def _add_recipe_command(subparsers, name: str, help_text: str) -> argparse.Argum
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one recipe value (TOML syntax; repeatable), e.g. --set data.seq_len=2048 --set stages.1.steps=10",
+        help="override one recipe value (TOML syntax; repeatable), "
+        "e.g. --set data.seq_len=2048 --set stages.1.steps=10",
     )
     return p
 

@@ -65,6 +65,7 @@ def agree_on_call(
         ]
         if differing:
             raise ValueError(
-                f"the ranks of the context-parallel group call attention with different inputs ({'; '.join(differing)}); "
+                "the ranks of the context-parallel group call attention with different inputs "
+                f"({'; '.join(differing)}); "
                 f"every rank must pass its shard of the same sequence with the same configuration"
             )

@@ -173,7 +173,10 @@ class ContextParallel:
         return causal_attention_cp(q, k, v, self.group, self.dense_exchange)
 
     def __repr__(self) -> str:
-        return f"ContextParallel(world={self.world}, exchange={self.exchange!r}, dense_exchange={self.dense_exchange!r})"
+        return (
+            f"ContextParallel(world={self.world}, exchange={self.exchange!r}, "
+            f"dense_exchange={self.dense_exchange!r})"
+        )
 
 
 def attach_context_parallel(model: torch.nn.Module, context) -> int:

@@ -235,8 +235,8 @@ def test_deepspeed_ulysses_equals_single_process(world):
         assert result["positions"] == list(range(rank * SHARD, (rank + 1) * SHARD))
         rejections = result["rejections"]
         assert (
-            f"shard (compressed Ulysses compresses it on its own rank) of {24 * world} / {world} = 24 tokens must be a multiple of the tile size T="
-            in rejections["compressed_tiles"]
+            f"shard (compressed Ulysses compresses it on its own rank) of {24 * world} / {world} "
+            "= 24 tokens must be a multiple of the tile size T=" in rejections["compressed_tiles"]
         )
         for name in ("compressed_heads", "ulysses_heads"):
             assert f"H=3 is not a multiple of W={world}" in rejections[name]

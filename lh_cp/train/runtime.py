@@ -5,8 +5,9 @@ path: FSDP2, DCP checkpoints and the loss normaliser behave the same at any worl
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read here and
 (the store's address, for the watchdog) in lh_cp/parallel/watchdog.py. Every group of the run
 gets parallel.timeout_s; the ranks check that they run the same recipe, world layout and
-software before anything else (lh_cp.parallel.agreement). Under parallel.engine = "deepspeed" DeepSpeed's communication layer is started
-on top of the same process group (the `deepspeed` launcher sets the same variables).
+software before anything else (lh_cp.parallel.agreement). Under parallel.engine = "deepspeed"
+DeepSpeed's communication layer is started on top of the same process group (the `deepspeed`
+launcher sets the same variables).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-import lh_cp
 from lh_cp.parallel import ContextParallel, build_mesh
 from lh_cp.parallel.agreement import agree_on_run
 from lh_cp.parallel.mesh import GROUP_AXES
 from lh_cp.parallel.watchdog import Watchdog
 from lh_cp.train.recipe import Recipe, RecipeError
+from lh_cp.version import __version__
 
 
 def launched_world_size() -> int:
@@ -146,7 +147,7 @@ def run_fingerprint(recipe: Recipe, world_size: int) -> dict:
         **_flatten(asdict(recipe)),
         "world_size": world_size,
         "torch": torch.__version__,
-        "lh_cp": lh_cp.__version__,
+        "lh_cp": __version__,
     }
 
 

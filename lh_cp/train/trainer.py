@@ -129,7 +129,8 @@ class Trainer:
         self.tokenizer = make_tokenizer(data)
         if self.tokenizer.vocab_size > recipe.model.vocab_size:
             raise ValueError(
-                f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens"
+                f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} tokens"
             )
         self.train_stream = token_stream(data, self.tokenizer, "train")
         self.val_stream = token_stream(data, self.tokenizer, "validation")

@@ -153,7 +153,8 @@ def traffic_table(
         )
         dense = dense_cp_bytes(n, world, kv_heads=kv_heads, exchange="ring", **shape)
         rows.append(
-            f"| {_length_label(n)} | {cfg.selected_length(n)} | {ring.forward / MIB:.1f} MiB | {ring.total / MIB:.1f} MiB "
+            f"| {_length_label(n)} | {cfg.selected_length(n)} | {ring.forward / MIB:.1f} MiB | "
+            f"{ring.total / MIB:.1f} MiB "
             f"| {gather.total / MIB:.1f} MiB | {dense.forward / MIB:.1f} MiB | {dense.total / MIB:.1f} MiB "
             f"| {dense.total / ring.total:.1f}x |"
         )

@@ -108,7 +108,7 @@ def compressed_ulysses_bytes(
 def traffic_table(
     lengths: tuple[int, ...] = (131072, 262144, 524288, 1048576),
     world: int = 8,
-    cfg: LighthouseConfig = LighthouseConfig(pool=4, levels=3, topk=2048, tile_budget=128),
+    cfg: LighthouseConfig | None = None,
     *,
     batch: int = 1,
     heads: int = 8,
@@ -120,6 +120,7 @@ def traffic_table(
 
     The compressed column is an interior rank (it sends the halo both ways, the most of any rank).
     """
+    cfg = cfg or LighthouseConfig(pool=4, levels=3, topk=2048, tile_budget=128)
     mib = 2.0**20
     rows = [
         "| N | tokens per rank C | entries per rank S_c | plain Ulysses MiB | compressed MiB | compressed / plain |",
