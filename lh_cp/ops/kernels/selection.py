@@ -456,9 +456,11 @@ def select_plan(
     cfg: LighthouseConfig,
     v: torch.Tensor | None = None,
     preceding: torch.Tensor | None = None,
+    restart: torch.Tensor | None = None,
 ):
     """Selection from token scores: q [B, H, N], k [B, Hkv, N] float32 (H % Hkv == 0);
-    `preceding` as in lh_cp.ops.select.select_from_scores (causal selection only).
+    `preceding` and `restart` as in selection_reference.select_from_scores (causal selection
+    only).
 
     Returns (plan, start int32, level int8, internal int8), the last three [B, H, S] in causal
     order. Non-finite scores (and v, when given) raise, as in the reference (check_finite).
@@ -487,7 +489,7 @@ def select_plan(
         if kv_heads != heads:
             k_levels = [x.repeat_interleave(heads // kv_heads, dim=1) for x in k_levels]
         thresholds = thresholds_in_use(
-            causal_thresholds(q_levels, k_levels, cfg, tile), preceding
+            causal_thresholds(q_levels, k_levels, cfg, tile), preceding, restart
         ).contiguous()
     else:
         thresholds = q_pyr  # not read
