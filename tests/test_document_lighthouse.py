@@ -169,6 +169,21 @@ def test_worked_example_of_section_12():
     # gives up its last tile.
     shorter = document_regions([0, 5, 25, 32], 1, 32, cfg)[1]
     assert (shorter.region_start, shorter.region_end) == (8, 16)
+    # The table: unit norms except q at 10 and 16, k at 12 and 22 (they win level 2).
+    q = torch.nn.functional.normalize(torch.randn(1, 32, 1, 4, dtype=torch.float64), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(1, 32, 1, 4, dtype=torch.float64), dim=-1)
+    v = torch.randn(1, 32, 1, 4, dtype=torch.float64)
+    q[0, [10, 16]] *= 5
+    k[0, [12, 22]] *= 5
+    want, entries = naive_lighthouse_documents(q, k, v, 2, 3, 8, 2, bounds)
+    table = [(15, 5, 6), (18, 6, 7), (21, 7, 8), (24, 8, 10), (30, 10, 11), (33, 11, 12)]
+    table += [(34, 10, 12), (35, 8, 12), (36, 12, 13), (39, 13, 14), (40, 12, 14), (42, 14, 16)]
+    table += [(47, 12, 16), (48, 16, 17), (51, 17, 18), (52, 16, 18), (54, 18, 20), (59, 16, 20)]
+    table += [(60, 20, 22), (66, 22, 23), (69, 23, 24), (70, 22, 24), (71, 20, 24)]
+    table += [(3 * t, t, t + 1) for t in range(24, 29)]
+    assert [(key, s, e) for key, s, e, _, _ in entries[0, 0, 1]] == table
+    got = lighthouse_attention(q, k, v, cfg, documents=_docs(bounds))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
