@@ -163,7 +163,7 @@ def test_worked_example_of_section_12():
         (29, 32, 29, 29),
     ]
     plan = plan_documents(bounds, 1, 32, cfg, torch.device("cpu"))
-    assert plan.bounds.tolist() == [0, 5, 33, 36]  # 5 tokens; 3 + 2 x 10 + 5; 3 tokens
+    assert plan.bounds == [0, 5, 33, 36]  # 5 tokens; 3 + 2 x 10 + 5; 3 tokens
     assert plan.restart.tolist() == [[False, True, False, False]]
     # The tail rule: ending at 25, one token past the tile end (< c_L - 1 = 3), the region
     # gives up its last tile.

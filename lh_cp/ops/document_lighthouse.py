@@ -71,68 +71,141 @@ def document_regions(
 
 
 @dataclass(frozen=True)
-class DocumentPlan:
-    """Where every row of the packed causal attention comes from, for one batch.
+class ChunkStream:
+    """The packed rows of one chunk of one window (a whole window on one device, a head-tail
+    chunk under CP): the pieces of the documents that meet the chunk, in order, each in
+    causal-key order (head tokens, region entries, tail tokens).
 
-    The packed stream holds the documents one after another, each in causal-key order: head
-    tokens, region entries, tail tokens. token_rows / entry_rows: int64 flat indices into the
-    batch's token rows (b * N + t) and entry rows (b * S + j, j in causal order); token_slots /
-    entry_slots: their rows in the packed stream; bounds: int32 cumulative lengths of the
-    packed documents; restart: bool [B, tiles], the first tile of each region (None when no
-    document has a region, and the layer is dense).
+    token_positions / token_slots: chunk-local positions of the token entries and their rows in
+    the stream; entry_indices / entry_slots: chunk-local entry indices (tile i of the chunk holds
+    entries [i E, (i+1) E) in causal order) and their rows; pieces: (document index, first row,
+    end row) per document; restart_tiles: chunk-local tiles where a region starts."""
+
+    token_positions: np.ndarray
+    token_slots: np.ndarray
+    entry_indices: np.ndarray
+    entry_slots: np.ndarray
+    pieces: list[tuple[int, int, int]]
+    restart_tiles: list[int]
+    length: int
+
+
+def chunk_stream(
+    regions: list[DocumentRegion],
+    window: int,
+    first: int,
+    chunk: int,
+    cfg: LighthouseConfig,
+    n: int,
+) -> ChunkStream:
+    """The ChunkStream of window positions [first, first + chunk) (a multiple of the tile
+    size T = cfg.tile_size(n) apart), from the window's document regions."""
+    tile, per_tile = cfg.tile_size(n), cfg.entries_per_tile(n)
+    end = first + chunk
+    tokens, token_slots, entries, entry_slots, pieces, restart = [], [], [], [], [], []
+    length = 0
+    for index, doc in enumerate(regions):
+        if doc.window != window or doc.end <= first or doc.start >= end:
+            continue
+        head = np.arange(max(doc.start, first), min(doc.region_start, end))
+        region = np.arange(max(doc.region_start, first), min(doc.region_end, end), tile)
+        tail_from = doc.region_end if doc.has_region else doc.start
+        tail = np.arange(max(tail_from, first), min(doc.end, end))
+        region_entries = (
+            ((region - first) // tile * per_tile)[:, None] + np.arange(per_tile)
+        ).ravel()
+        lo = length
+        tokens += [head - first, tail - first]
+        token_slots += [
+            lo + np.arange(len(head)),
+            lo + len(head) + len(region_entries) + np.arange(len(tail)),
+        ]
+        entries.append(region_entries)
+        entry_slots.append(lo + len(head) + np.arange(len(region_entries)))
+        length = lo + len(head) + len(region_entries) + len(tail)
+        pieces.append((index, lo, length))
+        if doc.has_region and first <= doc.region_start < end:
+            restart.append((doc.region_start - first) // tile)
+
+    def joined(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    return ChunkStream(
+        joined(tokens),
+        joined(token_slots),
+        joined(entries),
+        joined(entry_slots),
+        pieces,
+        restart,
+        length,
+    )
+
+
+@dataclass(frozen=True)
+class DocumentPlan:
+    """Where every row of the packed causal attention comes from, for the chunk rows of one
+    call (the B windows on one device; a rank's 2B head-tail chunks under CP).
+
+    The packed stream is the rows' ChunkStreams one after another. token_rows / entry_rows:
+    int64 flat indices into the call's token rows (row * chunk + t) and entry rows (row * S +
+    j, j in causal order); token_slots / entry_slots: their rows in the packed stream; pieces:
+    (document index, first row, end row) of every document piece in the stream; restart: bool
+    [rows, tiles], the first tile of each region (None when no piece has one: the layer is
+    then dense).
     """
 
     token_rows: torch.Tensor
     token_slots: torch.Tensor
     entry_rows: torch.Tensor
     entry_slots: torch.Tensor
-    bounds: torch.Tensor
+    pieces: list[tuple[int, int, int]]
     restart: torch.Tensor | None
     length: int
-    longest: int
+
+    @property
+    def bounds(self) -> list[int]:
+        """Cumulative lengths of the pieces (on one device every document is one piece)."""
+        return [0] + [end for _, _, end in self.pieces]
 
 
-def plan_documents(
-    bounds: list[int], batch: int, n: int, cfg: LighthouseConfig, device: torch.device
+def plan_streams(
+    streams: list[ChunkStream], chunk: int, entries_per_row: int, tiles: int, device: torch.device
 ) -> DocumentPlan:
-    """DocumentPlan of a checked batch (check_documents' bounds), built on the host with numpy."""
-    tile = cfg.tile_size(n)
-    per_tile = cfg.entries_per_tile(n)
-    s = cfg.selected_length(n)
-    regions = document_regions(bounds, batch, n, cfg)
-    token_rows, token_slots, entry_rows, entry_slots, packed = [], [], [], [], [0]
-    restart = np.zeros((batch, cfg.tiles), dtype=bool)
-    for doc in regions:
-        slot = packed[-1]
-        base = doc.window * n
-        head = np.arange(doc.start, doc.region_start) + base
-        tail = np.arange(doc.region_end if doc.has_region else doc.start, doc.end) + base
-        entries = np.arange(doc.region_start // tile * per_tile, doc.region_end // tile * per_tile)
-        token_rows += [head, tail]
-        token_slots += [
-            slot + np.arange(len(head)),
-            slot + len(head) + len(entries) + np.arange(len(tail)),
-        ]
-        entry_rows.append(entries + doc.window * s)
-        entry_slots.append(slot + len(head) + np.arange(len(entries)))
-        packed.append(slot + len(head) + len(entries) + len(tail))
-        if doc.has_region:
-            restart[doc.window, doc.region_start // tile] = True
-    lengths = np.diff(packed)
+    """The DocumentPlan of chunk rows holding these streams, in row order."""
+    token_rows, token_slots, entry_rows, entry_slots, pieces = [], [], [], [], []
+    restart = np.zeros((len(streams), tiles), dtype=bool)
+    offset = 0
+    for row, stream in enumerate(streams):
+        token_rows.append(stream.token_positions + row * chunk)
+        token_slots.append(stream.token_slots + offset)
+        entry_rows.append(stream.entry_indices + row * entries_per_row)
+        entry_slots.append(stream.entry_slots + offset)
+        pieces += [(doc, lo + offset, hi + offset) for doc, lo, hi in stream.pieces]
+        restart[row, stream.restart_tiles] = True
+        offset += stream.length
 
     def tensor(parts: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
+        return torch.from_numpy(np.concatenate(parts)).to(device)
 
     return DocumentPlan(
         token_rows=tensor(token_rows),
         token_slots=tensor(token_slots),
         entry_rows=tensor(entry_rows),
         entry_slots=tensor(entry_slots),
-        bounds=torch.tensor(packed, dtype=torch.int32, device=device),
+        pieces=pieces,
         restart=torch.from_numpy(restart).to(device) if restart.any() else None,
-        length=int(packed[-1]),
-        longest=int(lengths.max()),
+        length=offset,
     )
+
+
+def plan_documents(
+    bounds: list[int], batch: int, n: int, cfg: LighthouseConfig, device: torch.device
+) -> DocumentPlan:
+    """The single-device DocumentPlan of a checked batch (check_documents' bounds): each
+    window one chunk, so each document one piece."""
+    regions = document_regions(bounds, batch, n, cfg)
+    streams = [chunk_stream(regions, b, 0, n, cfg, n) for b in range(batch)]
+    return plan_streams(streams, n, cfg.selected_length(n), cfg.tiles, device)
 
 
 def packed_causal(
@@ -184,7 +257,9 @@ def lighthouse_documents(
             for x in (entries.q, entries.k, entries.v)
         ]  # [B*S, H, D]
     packed = [_packed_rows(t, e, plan) for t, e in zip(token_rows, entry_rows)]
-    out = packed_causal(*packed, plan.bounds, plan.longest)  # [P, H, D]
+    bounds = plan.bounds
+    longest = max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]))
+    out = packed_causal(*packed, torch.tensor(bounds, dtype=torch.int32, device=q.device), longest)
     rows = out.new_zeros((batch * n, heads, dim))
     rows = rows.index_copy(0, plan.token_rows, out.index_select(0, plan.token_slots))
     rows = rows.view(batch, n, heads, dim)
