@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lh_cp.ops.compress import compress
+from lh_cp.ops.compress import Compressed, compress
 from lh_cp.ops.config import LighthouseConfig
 
 
@@ -225,10 +225,26 @@ def packed_causal(
     return torch.cat(outs)
 
 
-def _packed_rows(
+def token_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v [R, C, H or Hkv, D] as token entries [R*C, H, D]: a token entry of query head h
+    reads kv head h // group, as the pooled entries do."""
+    heads, dim = q.shape[2:]
+    group = heads // k.shape[2]
+    return [q.reshape(-1, heads, dim)] + [
+        x.repeat_interleave(group, dim=2).reshape(-1, heads, dim) for x in (k, v)
+    ]
+
+
+def entry_rows(entries: Compressed) -> list[torch.Tensor]:
+    """The pooled entries [R, H, S, D] of q, k, v as rows [R*S, H, D]."""
+    heads, dim = entries.q.shape[1], entries.q.shape[3]
+    return [x.transpose(1, 2).reshape(-1, heads, dim) for x in (entries.q, entries.k, entries.v)]
+
+
+def packed_rows(
     tokens: torch.Tensor, entries: torch.Tensor | None, plan: DocumentPlan
 ) -> torch.Tensor:
-    """The packed stream [P, H, D] from token rows [B*N, H, D] and entry rows [B*S, H, D]."""
+    """The packed stream [P, H, D] from token rows [R*C, H, D] and entry rows [R*S, H, D]."""
     packed = tokens.new_zeros((plan.length, *tokens.shape[1:]))
     packed = packed.index_copy(0, plan.token_slots, tokens.index_select(0, plan.token_rows))
     if entries is not None:
@@ -236,39 +252,43 @@ def _packed_rows(
     return packed
 
 
+def unpacked(
+    out: torch.Tensor,
+    plan: DocumentPlan,
+    rows: int,
+    chunk: int,
+    entries: Compressed | None,
+    spill: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The packed attention output [P, H, D] back on the R = `rows` chunk rows of `chunk` tokens:
+    token entries at their positions plus the region entries delivered (entries of tiles with
+    a document boundary deliver zeros) -> ([R, C, H, D], the delivery's spill rows [R, spill,
+    H, D] or None without entries)."""
+    heads, dim = out.shape[1:]
+    tokens = out.new_zeros((rows * chunk, heads, dim))
+    tokens = tokens.index_copy(0, plan.token_rows, out.index_select(0, plan.token_slots))
+    tokens = tokens.view(rows, chunk, heads, dim)
+    if entries is None:
+        return tokens, None
+    s = entries.q.shape[2]
+    placed = out.new_zeros((rows * s, heads, dim))
+    placed = placed.index_copy(0, plan.entry_rows, out.index_select(0, plan.entry_slots))
+    placed = placed.view(rows, s, heads, dim).transpose(1, 2).contiguous()  # [R, H, S, D]
+    delivered, spill_rows = entries.deliver(placed, spill)
+    return delivered + tokens, spill_rows
+
+
 def lighthouse_documents(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig, bounds: list[int]
 ) -> torch.Tensor:
     """Lighthouse attention with document masking (s.12) on one device: q [B, N, H, D], k/v
     [B, N, Hkv, D], `bounds` the checked document boundaries (check_documents) -> [B, N, H, D]."""
-    batch, n, heads, dim = q.shape
+    batch, n = q.shape[:2]
     plan = plan_documents(bounds, batch, n, cfg, q.device)
-    group = heads // k.shape[2]
-    # [B*N, H, D]: a token entry of query head h reads kv head h // group, as entries do
-    token_rows = [q.reshape(batch * n, heads, dim)] + [
-        x.repeat_interleave(group, dim=2).reshape(batch * n, heads, dim) for x in (k, v)
-    ]
-    entry_rows = [None, None, None]
-    if plan.restart is not None:
-        entries = compress(q, k, v, cfg, restart=plan.restart)
-        s = entries.q.shape[2]
-        entry_rows = [
-            x.transpose(1, 2).reshape(batch * s, heads, dim)
-            for x in (entries.q, entries.k, entries.v)
-        ]  # [B*S, H, D]
-    packed = [_packed_rows(t, e, plan) for t, e in zip(token_rows, entry_rows)]
+    entries = None if plan.restart is None else compress(q, k, v, cfg, restart=plan.restart)
+    sources = zip(token_rows(q, k, v), entry_rows(entries) if entries else [None] * 3)
+    packed = [packed_rows(t, e, plan) for t, e in sources]
     bounds = plan.bounds
     longest = max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]))
     out = packed_causal(*packed, torch.tensor(bounds, dtype=torch.int32, device=q.device), longest)
-    rows = out.new_zeros((batch * n, heads, dim))
-    rows = rows.index_copy(0, plan.token_rows, out.index_select(0, plan.token_slots))
-    rows = rows.view(batch, n, heads, dim)
-    if plan.restart is None:
-        return rows
-    out_entries = out.new_zeros((batch * s, heads, dim))
-    out_entries = out_entries.index_copy(0, plan.entry_rows, out.index_select(0, plan.entry_slots))
-    out_entries = (
-        out_entries.view(batch, s, heads, dim).transpose(1, 2).contiguous()
-    )  # [B, H, S, D]
-    delivered, _ = entries.deliver(out_entries)
-    return delivered + rows
+    return unpacked(out, plan, batch, n, entries)[0]
