@@ -155,7 +155,7 @@ def _add_export(subparsers) -> None:
     p.add_argument(
         "--allow-lighthouse-stage",
         action="store_true",
-        help="export a checkpoint from inside a Lighthouse stage (not a dense model: see README)",
+        help="export a checkpoint from inside a Lighthouse stage (not a dense model: see docs/quality.md)",
     )
 
 

@@ -243,8 +243,9 @@ def test_deepspeed_ulysses_equals_single_process(world):
 
 
 def test_deepspeed_compressed_traffic_table():
-    """The README configuration: compressed Ulysses sends under a fifth of plain Ulysses' bytes
-    on every rank; the accounting rejects the shapes the attention rejects."""
+    """The configuration of the docs/context_parallel.md table: compressed Ulysses sends under
+    a fifth of plain Ulysses' bytes on every rank; the accounting rejects the shapes the
+    attention rejects."""
     from lh_cp.parallel.ulysses.traffic import (
         compressed_ulysses_bytes,
         plain_ulysses_bytes,

@@ -14,7 +14,7 @@ with what the code actually sends. Conventions (they follow the implementation):
 - The causal selection (LIGHTHOUSE.md s.11) also all-gathers float32 thresholds, [B, H, L-1, 2]
   per chunk (selection_carry.py); the paper's selection sends none.
 
-`python -m lh_cp.parallel.headtail.traffic [--world 8] [--heads 8] ...` prints the README table
+`python -m lh_cp.parallel.headtail.traffic [--world 8] [--heads 8] ...` prints the table of docs/context_parallel.md
 (Lighthouse versus dense, an interior rank; MiB = 2**20 bytes).
 """
 

@@ -14,7 +14,7 @@ Counts follow the implementations (forward and backward of one layer, per rank):
   selection (LIGHTHOUSE.md s.11) adds a forward all-gather of float32 thresholds [B, H, L-1, 2]
   per shard (selection_carry.py), counted as selection_thresholds.
 
-`python -m lh_cp.parallel.ulysses.traffic` prints the README table.
+`python -m lh_cp.parallel.ulysses.traffic` prints the table of docs/context_parallel.md.
 """
 
 from __future__ import annotations

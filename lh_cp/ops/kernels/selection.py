@@ -101,7 +101,7 @@ def _causal_refine(
     BUD: tl.constexpr,
 ):
     """One block of candidates (index order) of the causal selection (LIGHTHOUSE.md s.11; twin:
-    lh_cp.ops.select.refine_causal). All flags are int32 0/1; the seen_* counters carry the block's
+    selection_reference.refine_causal). All flags are int32 0/1; the seen_* counters carry the block's
     predecessors in the same tile and level. Returns (refined, and the counters after it)."""
     half = BUD // 2
     q_pass = refinable * (q_score >= thr_q).to(tl.int32)
