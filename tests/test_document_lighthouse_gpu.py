@@ -104,3 +104,42 @@ def test_isolation_on_the_kernels():
     before = lighthouse_attention(q, k, v, cfg, documents=docs)
     after = lighthouse_attention(*changed, cfg, documents=docs)
     assert torch.equal(before[:, 1000:9000], after[:, 1000:9000])
+
+
+@pytest.mark.parametrize("selection", ["tile_topk", "causal"])
+def test_cp_one_rank_equals_one_device(selection):
+    """The CP path at W = 1 (two chunks on one rank: the tail chunk's pieces attend to keys
+    from the head chunk, so the varlen call has more keys than queries and its causal mask
+    must align at the end) against the single-device layer, both on the kernels, in bf16."""
+    import torch.distributed as dist
+    from dist_utils import free_port
+
+    from lh_cp.ops.documents import check_documents
+    from lh_cp.parallel.headtail.lighthouse_documents import lighthouse_documents_cp
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        cfg = LighthouseConfig(pool=4, levels=3, topk=256, tile_budget=32, selection=selection)
+        batch, n = 2, 16384
+        bounds = [0, 5000, 9000, 16384, 16384 + 3000, 32768]  # documents cross the chunk edge
+        docs = torch.tensor(bounds, dtype=torch.int32, device=DEV)
+        q, k, v = _inputs(batch, n, 4, 2, 64, 11)
+        grad_out = torch.randn(batch, n, 4, 64, device=DEV)
+        results = []
+        for fn in (
+            lambda a, b, c: lighthouse_attention(a, b, c, cfg, documents=docs),
+            lambda a, b, c: lighthouse_documents_cp(
+                a, b, c, cfg, check_documents(docs, batch, n, a.device), dist.group.WORLD
+            ),
+        ):
+            a, b, c = (x.detach().clone().requires_grad_() for x in (q, k, v))
+            out = fn(a, b, c)
+            out.backward(grad_out.to(out.dtype))
+            results.append([out.detach(), a.grad, b.grad, c.grad])
+        for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
+            err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+            assert err <= 1e-2, (name, err)
+    finally:
+        dist.destroy_process_group()
