@@ -99,7 +99,9 @@ CP_CASES = [
     "label, sets, measured", single_gpu_cases(), ids=lambda x: x if isinstance(x, str) else ""
 )
 def test_single_gpu_estimate_within_tolerance(label, sets, measured):
-    estimate = memory_estimate_gib(load_recipe(REPO / "recipes/h100_270m.toml", sets))
+    # The fit probe trains one step: its peak comes before AdamW allocates its moments.
+    recipe = load_recipe(REPO / "recipes/h100_270m.toml", sets)
+    estimate = memory_estimate_gib(recipe, first_step=True)
     assert abs(estimate - measured) <= TOLERANCE * measured, (
         f"{label}: estimate {estimate:.1f} GiB, measured {measured:.1f}"
     )
