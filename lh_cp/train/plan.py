@@ -448,7 +448,7 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
         lines.append(
             f"  pinned host memory per rank: {numbers.pinned_host_gib:.1f} GiB "
             f"({checkpointed_layers(recipe)} block inputs of "
-            f"{block_input_bytes(recipe) / 2**30:.2f} GiB, as the pinned allocator rounds them)"
+            f"{block_input_bytes(recipe) / 2**30:.2f} GiB)"
         )
     elif par.offload_activations:
         lines.append(
