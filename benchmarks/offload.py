@@ -22,10 +22,11 @@ expandable segments (as launch/*.sh set them).
 Results go to --results (default benchmarks/results/offload.json), which tests/test_plan_memory.py
 reads to hold `lh-cp plan`'s estimate to the measured peaks; a later call adds to the same
 file (a probe already there is not run again; --fresh starts over), so the work can be split
-over several calls. Time on an H100 (one step grows with N, the dense stage quadratically):
-a Lighthouse probe takes 1-3 minutes up to 1M tokens; a dense one ~5 minutes at 640K and
-~13 at 1M, so search the dense stage from a high --start or probe single contexts with
---contexts. Examples (run in the background with benchmarks/device_speed.sh, see there):
+over several calls. Time on an H100, from the wall times in results/train_h100_fit.json (one
+step grows with N, the dense stage's quadratically): a Lighthouse probe takes 1-3 minutes up
+to 1M tokens, a dense one about 5 minutes at 640K and (extrapolated) 13 at 1M; so search the
+dense stage from a high --start, or probe single contexts with --contexts. Examples (in the
+background with benchmarks/device_speed.sh, see there):
 
     python benchmarks/offload.py --attention lighthouse --start 524288 --max-context 2097152
     python benchmarks/offload.py --attention dense --offload on --contexts 1048576 --skip-throughput
@@ -212,7 +213,7 @@ def longest_contexts(args, result: dict) -> None:
 def throughput(args, result: dict) -> None:
     n = args.throughput_context
     for attention in args.attention:
-        for offload in args.offload:
+        for offload in (True, False):
             row, records = one_run(args, n, attention, offload, steps=args.tp_steps)
             timed = [r for r in records if r["step"] > 2]
             row["tokens_per_s"] = (
@@ -305,7 +306,9 @@ def parse_args(argv):
     p.add_argument("--results", type=Path, default=REPO / "benchmarks/results/offload.json")
     p.add_argument("--fresh", action="store_true", help="ignore the runs already in --results")
     p.add_argument("--attention", default="lighthouse,dense", help="stages to measure")
-    p.add_argument("--offload", default="on,off", help="offload settings to measure")
+    p.add_argument(
+        "--offload", default="on,off", help="offload settings to search (throughput: both)"
+    )
     p.add_argument("--start", type=int, default=262144)
     p.add_argument("--max-context", type=int, default=2097152)
     p.add_argument("--step", type=int, default=65536)

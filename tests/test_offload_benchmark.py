@@ -72,7 +72,7 @@ def test_outcomes_tell_memory_from_other_failures():
 def test_smoke_run_writes_the_result_file(tmp_path, capsys):
     results, runs = tmp_path / "offload.json", tmp_path / "runs"
     common = ["--smoke", "--results", str(results), "--out", str(runs), "--attention", "lighthouse"]
-    assert offload.main(common + ["--skip-search"]) == 0
+    assert offload.main(common + ["--skip-search", "--offload", "on"]) == 0  # throughput: both
     assert offload.main(common + ["--skip-throughput", "--offload", "on"]) == 0
     result = json.loads(results.read_text())
     assert result["device"] == "cpu"
