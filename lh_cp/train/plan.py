@@ -2,9 +2,12 @@
 
 `check_recipe` runs before any process group exists (the trainer calls it first too) and
 returns every violated rule, each naming the keys and numbers involved. `plan_numbers`
-derives tile size, selected length, ranks, tokens per rank, parameters and a memory estimate.
-Data paths are not required to exist here: the plan describes shapes, so it can be made on a
-laptop for a cluster; training checks paths when it opens the data.
+derives tile size, selected length, ranks, tokens per rank, parameters and the memory
+estimates: accelerator memory per rank and, with parallel.offload_activations, the pinned host
+memory per rank, which `host_memory_problems` holds to a machine's memory (this one's, or
+the one `lh-cp plan --host-memory-gib` names). Data paths are not required to exist here: the
+plan describes shapes, so it can be made on a laptop for a cluster; training checks paths
+when it opens the data.
 """
 
 from __future__ import annotations
