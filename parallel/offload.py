@@ -23,6 +23,11 @@ events, so they overlap the neighbouring blocks' compute:
 At most two block inputs are on the GPU at a time in backward: the one being recomputed and
 the one arriving.
 
+torch.autograd.graph.save_on_cpu does the same moves with less: its copies run on the compute
+stream, so each one adds its time to the step, and it fetches an input only when backward
+needs it; it would also copy the RoPE tables once per block, and its whole-tensor pinned
+buffers are rounded up to a power of two (a 1.5 GiB input pins 2 GiB).
+
 Pinned memory comes from torch's caching host allocator, which rounds a request up to a power
 of two; a copy is therefore made of pieces whose sizes are the powers of two of its byte
 count (its binary digits, down to PIECE_FLOOR_BYTES), so no piece is rounded by more than
