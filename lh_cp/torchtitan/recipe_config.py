@@ -33,6 +33,7 @@ UNMAPPED = (
     "metrics.peak_tflops (torchtitan knows its GPUs' peaks)",
     "metrics.profile_step (use torchtitan's --profiling.enable_profiling)",
     "parallel.no_checkpoint_layers (torchtitan's activation checkpointing covers every block)",
+    "parallel.offload_activations (lh-cp's trainer only)",
     "data.validation_fraction held-out documents are still excluded from training, but not evaluated",
 )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,9 @@ from lh_cp.train.metrics import (
     format_duration,
     peak_flops,
     peak_memory_gib,
+    pinned_host_peak_gib,
 )
-from lh_cp.train.plan import check_recipe
+from lh_cp.train.plan import check_recipe, host_memory_problems, machine_memory_bytes
 from lh_cp.train.profiling import profile_paths, profiled
 from lh_cp.train.recipe import Recipe, RecipeError
 from lh_cp.train.runtime import Runtime, launched_world_size, run_fingerprint, start, stop
@@ -70,8 +72,9 @@ class TrainSummary:
 
 
 def check_machine(recipe: Recipe) -> list[str]:
-    """What training needs from this machine that plan does not: data paths, the device, a
-    checkpoint to resume that the recipe's engine can read."""
+    """What training needs from this machine that plan does not: data paths, the device, the
+    host memory that activation offload pins, a checkpoint to resume that the recipe's engine
+    can read."""
     data, missing = recipe.data, []
     if recipe.run.device == "cuda" and not torch.cuda.is_available():
         missing.append("run.device='cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
@@ -81,6 +84,10 @@ def check_machine(recipe: Recipe) -> list[str]:
         missing.append(
             f"data.tokenizer={data.tokenizer!r} does not exist (use 'bytes' or a local tokenizer.json)"
         )
+    if torch.cuda.is_available():  # on CPU offload pins nothing
+        # torchrun says how many ranks share this machine; a plain run is one process.
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        missing += host_memory_problems(recipe, machine_memory_bytes(), ranks_here)
     found, engine = latest_checkpoint(recipe.checkpoint_dir), recipe.parallel.engine
     written_by = checkpoint_engine(found[1]) if found is not None else None
     if written_by not in (None, engine):
@@ -463,19 +470,23 @@ def _log_step(
     mfu = flops / (rt.mesh.size() * peak)
     memory = peak_memory_gib(rt.device)
     eta = (recipe.total_steps - step) * sorted(recent)[len(recent) // 2]
-    writer.scalars(
-        step,
-        {
-            "train/loss": loss,
-            "train/lr": lr,
-            "train/grad_norm": norm,
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/mfu": mfu,
-            "perf/peak_memory_gib": memory,
-            "train/stage": stage,
-            "lighthouse/selected_fraction": fraction,
-        },
-    )
+    scalars = {
+        "train/loss": loss,
+        "train/lr": lr,
+        "train/grad_norm": norm,
+        "perf/tokens_per_s": tokens_per_s,
+        "perf/mfu": mfu,
+        "perf/peak_memory_gib": memory,
+        "train/stage": stage,
+        "lighthouse/selected_fraction": fraction,
+    }
+    offload = getattr(trainer.network, "block_input_offload", None)
+    if offload is not None:  # parallel.offload_activations: what the block inputs held at most
+        scalars["perf/offload_host_gib"] = offload.stats.peak_host_bytes / 2**30
+        pinned = pinned_host_peak_gib(rt.device)
+        if pinned is not None:
+            scalars["perf/pinned_host_gib"] = pinned
+    writer.scalars(step, scalars)
     writer.console(
         f"step {step}/{recipe.total_steps} {recipe.stages[stage].name} | loss {loss:.4f} | lr {lr:.2e} | "
         f"gnorm {norm:.3f} | {tokens_per_s:,.0f} tok/s | mfu {mfu:.1%} | mem {memory:.2f} GiB | "
