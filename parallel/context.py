@@ -20,8 +20,10 @@ import torch.distributed as dist
 
 from lh_cp.ops.attention import opaque_to_compile
 from lh_cp.ops.config import LighthouseConfig
-from lh_cp.parallel.agreement import agree_on_call
+from lh_cp.ops.documents import DocumentsError, check_documents
+from lh_cp.parallel.agreement import agree_on_call, agree_on_documents
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
+from lh_cp.parallel.headtail.lighthouse_documents import lighthouse_documents_cp
 from lh_cp.parallel.headtail.sharding import shard_positions, shard_sequence, unshard_sequence
 from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
 from lh_cp.parallel.ulysses.plain import ulysses_attention
@@ -31,6 +33,9 @@ HEADTAIL_EXCHANGES = ("allgather", "ring")
 ULYSSES_EXCHANGES = ("ulysses", "ulysses_compressed")
 LIGHTHOUSE_EXCHANGES = (*HEADTAIL_EXCHANGES, *ULYSSES_EXCHANGES)
 DENSE_EXCHANGES = (*HEADTAIL_EXCHANGES, "ulysses")
+# Lighthouse exchanges that keep packed documents apart (LIGHTHOUSE.md s.12); dense exchanges
+# all do.
+DOCUMENT_LIGHTHOUSE_EXCHANGES = ("allgather", "ulysses")
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _AGREED: set[tuple] = set()  # (group, call signature) pairs every rank has confirmed
 _MAX_DIMS = 5  # shapes are sent padded to this many dims, so every rank sends as many integers
@@ -40,6 +45,18 @@ def _padded_shape(t: torch.Tensor) -> tuple[int, ...]:
     """(ndim, size of each dim, -1 for absent dims): a fixed-length description of t's shape."""
     dims = tuple(t.shape[:_MAX_DIMS])
     return (t.dim(), *dims, *(-1,) * (_MAX_DIMS - len(dims)))
+
+
+def document_exchange_problems(exchange: str, prefix: str = "") -> list[str]:
+    """The rule of Lighthouse layers with packed documents under CP: the exchanges of
+    DOCUMENT_LIGHTHOUSE_EXCHANGES keep documents apart; the others are refused, never run
+    across documents. The one place this rule lives (ContextParallel and the recipe check)."""
+    if exchange in DOCUMENT_LIGHTHOUSE_EXCHANGES:
+        return []
+    return [
+        f"{prefix}exchange={exchange!r} does not take packed documents in Lighthouse layers yet: "
+        f"use one of {DOCUMENT_LIGHTHOUSE_EXCHANGES} (docs/document_masking.md)"
+    ]
 
 
 def exchange_problems(exchange: str, dense_exchange: str, prefix: str = "") -> list[str]:
@@ -73,6 +90,8 @@ class ContextParallel:
     back, and give the global positions of the shard's tokens (for RoPE); lighthouse / dense
     take the rank's shard of q [B, n, H, D], k/v [B, n, Hkv, D] and return that shard of the
     single-device result (the methods lh_cp.ops.attention.SingleDevice has for one device).
+    Their `documents` are the global boundaries of the whole batch (lh_cp/ops/documents.py),
+    the same tensor on every rank: checked, and compared across ranks, at every call.
     """
 
     def __init__(
@@ -122,20 +141,40 @@ class ContextParallel:
         return shard_positions(n, self.group, device)
 
     def _agree(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cfg: LighthouseConfig | None,
+        documents: torch.Tensor | None = None,
     ) -> None:
         """Before the first collective of each new call signature (shapes, dtype, config,
-        exchange): every rank must pass the same one, or every rank raises (not a hang)."""
+        exchange, whether documents are given): every rank must pass the same one, or every
+        rank raises (not a hang). Documents, which change with every batch, are then checked
+        and compared at every call (agree_on_documents: one small all-gather). Whether
+        documents are given is part of the signature, so a rank passing None where the others
+        pass documents is caught at the signature's first call, as a shape mismatch is."""
         lighthouse = (
             (cfg.pool, cfg.levels, cfg.topk, cfg.tile_budget) if cfg is not None else (0, 0, 0, 0)
         )
         exchange = self.exchange if cfg is not None else self.dense_exchange
         dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
         shapes = tuple(x for t in (q, k, v) for x in _padded_shape(t))
-        values = (*shapes, dtype, *lighthouse, LIGHTHOUSE_EXCHANGES.index(exchange))
+        values = (
+            *shapes,
+            dtype,
+            *lighthouse,
+            LIGHTHOUSE_EXCHANGES.index(exchange),
+            int(documents is not None),
+        )
         key = (id(self.group), values)
-        if key in _AGREED or self.world == 1:
-            return
+        if key not in _AGREED and self.world > 1:
+            self._agree_on_signature(values, q.device)
+            _AGREED.add(key)
+        if documents is not None:
+            self._agree_on_documents(q, documents)
+
+    def _agree_on_signature(self, values: tuple[int, ...], device: torch.device) -> None:
         names = (
             *(
                 f"{t}.{field}"
@@ -148,29 +187,63 @@ class ContextParallel:
             "topk",
             "tile_budget",
             "exchange",
+            "documents given (0 or 1)",
         )
-        agree_on_call(names, values, self.group, q.device)
-        _AGREED.add(key)
+        agree_on_call(names, values, self.group, device)
+
+    def _agree_on_documents(self, q: torch.Tensor, documents: torch.Tensor) -> None:
+        """Check the global boundaries against the whole batch (B windows of n / W * W tokens)
+        and compare them across ranks; a rank whose tensor is invalid makes every rank raise."""
+        try:
+            bounds, problem = (
+                check_documents(documents, q.shape[0], q.shape[1] * self.world, q.device),
+                None,
+            )
+        except DocumentsError as err:
+            bounds, problem = None, err
+        if self.world == 1:
+            if problem is not None:
+                raise problem
+            return
+        agree_on_documents(bounds, problem, self.group, q.device)
 
     # Both are opaque to torch.compile: collectives, autograd Functions around them and the
     # data-dependent selection; a compiled block breaks once, here (lh_cp.ops.attention.SingleDevice).
     @opaque_to_compile
     def lighthouse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cfg: LighthouseConfig,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self._agree(q, k, v, cfg)
+        self._agree(q, k, v, cfg, documents)
+        if documents is not None:
+            problems = document_exchange_problems(self.exchange)
+            if problems:
+                raise ValueError(problems[0])
+            if self.exchange == "allgather":
+                bounds = check_documents(documents, q.shape[0], q.shape[1] * self.world, q.device)
+                return lighthouse_documents_cp(q, k, v, cfg, bounds, self.group)
         if self.exchange == "ulysses":
-            return ulysses_attention(q, k, v, cfg, self.group)
+            return ulysses_attention(q, k, v, cfg, self.group, documents)
         if self.exchange == "ulysses_compressed":
             return compressed_ulysses_attention(q, k, v, cfg, self.group)
         return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange)
 
     @opaque_to_compile
-    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._agree(q, k, v, None)
+    def dense(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._agree(q, k, v, None, documents)
         if self.dense_exchange == "ulysses":
-            return ulysses_attention(q, k, v, None, self.group)
-        return causal_attention_cp(q, k, v, self.group, self.dense_exchange)
+            return ulysses_attention(q, k, v, None, self.group, documents)
+        return causal_attention_cp(q, k, v, self.group, self.dense_exchange, documents)
 
     def __repr__(self) -> str:
         return (

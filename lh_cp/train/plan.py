@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lh_cp.model.transformer import ModelConfig, count_parameters, normalize_layer_indices
 from lh_cp.ops.config import LighthouseConfig
-from lh_cp.parallel.context import ULYSSES_EXCHANGES
+from lh_cp.parallel.context import ULYSSES_EXCHANGES, document_exchange_problems
 from lh_cp.parallel.offload import pinned_bytes
 from lh_cp.train.recipe import ATTENTION_MODES, Recipe
 
@@ -100,6 +100,16 @@ def _parallel_rules(recipe: Recipe) -> list[str]:
     return errors
 
 
+def document_masking_problems(recipe: Recipe) -> list[str]:
+    """The rule of a document-masked run (data.document_masking) whose stages train Lighthouse
+    layers under CP: the Lighthouse exchange must keep documents apart
+    (lh_cp.parallel.context.document_exchange_problems, where the rule lives)."""
+    trains_lighthouse = any(s.attention == "lighthouse" for s in recipe.stages)
+    if not recipe.data.document_masking or recipe.parallel.cp < 2 or not trains_lighthouse:
+        return []
+    return document_exchange_problems(recipe.parallel.exchange, prefix="parallel.")
+
+
 def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     """Every violated rule of `recipe` (empty when it is valid). `world_size`: the number of
     processes that will run it, when known (torchrun's WORLD_SIZE)."""
@@ -132,6 +142,7 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
         )
     par, data = recipe.parallel, recipe.data
     errors.extend(_parallel_rules(recipe))
+    errors.extend(document_masking_problems(recipe))
     if world_size is not None and par.world_size != world_size:
         errors.append(
             f"parallel.cp * dp_shard * dp_replicate = {par.cp} * {par.dp_shard} * {par.dp_replicate} = "
@@ -400,6 +411,12 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
         f"  sequence: N = {numbers.seq_len:,} tokens; per rank per step {numbers.tokens_per_rank:,} tokens; "
         f"global batch {numbers.tokens_per_step:,} tokens",
     ]
+    if recipe.data.document_masking:
+        lines.append(
+            f"  document masking: each document attends only to itself (dense layers; Lighthouse "
+            f"layers as docs/LIGHTHOUSE.md s.12), RoPE positions per {recipe.data.positions}; "
+            f"end-of-document targets ignored"
+        )
     if par.engine == "deepspeed":
         lines.append(
             f"  engine: DeepSpeed ZeRO stage {par.zero_stage} over all {numbers.world_size} ranks"
