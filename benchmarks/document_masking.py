@@ -168,7 +168,12 @@ def _one_rank_group(device: torch.device):
         rank=0,
         world_size=1,
         timeout=datetime.timedelta(seconds=120),
-        **({"device_id": device} if device.type == "cuda" else {}),
+        # nccl wants the device with its index
+        **(
+            {"device_id": torch.device("cuda", torch.cuda.current_device())}
+            if device.type == "cuda"
+            else {}
+        ),
     )
     return dist.group.WORLD
 

@@ -69,7 +69,7 @@ def single_device_lighthouse(
         bounds = check_documents(documents, batch, n, q.device)
         cfg.tile_size(n)
         if not is_whole_windows(bounds, batch, n):
-            return lighthouse_documents(q, k, v, cfg, bounds)
+            return lighthouse_documents(q, k, v, cfg, documents, bounds)
     return _attend(compress(q, k, v, cfg))
 
 

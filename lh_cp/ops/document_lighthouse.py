@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lh_cp.ops.compress import Compressed, compress
@@ -77,15 +76,14 @@ class ChunkStream:
     chunk under CP): the pieces of the documents that meet the chunk, in order, each in
     causal-key order (head tokens, region entries, tail tokens).
 
-    token_positions / token_slots: chunk-local positions of the token entries and their rows in
-    the stream; entry_indices / entry_slots: chunk-local entry indices (tile i of the chunk holds
-    entries [i E, (i+1) E) in causal order) and their rows; pieces: (document index, first row,
-    end row) per document; restart_tiles: chunk-local tiles where a region starts."""
+    token_segments / entry_segments: (first source row, first stream row, length) runs, the
+    source rows chunk-local token positions or entry indices (tile i of the chunk holds entries
+    [i E, (i+1) E) in causal order); pieces: (document index, first row, end row) per
+    document; restart_tiles: chunk-local tiles where a region starts. At most three runs per
+    document, so the plan stays small whatever the sequence length."""
 
-    token_positions: np.ndarray
-    token_slots: np.ndarray
-    entry_indices: np.ndarray
-    entry_slots: np.ndarray
+    token_segments: list[tuple[int, int, int]]
+    entry_segments: list[tuple[int, int, int]]
     pieces: list[tuple[int, int, int]]
     restart_tiles: list[int]
     length: int
@@ -103,43 +101,45 @@ def chunk_stream(
     size T = cfg.tile_size(n) apart), from the window's document regions."""
     tile, per_tile = cfg.tile_size(n), cfg.entries_per_tile(n)
     end = first + chunk
-    tokens, token_slots, entries, entry_slots, pieces, restart = [], [], [], [], [], []
+    tokens, entries, pieces, restart = [], [], [], []
     length = 0
     for index, doc in enumerate(regions):
         if doc.window != window or doc.end <= first or doc.start >= end:
             continue
-        head = np.arange(max(doc.start, first), min(doc.region_start, end))
-        region = np.arange(max(doc.region_start, first), min(doc.region_end, end), tile)
-        tail_from = doc.region_end if doc.has_region else doc.start
-        tail = np.arange(max(tail_from, first), min(doc.end, end))
-        region_entries = (
-            ((region - first) // tile * per_tile)[:, None] + np.arange(per_tile)
-        ).ravel()
         lo = length
-        tokens += [head - first, tail - first]
-        token_slots += [
-            lo + np.arange(len(head)),
-            lo + len(head) + len(region_entries) + np.arange(len(tail)),
-        ]
-        entries.append(region_entries)
-        entry_slots.append(lo + len(head) + np.arange(len(region_entries)))
-        length = lo + len(head) + len(region_entries) + len(tail)
+        head = (max(doc.start, first), min(doc.region_start, end))
+        region = (max(doc.region_start, first), min(doc.region_end, end))
+        tail = (max(doc.region_end if doc.has_region else doc.start, first), min(doc.end, end))
+        for (a, z), runs, source in (
+            (head, tokens, head[0] - first),
+            (region, entries, (region[0] - first) // tile * per_tile),
+            (tail, tokens, tail[0] - first),
+        ):
+            count = max(0, z - a) if runs is tokens else max(0, z - a) // tile * per_tile
+            if count:
+                runs.append((source, length, count))
+                length += count
         pieces.append((index, lo, length))
         if doc.has_region and first <= doc.region_start < end:
             restart.append((doc.region_start - first) // tile)
+    return ChunkStream(tokens, entries, pieces, restart, length)
 
-    def joined(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
-    return ChunkStream(
-        joined(tokens),
-        joined(token_slots),
-        joined(entries),
-        joined(entry_slots),
-        pieces,
-        restart,
-        length,
-    )
+def expand_runs(segments: list[tuple[int, int, int]], device: torch.device):
+    """(source rows, stream rows), int64 on `device`, of every row of the (source, stream,
+    length) runs: one small host-to-device copy and a few kernels, never a host sync."""
+    if not segments:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty
+    runs = torch.tensor(segments, dtype=torch.int64)  # [R, 3]
+    lengths = runs[:, 2]
+    before = torch.cumsum(lengths, 0) - lengths  # rows of the earlier runs
+    total = int(lengths.sum())
+    shifts = torch.stack([runs[:, 0] - before, runs[:, 1] - before, lengths]).to(device)
+    within = torch.arange(total, device=device)
+    rows = within + torch.repeat_interleave(shifts[0], shifts[2], output_size=total)
+    slots = within + torch.repeat_interleave(shifts[1], shifts[2], output_size=total)
+    return rows, slots
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,8 @@ class DocumentPlan:
     The packed stream is the rows' ChunkStreams one after another. token_rows / entry_rows:
     int64 flat indices into the call's token rows (row * chunk + t) and entry rows (row * S +
     j, j in causal order); token_slots / entry_slots: their rows in the packed stream; pieces:
-    (document index, first row, end row) of every document piece in the stream; restart: bool
+    (document index, first row, end row) of every document piece in the stream; sources: for
+    every stream row its row in the token rows followed by the entry rows; restart: bool
     [rows, tiles], the first tile of each region (None when no piece has one: the layer is
     then dense).
     """
@@ -159,6 +160,7 @@ class DocumentPlan:
     token_slots: torch.Tensor
     entry_rows: torch.Tensor
     entry_slots: torch.Tensor
+    sources: torch.Tensor
     pieces: list[tuple[int, int, int]]
     restart: torch.Tensor | None
     length: int
@@ -173,28 +175,30 @@ def plan_streams(
     streams: list[ChunkStream], chunk: int, entries_per_row: int, tiles: int, device: torch.device
 ) -> DocumentPlan:
     """The DocumentPlan of chunk rows holding these streams, in row order."""
-    token_rows, token_slots, entry_rows, entry_slots, pieces = [], [], [], [], []
-    restart = np.zeros((len(streams), tiles), dtype=bool)
+    token_runs, entry_runs, pieces = [], [], []
+    restart = torch.zeros((len(streams), tiles), dtype=torch.bool)
     offset = 0
     for row, stream in enumerate(streams):
-        token_rows.append(stream.token_positions + row * chunk)
-        token_slots.append(stream.token_slots + offset)
-        entry_rows.append(stream.entry_indices + row * entries_per_row)
-        entry_slots.append(stream.entry_slots + offset)
+        token_runs += [(a + row * chunk, b + offset, c) for a, b, c in stream.token_segments]
+        entry_runs += [
+            (a + row * entries_per_row, b + offset, c) for a, b, c in stream.entry_segments
+        ]
         pieces += [(doc, lo + offset, hi + offset) for doc, lo, hi in stream.pieces]
         restart[row, stream.restart_tiles] = True
         offset += stream.length
-
-    def tensor(parts: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(parts)).to(device)
-
+    token_rows, token_slots = expand_runs(token_runs, device)
+    entry_rows, entry_slots = expand_runs(entry_runs, device)
+    sources = torch.empty(offset, dtype=torch.int64, device=device)
+    sources[token_slots] = token_rows
+    sources[entry_slots] = entry_rows + len(streams) * chunk
     return DocumentPlan(
-        token_rows=tensor(token_rows),
-        token_slots=tensor(token_slots),
-        entry_rows=tensor(entry_rows),
-        entry_slots=tensor(entry_slots),
+        token_rows=token_rows,
+        token_slots=token_slots,
+        entry_rows=entry_rows,
+        entry_slots=entry_slots,
+        sources=sources,
         pieces=pieces,
-        restart=torch.from_numpy(restart).to(device) if restart.any() else None,
+        restart=restart.to(device) if bool(restart.any()) else None,
         length=offset,
     )
 
@@ -214,9 +218,8 @@ def token_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.
     reads kv head h // group, as the pooled entries do."""
     heads, dim = q.shape[2:]
     group = heads // k.shape[2]
-    return [q.reshape(-1, heads, dim)] + [
-        x.repeat_interleave(group, dim=2).reshape(-1, heads, dim) for x in (k, v)
-    ]
+    expanded = (k, v) if group == 1 else (x.repeat_interleave(group, dim=2) for x in (k, v))
+    return [x.reshape(-1, heads, dim) for x in (q, *expanded)]
 
 
 def entry_rows(entries: Compressed) -> list[torch.Tensor]:
@@ -228,12 +231,10 @@ def entry_rows(entries: Compressed) -> list[torch.Tensor]:
 def packed_rows(
     tokens: torch.Tensor, entries: torch.Tensor | None, plan: DocumentPlan
 ) -> torch.Tensor:
-    """The packed stream [P, H, D] from token rows [R*C, H, D] and entry rows [R*S, H, D]."""
-    packed = tokens.new_zeros((plan.length, *tokens.shape[1:]))
-    packed = packed.index_copy(0, plan.token_slots, tokens.index_select(0, plan.token_rows))
-    if entries is not None:
-        packed = packed.index_copy(0, plan.entry_slots, entries.index_select(0, plan.entry_rows))
-    return packed
+    """The packed stream [P, H, D] from token rows [R*C, H, D] and entry rows [R*S, H, D]: one
+    gather (its backward one scatter-add) from the two sources side by side."""
+    rows = tokens if entries is None else torch.cat([tokens, entries])
+    return rows.index_select(0, plan.sources)
 
 
 def unpacked(
@@ -263,14 +264,22 @@ def unpacked(
 
 
 def lighthouse_documents(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig, bounds: list[int]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: LighthouseConfig,
+    documents: torch.Tensor,
+    bounds: list[int],
 ) -> torch.Tensor:
     """Lighthouse attention with document masking (s.12) on one device: q [B, N, H, D], k/v
-    [B, N, Hkv, D], `bounds` the checked document boundaries (check_documents) -> [B, N, H, D]."""
+    [B, N, Hkv, D], `documents` and its checked boundaries `bounds` (check_documents) ->
+    [B, N, H, D]."""
     batch, n = q.shape[:2]
     plan = plan_documents(bounds, batch, n, cfg, q.device)
-    entries = None if plan.restart is None else compress(q, k, v, cfg, restart=plan.restart)
-    sources = zip(token_rows(q, k, v), entry_rows(entries) if entries else [None] * 3)
+    if plan.restart is None:  # no document holds a whole tile: every entry is a token
+        return document_causal(q, k, v, documents, bounds)
+    entries = compress(q, k, v, cfg, restart=plan.restart)
+    sources = zip(token_rows(q, k, v), entry_rows(entries))
     packed = [packed_rows(t, e, plan)[None] for t, e in sources]  # [1, P, H, D]
     cu = torch.tensor(plan.bounds, dtype=torch.int32, device=q.device)
     out = document_causal(*packed, cu, plan.bounds)[0]  # [P, H, D]: each document one sequence

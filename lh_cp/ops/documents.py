@@ -16,6 +16,8 @@ unmasked attention.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -23,10 +25,47 @@ class DocumentsError(ValueError):
     """`documents` does not describe a valid packing of the batch (check_documents)."""
 
 
+# Boundaries already checked, by tensor: a model hands the same documents tensor to every layer
+# of a step, so only its first call reads them back from the device (a host sync).
+# id(tensor) -> (weak reference, tensor version, batch, n, device, bounds)
+_CHECKED: dict[int, tuple] = {}
+_CHECKED_KEPT = 64
+
+
 def check_documents(documents: torch.Tensor, batch: int, n: int, device: torch.device) -> list[int]:
     """Validate the boundaries of a batch of `batch` windows of `n` tokens on `device`; returns
-    them as a Python list (one host sync: every caller needs the boundaries on the host anyway,
-    to split work per document). Raises DocumentsError naming the rule and the values."""
+    them as a Python list (one host sync the first time a tensor is checked: every caller needs
+    the boundaries on the host anyway, to split work per document; later calls with the same,
+    unmodified tensor reuse the list). Raises DocumentsError naming the rule and the values."""
+    seen = _CHECKED.get(id(documents))
+    if (
+        seen is not None
+        and seen[0]() is documents
+        and seen[1:5]
+        == (
+            documents._version,
+            batch,
+            n,
+            torch.device(device),
+        )
+    ):
+        return seen[5]
+    bounds = _checked_bounds(documents, batch, n, device)
+    if len(_CHECKED) >= _CHECKED_KEPT:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[id(documents)] = (
+        weakref.ref(documents),
+        documents._version,
+        batch,
+        n,
+        torch.device(device),
+        bounds,
+    )
+    return bounds
+
+
+def _checked_bounds(documents: torch.Tensor, batch: int, n: int, device: torch.device) -> list[int]:
+    """check_documents without the memory: the checks and the one host sync."""
     if not isinstance(documents, torch.Tensor):
         raise DocumentsError(
             f"documents must be a torch.Tensor of cumulative lengths, got {type(documents).__name__}"

@@ -21,7 +21,6 @@ so the layout needs no communication.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from lh_cp.ops.document_lighthouse import (
     chunk_stream,
     document_regions,
     entry_rows,
+    expand_runs,
     packed_rows,
     plan_streams,
     token_rows,
@@ -156,7 +156,7 @@ def lighthouse_documents_cp(
     ]  # K, V of every rank: [W * longest, H, D]
 
     # Each query piece's keys: its document's rows in the chunks before it, then its own.
-    key_index, query_bounds, key_bounds, keys = [], [0], [0], 0
+    key_runs, query_bounds, key_bounds, keys = [], [0], [0], 0
     for b in range(batch):
         for c in mine:
             for doc, lo, hi in streams[b][c].pieces:
@@ -164,11 +164,11 @@ def lighthouse_documents_cp(
                     owner, offset = starts[b, earlier]
                     for other, first, end in streams[b][earlier].pieces:
                         if other == doc:
-                            key_index.append(owner * longest + offset + np.arange(first, end))
+                            key_runs.append((owner * longest + offset + first, keys, end - first))
                             keys += end - first
                 query_bounds.append(query_bounds[-1] + hi - lo)
                 key_bounds.append(keys)
-    index = torch.from_numpy(np.concatenate(key_index)).to(q.device)
+    index, _ = expand_runs(key_runs, q.device)
     out = _attend_prefixes(
         packed[0],
         gathered[0].index_select(0, index),
