@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from lh_cp.ops.attention import opaque_to_compile
 from lh_cp.ops.config import LighthouseConfig
-from lh_cp.parallel.agreement import agree_on_call
+from lh_cp.parallel.agreement import agree_on_call, attention_call
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
 from lh_cp.parallel.headtail.sharding import shard_positions, shard_sequence, unshard_sequence
 from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
@@ -31,15 +31,6 @@ HEADTAIL_EXCHANGES = ("allgather", "ring")
 ULYSSES_EXCHANGES = ("ulysses", "ulysses_compressed")
 LIGHTHOUSE_EXCHANGES = (*HEADTAIL_EXCHANGES, *ULYSSES_EXCHANGES)
 DENSE_EXCHANGES = (*HEADTAIL_EXCHANGES, "ulysses")
-_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_AGREED: set[tuple] = set()  # (group, call signature) pairs every rank has confirmed
-_MAX_DIMS = 5  # shapes are sent padded to this many dims, so every rank sends as many integers
-
-
-def _padded_shape(t: torch.Tensor) -> tuple[int, ...]:
-    """(ndim, size of each dim, -1 for absent dims): a fixed-length description of t's shape."""
-    dims = tuple(t.shape[:_MAX_DIMS])
-    return (t.dim(), *dims, *(-1,) * (_MAX_DIMS - len(dims)))
 
 
 def exchange_problems(exchange: str, dense_exchange: str, prefix: str = "") -> list[str]:
@@ -122,35 +113,21 @@ class ContextParallel:
         return shard_positions(n, self.group, device)
 
     def _agree(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cfg: LighthouseConfig | None,
+        documents: torch.Tensor | None = None,
     ) -> None:
-        """Before the first collective of each new call signature (shapes, dtype, config,
-        exchange): every rank must pass the same one, or every rank raises (not a hang)."""
-        lighthouse = (
-            (cfg.pool, cfg.levels, cfg.topk, cfg.tile_budget) if cfg is not None else (0, 0, 0, 0)
-        )
-        exchange = self.exchange if cfg is not None else self.dense_exchange
-        dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-        shapes = tuple(x for t in (q, k, v) for x in _padded_shape(t))
-        values = (*shapes, dtype, *lighthouse, LIGHTHOUSE_EXCHANGES.index(exchange))
-        key = (id(self.group), values)
-        if key in _AGREED or self.world == 1:
+        """Before the first collective of every call: every rank compares the call (every
+        field of cfg, shapes, dtype, exchange, the documents' contents) and, for Lighthouse,
+        that q, k and v are finite; a difference or a NaN on any rank makes every rank raise
+        (lh_cp.parallel.agreement), not a hang."""
+        if self.world == 1:
             return
-        names = (
-            *(
-                f"{t}.{field}"
-                for t in "qkv"
-                for field in ("ndim", *(f"shape[{i}]" for i in range(_MAX_DIMS)))
-            ),
-            "dtype (0 f64, 1 f32, 2 bf16, 3 f16)",
-            "pool",
-            "levels",
-            "topk",
-            "tile_budget",
-            "exchange",
-        )
-        agree_on_call(names, values, self.group, q.device)
-        _AGREED.add(key)
+        exchange = self.exchange if cfg is not None else self.dense_exchange
+        agree_on_call(attention_call(q, k, v, cfg, exchange, documents), self.group)
 
     # Both are opaque to torch.compile: collectives, autograd Functions around them and the
     # data-dependent selection; a compiled block breaks once, here (lh_cp.ops.attention.SingleDevice).
@@ -173,7 +150,10 @@ class ContextParallel:
         return causal_attention_cp(q, k, v, self.group, self.dense_exchange)
 
     def __repr__(self) -> str:
-        return f"ContextParallel(world={self.world}, exchange={self.exchange!r}, dense_exchange={self.dense_exchange!r})"
+        return (
+            f"ContextParallel(world={self.world}, exchange={self.exchange!r}, "
+            f"dense_exchange={self.dense_exchange!r})"
+        )
 
 
 def attach_context_parallel(model: torch.nn.Module, context) -> int:

@@ -1,8 +1,9 @@
 """Faults: ranks that disagree, a rank that stops, inputs that are not finite.
 
-- Every rank of a CP group must call attention with the same shapes and configuration: a
-  rank that does not makes every rank raise the same error before the first collective (a
-  mismatch would otherwise hang in the exchange or abort inside gloo naming nothing).
+- Every rank of a CP group must call attention with the same shapes, dtype, configuration
+  and documents, and with finite inputs: on every call, a rank that does not makes every rank
+  raise the same named error before the first collective (a mismatch would otherwise hang in
+  the exchange or abort inside gloo naming nothing).
 - Ranks that run different recipes stop at start, naming the first differing key.
 - A rank stopped with SIGSTOP ends the job through the watchdog within about
   parallel.timeout_s / 2, with a message naming the rank and its last step (the collective
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,58 +23,47 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_distributed
 from train_utils import logged_losses, tiny_recipe_dict, torchrun_command, write_corpus, write_toml
-
-from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
-from lh_cp.parallel import shard_sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _disagreeing_calls(rank: int, world: int) -> dict[str, str]:
-    import torch.distributed as dist
-
-    group = dist.group.WORLD
-    cfg = LighthouseConfig(pool=2, levels=2, topk=8, tile_budget=2)
-    messages = {}
-    torch.manual_seed(0)
-    q = torch.randn(1, 128, 2, 8)
-    for case in ("length", "config", "dense_heads"):
-        q_loc = shard_sequence(q, group)
-        k_loc = v_loc = q_loc
-        try:
-            if case == "length" and rank == 1:
-                q_loc, k_loc, v_loc = (x[:, :32] for x in (q_loc, k_loc, v_loc))
-            if case == "dense_heads":
-                heads = 2 if rank == 0 else 1
-                causal_attention(
-                    q_loc[:, :, :heads],
-                    k_loc[:, :, :heads],
-                    v_loc[:, :, :heads],
-                    cp=group,
-                    exchange="ring",
-                )
-            else:
-                local_cfg = (
-                    LighthouseConfig(pool=2, levels=2, topk=16, tile_budget=2)
-                    if case == "config" and rank == 1
-                    else cfg
-                )
-                lighthouse_attention(q_loc, k_loc, v_loc, local_cfg, cp=group, exchange="allgather")
-            messages[case] = "no error"
-        except ValueError as err:
-            messages[case] = str(err)
-    return messages
-
-
-def test_ranks_passing_different_inputs_all_raise_before_any_exchange():
-    results = run_distributed(_disagreeing_calls, 2, timeout=120)
-    for rank, messages in enumerate(results):
-        assert "q.shape[1]: rank 1 32, rank 0 64" in messages["length"], (rank, messages)
-        assert "topk: rank 1 16, rank 0 8" in messages["config"], (rank, messages)
-        assert "q.shape[2]: rank 1 1, rank 0 2" in messages["dense_heads"], (rank, messages)
-    assert results[0] == results[1]  # the same error on every rank
+def test_ranks_agree_on_every_call_or_all_raise_the_same_named_error(tmp_path):
+    """tests/agreement_calls.py under torchrun: after a successful call, one rank changes one
+    thing per call (the shape, the dtype, the selection alone, topk alone, the exchange, the
+    head count of a dense call, an empty batch, the documents' contents) or puts a NaN into q
+    or v; every rank raises the same named error before any exchange, and a last good call
+    still works (no gloo abort, no wait for the timeout)."""
+    command = torchrun_command([str(Path(__file__).with_name("agreement_calls.py")), str(tmp_path)])
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1], ranks  # the same outcome, word for word, on every rank
+    seen = ranks[0]
+    assert seen["good"] == seen["good_again"] == "ok"
+    expected = {
+        "shape_after_success": "RanksDisagree: ",
+        "dtype": "(q.dtype: rank 1 'torch.float64', rank 0 'torch.float32'",
+        "selection_only": "(cfg.selection: rank 1 'causal', rank 0 'tile_topk');",
+        "topk_only": "(cfg.topk: rank 1 16, rank 0 8);",
+        "exchange_only": "(exchange: rank 1 'ring', rank 0 'allgather');",
+        "nan_in_q": "NonFiniteInput: Lighthouse attention needs finite inputs: NaN or inf in q on rank 1 of the 2",
+        "nan_in_v_causal_selection": "NaN or inf in v on rank 1 of the 2 ranks",
+        "dense_heads": "call dense causal attention with different inputs (q.shape: rank 1 "
+        "(1, 32, 1, 8), rank 0 (1, 32, 2, 8))",
+        "empty_batch_one_rank": "(q.shape: rank 1 (0, 32, 2, 8), rank 0 (1, 32, 2, 8);",
+        "empty_batch_every_rank": "EmptyInput: q has shape (0, 32, 2, 8) with B=0",
+        "documents": "(documents (contents): rank 1 [0, 16, 64], rank 0 [0, 24, 64])",
+    }
+    for case, text in expected.items():
+        assert text in seen[case], (case, seen[case])
+    assert "q.shape: rank 1 (1, 16, 2, 8), rank 0 (1, 32, 2, 8)" in seen["shape_after_success"]
 
 
 @pytest.fixture(scope="module")
