@@ -5,8 +5,9 @@ path: FSDP2, DCP checkpoints and the loss normaliser behave the same at any worl
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read here and
 (the store's address, for the watchdog) in lh_cp/parallel/watchdog.py. Every group of the run
 gets parallel.timeout_s; the ranks check that they run the same recipe, world layout and
-software before anything else (lh_cp.parallel.agreement). Under parallel.engine = "deepspeed" DeepSpeed's communication layer is started
-on top of the same process group (the `deepspeed` launcher sets the same variables).
+software before anything else (lh_cp.parallel.agreement). Under parallel.engine = "deepspeed"
+DeepSpeed's communication layer is started on top of the same process group (the `deepspeed`
+launcher sets the same variables).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from lh_cp.train.recipe import Recipe, RecipeError
 def launched_world_size() -> int:
     """Processes of this job: torchrun's WORLD_SIZE, or 1 for a plain `lh-cp train`."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_first_rank() -> bool:
+    """Whether this process is the job's rank 0 (torchrun's RANK), or runs alone."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def pick_device(setting: str) -> torch.device:
