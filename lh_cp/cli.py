@@ -96,18 +96,21 @@ def _run_plan(args) -> int:
 
     from lh_cp.train.plan import check_recipe, format_plan, plan_numbers
     from lh_cp.train.recipe import load_recipe
+    from lh_cp.train.storage import checkpoint_space, output_problems
 
     recipe = load_recipe(args.recipe, args.overrides)
     world = args.world_size or (
         int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     )
-    errors = check_recipe(recipe, world)
+    errors = check_recipe(recipe, world) + output_problems(recipe)
     if errors:
         print(f"recipe {args.recipe}: {len(errors)} problem(s)", file=sys.stderr)
         for error in errors:
             print(f"  - {error}", file=sys.stderr)
         return 2
     print(format_plan(recipe, plan_numbers(recipe)))
+    space, short = checkpoint_space(recipe)
+    print(f"  {'warning: too little space: ' if short else ''}{space}")
     return 0
 
 
@@ -234,6 +237,8 @@ def _train_with_errors(args, argv: list[str]) -> int:
     import time
 
     from lh_cp.data.corpus import DataError
+    from lh_cp.parallel.watchdog import EXIT_CODE as LAUNCHER_LOST_EXIT
+    from lh_cp.parallel.watchdog import LauncherLost
     from lh_cp.train.checkpoint import CheckpointWriteError
     from lh_cp.train.engines import NonFiniteStep
     from lh_cp.train.recipe import RecipeError
@@ -252,6 +257,9 @@ def _train_with_errors(args, argv: list[str]) -> int:
     except (NonFiniteStep, CheckpointWriteError) as err:
         print(f"lh-cp train: error: {err}", file=sys.stderr)
         return 2
+    except LauncherLost as err:
+        print(f"lh-cp train: {err}", file=sys.stderr)
+        return LAUNCHER_LOST_EXIT
     except TrainingInterrupted as err:
         command = f"lh-cp {shlex.join(argv)}"
         under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ

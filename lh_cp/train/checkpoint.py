@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lh_cp.train.storage import checkpoint_bytes, write_failure
+from lh_cp.train.storage import checkpoint_bytes, failed_ranks, write_failure
 
 PREFIX = "step_"
 PARTIAL = ".partial"
@@ -249,22 +250,23 @@ def _everyone_succeeded(
     """Collective: raise CheckpointWriteError on every rank if any rank's local part failed
     (one line naming the ranks and the cause), after rank 0 removed the unfinished folder;
     the older checkpoints are untouched."""
-    mine = write_failure(error, folder, _expected_bytes(meta)) if error is not None else None
-    reports: list[str | None] = [None] * dist.get_world_size(group)
+    mine = None
+    if error is not None:  # DCP names the ranks whose writes failed; anything else is this rank
+        ranks = failed_ranks(error) or [dist.get_rank(group)]
+        mine = (ranks, write_failure(error, folder, _expected_bytes(meta)))
+    reports: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(reports, mine, group=group)
-    failed = {rank: report for rank, report in enumerate(reports) if report is not None}
+    failed = [report for report in reports if report is not None]
     if not failed:
         return
     if dist.get_rank(group) == 0:
         shutil.rmtree(folder, ignore_errors=True)
-    ranks = sorted(failed)
-    first = failed[ranks[0]]
-    same = all(failed[r] == first for r in ranks)
-    causes = first if same else "; ".join(f"rank {r}: {failed[r]}" for r in ranks)
+    ranks = sorted({rank for report_ranks, _ in failed for rank in report_ranks})
+    causes = list(dict.fromkeys(cause for _, cause in failed))
     raise CheckpointWriteError(
-        f"checkpoint of step {step} not saved (rank{'s' if len(ranks) > 1 else ''} "
-        f"{', '.join(map(str, ranks))}): {causes}; its unfinished folder is removed, older "
-        f"checkpoints are kept"
+        f"checkpoint of step {step} not saved (the write failed on rank"
+        f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}): {'; '.join(causes)}; "
+        f"its unfinished folder is removed, older checkpoints are kept"
     )
 
 
@@ -300,7 +302,7 @@ def write_atomically(
     error = None
     try:
         write(partial)
-    except Exception as err:  # DCP raises on every rank when any rank's write fails
+    except (Exception, CheckpointException) as err:  # DCP's, a BaseException, reaches every rank
         error = err
     _everyone_succeeded(error, partial, step, meta, group)
     names = _files(partial)

@@ -108,8 +108,11 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
         recipe.eval,
     ]
     errors = [problem for section in sections for problem in section.problems()]
-    errors += recipe.metrics.problems(recipe.total_steps)
-    errors += recipe.schedule.problems(recipe.total_steps)
+    # Rules that need the total step count wait for valid stage lengths (0 = unknown), so a
+    # negative stages.N.steps is one problem, not three.
+    total = recipe.total_steps if all(stage.steps >= 1 for stage in recipe.stages) else 0
+    errors += recipe.metrics.problems(total)
+    errors += recipe.schedule.problems(total)
     errors += [problem for i, stage in enumerate(recipe.stages) for problem in stage.problems(i)]
     for key, indices in (
         ("lighthouse.dense_layers", recipe.lighthouse.dense_layers),
@@ -289,9 +292,12 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
     accelerator = "CPU processes" if recipe.run.device == "cpu" else "GPUs"
     lines = [
         f"recipe {recipe.run.name!r}: valid",
-        f"  {accelerator}: {numbers.world_size} = cp {par.cp} x dp_shard {par.dp_shard} x dp_replicate {par.dp_replicate}",
-        f"  model: {_count(numbers.params)} parameters ({numbers.params:,}; {_count(numbers.params - numbers.embedding_params)} "
-        f"without embeddings), {m.n_layers} layers, dim {m.dim}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}",
+        f"  {accelerator}: {numbers.world_size} = cp {par.cp} x dp_shard {par.dp_shard} x "
+        f"dp_replicate {par.dp_replicate}",
+        f"  model: {_count(numbers.params)} parameters ({numbers.params:,}; "
+        f"{_count(numbers.params - numbers.embedding_params)} without embeddings), {m.n_layers} "
+        f"layers, dim {m.dim}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, "
+        f"vocab {m.vocab_size}",
         f"  sequence: N = {numbers.seq_len:,} tokens; per rank per step {numbers.tokens_per_rank:,} tokens; "
         f"global batch {numbers.tokens_per_step:,} tokens",
     ]

@@ -17,8 +17,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lh_cp.model.transformer import count_parameters
+from lh_cp.train.recipe import Recipe
+
 CHECKPOINT_BYTES_PER_PARAMETER = {"fsdp": 12, "deepspeed": 16}
-GB = 1e9
+
+
+def size(nbytes: float) -> str:
+    """Bytes for a message: '6.40 GB', '3.3 MB', '512 kB'."""
+    for unit, scale, digits in (("TB", 1e12, 2), ("GB", 1e9, 2), ("MB", 1e6, 1), ("kB", 1e3, 0)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{digits}f} {unit}"
+    return f"{nbytes:.0f} bytes"
 
 
 def checkpoint_bytes(params: int, engine: str) -> int:
@@ -64,8 +74,8 @@ def space_line(checkpoint_dir: Path, one: int, held: int) -> tuple[str, bool]:
     short of what the run holds at once: `held` checkpoints of `one` bytes)."""
     free = free_bytes(checkpoint_dir)
     line = (
-        f"checkpoints in {checkpoint_dir}: about {one / GB:.2f} GB each, up to {held} at once "
-        f"({held * one / GB:.2f} GB); {free / GB:.2f} GB free there"
+        f"checkpoints in {checkpoint_dir}: about {size(one)} each, up to {held} at once "
+        f"({size(held * one)}); {size(free)} free there"
     )
     return line, free < held * one
 
@@ -93,18 +103,42 @@ def _oserrors(err: BaseException, seen: set[int] | None = None):
     yield from _oserrors(err.__context__, seen)
 
 
+def failed_ranks(err: BaseException) -> list[int]:
+    """The ranks whose writes failed, as a DCP CheckpointException lists them (every rank
+    raises it); empty for other errors."""
+    return sorted(getattr(err, "failures", {}))
+
+
 def write_failure(err: BaseException, folder: Path, expected: int) -> str:
     """One line on why writing `folder` failed: for a full disk "no space left on <path>,
     need ~X GB" (`expected` bytes), else the first OSError, else the error itself."""
     errors = list(_oserrors(err))
     full = next((e for e in errors if e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
     if full is not None:
-        where = _existing_ancestor(folder)
+        where = _existing_ancestor(folder.parent)
         quota = " (disk quota exceeded)" if full.errno == errno.EDQUOT else ""
+        name = folder.name.removesuffix(".partial")
         return (
-            f"no space left on {where}{quota}, need ~{expected / GB:.2f} GB for {folder.name} "
-            f"({free_bytes(where) / GB:.2f} GB free now)"
+            f"no space left on {where}{quota}, need ~{size(expected)} for {name} "
+            f"({size(free_bytes(where))} free now)"
         )
     shown = errors[0] if errors else err
     text = " ".join(str(shown).split())
     return f"{type(shown).__name__}: {text[:300]}"
+
+
+def output_problems(recipe: Recipe) -> list[str]:
+    """run.out_dir, and checkpoint.dir when set apart, must be folders this process can write
+    (or create): checked before anything starts (folder_problems)."""
+    problems = folder_problems(Path(recipe.run.out_dir), "run.out_dir")
+    if recipe.checkpoint.dir:
+        problems += folder_problems(recipe.checkpoint_dir, "checkpoint.dir")
+    return problems
+
+
+def checkpoint_space(recipe: Recipe) -> tuple[str, bool]:
+    """(a line on the space the run's checkpoints need against the free space where they go,
+    whether it is short): space_line for this recipe's model."""
+    one = checkpoint_bytes(count_parameters(recipe.model), recipe.parallel.engine)
+    held = held_checkpoints(recipe.checkpoint.keep_last, len(recipe.stages))
+    return space_line(recipe.checkpoint_dir, one, held)

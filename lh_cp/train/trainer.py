@@ -25,8 +25,9 @@ import torch
 
 from lh_cp.data.loader import PATH_SOURCES, BatchLoader, make_tokenizer, token_stream
 from lh_cp.data.passkey import passkey_accuracy
-from lh_cp.model.transformer import Transformer, count_parameters
+from lh_cp.model.transformer import Transformer
 from lh_cp.ops.entries import NonFiniteInput
+from lh_cp.parallel.watchdog import LauncherLost
 from lh_cp.train.checkpoint import (
     checkpoint_engine,
     checkpoint_path,
@@ -61,7 +62,7 @@ from lh_cp.train.runtime import (
 )
 from lh_cp.train.schedule import lr_at
 from lh_cp.train.steps import greedy_predictor, probe_leak, training_loss, validation_loss
-from lh_cp.train.storage import checkpoint_bytes, folder_problems, held_checkpoints, space_line
+from lh_cp.train.storage import checkpoint_space, output_problems
 
 
 @dataclass
@@ -103,23 +104,6 @@ def check_machine(recipe: Recipe) -> list[str]:
             f"but this run uses parallel.engine={engine!r}; resume with that engine or set another checkpoint.dir"
         )
     return missing
-
-
-def output_problems(recipe: Recipe) -> list[str]:
-    """run.out_dir, and checkpoint.dir when set apart, must be folders this process can write
-    (or create): checked before anything starts (lh_cp.train.storage.folder_problems)."""
-    problems = folder_problems(Path(recipe.run.out_dir), "run.out_dir")
-    if recipe.checkpoint.dir:
-        problems += folder_problems(recipe.checkpoint_dir, "checkpoint.dir")
-    return problems
-
-
-def checkpoint_space(recipe: Recipe) -> tuple[str, bool]:
-    """(a line on the space the run's checkpoints need against the free space where they go,
-    whether it is short): lh_cp.train.storage.space_line for this recipe's model."""
-    one = checkpoint_bytes(count_parameters(recipe.model), recipe.parallel.engine)
-    held = held_checkpoints(recipe.checkpoint.keep_last, len(recipe.stages))
-    return space_line(recipe.checkpoint_dir, one, held)
 
 
 @dataclass
@@ -478,6 +462,15 @@ def _run_stages(recipe: Recipe, rt: Runtime, trainer: Trainer, began: float) -> 
         if stage_end or step == stop_at or (interval and step % interval == 0):
             trainer.save(step)
         summary.last_step = step
+        lost = rt.watchdog.any_rank_lost(rt.world, rt.device) if rt.watchdog else None
+        if lost:  # every rank at this same step: save it, then stop together
+            if trainer.last_saved is None or trainer.last_saved[0] != step:
+                trainer.save(step)
+            raise LauncherLost(
+                f"rank {rt.rank} lost contact with the job's launcher: {lost}; nothing would end "
+                f"the job if a rank failed, so every rank saved step {step} "
+                f"({trainer.last_saved[1]}) and stopped; run the same command again to resume"
+            )
     if summary.last_step >= total and recipe.eval.passkey.enabled:
         summary.passkey = _passkey(trainer, rt, recipe, writer, out_dir)
     summary.seconds = time.perf_counter() - began
