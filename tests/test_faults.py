@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -24,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 from train_utils import logged_losses, tiny_recipe_dict, torchrun_command, write_corpus, write_toml
+
+from lh_cp.train.checkpoint import checkpoint_path, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +108,9 @@ def test_ranks_with_different_recipes_stop_at_start_naming_the_key(recipe_file, 
         "the ranks disagree on the run before it starts: rank 1 has data.seq_len=256, rank 0 has "
         "data.seq_len=128"
     ) in result.stderr, result.stderr[-3000:]
+    # One line: rank 0 prints it, rank 1 (the same error) exits quietly; no rank's traceback.
+    assert result.stderr.count("lh-cp train: error:") == 1, result.stderr[-3000:]
+    assert "[rank0]:" not in result.stderr and "[rank1]:" not in result.stderr
 
 
 def _worker_pid(tag: str, rank: int) -> int | None:
@@ -205,3 +213,147 @@ def test_which_torch_versions_block_on_the_lock_file():
 
     source = inspect.getsource(cpp_extension._jit_compile)
     assert LOCK_FILE_BLOCKS == ("FileBaton(" in source), (torch.__version__, LOCK_FILE_BLOCKS)
+
+
+def _start(command: list[str], tag: str) -> subprocess.Popen:
+    """A torchrun job in its own session (so a signal can reach its whole process group), its
+    workers tagged with LH_CP_TEST_TAG=tag."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "LH_CP_TEST_TAG": tag},
+    )
+
+
+def _wait_for_steps(out: Path, steps: int, job: subprocess.Popen, limit: float = 150) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and job.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(logged_losses(out)) >= steps:
+            return
+        time.sleep(0.2)
+    job.kill()
+    raise AssertionError(f"the job did not reach step {steps}: {job.communicate()[1][-3000:]}")
+
+
+def _end(job: subprocess.Popen) -> None:
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_one_job_per_run_folder_a_lost_launcher_then_resume_and_ctrl_c(recipe_file, tmp_path):
+    """Job A (torchrun, 2 ranks) owns the run folder: its rank 0 holds the one lock. Job B on
+    the same folder stops with one line naming A, and A's checkpoints and metrics stay its own.
+    A's torchrun agent is killed: both ranks save, stop at the same step with one line each
+    and release the lock. Job C finds a stale lock (a dead pid on this host) and an unfinished
+    save: it takes the lock over, removes the .partial folder, resumes; Ctrl-C (SIGINT to the
+    whole process group, as a terminal sends it) ends it with one line per rank naming the
+    step it was on and the checkpoint to resume from."""
+    out, tags = tmp_path / "run", (uuid.uuid4().hex, uuid.uuid4().hex)
+    train = ["-m", "lh_cp.cli", "train", str(recipe_file), "--set", f"run.out_dir='{out}'"]
+    train += ["--set", "checkpoint.interval=2"]
+    first = _start(torchrun_command(train), tags[0])
+    try:
+        _wait_for_steps(out, 3, first)
+        owner = json.loads((out / "lh-cp.lock").read_text())
+        assert sorted(p.name for p in out.glob("lh-cp.lock*")) == ["lh-cp.lock"]  # one per job
+        assert owner["pid"] == _worker_pid(tags[0], 0) and owner["job"].startswith("torchrun ")
+        before = logged_losses(out)
+        second = subprocess.run(
+            torchrun_command(train),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert second.returncode != 0
+        refused = [line for line in second.stderr.splitlines() if line.startswith("lh-cp train")]
+        assert refused == [
+            f"lh-cp train: error: run.out_dir {out} is in use by job {owner['job']} (host "
+            f"{owner['host']}, pid {owner['pid']}, started {owner['started']}) (lock "
+            f"{out / 'lh-cp.lock'}); use another run.out_dir, or stop that job first"
+        ], second.stderr[-3000:]
+        assert all(logged_losses(out)[step] == loss for step, loss in before.items())
+        os.kill(first.pid, signal.SIGKILL)  # the torchrun agent, which holds the job's store
+        _, stderr = first.communicate(timeout=120)  # returns once both workers have exited
+    finally:
+        _end(first)
+    lost = re.findall(r"lh-cp train: rank (\d) lost contact with the job's launcher: .*", stderr)
+    assert sorted(lost) == ["0", "1"], stderr[-3000:]
+    assert f"its process (pid {first.pid}, this rank's parent) has ended" in stderr
+    saved = int(re.search(r"every rank saved step (\d+)", stderr).group(1))
+    assert "Traceback" not in stderr and _worker_pid(tags[0], 0) is None
+    checkpoints = out / "checkpoints"
+    assert verify_checkpoint(checkpoint_path(checkpoints, saved)).ok
+    assert sorted(logged_losses(out)) == list(range(1, saved + 1))
+    assert not (out / "lh-cp.lock").exists()  # released on the way out
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = {"host": socket.gethostname(), "pid": dead.pid, "pid_started": "", "job": "torchrun x"}
+    (out / "lh-cp.lock").write_text(json.dumps({**stale, "started": "earlier"}))
+    partial = checkpoints / f"step_{saved + 1:08d}.partial"
+    shutil.copytree(checkpoint_path(checkpoints, saved), partial)
+    third = _start(torchrun_command(train), tags[1])
+    try:
+        _wait_for_steps(out, saved + 2, third)
+        os.killpg(third.pid, signal.SIGINT)
+        stdout, stderr = third.communicate(timeout=120)
+    finally:
+        _end(third)
+    assert f"took over the run folder lock {out / 'lh-cp.lock'} of job torchrun x" in stdout
+    assert f"pid {dead.pid} on this host has ended" in stdout
+    assert f"removed {partial}, an unfinished save of an earlier invocation" in stdout
+    assert f"resumed from step {saved}" in stdout and not partial.exists()
+    interrupted = re.findall(
+        r"lh-cp train: rank (\d): interrupted during step (\d+); the last saved checkpoint is "
+        r"step (\d+) \(.*\); run the same command again to resume from step \3 \(each rank "
+        r"ran: lh-cp train ",
+        stderr,
+    )
+    assert sorted(rank for rank, _, _ in interrupted) == ["0", "1"], stderr[-3000:]
+    assert all(int(step) > saved for _, step, _ in interrupted)
+    assert "[rank0]:" not in stderr and "[rank1]:" not in stderr  # no worker traceback
+    steps = sorted(logged_losses(out))
+    assert steps == list(range(1, len(steps) + 1))  # each step once, the resumed ones redone
+
+
+@pytest.mark.timeout(200)
+def test_a_full_disk_fails_the_save_in_one_line_per_rank_keeping_older_checkpoints(
+    recipe_file, tmp_path
+):
+    """Rank 1's disk is full when it writes step 4 (OSError ENOSPC from DCP's file writes,
+    tests/full_disk_run.py: no small tmpfs can be mounted unprivileged everywhere CI runs).
+    Every rank prints one line naming the cause and the size; the unfinished folder is gone,
+    step 2 is kept and verifies."""
+    out = tmp_path / "run"
+    command = torchrun_command(
+        [str(Path(__file__).with_name("full_disk_run.py")), "4", "1", "train", str(recipe_file)]
+        + ["--set", f"run.out_dir='{out}'", "--set", "checkpoint.interval=2"]
+    )
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lh-cp train")]
+    checkpoints = out / "checkpoints"
+    expected = (
+        f"lh-cp train: error: checkpoint of step 4 not saved (the write failed on rank 1): no "
+        f"space left on {checkpoints}, need ~"
+    )
+    assert len(lines) == 2 and all(line.startswith(expected) for line in lines), result.stderr
+    assert lines[0].endswith(
+        "free now); its unfinished folder is removed, older checkpoints are kept"
+    )
+    assert "[rank0]:" not in result.stderr and "[rank1]:" not in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"]
+    assert verify_checkpoint(checkpoint_path(checkpoints, 2)).ok

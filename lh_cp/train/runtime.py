@@ -109,6 +109,13 @@ def _runtime(
     for axis in GROUP_AXES:  # the mesh's groups are created with PyTorch's default timeout
         set_timeout(timeout, mesh[axis].get_group())
     watchdog = Watchdog.for_torchrun(dist.get_rank(), dist.get_world_size(), par.timeout_s / 2)
+    return runtime_on_mesh(mesh, par, device, watchdog.start() if watchdog else None)
+
+
+def runtime_on_mesh(
+    mesh: DeviceMesh, par, device: torch.device, watchdog: Watchdog | None = None
+) -> Runtime:
+    """The Runtime of this rank on `mesh` (build_mesh) for the [parallel] section `par`."""
     return Runtime(
         device=device,
         mesh=mesh,
@@ -120,7 +127,7 @@ def _runtime(
         dp_rank=mesh["dp"].get_local_rank(),
         dp_size=mesh["dp"].size(),
         rank=dist.get_rank(),
-        watchdog=watchdog.start() if watchdog else None,
+        watchdog=watchdog,
     )
 
 
