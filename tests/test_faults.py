@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -357,3 +358,23 @@ def test_a_full_disk_fails_the_save_in_one_line_per_rank_keeping_older_checkpoin
     assert "[rank0]:" not in result.stderr and "[rank1]:" not in result.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"]
     assert verify_checkpoint(checkpoint_path(checkpoints, 2)).ok
+
+
+def test_the_agreement_benchmark_runs_at_toy_sizes(tmp_path):
+    """benchmarks/agreement_overhead.py --smoke (one CPU process): the table and the JSON of
+    the per-call cost that the GPU run reports."""
+    out = tmp_path / "agreement.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "agreement_overhead.py"), "--smoke"]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| lighthouse |" in result.stdout and "| dense |" in result.stdout
+    measured = json.loads(out.read_text())
+    assert measured["world"] == 1 and set(measured["per_call"]) == {"lighthouse", "dense"}
+    for row in measured["per_call"].values():
+        assert min(row["agreement_alone_ms"], row["forward_ms"], row["forward_backward_ms"]) > 0

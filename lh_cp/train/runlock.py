@@ -64,16 +64,18 @@ def _pid_started(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
-def _alive(owner: Owner) -> bool:
-    """Whether the owner's process (on this host) still runs: the pid exists and, where known,
-    started when the lock says."""
+def _ended(owner: Owner) -> str | None:
+    """How the owner's process (on this host) has ended, or None while it runs: its pid is
+    gone, or now belongs to a process that started later than the lock says."""
     try:
         os.kill(owner.pid, 0)
     except ProcessLookupError:
-        return False
+        return f"pid {owner.pid} on this host has ended"
     except PermissionError:
-        return True  # exists, another user's
-    return not owner.pid_started or _pid_started(owner.pid) in ("", owner.pid_started)
+        return None  # exists, another user's
+    if owner.pid_started and _pid_started(owner.pid) not in ("", owner.pid_started):
+        return f"pid {owner.pid} on this host has ended (the number is now another process's)"
+    return None
 
 
 def read_owner(lock: Path) -> Owner | None:
@@ -93,7 +95,7 @@ def _stale_reason(lock: Path, owner: Owner | None, now: float) -> str | None:
     if owner is None:
         return "its file is unreadable" if age > REFRESH_S else None  # being written
     if owner.host == socket.gethostname():
-        return None if _alive(owner) else f"pid {owner.pid} on this host has ended"
+        return _ended(owner)
     if age > STALE_AFTER_S:
         return f"not refreshed for {age / 60:.0f} min (more than {STALE_AFTER_S / 60:.0f} min)"
     return None
