@@ -183,3 +183,18 @@ def test_errors_every_rank_meets_alike_are_printed_by_the_first_rank_of_each_nod
     assert code == 2 and err.startswith(
         f"lh-cp train: error: {tmp_path / 'corpus' / 'doc_000.txt'}:2: invalid UTF-8 at byte offset 3"
     ), err
+
+
+def test_a_manifest_entry_without_a_size_fails_verification_naming_it(tmp_path):
+    from lh_cp.train.checkpoint import MANIFEST, verify_checkpoint
+
+    folder = tmp_path / "step_00000002"
+    folder.mkdir()
+    (folder / "a.distcp").write_bytes(b"x")
+    (folder / MANIFEST).write_text(json.dumps({"files": {"a.distcp": {"crc32": "00000000"}}}))
+    verdict = verify_checkpoint(folder)
+    assert not verdict.ok
+    assert (
+        verdict.reason
+        == "manifest.json is unreadable (KeyError: 'the entry of a.distcp has no size')"
+    )
