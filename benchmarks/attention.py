@@ -185,7 +185,10 @@ def profile_table(n: int, cfg: LighthouseConfig, args, top: int = 14) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'N':>8} {'S':>7} {'sdpa ms':>9} {'LH fwd':>8} {'LH f+b':>8} {'floor':>7} {'/floor':>7} {'speedup':>8} {'peak GB':>8}"
+    head = (
+        f"{'N':>8} {'S':>7} {'sdpa ms':>9} {'LH fwd':>8} {'LH f+b':>8} {'floor':>7} "
+        f"{'/floor':>7} {'speedup':>8} {'peak GB':>8}"
+    )
     if rows and "reference_ms" in rows[0]:
         head += f" {'ref f+b':>8}"
     lines = [head]

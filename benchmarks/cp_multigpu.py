@@ -78,7 +78,9 @@ def check_correctness(args, group, rank, world) -> list[dict]:
     for dtype in (torch.float32, torch.bfloat16):
         for kv_heads in (heads, max(1, heads // 4)):
             gen = torch.Generator(device="cuda").manual_seed(1234 + kv_heads)
-            make = lambda h: torch.randn(1, n, h, dim, device="cuda", generator=gen).to(dtype)
+            make = lambda h, gen=gen, dtype=dtype: torch.randn(
+                1, n, h, dim, device="cuda", generator=gen
+            ).to(dtype)
             q, k, v, dout = make(heads), make(kv_heads), make(kv_heads), make(heads)
             for kind in ("lighthouse", "dense"):
                 ref_out, ref_grads = forward_backward(layer(kind, cfg), q, k, v, dout)
@@ -208,7 +210,9 @@ def weak_scaling(args, group, rank, world) -> list[dict]:
     cfg = bench_config(args)
     for kind in args.scale_kinds.split(","):
         gen = torch.Generator(device="cuda").manual_seed(99 + rank)
-        make = lambda n: torch.randn(1, n, heads, dim, device="cuda", generator=gen).bfloat16()
+        make = lambda n, gen=gen: torch.randn(
+            1, n, heads, dim, device="cuda", generator=gen
+        ).bfloat16()
         single_ms = torch.zeros(1, device="cuda")
         if rank == 0:
             sets = [[make(per_gpu) for _ in range(3)] for _ in range(2)]
@@ -267,7 +271,8 @@ def weak_scaling(args, group, rank, world) -> list[dict]:
             rows.append(row)
             if rank == 0:
                 print(
-                    f"scale {kind:10} {exchange:9} {block_backend:5} W={world} N={n_global}: single {row['single_gpu_ms']:.2f} ms, "
+                    f"scale {kind:10} {exchange:9} {block_backend:5} W={world} N={n_global}: "
+                    f"single {row['single_gpu_ms']:.2f} ms, "
                     f"CP {cp_ms:.2f} ms, efficiency {row['weak_scaling_efficiency']:.3f}, all-gather alone "
                     f"{comm:.2f} ms, peak {peak:.2f} GB",
                     flush=True,

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         "scatter bwd (pool_rows shift 1)": (lambda: pool_rows([q], plan, cfg, 1, False), x_bytes),
     }
     print(
-        f"{torch.cuda.get_device_name()} N={n} levels={cfg.levels} H={heads} D={dim} bf16; one tensor = {x_bytes / 1e9:.2f} GB"
+        f"{torch.cuda.get_device_name()} N={n} levels={cfg.levels} H={heads} D={dim} bf16; one "
+        f"tensor = {x_bytes / 1e9:.2f} GB"
     )
     for name, (fn, nbytes) in cases.items():
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")

@@ -15,6 +15,10 @@ of one seed share initial weights and data order. Arms (steps for the default 1,
   paper_split_causal  the paper's split with the strictly causal selection (docs/LIGHTHOUSE.md
                       s.11; same S)
   paper_split_causal_pool2  the same with pool 2 (as paper_split_pool2)
+  dense_docs          dense throughout with packed documents kept apart (data.document_masking:
+                      a source file is a document)
+  paper_split_docs    the paper's split with document masking in both stages (LIGHTHOUSE.md
+                      s.12), compared with dense_docs
 Comparisons use val/loss_dense (every layer dense, same validation batches). Per arm:
 the final dense-mode validation loss of each seed, mean and standard deviation (n - 1); the
 loss jump at the switch (mean training loss of the first 10 dense steps minus that of the
@@ -108,6 +112,7 @@ class Arm:
 
 # Dense arms measure the leak metric in dense mode (it must come out exactly zero).
 DENSE_LEAK_CHECK = ("eval.leak_in_dense_stages=true",)
+DOCUMENTS = ("data.document_masking=true",)
 ARMS = {
     arm.name: arm
     for arm in (
@@ -123,6 +128,10 @@ ARMS = {
             ("lighthouse.pool=2", "lighthouse.topk=1024", "lighthouse.tile_budget=128"),
         ),
         Arm("paper_split_causal", 0.625, "dense", ("lighthouse.selection='causal'",)),
+        # Packed documents kept apart (data.document_masking; docs/LIGHTHOUSE.md s.12): a
+        # source file is a document; both arms mask, so they compare like with like.
+        Arm("dense_docs", 0.0, "dense_docs", (*DENSE_LEAK_CHECK, *DOCUMENTS)),
+        Arm("paper_split_docs", 0.625, "dense_docs", DOCUMENTS),
         Arm(
             "paper_split_causal_pool2",
             0.625,
@@ -533,7 +542,8 @@ def plot(result_path: Path) -> list[Path]:
 def format_table(result: dict) -> str:
     rows = [
         "| arm | seeds | final dense-mode val loss (per seed) | mean | std | paired minus baseline: mean (std) | "
-        "jump at switch | crossing step | leak t+1 (nats) | leak t+2..4 | tokens/s alone (LH / dense) | train time alone |",
+        "jump at switch | crossing step | leak t+1 (nats) | leak t+2..4 | tokens/s alone (LH / "
+        "dense) | train time alone |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -545,11 +555,14 @@ def format_table(result: dict) -> str:
         rows.append(
             f"| {name} | {len(arm['seeds'])} | {', '.join(num(v) for v in arm['final_dense_val_loss'])} | "
             f"{num(arm['final_dense_val_loss_mean'])} | {num(arm['final_dense_val_loss_std'])} | "
-            f"{num(arm.get('paired_minus_baseline_mean'), '+.4f')} ({num(arm.get('paired_minus_baseline_std'))}) vs {arm['baseline']} | "
+            f"{num(arm.get('paired_minus_baseline_mean'), '+.4f')} "
+            f"({num(arm.get('paired_minus_baseline_std'))}) vs {arm['baseline']} | "
             f"{num(arm['switch_jump_train_nats'], '+.3f')} | "
-            f"{arm['crossing_step'] if arm['crossing_step'] is not None else '-'} | {num(arm['leak_next_token_nats'], '+.4f')} | "
+            f"{arm['crossing_step'] if arm['crossing_step'] is not None else '-'} | "
+            f"{num(arm['leak_next_token_nats'], '+.4f')} | "
             f"{num(arm['leak_near_future_nats'], '+.4f')} | "
-            f"{num(rates.get('lighthouse') if arm['lighthouse_steps'] else None, ',.0f')} / {num(rates.get('dense'), ',.0f')} | "
+            f"{num(rates.get('lighthouse') if arm['lighthouse_steps'] else None, ',.0f')} / "
+            f"{num(rates.get('dense'), ',.0f')} | "
             f"{num(arm['train_wall_s_alone'], '.0f')} s |"
         )
     return "\n".join(rows)

@@ -53,13 +53,17 @@ def main() -> int:
     worst = {}
     for exchange in ("allgather", "ring"):
         worst[f"lighthouse/{exchange}"] = max_errors(
-            lambda q, k, v, cp: lighthouse_attention(q, k, v, cfg, cp=cp, exchange=exchange),
+            lambda q, k, v, cp, exchange=exchange: lighthouse_attention(
+                q, k, v, cfg, cp=cp, exchange=exchange
+            ),
             group,
             device,
             n,
         )
         worst[f"dense/{exchange}"] = max_errors(
-            lambda q, k, v, cp: causal_attention(q, k, v, cp=cp, exchange=exchange),
+            lambda q, k, v, cp, exchange=exchange: causal_attention(
+                q, k, v, cp=cp, exchange=exchange
+            ),
             group,
             device,
             n,

@@ -5,8 +5,10 @@ from lh_cp.ops.attention import attend_selected
 from lh_cp.ops.config import LighthouseConfig
 from lh_cp.ops.entries import Selection
 from lh_cp.ops.select import select
+from lh_cp.version import __version__
 
 __all__ = [
+    "__version__",
     "LighthouseConfig",
     "Selection",
     "attend_selected",
@@ -14,4 +16,3 @@ __all__ = [
     "lighthouse_attention",
     "select",
 ]
-__version__ = "0.1.0"

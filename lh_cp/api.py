@@ -23,6 +23,7 @@ def lighthouse_attention(
     cfg: LighthouseConfig,
     cp=None,
     exchange: str = "allgather",
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lighthouse attention (LIGHTHOUSE.md): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
@@ -30,11 +31,15 @@ def lighthouse_attention(
     (head-tail shards, compressed K/V exchanged), "ulysses" (contiguous shards through
     DeepSpeed's DistributedAttention; needs deepspeed.comm initialised) or "ulysses_compressed"
     (contiguous shards, only the compressed entries all-to-all'd).
+    documents: packed documents kept apart (LIGHTHOUSE.md s.12): int32 cumulative lengths over
+    the flattened batch of whole windows (lh_cp/ops/documents.py), the same on every CP rank.
     """
     if cp is None:
-        return attention.single_device_lighthouse(q, k, v, cfg)
+        return attention.single_device_lighthouse(q, k, v, cfg, documents)
     from lh_cp.parallel.context import ContextParallel
 
+    if documents is not None:
+        raise ValueError("lighthouse_attention with documents= runs on one device (cp=None) only")
     return ContextParallel.for_lighthouse(cp, exchange).lighthouse(q, k, v, cfg)
 
 

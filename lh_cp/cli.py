@@ -85,8 +85,8 @@ def _add_recipe_command(subparsers, name: str, help_text: str) -> argparse.Argum
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one recipe value (TOML syntax; repeatable), e.g. --set data.seq_len=2048 "
-        "--set stages.1.steps=10",
+        help="override one recipe value (TOML syntax; repeatable), "
+        "e.g. --set data.seq_len=2048 --set stages.1.steps=10",
     )
     return p
 
@@ -158,7 +158,7 @@ def _add_export(subparsers) -> None:
     p.add_argument(
         "--allow-lighthouse-stage",
         action="store_true",
-        help="export a checkpoint from inside a Lighthouse stage (not a dense model: see README)",
+        help="export a checkpoint from inside a Lighthouse stage (not a dense model: see docs/quality.md)",
     )
 
 

@@ -14,7 +14,7 @@ CHECKPOINT is a step folder, a checkpoints folder or a run folder (its newest ch
 verifies), from either engine (a DCP folder of FSDP2, or DeepSpeed's ZeRO files). The model's
 shape comes from the checkpoint's manifest, or from --recipe for folders written before
 manifests. A checkpoint from inside a Lighthouse stage is refused: that model was trained to
-attend through the selection and scores far worse with every layer dense (README, "Quality");
+attend through the selection and scores far worse with every layer dense (docs/quality.md);
 export a checkpoint of the dense recovery stage, or pass allow_lighthouse_stage.
 """
 

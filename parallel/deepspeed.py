@@ -45,7 +45,8 @@ def deepspeed_config(
     """
     if zero_stage not in ZERO_STAGES:
         raise ValueError(
-            f"zero_stage must be one of {ZERO_STAGES} (1: optimizer state, 2: + gradients, 3: + weights), got {zero_stage!r}"
+            f"zero_stage must be one of {ZERO_STAGES} (1: optimizer state, 2: + gradients, 3: + "
+            f"weights), got {zero_stage!r}"
         )
     if grad_clip < 0:
         raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")

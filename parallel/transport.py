@@ -1,8 +1,9 @@
 """Every byte the CP code sends goes through here: point-to-point batches and two collectives.
 
 Keeping the send paths in one file lets `SentBytes` count what each rank actually sends, which
-the tests compare with the closed-form accounting of headtail/traffic.py and ulysses/traffic.py. Peers are ranks *within* the
-given group; they are mapped to global ranks here because P2P ops address global ranks.
+the tests compare with the closed-form accounting of headtail/traffic.py and
+ulysses/traffic.py. Peers are ranks *within* the given group; they are mapped to global ranks
+here because P2P ops address global ranks.
 """
 
 from __future__ import annotations

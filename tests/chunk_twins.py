@@ -100,7 +100,9 @@ def check_chunk_twins(device: str) -> None:
             "d out entries",
         )
         for name, a, b in zip(names, got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+            )
 
 
 if __name__ == "__main__":

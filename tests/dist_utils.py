@@ -52,7 +52,7 @@ def _worker(rank: int, world_size: int, port: int, result_dir: str, fn, args: tu
     except BaseException:
         with open(path + ".err", "w") as f:
             f.write(traceback.format_exc())
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:

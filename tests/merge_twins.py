@@ -83,7 +83,10 @@ def _case(
         merge(acc, lse, part, lse_part, dest)
         results.append((dest, lse))
     (got, got_lse), (want, want_lse) = results
-    what = f"B={batch} H={heads} R={rows} D={dim} {acc_dtype}+{part_dtype}->{dest_dtype} in_place={in_place} bshd={bshd}"
+    what = (
+        f"B={batch} H={heads} R={rows} D={dim} {acc_dtype}+{part_dtype}->{dest_dtype} "
+        f"in_place={in_place} bshd={bshd}"
+    )
     assert torch.isfinite(got_lse).all(), what
     lse_gap = ((got_lse - want_lse).abs() - (4e-7 * want_lse.abs() + 2e-7)).max().item()
     assert lse_gap <= 0, f"{what}: merged LSEs differ beyond the bound by {lse_gap:.3e}"

@@ -162,3 +162,82 @@ def naive_lighthouse(
                 for t in range(e - 1, min(e - 1 + c, n)):
                     out[b, t, h] += oe[j]
     return out, selections
+
+
+def naive_regions(bounds: list[int], n: int, tile: int, top_span: int, min_document_tokens: int):
+    """LIGHTHOUSE.md s.12, written again: (window, a, z, A, Z) of every document, window-relative."""
+    out = []
+    for i in range(len(bounds) - 1):
+        window = bounds[i] // n
+        a, z = bounds[i] - window * n, bounds[i + 1] - window * n
+        first = a if a % tile == 0 else (a // tile + 1) * tile
+        last = z - z % tile
+        if z != n and z - last < top_span - 1:  # a delivery of the region would pass z
+            last = last - tile
+        if last <= first or z - a < min_document_tokens:
+            first, last = a, a
+        out.append((window, a, z, first, last))
+    return out
+
+
+def naive_lighthouse_documents(
+    q,
+    k,
+    v,
+    pool: int,
+    levels: int,
+    topk: int,
+    budget: int,
+    bounds: list[int],
+    selection: str = "tile_topk",
+    min_document_tokens: int = 0,
+):
+    """s.12 with loops: per window, head and document, the entries are the document's head and
+    tail tokens plus the unmasked selection of its region as a sequence of its own (keys and
+    spans moved to window positions); they attend causally among themselves and deliver into
+    the document. Output [B, N, H, D] float64 and {(b, h, document index): sorted entries}."""
+    batch, n, heads, dim = q.shape
+    group = heads // k.shape[2]
+    tile = n * budget // topk
+    top = pool ** (levels - 1)
+    out = torch.zeros(batch, n, heads, dim, dtype=torch.float64)
+    selections = {}
+    for index, (b, a, z, first, last) in enumerate(
+        naive_regions(bounds, n, tile, top, min_document_tokens)
+    ):
+        for h in range(heads):
+            qh, kh, vh = (
+                q[b, :, h].double(),
+                k[b, :, h // group].double(),
+                v[b, :, h // group].double(),
+            )
+            entries = [(levels * t, t, t + 1, 1, False) for t in range(a, first)]
+            if last > first:
+                q_norm = [
+                    float(torch.linalg.vector_norm(qh[t].float())) for t in range(first, last)
+                ]
+                k_norm = [
+                    float(torch.linalg.vector_norm(kh[t].float())) for t in range(first, last)
+                ]
+                region_topk = (last - first) // tile * budget
+                for key, s, e, level, internal in naive_select_head(
+                    q_norm, k_norm, pool, levels, region_topk, budget, selection
+                ):
+                    entries.append((key + levels * first, s + first, e + first, level, internal))
+            entries += [(levels * t, t, t + 1, 1, False) for t in range(max(first, last), z)]
+            entries.sort()
+            selections[b, h, index] = entries
+            qe = torch.stack([qh[s:e].mean(dim=0) for _, s, e, _, _ in entries])
+            ke = torch.stack([kh[s:e].mean(dim=0) for _, s, e, _, _ in entries])
+            ve = torch.stack([vh[s:e].mean(dim=0) for _, s, e, _, _ in entries])
+            keys = [entry[0] for entry in entries]
+            logits = qe @ ke.T / math.sqrt(dim)
+            for j in range(len(entries)):
+                for i in range(len(entries)):
+                    if keys[i] > keys[j]:
+                        logits[j, i] = float("-inf")
+            oe = torch.softmax(logits, dim=-1) @ ve
+            for j, (_, s, e, _, _) in enumerate(entries):
+                for t in range(e - 1, min(e - 1 + (e - s), z)):
+                    out[b, t, h] += oe[j]
+    return out, selections

@@ -43,12 +43,14 @@ def test_invalid_config_raises_naming_the_rule(kwargs, message):
         # T = 1000 * 32 / 256 = 125: whole, but not a multiple of 4**2 = 16.
         (
             1000,
-            "T % pool**(levels-1) == 0 fails: tile size T=125 (N=1000) is not a multiple of pool**(levels-1) = 4**2 = 16",
+            "T % pool**(levels-1) == 0 fails: tile size T=125 (N=1000) is not a multiple of "
+            "pool**(levels-1) = 4**2 = 16",
         ),
         # T = 2048 * 32 / 256 = 256; 256 / 16 = 16 < 32 entries at the coarsest level.
         (
             2048,
-            "T / pool**(levels-1) >= tile_budget fails: the coarsest level of a tile has 256 / 16 = 16 entries, fewer than tile_budget=32",
+            "T / pool**(levels-1) >= tile_budget fails: the coarsest level of a tile has 256 / "
+            "16 = 16 entries, fewer than tile_budget=32",
         ),
         (0, "sequence length must be >= 1"),
     ],

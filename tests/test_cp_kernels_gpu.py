@@ -91,7 +91,9 @@ def test_cp_kernel_path_matches_reference_path(
         exact = _layer(*(x.double() for x in bf16), grad_out, cfg, one_rank_group, exchange)
         ref_bf16 = _layer(*bf16, grad_out, cfg, one_rank_group, exchange)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got32, want32):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     got_bf16 = _layer(*bf16, grad_out, cfg, one_rank_group, exchange)
     for name, g, r, e in zip(("out", "dq", "dk", "dv"), got_bf16, ref_bf16, exact):
         err, ref_err = rel_err(g, e), rel_err(r, e)
@@ -140,7 +142,9 @@ def test_compressed_ulysses_kernel_path_matches_reference_path(
         )
         ref_bf16 = _layer(*bf16, grad_out, cfg, one_rank_nccl, "ulysses_compressed")
     for name, a, b in zip(("out", "dq", "dk", "dv"), got32, want32):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     got_bf16 = _layer(*bf16, grad_out, cfg, one_rank_nccl, "ulysses_compressed")
     for name, g, r, e in zip(("out", "dq", "dk", "dv"), got_bf16, ref_bf16, exact):
         err, ref_err = rel_err(g, e), rel_err(r, e)

@@ -221,7 +221,8 @@ def test_deepspeed_config_rejects_bad_values():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(
         ValueError,
-        match="needs an optimizer DeepSpeed supports under ZeRO: torch.optim.AdamW or torch.optim.Adam, got torch.optim.sgd.SGD",
+        match="needs an optimizer DeepSpeed supports under ZeRO: torch.optim.AdamW or "
+        "torch.optim.Adam, got torch.optim.sgd.SGD",
     ):
         build_deepspeed_engine(
             model, torch.optim.SGD(model.parameters(), lr=0.1), zero_stage=1, grad_clip=1.0

@@ -189,8 +189,8 @@ def test_deepspeed_plan_rules_name_the_key_and_the_numbers(monkeypatch):
     assert _errors(["parallel.engine='deepspeed'", "parallel.cp=2"] + ULYSSES) == ""
     errors = _errors(["parallel.engine='deepspeed'", "parallel.cp=4"] + ULYSSES, world_size=4)
     assert (
-        "each contiguous shard (compressed on its own rank) of 128 / 4 = 32 tokens must be a multiple of the tile size T=64"
-        in errors
+        "each contiguous shard (compressed on its own rank) of 128 / 4 = 32 tokens must be a "
+        "multiple of the tile size T=64" in errors
     )
     errors = _errors(
         [

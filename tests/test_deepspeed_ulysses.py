@@ -235,16 +235,17 @@ def test_deepspeed_ulysses_equals_single_process(world):
         assert result["positions"] == list(range(rank * SHARD, (rank + 1) * SHARD))
         rejections = result["rejections"]
         assert (
-            f"shard (compressed Ulysses compresses it on its own rank) of {24 * world} / {world} = 24 tokens must be a multiple of the tile size T="
-            in rejections["compressed_tiles"]
+            f"shard (compressed Ulysses compresses it on its own rank) of {24 * world} / {world} "
+            "= 24 tokens must be a multiple of the tile size T=" in rejections["compressed_tiles"]
         )
         for name in ("compressed_heads", "ulysses_heads"):
             assert f"H=3 is not a multiple of W={world}" in rejections[name]
 
 
 def test_deepspeed_compressed_traffic_table():
-    """The README configuration: compressed Ulysses sends under a fifth of plain Ulysses' bytes
-    on every rank; the accounting rejects the shapes the attention rejects."""
+    """The configuration of the docs/context_parallel.md table: compressed Ulysses sends under
+    a fifth of plain Ulysses' bytes on every rank; the accounting rejects the shapes the
+    attention rejects."""
     from lh_cp.parallel.ulysses.traffic import (
         compressed_ulysses_bytes,
         plain_ulysses_bytes,

@@ -90,7 +90,7 @@ def test_causal(mode):
     changed = tokens.clone()
     changed[:, 100:] = (changed[:, 100:] + 7) % 258
     a, b = model(tokens, torch.arange(128)), model(changed, torch.arange(128))
-    # Lighthouse selection may look ahead inside a tile (README: "What causal means here"),
+    # Lighthouse selection may look ahead inside a tile (docs/quality.md: "What causal means here"),
     # never across a tile boundary; position 95 closes the tile [64, 96).
     last_safe = 99 if mode == "dense" else 95
     assert torch.allclose(a[:, : last_safe + 1], b[:, : last_safe + 1], atol=1e-12)

@@ -29,7 +29,7 @@ FIT_SETS = [
     "data.validation_fraction=0.1",
     "eval.val_batches=1",
 ]
-# The overrides of the CP runs' commands (README, "On GPUs over NCCL").
+# The overrides of the CP runs' commands (docs/performance.md, "Context parallelism on several GPUs").
 CP_270M = ["parallel.cp=2", "data.validation_fraction=0.1", "eval.val_batches=1"]
 # recipes/1m.toml as it was when measured: 16 layers, 16/8 heads of 64, FFN 4416 (530.1M
 # parameters; the recipe has since moved to the paper's 30-layer shape).

@@ -230,8 +230,8 @@ def describe_python_corpus(validation_fraction: float) -> str:
     return (
         f"python corpus of {sys.executable}: {len(corpus.units)} units "
         f"({sum(u.name.startswith('dist/') for u in corpus.units)} distributions), "
-        f"{sum(files.values()):,} distinct files, {total / 1e6:,.1f} MB; "
-        f"train {corpus.split_bytes('train') / 1e6:,.1f} MB "
+        f"{sum(files.values()):,} distinct files, {total / 1e6:,.1f} MB; train "
+        f"{corpus.split_bytes('train') / 1e6:,.1f} MB "
         f"in {files['train']:,} files, validation {corpus.split_bytes('validation') / 1e6:,.1f} MB in "
         f"{files['validation']:,} files ({len(corpus.validation)} units, validation_fraction={validation_fraction})"
     )

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from lh_cp.ops.compress import Compressed, compress, entries_sdpa
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.document_lighthouse import lighthouse_documents
+from lh_cp.ops.documents import check_documents
 from lh_cp.ops.entries import Selection, check_heads
 
 
@@ -55,12 +57,22 @@ def attend_selected(
 
 
 def single_device_lighthouse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: LighthouseConfig,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lighthouse attention (LIGHTHOUSE.md) on one device: q [B, N, H, D], k/v [B, N, Hkv, D]
     -> [B, N, H, D]. The selection is computed without gradient from float32 norms; gradients
-    flow through pooling, gather, SDPA and scatter."""
+    flow through pooling, gather, SDPA and scatter. `documents` (lh_cp.ops.documents): packed
+    documents kept apart (LIGHTHOUSE.md s.12); one document per window is the unmasked op."""
     check_qkv(q, k, v)
+    if documents is not None:
+        bounds = check_documents(documents, q.shape[0], q.shape[1], q.device)
+        cfg.tile_size(q.shape[1])
+        if len(bounds) > q.shape[0] + 1:
+            return lighthouse_documents(q, k, v, cfg, bounds)
     return _attend(compress(q, k, v, cfg))
 
 

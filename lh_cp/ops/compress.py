@@ -69,13 +69,14 @@ def compress_reference(
     selection: Selection | None = None,
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
+    restart: torch.Tensor | None = None,
 ) -> Compressed:
     """Pure-PyTorch twin: q [B, N, H, D], k/v [B, N, Hkv, D]; `selection` given or computed
     (`preceding`, `heads_outer`: see compress; the entries here are contiguous whatever the
     layout asked, which changes no value)."""
     n = q.shape[1]
     sel = (
-        select(q.detach(), k.detach(), cfg, v.detach(), preceding)
+        select(q.detach(), k.detach(), cfg, v.detach(), preceding, restart)
         if selection is None
         else selection
     )  # [B, H, S]
@@ -104,13 +105,14 @@ def compress_kernels(
     selection: Selection | None = None,
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
+    restart: torch.Tensor | None = None,
 ) -> Compressed:
     """Triton twin (lh_cp.ops.kernels.ops): same arguments, same selection."""
     from lh_cp.ops.kernels.ops import gather_plan, scatter_plan, select_with_plan
     from lh_cp.ops.kernels.slot_plan import Plan
 
     if selection is None:
-        plan = select_with_plan(q, k, cfg, v, preceding)[0]
+        plan = select_with_plan(q, k, cfg, v, preceding, restart)[0]
     else:
         plan = Plan.from_selection(selection, q.shape[1], cfg)
     q_entries, k_entries, v_entries = gather_plan(
@@ -132,16 +134,19 @@ def compress(
     selection: Selection | None = None,
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
+    restart: torch.Tensor | None = None,
 ) -> Compressed:
     """The kernel twin where the kernels run (CUDA, kernel dtypes, Triton), else the reference.
 
     `preceding` [B, H, L-1, 2] (cfg.selection "causal" only): the selection_carry of the piece
     of sequence just before this one (the previous CP chunk or shard); None where it starts.
     `heads_outer`: the kernels store the entries heads-outermost (lh_cp.ops.kernels.rows.empty_entries),
-    so that a CP shard's chunk rows reach the exchange layout without a copy."""
+    so that a CP shard's chunk rows reach the exchange layout without a copy.
+    `restart` [B, tiles] bool (causal selection only): tiles whose thresholds start afresh, the
+    first whole tile of each packed document's region (LIGHTHOUSE.md s.12)."""
     if kernels.available(q, k, v):
-        return compress_kernels(q, k, v, cfg, selection, preceding, heads_outer)
-    return compress_reference(q, k, v, cfg, selection, preceding, heads_outer)
+        return compress_kernels(q, k, v, cfg, selection, preceding, heads_outer, restart)
+    return compress_reference(q, k, v, cfg, selection, preceding, heads_outer, restart)
 
 
 def selection_carry(

@@ -31,6 +31,9 @@ class LighthouseConfig:
         best of the whole tile, so an output can depend on later tokens of its tile (s.10).
         "causal" (s.11) decides left to right from earlier tokens only: no output depends on
         a later input. Both emit the same number of entries S.
+    min_document_tokens: with packed documents (documents=, LIGHTHOUSE.md s.12), documents
+        shorter than this run exact dense attention whatever their tiles; 0 leaves the rule of
+        s.12 alone (a document compresses the whole tiles inside it, the rest is dense).
     """
 
     pool: int = 4
@@ -38,15 +41,20 @@ class LighthouseConfig:
     topk: int = 2048
     tile_budget: int = 128
     selection: str = "tile_topk"
+    min_document_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("pool", "levels", "topk", "tile_budget"):
+        for name in ("pool", "levels", "topk", "tile_budget", "min_document_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"LighthouseConfig.{name} must be an int, got {value!r}")
         if self.selection not in SELECTIONS:
             raise ValueError(
                 f"LighthouseConfig.selection must be one of {SELECTIONS}, got selection={self.selection!r}"
+            )
+        if self.min_document_tokens < 0:
+            raise ValueError(
+                f"min_document_tokens must be >= 0, got min_document_tokens={self.min_document_tokens}"
             )
         if self.pool < 2 or not _is_power_of_two(self.pool):
             raise ValueError(f"pool must be a power of two >= 2, got pool={self.pool}")

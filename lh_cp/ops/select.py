@@ -34,12 +34,13 @@ def select(
     cfg: LighthouseConfig,
     v: torch.Tensor | None = None,
     preceding: torch.Tensor | None = None,
+    restart: torch.Tensor | None = None,
 ) -> Selection:
     """Entries chosen for q [B, N, H, D], k [B, N, Hkv, D]; sorted, int64 [B, H, S] fields.
 
     With GQA the key norms of kv head h // (H // Hkv) score query head h (selection is per
     query head). Scores are float32 whatever the input dtype; no gradient flows through here.
-    Non-finite q or k (and v, when given) raise ValueError (check_finite). `preceding`: see
-    select_from_scores.
+    Non-finite q or k (and v, when given) raise ValueError (check_finite). `preceding`,
+    `restart`: see select_from_scores.
     """
-    return select_from_scores(*selection_scores(q, k), cfg, v, preceding)
+    return select_from_scores(*selection_scores(q, k), cfg, v, preceding, restart)

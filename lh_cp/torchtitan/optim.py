@@ -40,7 +40,8 @@ def schedule_config(
         raise ValueError(f"schedule decay must be one of {DECAYS}, got {decay!r}")
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(
-            f"schedule needs 0 <= warmup_steps <= total_steps, got warmup_steps={warmup_steps}, total_steps={total_steps}"
+            f"schedule needs 0 <= warmup_steps <= total_steps, got warmup_steps={warmup_steps}, "
+            f"total_steps={total_steps}"
         )
     if decay == "wsd" and not 1 <= decay_steps <= total_steps - warmup_steps:
         raise ValueError(

@@ -295,9 +295,9 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
         f"  {accelerator}: {numbers.world_size} = cp {par.cp} x dp_shard {par.dp_shard} x "
         f"dp_replicate {par.dp_replicate}",
         f"  model: {_count(numbers.params)} parameters ({numbers.params:,}; "
-        f"{_count(numbers.params - numbers.embedding_params)} without embeddings), {m.n_layers} "
-        f"layers, dim {m.dim}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, "
-        f"vocab {m.vocab_size}",
+        f"{_count(numbers.params - numbers.embedding_params)} "
+        f"without embeddings), {m.n_layers} layers, dim {m.dim}, heads "
+        f"{m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}",
         f"  sequence: N = {numbers.seq_len:,} tokens; per rank per step {numbers.tokens_per_rank:,} tokens; "
         f"global batch {numbers.tokens_per_step:,} tokens",
     ]

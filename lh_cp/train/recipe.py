@@ -368,7 +368,8 @@ class MetricsConfig(Section):
         errors = []
         if self.log_interval < 1 or self.peak_tflops < 0:
             errors.append(
-                f"metrics.log_interval must be >= 1 and peak_tflops >= 0, got {self.log_interval} and {self.peak_tflops}"
+                "metrics.log_interval must be >= 1 and peak_tflops >= 0, got "
+                f"{self.log_interval} and {self.peak_tflops}"
             )
         if self.profile_step < 0 or (total_steps and self.profile_step > total_steps):
             errors.append(

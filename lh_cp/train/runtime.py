@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-import lh_cp
 from lh_cp.parallel import ContextParallel, build_mesh
 from lh_cp.parallel.agreement import agree_on_run
 from lh_cp.parallel.mesh import GROUP_AXES
 from lh_cp.parallel.watchdog import Watchdog
 from lh_cp.train.recipe import Recipe, RecipeError
+from lh_cp.version import __version__
 
 
 def launched_world_size() -> int:
@@ -159,7 +159,7 @@ def run_fingerprint(recipe: Recipe, world_size: int) -> dict:
         **_flatten(asdict(recipe)),
         "world_size": world_size,
         "torch": torch.__version__,
-        "lh_cp": lh_cp.__version__,
+        "lh_cp": __version__,
     }
 
 

@@ -14,7 +14,7 @@ with what the code actually sends. Conventions (they follow the implementation):
 - The causal selection (LIGHTHOUSE.md s.11) also all-gathers float32 thresholds, [B, H, L-1, 2]
   per chunk (selection_carry.py); the paper's selection sends none.
 
-`python -m lh_cp.parallel.headtail.traffic [--world 8] [--heads 8] ...` prints the README table
+`python -m lh_cp.parallel.headtail.traffic [--world 8] [--heads 8] ...` prints the table of docs/context_parallel.md
 (Lighthouse versus dense, an interior rank; MiB = 2**20 bytes).
 """
 
@@ -153,7 +153,8 @@ def traffic_table(
         )
         dense = dense_cp_bytes(n, world, kv_heads=kv_heads, exchange="ring", **shape)
         rows.append(
-            f"| {_length_label(n)} | {cfg.selected_length(n)} | {ring.forward / MIB:.1f} MiB | {ring.total / MIB:.1f} MiB "
+            f"| {_length_label(n)} | {cfg.selected_length(n)} | {ring.forward / MIB:.1f} MiB | "
+            f"{ring.total / MIB:.1f} MiB "
             f"| {gather.total / MIB:.1f} MiB | {dense.forward / MIB:.1f} MiB | {dense.total / MIB:.1f} MiB "
             f"| {dense.total / ring.total:.1f}x |"
         )

@@ -14,7 +14,7 @@ Counts follow the implementations (forward and backward of one layer, per rank):
   selection (LIGHTHOUSE.md s.11) adds a forward all-gather of float32 thresholds [B, H, L-1, 2]
   per shard (selection_carry.py), counted as selection_thresholds.
 
-`python -m lh_cp.parallel.ulysses.traffic` prints the README table.
+`python -m lh_cp.parallel.ulysses.traffic` prints the table of docs/context_parallel.md.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def compressed_ulysses_bytes(
 def traffic_table(
     lengths: tuple[int, ...] = (131072, 262144, 524288, 1048576),
     world: int = 8,
-    cfg: LighthouseConfig = LighthouseConfig(pool=4, levels=3, topk=2048, tile_budget=128),
+    cfg: LighthouseConfig | None = None,
     *,
     batch: int = 1,
     heads: int = 8,
@@ -120,6 +120,7 @@ def traffic_table(
 
     The compressed column is an interior rank (it sends the halo both ways, the most of any rank).
     """
+    cfg = cfg or LighthouseConfig(pool=4, levels=3, topk=2048, tile_budget=128)
     mib = 2.0**20
     rows = [
         "| N | tokens per rank C | entries per rank S_c | plain Ulysses MiB | compressed MiB | compressed / plain |",

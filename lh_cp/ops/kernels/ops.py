@@ -121,9 +121,11 @@ def select_with_plan(
     cfg: LighthouseConfig,
     v: torch.Tensor | None = None,
     preceding: torch.Tensor | None = None,
+    restart: torch.Tensor | None = None,
 ):
     """Triton scores and selection: (plan, start int32, level int8, internal int8); non-finite
-    q, k (or v, when given) raise. `preceding`: see lh_cp.ops.select.select_from_scores."""
+    q, k (or v, when given) raise. `preceding`, `restart`: see
+    lh_cp.ops.kernels.selection_reference.select_from_scores."""
     with torch.no_grad():
         return select_plan(
             token_norms(q.detach()),
@@ -131,6 +133,7 @@ def select_with_plan(
             cfg,
             None if v is None else v.detach(),
             preceding,
+            restart,
         )
 
 

@@ -337,7 +337,7 @@ def _expand_one(
     src_base = src_ptr + src_off
     level_start = t * 0  # int64 zeros: slots of the levels below
     span = 1
-    for level in tl.static_range(L):
+    for _level in tl.static_range(L):
         slot = (t + SHIFT) // span - SHIFT
         ok = t_ok & (slot >= 0) & (slot < n // span)
         position = tl.load(map_base + level_start + slot, mask=ok, other=-1)

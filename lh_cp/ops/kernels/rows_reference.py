@@ -4,8 +4,8 @@ Gather and scatter are each one of two moves over a Plan, and each one's backwar
 
 - pool: for every selected entry (index i of level l, span c), the sum (or mean) of the rows
   i*c + shift*(c-1) + [0, c) of a token tensor, clipped to its rows (N, or more: see below),
-  written to the entry's causal position. shift=0 pools an entry's own span (gather forward, mean); shift=1 sums the window an
-  entry delivers to (scatter backward).
+  written to the entry's causal position. shift=0 pools an entry's own span (gather forward,
+  mean); shift=1 sums the window an entry delivers to (scatter backward).
 - expand: for every token t, the sum over levels of the entry in slot (t + shift) // c - shift of
   that level, if selected, times 1/c (gather backward) or 1 (scatter forward, shift=1); with
   GQA the `group` query heads that share a key/value head are summed too.

@@ -101,7 +101,7 @@ def _causal_refine(
     BUD: tl.constexpr,
 ):
     """One block of candidates (index order) of the causal selection (LIGHTHOUSE.md s.11; twin:
-    lh_cp.ops.select.refine_causal). All flags are int32 0/1; the seen_* counters carry the block's
+    selection_reference.refine_causal). All flags are int32 0/1; the seen_* counters carry the block's
     predecessors in the same tile and level. Returns (refined, and the counters after it)."""
     half = BUD // 2
     q_pass = refinable * (q_score >= thr_q).to(tl.int32)
@@ -456,9 +456,11 @@ def select_plan(
     cfg: LighthouseConfig,
     v: torch.Tensor | None = None,
     preceding: torch.Tensor | None = None,
+    restart: torch.Tensor | None = None,
 ):
     """Selection from token scores: q [B, H, N], k [B, Hkv, N] float32 (H % Hkv == 0);
-    `preceding` as in lh_cp.ops.select.select_from_scores (causal selection only).
+    `preceding` and `restart` as in selection_reference.select_from_scores (causal selection
+    only).
 
     Returns (plan, start int32, level int8, internal int8), the last three [B, H, S] in causal
     order. Non-finite scores (and v, when given) raise, as in the reference (check_finite).
@@ -487,7 +489,7 @@ def select_plan(
         if kv_heads != heads:
             k_levels = [x.repeat_interleave(heads // kv_heads, dim=1) for x in k_levels]
         thresholds = thresholds_in_use(
-            causal_thresholds(q_levels, k_levels, cfg, tile), preceding
+            causal_thresholds(q_levels, k_levels, cfg, tile), preceding, restart
         ).contiguous()
     else:
         thresholds = q_pyr  # not read

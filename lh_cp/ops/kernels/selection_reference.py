@@ -52,16 +52,23 @@ def causal_thresholds(
     return torch.stack(per_level, dim=-2)
 
 
-def thresholds_in_use(provided: torch.Tensor, preceding: torch.Tensor | None) -> torch.Tensor:
+def thresholds_in_use(
+    provided: torch.Tensor, preceding: torch.Tensor | None, restart: torch.Tensor | None = None
+) -> torch.Tensor:
     """Tile i uses what tile i-1 provided; the first tile uses `preceding` ([B, H, L-1, 2], what
     the tile before the sequence piece provided: the previous CP chunk's last tile), or -inf
-    where the sequence starts (nothing precedes it: its first candidates are refined)."""
+    where the sequence starts (nothing precedes it: its first candidates are refined).
+    `restart` [B, tiles] bool: tiles where a sequence starts afresh (the first whole tile of a
+    packed document's region, LIGHTHOUSE.md s.12): they use -inf whatever came before."""
     first = (
         torch.full_like(provided[:, :, 0], float("-inf"))
         if preceding is None
         else preceding.to(provided)
     )
-    return torch.cat([first.unsqueeze(2), provided[:, :, :-1]], dim=2)
+    used = torch.cat([first.unsqueeze(2), provided[:, :, :-1]], dim=2)  # [B, H, tiles, L-1, 2]
+    if restart is not None:
+        used = used.masked_fill(restart[:, None, :, None, None], float("-inf"))
+    return used
 
 
 def carry_from_scores(
@@ -110,11 +117,13 @@ def select_from_scores(
     cfg: LighthouseConfig,
     v: torch.Tensor | None = None,
     preceding: torch.Tensor | None = None,
+    restart: torch.Tensor | None = None,
 ) -> Selection:
     """Selection from per-token scores [B, H, N] (float32), one set per selection head;
     `v` (the values, when given) is checked for finiteness with the scores (check_finite).
     `preceding` [B, H, L-1, 2]: for cfg.selection "causal", the thresholds of the tile before
-    this sequence piece (carry_from_scores of the previous CP chunk); None where it starts."""
+    this sequence piece (carry_from_scores of the previous CP chunk); None where it starts.
+    `restart` [B, tiles] bool: tiles whose causal thresholds start afresh (thresholds_in_use)."""
     batch, heads, n = query_scores.shape
     tile = cfg.tile_size(n)
     check_finite(query_scores, key_scores, v)
@@ -125,7 +134,7 @@ def select_from_scores(
     causal = cfg.uses_thresholds
     if causal:
         thresholds = thresholds_in_use(
-            causal_thresholds(q_pyramid, k_pyramid, cfg, tile), preceding
+            causal_thresholds(q_pyramid, k_pyramid, cfg, tile), preceding, restart
         )
 
     # Candidates of the coarsest level: every entry of each tile, in index order.

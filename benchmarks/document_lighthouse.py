@@ -1,0 +1,173 @@
+"""Lighthouse attention over packed documents against its baselines, one GPU, one run.
+
+For each length (128K and 512K tokens by default) and each document mix (exponentially
+distributed lengths of mean 2K, 16K, 64K tokens, and one document filling the window), the
+layer forward+backward (B = 1, H = 8, D = 128, bf16, median of CUDA-event times over fresh
+inputs) of:
+- `lighthouse_docs`: lighthouse_attention(..., documents=) (docs/LIGHTHOUSE.md s.12);
+- `dense_docs`: causal_attention(..., documents=), exact dense attention per document;
+- `lighthouse`: the unmasked Lighthouse layer (the floor the one-document case should meet);
+- `causal`: unmasked full causal attention.
+Goals (issue 27): one document within 1.05x of the unmasked layer; at 128K at least 3x faster
+than dense_docs at mean 16K and 5x at mean 64K; never slower than 1.1x dense_docs.
+
+    python benchmarks/document_lighthouse.py --out benchmarks/results/document_lighthouse_h100.json
+    python benchmarks/document_lighthouse.py --smoke   # CPU, toy sizes: the script runs
+
+The document layouts come from a fixed seed, so every arm of a row sees the same documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention  # noqa: E402
+
+
+def layout(n: int, mean: int | None, seed: int) -> list[int]:
+    """Boundaries of one window of n tokens: exponential lengths of `mean`, or one document."""
+    if mean is None:
+        return [0, n]
+    rng = random.Random(seed)
+    bounds = [0]
+    while bounds[-1] < n:
+        bounds.append(min(n, bounds[-1] + max(1, int(rng.expovariate(1 / mean)))))
+    return bounds
+
+
+def time_ms(fn, sets: list[list[torch.Tensor]], warmup: int, repeats: int) -> float:
+    """Median time of fn(*inputs).backward() over rotating input sets (CUDA events on a GPU,
+    the host clock on a CPU)."""
+    cuda = sets[0][0].is_cuda
+    with torch.no_grad():
+        grad_out = torch.randn_like(fn(*sets[0]))
+    times = []
+    for i in range(warmup + repeats):
+        inputs = sets[i % len(sets)]
+        for t in inputs:
+            t.grad = None
+        if cuda:
+            start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+        begin = time.perf_counter()
+        fn(*inputs).backward(grad_out)
+        if cuda:
+            stop.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(stop)
+        else:
+            elapsed = (time.perf_counter() - begin) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def run(args) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for n in args.lengths:
+        cfg = LighthouseConfig(pool=4, levels=3, topk=args.topk, tile_budget=args.tile_budget)
+        shapes = [(1, n, args.heads, args.dim)] * 3
+        sets = [
+            [torch.randn(s, device=device, dtype=dtype).requires_grad_() for s in shapes]
+            for _ in range(args.input_sets)
+        ]
+        base = {
+            "lighthouse": lambda q, k, v, cfg=cfg: lighthouse_attention(q, k, v, cfg),
+            "causal": lambda q, k, v: causal_attention(q, k, v),
+        }
+        unmasked = {name: time_ms(fn, sets, args.warmup, args.repeats) for name, fn in base.items()}
+        for mean in args.means:
+            bounds = layout(n, mean, args.seed)
+            docs = torch.tensor(bounds, dtype=torch.int32, device=device)
+            arms = {
+                "lighthouse_docs": lambda q, k, v, cfg=cfg, d=docs: lighthouse_attention(
+                    q, k, v, cfg, documents=d
+                ),
+                "dense_docs": lambda q, k, v, d=docs: causal_attention(q, k, v, documents=d),
+            }
+            row = {
+                "n": n,
+                "mean_document": mean or n,
+                "documents": len(bounds) - 1,
+                "tile": cfg.tile_size(n),
+                **{f"{k}_ms": v for k, v in unmasked.items()},
+            }
+            for name, fn in arms.items():
+                row[f"{name}_ms"] = time_ms(fn, sets, args.warmup, args.repeats)
+            row["dense_docs_over_lighthouse_docs"] = (
+                row["dense_docs_ms"] / row["lighthouse_docs_ms"]
+            )
+            row["lighthouse_docs_over_lighthouse"] = (
+                row["lighthouse_docs_ms"] / row["lighthouse_ms"]
+            )
+            rows.append(row)
+            print(table([row], header=len(rows) == 1), flush=True)
+    return rows
+
+
+def table(rows: list[dict], header: bool = True) -> str:
+    lines = []
+    if header:
+        lines.append(
+            f"{'N':>8} {'mean doc':>9} {'docs':>5} | {'LH docs':>8} {'dense docs':>10} "
+            f"{'LH':>7} {'causal':>8} | {'dense/LHdocs':>12} {'LHdocs/LH':>9}  (ms, fwd+bwd)"
+        )
+    for r in rows:
+        lines.append(
+            f"{r['n']:>8} {r['mean_document']:>9} {r['documents']:>5} | "
+            f"{r['lighthouse_docs_ms']:>8.2f} {r['dense_docs_ms']:>10.2f} {r['lighthouse_ms']:>7.2f} "
+            f"{r['causal_ms']:>8.2f} | {r['dense_docs_over_lighthouse_docs']:>12.2f} "
+            f"{r['lighthouse_docs_over_lighthouse']:>9.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="JSON result file")
+    parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 524288])
+    parser.add_argument("--means", type=int, nargs="+", default=[2048, 16384, 65536, 0])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=2048)
+    parser.add_argument("--tile-budget", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--input-sets", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.means, args.heads, args.dim = [1024], [64, 300, 0], 2, 16
+        args.topk, args.tile_budget, args.warmup, args.repeats, args.input_sets = 32, 4, 0, 1, 1
+    args.means = [m or None for m in args.means]
+    rows = run(args)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "shape": {"batch": 1, "heads": args.heads, "dim": args.dim, "dtype": "bf16"},
+        "config": {"pool": 4, "levels": 3, "topk": args.topk, "tile_budget": args.tile_budget},
+        "rows": rows,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

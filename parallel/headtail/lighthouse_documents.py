@@ -1,0 +1,183 @@
+"""Lighthouse attention over packed documents under CP, head-tail layout (LIGHTHOUSE.md s.12).
+
+The single-device definition cut at the chunk boundaries. Chunks hold whole tiles, so every
+region tile lies in one chunk: each rank compresses its two chunks as the unmasked CP layer
+does (the causal thresholds carried from the chunk before, restarting at each region's first
+tile) and packs, per chunk, the pieces of the documents that meet it (ChunkStream: head
+tokens, region entries, tail tokens). A document's rows in the whole window are its pieces in
+chunk order, so a piece's queries see the document's rows in every earlier chunk and, causally,
+its own piece.
+
+Exchange: the packed K and V of every chunk are all-gathered (padded to the longest rank's
+stream); each rank then attends its pieces to the gathered rows of their documents up to the
+piece: one varlen attention whose key sequence ends with the query piece (causal, aligned at
+the end). The backward is the all-gather's adjoint, a reduce-scatter of the K/V gradients.
+Deliveries run as in the unmasked layer, with the halo carrying spills into the next chunk
+(the tail rule keeps every region's deliveries inside its document).
+
+Every rank computes every chunk's stream from the global boundaries (the same on all ranks),
+so the layout needs no communication.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lh_cp.ops.compress import compress, selection_carry
+from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.document_lighthouse import (
+    chunk_stream,
+    document_regions,
+    entry_rows,
+    packed_rows,
+    plan_streams,
+    token_rows,
+    unpacked,
+)
+from lh_cp.parallel.headtail.halo import add_halos
+from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
+from lh_cp.parallel.selection_carry import preceding_thresholds
+from lh_cp.parallel.transport import all_gather, reduce_scatter
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows [P, H, D] stacked in rank order -> [W, P, H, D]; the gradient comes back
+    summed over the ranks that read each row (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, rows, group):
+        ctx.group = group
+        return all_gather(rows, group, "document_entries")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter(grad, ctx.group, "document_entries_grad"), None
+
+
+def _attend_prefixes(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_bounds: list[int],
+    key_bounds: list[int],
+) -> torch.Tensor:
+    """Per sequence i: queries q[query_bounds[i]:query_bounds[i+1]] attend to keys
+    k[key_bounds[i]:key_bounds[i+1]] whose last rows are the queries' own, causally (aligned at
+    the end). q [Pq, H, D], k, v [Pk, H, D] -> [Pq, H, D]."""
+    longest_q = max(b - a for a, b in zip(query_bounds[:-1], query_bounds[1:]))
+    longest_k = max(b - a for a, b in zip(key_bounds[:-1], key_bounds[1:]))
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from torch.nn.attention.varlen import varlen_attn
+
+        device = q.device
+        cu_q = torch.tensor(query_bounds, dtype=torch.int32, device=device)
+        cu_k = torch.tensor(key_bounds, dtype=torch.int32, device=device)
+        # Flash attention's causal mask is aligned at the end when keys outnumber queries.
+        return varlen_attn(q, k, v, cu_q, cu_k, longest_q, longest_k, window_size=(-1, 0))
+    outs = []
+    for (q0, q1), (k0, k1) in zip(
+        zip(query_bounds[:-1], query_bounds[1:]), zip(key_bounds[:-1], key_bounds[1:])
+    ):
+        rows, cols = q1 - q0, k1 - k0
+        visible = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril(cols - rows)
+        part = [x.transpose(0, 1).unsqueeze(0) for x in (q[q0:q1], k[k0:k1], v[k0:k1])]
+        out = F.scaled_dot_product_attention(*part, attn_mask=visible)  # [1, H, rows, D]
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def lighthouse_documents_cp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: LighthouseConfig,
+    bounds: list[int],
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """This rank's head-tail shard q [B, 2C, H, D], k/v [B, 2C, Hkv, D] with the global checked
+    boundaries `bounds` (check_documents over B windows of 2CW tokens) -> [B, 2C, H, D]."""
+    from lh_cp.parallel.headtail.attention import chunk_config
+
+    batch, n_local, heads, dim = q.shape
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk = n_local // 2
+    n = n_local * world
+    local_cfg = chunk_config(cfg, n, world)
+    regions = document_regions(bounds, batch, n, cfg)
+    streams = [
+        [chunk_stream(regions, b, c * chunk, chunk, cfg, n) for c in range(2 * world)]
+        for b in range(batch)
+    ]
+    mine = local_chunk_ids(rank, world)
+    entries_per_chunk = local_cfg.selected_length(chunk)
+    plan = plan_streams(
+        [streams[b][c] for b in range(batch) for c in mine],
+        chunk,
+        entries_per_chunk,
+        local_cfg.tiles,
+        q.device,
+    )
+    q_rows = q.reshape(2 * batch, chunk, heads, dim)  # chunk row 2b + slot
+    k_rows, v_rows = (x.reshape(2 * batch, chunk, *x.shape[2:]) for x in (k, v))
+    preceding = None
+    if local_cfg.uses_thresholds:
+        carry = selection_carry(q_rows, k_rows, v_rows, local_cfg).unflatten(0, (batch, 2))
+        preceding = (
+            preceding_thresholds(
+                carry.transpose(0, 1).contiguous(),
+                list(mine),
+                lambda c: chunk_owner(c, world),
+                group,
+            )
+            .transpose(0, 1)
+            .flatten(0, 1)
+        )  # [2B, H, L-1, 2]
+    entries = compress(q_rows, k_rows, v_rows, local_cfg, preceding=preceding, restart=plan.restart)
+    sources = zip(token_rows(q_rows, k_rows, v_rows), entry_rows(entries))
+    packed = [packed_rows(t, e, plan) for t, e in sources]  # [P, H, D]
+
+    # Every rank's stream length, and where each chunk's stream starts in its owner's.
+    lengths = {(b, c): streams[b][c].length for b in range(batch) for c in range(2 * world)}
+    starts, longest = {}, 0
+    for r in range(world):
+        offset = 0
+        for b in range(batch):
+            for c in local_chunk_ids(r, world):
+                starts[b, c] = r, offset
+                offset += lengths[b, c]
+        longest = max(longest, offset)
+    padding = longest - plan.length
+    gathered = [
+        _GatherRows.apply(F.pad(x, (0, 0, 0, 0, 0, padding)), group).flatten(0, 1)
+        for x in packed[1:]
+    ]  # K, V of every rank: [W * longest, H, D]
+
+    # Each query piece's keys: its document's rows in the chunks before it, then its own.
+    key_index, query_bounds, key_bounds, keys = [], [0], [0], 0
+    for b in range(batch):
+        for c in mine:
+            for doc, lo, hi in streams[b][c].pieces:
+                for earlier in range(c + 1):
+                    owner, offset = starts[b, earlier]
+                    for other, first, end in streams[b][earlier].pieces:
+                        if other == doc:
+                            key_index.append(owner * longest + offset + np.arange(first, end))
+                            keys += end - first
+                query_bounds.append(query_bounds[-1] + hi - lo)
+                key_bounds.append(keys)
+    index = torch.from_numpy(np.concatenate(key_index)).to(q.device)
+    out = _attend_prefixes(
+        packed[0],
+        gathered[0].index_select(0, index),
+        gathered[1].index_select(0, index),
+        query_bounds,
+        key_bounds,
+    )  # [P, H, D]
+    spill = local_cfg.coarsest_span - 1
+    rows, spill_rows = unpacked(out, plan, 2 * batch, chunk, entries, spill)  # [2B, C, H, D]
+    if spill > 0:
+        rows = add_halos(rows, spill_rows, group)
+    return rows.reshape(batch, n_local, heads, dim)
