@@ -260,11 +260,12 @@ def _train_with_errors(args, argv: list[str]) -> int:
     except LauncherLost as err:
         print(f"lh-cp train: {err}", file=sys.stderr)
         return LAUNCHER_LOST_EXIT
-    except TrainingInterrupted as err:
+    except (TrainingInterrupted, KeyboardInterrupt) as err:
+        what = err if isinstance(err, TrainingInterrupted) else "interrupted while starting"
         command = f"lh-cp {shlex.join(argv)}"
         under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
         print(
-            f"lh-cp train: {err}"
+            f"lh-cp train: {what}"
             + (f" (each rank ran: {command})" if under_torchrun else f": {command}"),
             file=sys.stderr,
         )

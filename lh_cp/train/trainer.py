@@ -344,7 +344,10 @@ def train(recipe: Recipe) -> TrainSummary:
         except KeyboardInterrupt:
             raise TrainingInterrupted("interrupted while starting, before step 1") from None
         try:
-            rt = start(recipe)
+            try:
+                rt = start(recipe)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted("interrupted while starting, before step 1") from None
             try:
                 return _train(recipe, rt, run_data, interrupts)
             finally:
