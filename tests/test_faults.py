@@ -353,7 +353,7 @@ def test_a_full_disk_fails_the_save_in_one_line_per_rank_keeping_older_checkpoin
     )
     assert len(lines) == 2 and all(line.startswith(expected) for line in lines), result.stderr
     assert lines[0].endswith(
-        "free now); its unfinished folder is removed, older checkpoints are kept"
+        "free when the write failed); its unfinished folder is removed, older checkpoints are kept"
     )
     assert "[rank0]:" not in result.stderr and "[rank1]:" not in result.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"]

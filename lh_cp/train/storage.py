@@ -120,7 +120,7 @@ def write_failure(err: BaseException, folder: Path, expected: int) -> str:
         name = folder.name.removesuffix(".partial")
         return (
             f"no space left on {where}{quota}, need ~{size(expected)} for {name} "
-            f"({size(free_bytes(where))} free now)"
+            f"({size(free_bytes(where))} free when the write failed)"
         )
     shown = errors[0] if errors else err
     text = " ".join(str(shown).split())
