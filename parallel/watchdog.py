@@ -92,7 +92,9 @@ class Watchdog:
             limit,
             reconnect=lambda: connect(timeout=5.0),
             address=f"the job's rendezvous store at {host}:{port}",
-            parent=os.getppid(),  # torchrun's agent, which holds the store
+            # Under torchrun the parent is the agent, which holds the store; other launchers'
+            # workers may outlive a wrapper, so only their store is watched.
+            parent=os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None,
         )
 
     def start(self) -> Watchdog:
