@@ -94,15 +94,17 @@ class CallFingerprint:
             self.add(f"{name}.{field.name}", getattr(value, field.name))
 
     def add_tensor(self, name: str, t: torch.Tensor | None) -> None:
-        if t is None:
-            self.add(name, None)
+        """Its shape and dtype; anything else (None, a list by mistake) by its type, so that
+        ranks passing different kinds disagree here rather than fail alone later."""
+        if not isinstance(t, torch.Tensor):
+            self.add(name, None if t is None else type(t).__name__)
         else:
             self.add(f"{name}.shape", tuple(t.shape))
             self.add(f"{name}.dtype", str(t.dtype))
 
     def add_contents(self, name: str, t: torch.Tensor | None) -> None:
         self.add_tensor(name, t)
-        if t is not None:
+        if isinstance(t, torch.Tensor):
             self._contents.append((name, t))
 
     def require_finite(self, name: str, t: torch.Tensor) -> None:
