@@ -38,21 +38,26 @@ def lighthouse_attention(
         return attention.single_device_lighthouse(q, k, v, cfg, documents)
     from lh_cp.parallel.context import ContextParallel
 
-    if documents is not None:
-        raise ValueError("lighthouse_attention with documents= runs on one device (cp=None) only")
-    return ContextParallel.for_lighthouse(cp, exchange).lighthouse(q, k, v, cfg)
+    return ContextParallel.for_lighthouse(cp, exchange).lighthouse(q, k, v, cfg, documents)
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp=None, exchange: str = "allgather"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp=None,
+    exchange: str = "allgather",
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense causal attention: q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
     cp: None or the CP ProcessGroup; exchange: "allgather" or "ring" (head-tail shards) or
-    "ulysses" (contiguous shards); there is nothing to compress.
+    "ulysses" (contiguous shards); there is nothing to compress. documents: None, or the int32
+    cumulative document lengths over the B * N tokens of the whole batch (lh_cp/ops/documents.py;
+    under CP every rank passes the same, global tensor): each document attends only to itself.
     """
     if cp is None:
-        return attention.single_device_causal(q, k, v)
+        return attention.single_device_causal(q, k, v, documents)
     from lh_cp.parallel.context import ContextParallel
 
-    return ContextParallel.for_dense(cp, exchange).dense(q, k, v)
+    return ContextParallel.for_dense(cp, exchange).dense(q, k, v, documents)

@@ -94,7 +94,13 @@ def _add_recipe_command(subparsers, name: str, help_text: str) -> argparse.Argum
 def _run_plan(args) -> int:
     import os
 
-    from lh_cp.train.plan import check_recipe, format_plan, plan_numbers
+    from lh_cp.train.plan import (
+        check_recipe,
+        format_plan,
+        host_memory_problems,
+        machine_memory_bytes,
+        plan_numbers,
+    )
     from lh_cp.train.recipe import load_recipe
     from lh_cp.train.storage import checkpoint_space, output_problems
 
@@ -103,6 +109,13 @@ def _run_plan(args) -> int:
         int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     )
     errors = check_recipe(recipe, world) + output_problems(recipe)
+    host_memory = (
+        int(args.host_memory_gib * 2**30) if args.host_memory_gib else machine_memory_bytes()
+    )
+    ranks_per_node = args.ranks_per_node or int(
+        os.environ.get("LOCAL_WORLD_SIZE", world or recipe.parallel.world_size)
+    )
+    errors += host_memory_problems(recipe, host_memory, ranks_per_node)
     if errors:
         print(f"recipe {args.recipe}: {len(errors)} problem(s)", file=sys.stderr)
         for error in errors:
@@ -194,6 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="check against this many processes (default: $WORLD_SIZE if set)",
+    )
+    plan.add_argument(
+        "--host-memory-gib",
+        type=float,
+        default=None,
+        help="host memory of the machine to plan for, for the pinned memory of "
+        "parallel.offload_activations (default: this machine's, from /proc/meminfo)",
+    )
+    plan.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=None,
+        help="ranks sharing one machine's host memory (default: $LOCAL_WORLD_SIZE if set, "
+        "else every rank of the run)",
     )
     plot = subparsers.add_parser(
         "plot", help="PNG of train/validation loss from a run's TensorBoard logs, stages marked"

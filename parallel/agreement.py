@@ -11,10 +11,12 @@ CALL_WORDS int64 words per rank, whatever the call:
   dataclasses.fields; each tensor's shape and dtype; the exchange);
 - a mask of the tensors that hold NaN or inf (Lighthouse calls: a rank whose input is not
   finite would otherwise raise alone while its peers wait in the exchange);
-- two checksum words of tensors whose contents must match (the documents= boundaries).
+- two checksum words of tensors whose contents must match (the documents= boundaries), and
+  a bit per content that failed its own local check (documents that break the contract).
 Only when the words differ does a second collective (all_gather_object of the descriptions)
-find the names and values for the message, on every rank alike. Cost: benchmarks/
-agreement_overhead.py.
+find the names and values for the message, on every rank alike. A rank whose contents failed
+their check raises that error (naming the rule); its peers raise the same kind naming that
+rank. Cost: benchmarks/agreement_overhead.py, docs/faults.md.
 
 These few integers and one small object per run are control messages, not the traffic that
 transport.py meters.
@@ -28,10 +30,12 @@ import hashlib
 import torch
 import torch.distributed as dist
 
+from lh_cp.ops.documents import DocumentsError, check_documents
 from lh_cp.ops.entries import NonFiniteInput
 from lh_cp.parallel.transport import all_gather_flat
 
-CALL_WORDS = 4  # description hash, non-finite mask, two content checksum words
+CALL_WORDS = 4  # description hash, non-finite and invalid masks, two content checksum words
+_INVALID_BIT = 32  # bit 32 + i of the mask word: the i-th checked content failed its check
 _SHOWN = 4  # differences named in one message
 
 
@@ -82,6 +86,8 @@ class CallFingerprint:
         self.described: dict[str, object] = {}
         self._contents: list[tuple[str, torch.Tensor]] = []
         self._finite: list[tuple[str, torch.Tensor]] = []
+        # (name, error class, this rank's error or None) of contents checked locally
+        self._checked: list[tuple[str, type[Exception], Exception | None]] = []
 
     def add(self, name: str, value: object) -> None:
         self.described[name] = value
@@ -97,7 +103,9 @@ class CallFingerprint:
         """Its shape and dtype; anything else (None, a list by mistake) by its type, so that
         ranks passing different kinds disagree here rather than fail alone later."""
         if not isinstance(t, torch.Tensor):
-            self.add(name, None if t is None else type(t).__name__)
+            kind = None if t is None else type(t).__name__
+            self.add(f"{name}.shape", kind)
+            self.add(f"{name}.dtype", kind)
         else:
             self.add(f"{name}.shape", tuple(t.shape))
             self.add(f"{name}.dtype", str(t.dtype))
@@ -110,6 +118,16 @@ class CallFingerprint:
     def require_finite(self, name: str, t: torch.Tensor) -> None:
         self._finite.append((name, t))
 
+    def check(self, name: str, validate, error: type[Exception]) -> None:
+        """Run `validate()` here; an `error` it raises is reported to every rank (bit
+        _INVALID_BIT + i) instead of raising on this rank alone, before its peers' collective.
+        Every rank must make the same checks, in the same order."""
+        try:
+            validate()
+            self._checked.append((name, error, None))
+        except error as err:
+            self._checked.append((name, error, err))
+
     def words(self) -> torch.Tensor:
         """int64 [CALL_WORDS] on self.device: description hash, mask of the non-finite tensors
         (bit i: the i-th require_finite), two checksum words of the contents. No host sync."""
@@ -121,6 +139,9 @@ class CallFingerprint:
                 low, high = torch.aminmax(t)  # NaN propagates; inf shows as an extreme
                 finite = torch.isfinite(low) & torch.isfinite(high)
                 mask = mask + (~finite).to(torch.int64) * (1 << bit)
+        for index, (_, _, err) in enumerate(self._checked):
+            if err is not None:
+                mask = mask + (1 << (_INVALID_BIT + index))
         sums = torch.zeros(2, dtype=torch.int64, device=self.device)
         for index, (_, t) in enumerate(self._contents):
             flat = t.reshape(-1).to(device=self.device, dtype=torch.int64)
@@ -149,11 +170,14 @@ def attention_call(
     cfg,
     exchange: str,
     documents: torch.Tensor | None = None,
+    world: int = 1,
 ) -> CallFingerprint:
     """The fingerprint of a context-parallel attention call: every field of `cfg` (a
     LighthouseConfig, or None for dense attention), the exchange, the shapes and dtype of q, k,
-    v, the contents of `documents`; for Lighthouse, q, k and v must be finite (its selection
-    refuses NaN and inf; dense attention lets them through to the loss, on every rank alike)."""
+    v, the contents of `documents` (checked against the whole batch of `world` shards first,
+    lh_cp.ops.documents.check_documents); for Lighthouse, q, k and v must be finite (its
+    selection refuses NaN and inf; dense attention lets them through to the loss, on every rank
+    alike)."""
     what = "Lighthouse attention" if cfg is not None else "dense causal attention"
     call = CallFingerprint(q.device, what)
     call.add("exchange", exchange)
@@ -163,6 +187,13 @@ def attention_call(
         if cfg is not None:
             call.require_finite(name, t)
     call.add_contents("documents", documents)
+    batch, n_global = q.shape[0], q.shape[1] * world
+    # Checked on every rank alike (None passes), so every rank folds in the same checks.
+    call.check(
+        "documents",
+        lambda: documents is None or check_documents(documents, batch, n_global, q.device),
+        DocumentsError,
+    )
     return call
 
 
@@ -177,6 +208,15 @@ def agree_on_call(call: CallFingerprint, group: dist.ProcessGroup) -> None:
     gathered = torch.empty(world * CALL_WORDS, dtype=torch.int64, device=mine.device)
     all_gather_flat(gathered, mine, group=group)  # flat: gloo wants 1-D here
     rows = gathered.view(world, CALL_WORDS).tolist()  # the one host sync
+    for index, (name, error, mine_failed) in enumerate(call._checked):
+        failed = [rank for rank, row in enumerate(rows) if row[1] >> (_INVALID_BIT + index) & 1]
+        if mine_failed is not None:
+            raise mine_failed
+        if failed:
+            raise error(
+                f"rank(s) {failed} of the context-parallel group passed invalid {name} (their "
+                f"error names the rule); every rank must pass the same, valid {name}"
+            )
     if any(row[0] != rows[0][0] or row[2:] != rows[0][2:] for row in rows):
         _raise_difference(call, group)
     bad = [

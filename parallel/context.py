@@ -20,8 +20,10 @@ import torch.distributed as dist
 
 from lh_cp.ops.attention import opaque_to_compile
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.documents import check_documents
 from lh_cp.parallel.agreement import agree_on_call, attention_call
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
+from lh_cp.parallel.headtail.lighthouse_documents import lighthouse_documents_cp
 from lh_cp.parallel.headtail.sharding import shard_positions, shard_sequence, unshard_sequence
 from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
 from lh_cp.parallel.ulysses.plain import ulysses_attention
@@ -31,6 +33,21 @@ HEADTAIL_EXCHANGES = ("allgather", "ring")
 ULYSSES_EXCHANGES = ("ulysses", "ulysses_compressed")
 LIGHTHOUSE_EXCHANGES = (*HEADTAIL_EXCHANGES, *ULYSSES_EXCHANGES)
 DENSE_EXCHANGES = (*HEADTAIL_EXCHANGES, "ulysses")
+# Lighthouse exchanges that keep packed documents apart (LIGHTHOUSE.md s.12); dense exchanges
+# all do.
+DOCUMENT_LIGHTHOUSE_EXCHANGES = ("allgather", "ulysses")
+
+
+def document_exchange_problems(exchange: str, prefix: str = "") -> list[str]:
+    """The rule of Lighthouse layers with packed documents under CP: the exchanges of
+    DOCUMENT_LIGHTHOUSE_EXCHANGES keep documents apart; the others are refused, never run
+    across documents. The one place this rule lives (ContextParallel and the recipe check)."""
+    if exchange in DOCUMENT_LIGHTHOUSE_EXCHANGES:
+        return []
+    return [
+        f"{prefix}exchange={exchange!r} does not take packed documents in Lighthouse layers yet: "
+        f"use one of {DOCUMENT_LIGHTHOUSE_EXCHANGES} (docs/document_masking.md)"
+    ]
 
 
 def exchange_problems(exchange: str, dense_exchange: str, prefix: str = "") -> list[str]:
@@ -64,6 +81,8 @@ class ContextParallel:
     back, and give the global positions of the shard's tokens (for RoPE); lighthouse / dense
     take the rank's shard of q [B, n, H, D], k/v [B, n, Hkv, D] and return that shard of the
     single-device result (the methods lh_cp.ops.attention.SingleDevice has for one device).
+    Their `documents` are the global boundaries of the whole batch (lh_cp/ops/documents.py),
+    the same tensor on every rank: checked, and compared across ranks, at every call.
     """
 
     def __init__(
@@ -121,33 +140,54 @@ class ContextParallel:
         documents: torch.Tensor | None = None,
     ) -> None:
         """Before the first collective of every call: every rank compares the call (every
-        field of cfg, shapes, dtype, exchange, the documents' contents) and, for Lighthouse,
-        that q, k and v are finite; a difference or a NaN on any rank makes every rank raise
-        (lh_cp.parallel.agreement), not a hang."""
+        field of cfg, shapes, dtype, exchange, the documents' contents, checked first against
+        the whole batch) and, for Lighthouse, that q, k and v are finite; a difference, invalid
+        documents or a NaN on any rank makes every rank raise (lh_cp.parallel.agreement), not a
+        hang. One all-gather of four words per call."""
         if self.world == 1:
+            if documents is not None:
+                check_documents(documents, q.shape[0], q.shape[1], q.device)
             return
         exchange = self.exchange if cfg is not None else self.dense_exchange
-        agree_on_call(attention_call(q, k, v, cfg, exchange, documents), self.group)
+        agree_on_call(attention_call(q, k, v, cfg, exchange, documents, self.world), self.group)
 
     # Both are opaque to torch.compile: collectives, autograd Functions around them and the
     # data-dependent selection; a compiled block breaks once, here (lh_cp.ops.attention.SingleDevice).
     @opaque_to_compile
     def lighthouse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cfg: LighthouseConfig,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self._agree(q, k, v, cfg)
+        self._agree(q, k, v, cfg, documents)
+        if documents is not None:
+            problems = document_exchange_problems(self.exchange)
+            if problems:
+                raise ValueError(problems[0])
+            if self.exchange == "allgather":
+                bounds = check_documents(documents, q.shape[0], q.shape[1] * self.world, q.device)
+                return lighthouse_documents_cp(q, k, v, cfg, bounds, self.group)
         if self.exchange == "ulysses":
-            return ulysses_attention(q, k, v, cfg, self.group)
+            return ulysses_attention(q, k, v, cfg, self.group, documents)
         if self.exchange == "ulysses_compressed":
             return compressed_ulysses_attention(q, k, v, cfg, self.group)
         return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange)
 
     @opaque_to_compile
-    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._agree(q, k, v, None)
+    def dense(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._agree(q, k, v, None, documents)
         if self.dense_exchange == "ulysses":
-            return ulysses_attention(q, k, v, None, self.group)
-        return causal_attention_cp(q, k, v, self.group, self.dense_exchange)
+            return ulysses_attention(q, k, v, None, self.group, documents)
+        return causal_attention_cp(q, k, v, self.group, self.dense_exchange, documents)
 
     def __repr__(self) -> str:
         return (

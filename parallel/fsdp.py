@@ -14,9 +14,13 @@ Contract on the model (any nn.Module):
 
 cfg is any object with bool attributes `activation_checkpoint` and `compile` (the recipe's
 parallel section), and optionally `no_checkpoint_layers` (block positions exempt from
-checkpointing; negatives count from the end). Weights are sharded over the flattened dp_shard x cp axis (CP ranks hold
-the same weights and their gradients must be summed, so they shard them too), replicated
-over dp_replicate (HSDP) when it is > 1. On CUDA parameters are cast to bfloat16 for compute
+checkpointing; negatives count from the end) and `offload_activations` (bool: the
+checkpointed blocks' inputs wait for backward in host memory, parallel/offload.py; the
+BlockInputOffload doing it is then the model's attribute `block_input_offload`).
+
+Weights are sharded over the flattened dp_shard x cp axis (CP ranks hold the same weights
+and their gradients must be summed, so they shard them too), replicated over dp_replicate
+(HSDP) when it is > 1. On CUDA parameters are cast to bfloat16 for compute
 and gradients reduced in float32; elsewhere (CPU, gloo) everything stays in the parameters'
 dtype. Gradients are averaged over all mesh ranks, which global_token_mean_loss accounts for.
 """
@@ -31,6 +35,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lh_cp.model.transformer import normalize_layer_indices
 from lh_cp.parallel.context import ContextParallel, attach_context_parallel
+from lh_cp.parallel.offload import BlockInputOffload
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -45,8 +50,8 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     )
 
 
-def _flag(cfg, name: str) -> bool:
-    value = getattr(cfg, name, None)
+def _flag(cfg, name: str, default: bool | None = None) -> bool:
+    value = getattr(cfg, name, default)
     if not isinstance(value, bool):
         raise ValueError(
             f"parallelize reads cfg.{name} as a bool, got {value!r} on {type(cfg).__name__}"
@@ -78,12 +83,19 @@ def checkpoint_and_compile(
     own empty parameter dict breaks DeepSpeed ZeRO-3's parameter hooks.
     """
     checkpoint, compile_blocks = _flag(cfg, "activation_checkpoint"), _flag(cfg, "compile")
+    offload = _flag(cfg, "offload_activations", default=False)
+    if offload and not checkpoint:
+        raise ValueError(
+            "cfg.offload_activations offloads the inputs of checkpointed blocks, but "
+            "cfg.activation_checkpoint is False: turn checkpointing on or offload off"
+        )
     if context is not None:
         attach_context_parallel(model, context)
     blocks = _blocks(model)
     kept = normalize_layer_indices(
         getattr(cfg, "no_checkpoint_layers", ()), len(blocks), "parallel.no_checkpoint_layers"
     )
+    offloader = BlockInputOffload() if offload else None
     for index, (name, block) in enumerate(blocks):
         # Compile first, then checkpoint: a block's graph breaks at attention, and dynamo does
         # not trace a checkpointed region with a break inside; compiled outside the checkpoint
@@ -95,9 +107,17 @@ def checkpoint_and_compile(
             block = torch.compile(block)
         # Non-reentrant checkpointing recomputes the block (its CP exchange included) in
         # backward; every CP rank recomputes in the same order, so collectives still match.
-        if checkpoint and index not in kept:
+        # The model has no randomness (no dropout): no RNG state to preserve for recomputation.
+        # With offload the checkpoint function is BlockInputOffload.checkpoint, the same
+        # non-reentrant checkpoint under the hooks that move the block's input to the host;
+        # the module tree, and so the checkpoint format, is the same either way.
+        if checkpoint and index not in kept and offloader is not None:
+            block = checkpoint_wrapper(block, checkpoint_fn=offloader.checkpoint)
+        elif checkpoint and index not in kept:
             block = checkpoint_wrapper(block, preserve_rng_state=False)
         _replace_block(model, name, block)
+    if offloader is not None:
+        model.block_input_offload = offloader
     return model
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lh_cp.model.loss import IGNORE_INDEX
+from lh_cp.data.loader import IGNORE_INDEX
 from lh_cp.ops.pyramid import accumulation_dtype
 
 

@@ -34,6 +34,7 @@ PATH = re.compile(
     r"(?:[\w./*-]|\{[\w,.-]*\})*)"
 )
 DOTTED = re.compile(r"(?<![\w.])lh_cp(?:\.\w+)+")
+OUTPUT_OPTION = re.compile(r"--(?:out|result) $")
 
 
 def anchors(text: str) -> set[str]:
@@ -121,8 +122,10 @@ def dotted_problem(name: str) -> str | None:
 
 def problems_of(document: Path, text: str) -> list[str]:
     problems = link_problems(document, text)
-    for path in PATH.findall(text):
-        path = path.rstrip(".")
+    for match in PATH.finditer(text):
+        path = match.group(1).rstrip(".")
+        if OUTPUT_OPTION.search(text[max(0, match.start() - 9) : match.start()]):
+            continue  # a file a command writes (--out PATH) need not exist yet
         if not path_exists(path):
             problems.append(f"missing path: {path}")
     for name in DOTTED.findall(text):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # a target equal to this counts in neither the loss sum nor the token count
+from lh_cp.data.loader import IGNORE_INDEX
 
 
 def _chunk_loss_sum(

@@ -1,9 +1,12 @@
 """Single-device attention: Lighthouse (compress, causal SDPA over the entries, deliver) and
-dense causal attention. Nothing here talks to other ranks; the public functions with `cp=`
-(lh_cp/api.py) dispatch to lh_cp.parallel, and lh_cp.parallel.ContextParallel offers the same
-two methods as SingleDevice below.
+dense causal attention, with or without document masking. Nothing here talks to other ranks;
+the public functions with `cp=` (lh_cp/api.py) dispatch to lh_cp.parallel, and
+lh_cp.parallel.ContextParallel offers the same two methods as SingleDevice below.
 
 Layouts follow the public API: q [B, N, H, D], k and v [B, N, Hkv, D], output [B, N, H, D].
+
+Document masking (`documents=`): dense attention through lh_cp/ops/dense.py, Lighthouse through
+lh_cp/ops/document_lighthouse.py (docs/LIGHTHOUSE.md s.12).
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from lh_cp.ops.compress import Compressed, compress, entries_sdpa
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.dense import dense_sdpa, document_causal
 from lh_cp.ops.document_lighthouse import lighthouse_documents
-from lh_cp.ops.documents import check_documents
+from lh_cp.ops.documents import check_documents, is_whole_windows
 from lh_cp.ops.entries import Selection, check_heads
 
 
@@ -33,13 +36,6 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
-
-
-def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA on [B, H, S, D] tensors (k, v may have fewer heads: GQA), scale 1/sqrt(D)."""
-    return F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
-    )
 
 
 def _attend(entries: Compressed) -> torch.Tensor:
@@ -69,17 +65,28 @@ def single_device_lighthouse(
     documents kept apart (LIGHTHOUSE.md s.12); one document per window is the unmasked op."""
     check_qkv(q, k, v)
     if documents is not None:
-        bounds = check_documents(documents, q.shape[0], q.shape[1], q.device)
-        cfg.tile_size(q.shape[1])
-        if len(bounds) > q.shape[0] + 1:
+        batch, n = q.shape[:2]
+        bounds = check_documents(documents, batch, n, q.device)
+        cfg.tile_size(n)
+        if not is_whole_windows(bounds, batch, n):
             return lighthouse_documents(q, k, v, cfg, bounds)
     return _attend(compress(q, k, v, cfg))
 
 
-def single_device_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense causal attention on one device: q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D]."""
+def single_device_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense causal attention on one device: q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
+
+    documents: None, or the int32 cumulative document lengths over the B * N tokens
+    (lh_cp/ops/documents.py); each document then attends only to itself, causally."""
     check_qkv(q, k, v)
-    out = _dense_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if documents is not None:
+        batch, n = q.shape[:2]
+        bounds = check_documents(documents, batch, n, q.device)
+        if not is_whole_windows(bounds, batch, n):
+            return document_causal(q, k, v, documents, bounds)
+    out = dense_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
 
@@ -100,23 +107,41 @@ def opaque_to_compile(fn: Fn) -> Fn:
     return call  # type: ignore[return-value]
 
 
+_opaque_causal = opaque_to_compile(single_device_causal)
+
+
 class SingleDevice:
     """The attention of a model that is not split over ranks. A model's attention modules call
-    `context.lighthouse(q, k, v, cfg)` or `context.dense(q, k, v)` on this, or on the
-    lh_cp.parallel.ContextParallel that parallelize hands them, without knowing which.
+    `context.lighthouse(q, k, v, cfg, documents)` or `context.dense(q, k, v, documents)` on
+    this, or on the lh_cp.parallel.ContextParallel that parallelize hands them, without knowing
+    which.
 
     Under torch.compile the Lighthouse call is one opaque step (opaque_to_compile): its
     selection is data-dependent (sorting, the finiteness check's host sync) and would split the
-    block's graph a dozen times; this way a compiled block breaks once, at attention."""
+    block's graph a dozen times; this way a compiled block breaks once, at attention. So is a
+    dense call with documents (it reads the boundaries on the host)."""
 
     @opaque_to_compile
     def lighthouse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cfg: LighthouseConfig,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return single_device_lighthouse(q, k, v, cfg)
+        return single_device_lighthouse(q, k, v, cfg, documents)
 
-    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return single_device_causal(q, k, v)
+    def dense(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if documents is None:
+            return single_device_causal(q, k, v)
+        return _opaque_causal(q, k, v, documents)
 
 
 SINGLE_DEVICE = SingleDevice()

@@ -10,7 +10,8 @@ Each document d = [a, z) of a window keeps to itself:
 - the tokens of d outside its region (the head [a, A) and the tail [Z, z), or all of d) are
   entries of one token each;
 - d's entries, in causal-key order (head tokens, region entries, tail tokens), attend causally
-  to each other only: one sequence of a varlen causal attention over all documents;
+  to each other only: one sequence of a varlen causal attention over all documents
+  (lh_cp/ops/dense.py: torch's varlen kernel on CUDA, one SDPA per document elsewhere);
 - region entries deliver as in s.6 (into the tail too: never past z), token entries to their
   own position.
 
@@ -28,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lh_cp.ops.compress import Compressed, compress
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.dense import document_causal
 
 
 @dataclass(frozen=True)
@@ -208,23 +209,6 @@ def plan_documents(
     return plan_streams(streams, n, cfg.selected_length(n), cfg.tiles, device)
 
 
-def packed_causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, longest: int
-) -> torch.Tensor:
-    """Causal attention inside each packed sequence: q, k, v [P, H, D] -> [P, H, D]; `bounds`
-    int32 cumulative lengths. CUDA: torch's varlen kernel; elsewhere one SDPA per sequence
-    (exact: no row ever meets another sequence's values)."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(q, k, v, bounds, bounds, longest, longest, window_size=(-1, 0))
-    outs = []
-    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        part = [x[lo:hi].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]  # [1, H, len, D]
-        outs.append(F.scaled_dot_product_attention(*part, is_causal=True)[0].transpose(0, 1))
-    return torch.cat(outs)
-
-
 def token_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
     """q, k, v [R, C, H or Hkv, D] as token entries [R*C, H, D]: a token entry of query head h
     reads kv head h // group, as the pooled entries do."""
@@ -287,8 +271,7 @@ def lighthouse_documents(
     plan = plan_documents(bounds, batch, n, cfg, q.device)
     entries = None if plan.restart is None else compress(q, k, v, cfg, restart=plan.restart)
     sources = zip(token_rows(q, k, v), entry_rows(entries) if entries else [None] * 3)
-    packed = [packed_rows(t, e, plan) for t, e in sources]
-    bounds = plan.bounds
-    longest = max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]))
-    out = packed_causal(*packed, torch.tensor(bounds, dtype=torch.int32, device=q.device), longest)
+    packed = [packed_rows(t, e, plan)[None] for t, e in sources]  # [1, P, H, D]
+    cu = torch.tensor(plan.bounds, dtype=torch.int32, device=q.device)
+    out = document_causal(*packed, cu, plan.bounds)[0]  # [P, H, D]: each document one sequence
     return unpacked(out, plan, batch, n, entries)[0]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lh_cp.model.loss import IGNORE_INDEX
+from lh_cp.data.loader import IGNORE_INDEX
 
 NEAR_OFFSETS = (2, 3, 4)  # the near-future inputs replaced: t + 2 .. t + 4
 VARIANTS = ("clean", "next", "near")

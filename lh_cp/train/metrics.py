@@ -94,6 +94,16 @@ def peak_memory_gib(device: torch.device) -> float:
     return cpu_peak_rss_bytes() / 2**30
 
 
+def pinned_host_peak_gib(device: torch.device) -> float | None:
+    """Peak pinned host memory held by torch's caching host allocator (every user of pinned
+    memory, rounding included), or None off CUDA or where torch keeps no such statistic."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if device.type != "cuda" or stats is None:
+        return None
+    peak = stats().get("allocated_bytes.peak")
+    return None if peak is None else peak / 2**30
+
+
 def cpu_peak_rss_bytes() -> int:
     """This process's peak resident set size. On Linux the high-water mark of its own image
     (VmHWM): ru_maxrss survives exec, so a rank started by torchrun would report the launcher's

@@ -2,20 +2,26 @@
 
 `check_recipe` runs before any process group exists (the trainer calls it first too) and
 returns every violated rule, each naming the keys and numbers involved. `plan_numbers`
-derives tile size, selected length, ranks, tokens per rank, parameters and a memory estimate.
-Data paths are not required to exist here: the plan describes shapes, so it can be made on a
-laptop for a cluster; training checks paths when it opens the data.
+derives tile size, selected length, ranks, tokens per rank, parameters and the memory
+estimates: accelerator memory per rank and, with parallel.offload_activations, the pinned host
+memory per rank, which `host_memory_problems` holds to a machine's memory (this one's, or
+the one `lh-cp plan --host-memory-gib` names). Data paths are not required to exist here: the
+plan describes shapes, so it can be made on a laptop for a cluster; training checks paths
+when it opens the data.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from lh_cp.model.transformer import ModelConfig, count_parameters, normalize_layer_indices
 from lh_cp.ops.config import LighthouseConfig
-from lh_cp.parallel.context import ULYSSES_EXCHANGES
+from lh_cp.parallel.context import ULYSSES_EXCHANGES, document_exchange_problems
+from lh_cp.parallel.offload import pinned_bytes
 from lh_cp.train.recipe import ATTENTION_MODES, Recipe
 
 DEEPSPEED_MIN_VERSION = (0, 19, 8)
@@ -94,6 +100,16 @@ def _parallel_rules(recipe: Recipe) -> list[str]:
     return errors
 
 
+def document_masking_problems(recipe: Recipe) -> list[str]:
+    """The rule of a document-masked run (data.document_masking) whose stages train Lighthouse
+    layers under CP: the Lighthouse exchange must keep documents apart
+    (lh_cp.parallel.context.document_exchange_problems, where the rule lives)."""
+    trains_lighthouse = any(s.attention == "lighthouse" for s in recipe.stages)
+    if not recipe.data.document_masking or recipe.parallel.cp < 2 or not trains_lighthouse:
+        return []
+    return document_exchange_problems(recipe.parallel.exchange, prefix="parallel.")
+
+
 def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     """Every violated rule of `recipe` (empty when it is valid). `world_size`: the number of
     processes that will run it, when known (torchrun's WORLD_SIZE)."""
@@ -129,6 +145,7 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
         )
     par, data = recipe.parallel, recipe.data
     errors.extend(_parallel_rules(recipe))
+    errors.extend(document_masking_problems(recipe))
     if world_size is not None and par.world_size != world_size:
         errors.append(
             f"parallel.cp * dp_shard * dp_replicate = {par.cp} * {par.dp_shard} * {par.dp_replicate} = "
@@ -164,6 +181,55 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     return list(dict.fromkeys(errors))  # each rule once, in the order found
 
 
+# Pinned pages cannot be swapped or reclaimed: the operating system and the training
+# processes themselves (Python, CUDA contexts, data) need the rest of the machine's memory.
+HOST_RESERVE_FRACTION = 0.1
+
+
+def machine_memory_bytes() -> int:
+    """This machine's memory: /proc/meminfo's MemTotal (os.sysconf where there is none), or
+    the cgroup's limit when a container is given less."""
+    total = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if total is None:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def host_memory_problems(recipe: Recipe, host_memory_bytes: int, ranks_per_node: int) -> list[str]:
+    """The offload rule that needs the machine: the pinned host memory of the ranks sharing a
+    node must leave HOST_RESERVE_FRACTION of its memory free. Empty without offload."""
+    per_rank = pinned_host_bytes_per_rank(recipe)
+    if not per_rank:
+        return []
+    pinned, allowed = per_rank * ranks_per_node, (1 - HOST_RESERVE_FRACTION) * host_memory_bytes
+    if pinned <= allowed:
+        return []
+    return [
+        f"parallel.offload_activations=true pins {pinned / 2**30:.1f} GiB of host memory "
+        f"({ranks_per_node} rank(s) per node x {checkpointed_layers(recipe)} block inputs of "
+        f"{block_input_bytes(recipe) / 2**30:.2f} GiB at data.seq_len={recipe.data.seq_len}, "
+        f"parallel.cp={recipe.parallel.cp}), but the machine has {host_memory_bytes / 2**30:.1f} GiB "
+        f"and at most {allowed / 2**30:.1f} GiB may be pinned ({HOST_RESERVE_FRACTION:.0%} is left "
+        f"to the system and the processes); shorten data.seq_len, raise parallel.cp, turn the "
+        f"offload off, or plan for a larger machine (lh-cp plan --host-memory-gib)"
+    ]
+
+
 @dataclass
 class PlanNumbers:
     world_size: int
@@ -176,7 +242,8 @@ class PlanNumbers:
     params: int
     embedding_params: int
     lighthouse_layers: int
-    memory_gib: float
+    memory_gib: float  # accelerator memory per rank (memory_estimate_gib)
+    pinned_host_gib: float  # pinned host memory per rank (offloaded block inputs; 0 without)
     total_steps: int
 
 
@@ -186,6 +253,13 @@ def _bytes_per_token_per_layer(m: ModelConfig, act_bytes: int) -> int:
     and the SwiGLU hidden tensors (w1, w3, silu, product)."""
     kv = m.n_kv_heads * m.head_dim
     return act_bytes * (6 * m.dim + 2 * kv + 4 * m.ffn_dim) + 4 * 2 * m.dim
+
+
+def _gradient_bytes_per_token(m: ModelConfig, act_bytes: int) -> int:
+    """Gradients alive at once while a block back-propagates, per token: of the block's
+    output and of the residual stream inside it (act_bytes per channel each), and a norm's
+    float32 input gradient (4 bytes per channel)."""
+    return 2 * act_bytes * m.dim + 4 * m.dim
 
 
 def cp_dense_bytes_per_token(recipe: Recipe) -> int:
@@ -211,48 +285,86 @@ def cp_dense_bytes_per_token(recipe: Recipe) -> int:
     return (par.cp + 1) * 8 * kv + par.cp * 4 * kv
 
 
-def state_bytes_per_rank(recipe: Recipe) -> float:
+def state_bytes_per_rank(recipe: Recipe, first_step: bool = False) -> float:
     """fp32 weights, gradients and AdamW moments (4 + 4 + 8 bytes per parameter) held by one
     rank: FSDP2 shards all of them over dp_shard * cp ranks; ZeRO over every rank shards the
-    moments (stage 1), also the gradients (2), also the weights (3)."""
+    moments (stage 1), also the gradients (2), also the weights (3). first_step: before the
+    first optimizer step, which is when AdamW allocates its moments."""
     par, params = recipe.parallel, count_parameters(recipe.model)
     if par.engine != "deepspeed":
-        return 16 * params / (par.dp_shard * par.cp)
+        per_param = 8 if first_step else 16
+        return per_param * params / (par.dp_shard * par.cp)
     sharded = {1: 8, 2: 12, 3: 16}.get(par.zero_stage, 16)
-    return (16 - sharded) * params + sharded * params / par.world_size
+    total = (16 - sharded) * params + sharded * params / par.world_size
+    return total - (8 * params / par.world_size if first_step else 0)
 
 
-def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True) -> float:
-    """Peak memory per rank, roughly: weights, gradients and AdamW moments as the engine
-    shards them (state_bytes_per_rank), two all-gathered bf16 blocks (prefetch), stored
-    activations (one block input per checkpointed layer, every activation of the others),
-    one block recomputed, the CP dense exchange's float32 buffers
-    (cp_dense_bytes_per_token), and one loss chunk's logits. Lighthouse layers' compressed
-    tensors are smaller than a dense block's and not counted apart.
+def checkpointed_layers(recipe: Recipe) -> int:
+    """Blocks recomputed in backward (0 without activation checkpointing)."""
+    par, m = recipe.parallel, recipe.model
+    if not par.activation_checkpoint:
+        return 0
+    kept = normalize_layer_indices(
+        par.no_checkpoint_layers, m.n_layers, "parallel.no_checkpoint_layers"
+    )
+    return m.n_layers - len(kept)
+
+
+def offloads(recipe: Recipe) -> bool:
+    """Whether the run keeps the checkpointed blocks' inputs in pinned host memory: offload
+    on, on a GPU (on CPU it changes nothing; lh_cp/parallel/offload.py)."""
+    par = recipe.parallel
+    return par.offload_activations and par.activation_checkpoint and recipe.run.device != "cpu"
+
+
+def block_input_bytes(recipe: Recipe, on_gpu: bool = True) -> int:
+    """Bytes of one block's input on one rank: [batch, tokens per rank, dim] in bf16 on a GPU
+    (FSDP2's compute dtype), float32 on CPU."""
+    m, par, data = recipe.model, recipe.parallel, recipe.data
+    return data.batch_size * data.seq_len // par.cp * m.dim * (2 if on_gpu else 4)
+
+
+def pinned_host_bytes_per_rank(recipe: Recipe) -> int:
+    """Pinned host memory one rank holds at the end of a forward with offload on: every
+    checkpointed block's input, in pieces as the host allocator rounds them
+    (lh_cp.parallel.offload.pinned_bytes); 0 without offload."""
+    if not offloads(recipe):
+        return 0
+    return checkpointed_layers(recipe) * pinned_bytes(block_input_bytes(recipe))
+
+
+def memory_estimate_gib(recipe: Recipe, on_gpu: bool = True, first_step: bool = False) -> float:
+    """Peak accelerator memory per rank, roughly: weights, gradients and AdamW moments as the
+    engine shards them (state_bytes_per_rank; no moments in the first step), two all-gathered
+    bf16 blocks (prefetch), stored activations (one block input per checkpointed layer, every
+    activation of the others), and the larger of what backward adds at its two peaks: one
+    block recomputed with the gradients alive while it back-propagates and the CP dense
+    exchange's float32 buffers (cp_dense_bytes_per_token), or one loss chunk's logits (the
+    loss is back-propagated before any block, so the two are never alive together).
+    Lighthouse layers' compressed tensors are smaller than a dense block's and not counted
+    apart. With offload (offloads(recipe)) the checkpointed blocks' inputs are in host memory
+    (pinned_host_bytes_per_rank) and at most two are on the GPU at once: the one being
+    recomputed and the one arriving.
 
     Checked against measured peaks (tests/test_plan_memory.py reads them from
     benchmarks/results/): single-GPU and CP=2 runs of the 270M model and the 530M model."""
     m, par, data = recipe.model, recipe.parallel, recipe.data
     act_bytes = 2 if on_gpu else 4
-    block = 4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim  # upper bound of one block's weights
+    weights = 4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim  # upper bound of one block's weights
     tokens = data.batch_size * data.seq_len // par.cp
     per_layer = _bytes_per_token_per_layer(m, act_bytes) * tokens
-    if par.activation_checkpoint:
-        kept = len(
-            normalize_layer_indices(
-                par.no_checkpoint_layers, m.n_layers, "parallel.no_checkpoint_layers"
-            )
-        )
-        activations = (
-            (m.n_layers - kept) * tokens * m.dim * act_bytes + kept * per_layer + per_layer
-        )
-    else:
-        activations = m.n_layers * per_layer
+    checkpointed = checkpointed_layers(recipe)
+    inputs_on_gpu = min(2, checkpointed) if on_gpu and offloads(recipe) else checkpointed
+    stored = inputs_on_gpu * tokens * m.dim * act_bytes + (m.n_layers - checkpointed) * per_layer
+    gradients = _gradient_bytes_per_token(m, act_bytes) * tokens
+    exchange = cp_dense_bytes_per_token(recipe) * tokens
+    recomputed = per_layer if checkpointed else 0
+    block_backward = recomputed + gradients + exchange
     logits = (
         3 * min(m.loss_chunk_tokens, tokens) * m.vocab_size * 4
     )  # float32 logits, softmax, grad
-    exchange = cp_dense_bytes_per_token(recipe) * tokens
-    total = state_bytes_per_rank(recipe) + 2 * block * act_bytes + activations + exchange + logits
+    state = state_bytes_per_rank(recipe, first_step)
+    total = state + 2 * weights * act_bytes + stored + max(block_backward, logits)
     return total / 2**30
 
 
@@ -276,6 +388,7 @@ def plan_numbers(recipe: Recipe) -> PlanNumbers:
         embedding_params=m.vocab_size * m.dim * (1 if m.tie_embeddings else 2),
         lighthouse_layers=lighthouse_layers,
         memory_gib=memory_estimate_gib(recipe, on_gpu=recipe.run.device != "cpu"),
+        pinned_host_gib=pinned_host_bytes_per_rank(recipe) / 2**30,
         total_steps=recipe.total_steps,
     )
 
@@ -301,6 +414,12 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
         f"  sequence: N = {numbers.seq_len:,} tokens; per rank per step {numbers.tokens_per_rank:,} tokens; "
         f"global batch {numbers.tokens_per_step:,} tokens",
     ]
+    if recipe.data.document_masking:
+        lines.append(
+            f"  document masking: each document attends only to itself (dense layers; Lighthouse "
+            f"layers as docs/LIGHTHOUSE.md s.12), RoPE positions per {recipe.data.positions}; "
+            f"end-of-document targets ignored"
+        )
     if par.engine == "deepspeed":
         lines.append(
             f"  engine: DeepSpeed ZeRO stage {par.zero_stage} over all {numbers.world_size} ranks"
@@ -345,5 +464,17 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
             )
         )
         checkpointing = "with activation checkpointing" + (f", layers {kept} kept" if kept else "")
+    if offloads(recipe):
+        checkpointing += ", block inputs offloaded to host memory"
     lines.append(f"  memory estimate per rank: {numbers.memory_gib:.1f} GiB ({checkpointing})")
+    if offloads(recipe):
+        lines.append(
+            f"  pinned host memory per rank: {numbers.pinned_host_gib:.1f} GiB "
+            f"({checkpointed_layers(recipe)} block inputs of "
+            f"{block_input_bytes(recipe) / 2**30:.2f} GiB)"
+        )
+    elif par.offload_activations:
+        lines.append(
+            "  activation offload: on, but on CPU it saves nothing (inputs are in host memory)"
+        )
     return "\n".join(lines)

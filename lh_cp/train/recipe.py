@@ -141,6 +141,13 @@ class ParallelConfig(Section):
         attention forward is the costliest part of a block to recompute at long context, so
         the dense layers of a Lighthouse model are the first candidates. `lh-cp plan` counts
         them in its memory estimate.
+    offload_activations: with activation_checkpoint, the input each checkpointed block keeps
+        for backward waits in pinned host memory instead of GPU memory, copied out and back on
+        a CUDA stream of its own while neighbouring blocks compute (lh_cp/parallel/offload.py;
+        docs/offload.md says when it pays). `lh-cp plan` counts the pinned host memory and
+        refuses a run that would pin more than the machine has. On CPU the inputs are copied
+        to another host tensor and back: no memory is saved and no number changes. Not
+        available under engine='deepspeed'.
     compile: torch.compile each decoder block.
     timeout_s: timeout of every collective of every process group of the run (a rank waiting
         longer raises), and twice the watchdog's limit: under torchrun a rank that sends no
@@ -158,6 +165,7 @@ class ParallelConfig(Section):
     dense_exchange: str = "ring"
     activation_checkpoint: bool = False
     no_checkpoint_layers: list[int] = field(default_factory=list)
+    offload_activations: bool = False
     compile: bool = False
     timeout_s: int = 600
 
@@ -199,6 +207,16 @@ class ParallelConfig(Section):
         if self.timeout_s < 10:
             errors.append(
                 f"parallel.timeout_s must be >= 10 seconds (the watchdog beats every few seconds), got {self.timeout_s}"
+            )
+        if self.offload_activations and not self.activation_checkpoint:
+            errors.append(
+                "parallel.offload_activations=true offloads the inputs of checkpointed blocks, but "
+                "parallel.activation_checkpoint is false: set it to true, or drop the offload"
+            )
+        if self.offload_activations and self.engine == "deepspeed":
+            errors.append(
+                "parallel.offload_activations=true works with parallel.engine='fsdp' only (it is "
+                "not tested under DeepSpeed ZeRO's parameter hooks); use engine='fsdp'"
             )
         exchanges = exchange_problems(self.exchange, self.dense_exchange, "parallel.")
         errors.extend(exchanges)

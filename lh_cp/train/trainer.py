@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -47,8 +48,9 @@ from lh_cp.train.metrics import (
     format_duration,
     peak_flops,
     peak_memory_gib,
+    pinned_host_peak_gib,
 )
-from lh_cp.train.plan import check_recipe
+from lh_cp.train.plan import check_recipe, host_memory_problems, machine_memory_bytes
 from lh_cp.train.profiling import profile_paths, profiled
 from lh_cp.train.recipe import Recipe, RecipeError
 from lh_cp.train.runlock import acquire_run_lock
@@ -84,8 +86,9 @@ class TrainSummary:
 
 
 def check_machine(recipe: Recipe) -> list[str]:
-    """What training needs from this machine that plan does not: data paths, the device, a
-    checkpoint to resume that the recipe's engine can read."""
+    """What training needs from this machine that plan does not: data paths, the device, the
+    host memory that activation offload pins, a checkpoint to resume that the recipe's engine
+    can read."""
     data, missing = recipe.data, []
     if recipe.run.device == "cuda" and not torch.cuda.is_available():
         missing.append("run.device='cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
@@ -96,6 +99,10 @@ def check_machine(recipe: Recipe) -> list[str]:
             f"data.tokenizer={data.tokenizer!r} does not exist (use 'bytes' or a local tokenizer.json)"
         )
     missing += output_problems(recipe)
+    if torch.cuda.is_available():  # on CPU offload pins nothing
+        # torchrun says how many ranks share this machine; a plain run is one process.
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        missing += host_memory_problems(recipe, machine_memory_bytes(), ranks_here)
     found, engine = latest_checkpoint(recipe.checkpoint_dir), recipe.parallel.engine
     written_by = checkpoint_engine(found[1]) if found is not None else None
     if written_by not in (None, engine):
@@ -199,6 +206,9 @@ class Trainer:
             )
         self.train_stream = run_data.train
         self.val_stream = run_data.validation
+        # The end-of-document token where documents are masked: training, validation, the leak
+        # probe and the passkey evaluation all read their documents off it.
+        self.eod_id = self.tokenizer.eod_id if data.document_masking else None
         self.loader = BatchLoader(
             self.train_stream,
             data.seq_len,
@@ -207,6 +217,7 @@ class Trainer:
             rt.dp_size,
             data.seed,
             shuffle=True,
+            eod_id=self.eod_id,
         )
         check_data_volume(
             recipe, self.loader.windows, (len(self.val_stream) - 1) // data.seq_len, rt.dp_size
@@ -310,7 +321,9 @@ class Trainer:
         """One optimizer step; returns (global mean loss, gradient norm before clipping, lr)."""
         lr = lr_at(step, self.recipe.total_steps, self.recipe.optim, self.recipe.schedule)
         try:
-            loss, mean_loss = training_loss(self.model, self.rt, *self.loader.next_batch())
+            loss, mean_loss = training_loss(
+                self.model, self.rt, self.loader.next_batch(), self.recipe.data.positions
+            )
         except NonFiniteInput as err:  # a Lighthouse layer's q, k or v overflowed
             raise NonFiniteStep("attention input", str(err)) from err
         check_finite_value(
@@ -519,20 +532,22 @@ def _validate(
     leak metric where it applies; logged to TensorBoard, metrics.jsonl and the console."""
     recipe, rt, network = trainer.recipe, trainer.rt, trainer.network
     mode = recipe.stages[stage].attention
-    values = {"val/loss": validation_loss(trainer.model, rt, recipe, trainer.val_stream)}
+    values = {
+        "val/loss": validation_loss(trainer.model, rt, recipe, trainer.val_stream, trainer.eod_id)
+    }
     leak_here = trainer.leak_probe is not None and (
         (mode == "lighthouse" and recipe.eval.leak)
         or (mode == "dense" and recipe.eval.leak_in_dense_stages)
     )
     if leak_here:
-        values.update(probe_leak(trainer.model, rt, recipe, trainer.leak_probe))
+        values.update(probe_leak(trainer.model, rt, recipe, trainer.leak_probe, trainer.eod_id))
     if mode == "dense":
         values["val/loss_dense"] = values["val/loss"]
     else:
         network.set_attention("dense")
         try:
             values["val/loss_dense"] = validation_loss(
-                trainer.model, rt, recipe, trainer.val_stream
+                trainer.model, rt, recipe, trainer.val_stream, trainer.eod_id
             )
         finally:
             network.set_attention(mode)
@@ -595,19 +610,23 @@ def _log_step(
     mfu = flops / (rt.mesh.size() * peak)
     memory = peak_memory_gib(rt.device)
     eta = (recipe.total_steps - step) * sorted(recent)[len(recent) // 2]
-    writer.scalars(
-        step,
-        {
-            "train/loss": loss,
-            "train/lr": lr,
-            "train/grad_norm": norm,
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/mfu": mfu,
-            "perf/peak_memory_gib": memory,
-            "train/stage": stage,
-            "lighthouse/selected_fraction": fraction,
-        },
-    )
+    scalars = {
+        "train/loss": loss,
+        "train/lr": lr,
+        "train/grad_norm": norm,
+        "perf/tokens_per_s": tokens_per_s,
+        "perf/mfu": mfu,
+        "perf/peak_memory_gib": memory,
+        "train/stage": stage,
+        "lighthouse/selected_fraction": fraction,
+    }
+    offload = getattr(trainer.network, "block_input_offload", None)
+    if offload is not None:  # parallel.offload_activations: what the block inputs held at most
+        scalars["perf/offload_host_gib"] = offload.stats.peak_host_bytes / 2**30
+        pinned = pinned_host_peak_gib(rt.device)
+        if pinned is not None:
+            scalars["perf/pinned_host_gib"] = pinned
+    writer.scalars(step, scalars)
     writer.console(
         f"step {step}/{recipe.total_steps} {recipe.stages[stage].name} | loss {loss:.4f} | lr {lr:.2e} | "
         f"gnorm {norm:.3f} | {tokens_per_s:,.0f} tok/s | mfu {mfu:.1%} | mem {memory:.2f} GiB | "
@@ -622,7 +641,7 @@ def _passkey(
     final = recipe.stages[-1]
     trainer.network.set_attention(final.attention)
     length = recipe.eval.passkey.length or recipe.data.seq_len
-    predict = greedy_predictor(trainer.model, rt)
+    predict = greedy_predictor(trainer.model, rt, trainer.eod_id, recipe.data.positions)
     accuracy = passkey_accuracy(predict, trainer.tokenizer, recipe.eval.passkey, length)
     if writer:
         step = recipe.total_steps
