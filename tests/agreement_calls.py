@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
-from lh_cp.parallel import ContextParallel, shard_sequence
+from lh_cp.parallel import shard_sequence
 
 
 def main(out_dir: Path) -> None:
@@ -61,11 +61,12 @@ def main(out_dir: Path) -> None:
         ),
         "empty_batch_one_rank": lambda: lighthouse(mine[:0] if one else mine),
         "empty_batch_every_rank": lambda: lighthouse(mine[:0]),
-        "documents": lambda: ContextParallel.for_lighthouse(group, "allgather")._agree(
+        "documents": lambda: lighthouse_attention(
             mine,
             mine,
             mine,
             cfg,
+            cp=group,
             documents=torch.tensor([0, 16 if one else 24, 64], dtype=torch.int32),
         ),
         "good_again": lambda: lighthouse(mine),
