@@ -145,11 +145,11 @@ def test_a_non_finite_stop_names_the_newest_checkpoint_that_verifies(tmp_path, c
 
     real_loss = trainer_module.training_loss
 
-    def loss_nan_at_step_3(model, rt, inputs, targets):
-        loss, mean = real_loss(model, rt, inputs, targets)
+    def nan_loss(*args, **kwargs):  # the resumed run's first step, step 3
+        loss, mean = real_loss(*args, **kwargs)
         return loss, mean * float("nan")
 
-    monkeypatch.setattr(trainer_module, "training_loss", loss_nan_at_step_3)
+    monkeypatch.setattr(trainer_module, "training_loss", nan_loss)
     with pytest.raises(NonFiniteStep) as stopped:
         train(tiny_recipe(out, corpus, ["checkpoint.interval=2"]))
     message = str(stopped.value)

@@ -115,7 +115,7 @@ def training_steps(recipe) -> list[tuple[float, float]]:
     )
     results = []
     for step in range(1, STEPS + 1):
-        loss, mean = training_loss(engine.model, rt, *loader.next_batch())
+        loss, mean = training_loss(engine.model, rt, loader.next_batch(), data.positions)
         lr = lr_at(step, recipe.total_steps, recipe.optim, recipe.schedule)
         results.append((float(mean), engine.step(loss, lr)))
     return results
