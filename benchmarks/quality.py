@@ -57,6 +57,9 @@ from runs import REPO, read_metrics, train
 
 RECIPE = "recipes/quality_16k.toml"
 JUMP_STEPS = 10  # steps on each side of the switch averaged for the loss jump
+# The leak metrics read at the switch (lh_cp/train/leak.py); other documents: where the data
+# has end-of-document tokens.
+LEAKS = ("leak_next_token_nats", "leak_near_future_nats", "leak_other_documents_nats")
 # A CPU smoke test of the whole pipeline: the recipe shrunk to seconds per run.
 TINY = [
     "model.dim=64",
@@ -337,7 +340,7 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
             )  # the stage-1 end, or the final (dense-mode) validation
             leak = {
                 k: dict((int(s), v) for s, v in series(metrics, "val", f"val/{k}")).get(leak_at)
-                for k in ("leak_next_token_nats", "leak_near_future_nats")
+                for k in LEAKS
             }
             train_loss = series(metrics, "train", "train/loss")
             per_seed[seed] = {
@@ -346,6 +349,9 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
                 "val_loss": series(metrics, "val", "val/loss"),
                 "leak_next_token_nats": series(metrics, "val", "val/leak_next_token_nats"),
                 "leak_near_future_nats": series(metrics, "val", "val/leak_near_future_nats"),
+                "leak_other_documents_nats": series(
+                    metrics, "val", "val/leak_other_documents_nats"
+                ),
                 "leak_at_switch": leak,
                 "switch_jump_train_nats": loss_jump(train_loss, last) if last else None,
                 "train_loss": train_loss,
@@ -362,7 +368,7 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
                 for r in per_seed.values()
                 if r["leak_at_switch"][k] is not None
             ]
-            for k in ("leak_next_token_nats", "leak_near_future_nats")
+            for k in LEAKS
         }
         lighthouse_steps = round(arm.lighthouse_fraction * steps)
         stage_steps = [("lighthouse", lighthouse_steps), ("dense", steps - lighthouse_steps)]
@@ -388,6 +394,9 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
             else None,
             "leak_near_future_nats": statistics.fmean(leaks["leak_near_future_nats"])
             if leaks["leak_near_future_nats"]
+            else None,
+            "leak_other_documents_nats": statistics.fmean(leaks["leak_other_documents_nats"])
+            if leaks["leak_other_documents_nats"]
             else None,
             "tokens_per_s_alone": rates,
             "train_wall_s_alone": wall,

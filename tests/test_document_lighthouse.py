@@ -228,3 +228,21 @@ def test_bad_documents_raise_named_errors():
         lighthouse_attention(q, k, v, cfg, documents=torch.tensor([0, 64]))
     with pytest.raises(ValueError, match="min_document_tokens must be >= 0"):
         LighthouseConfig(**CFG, min_document_tokens=-1)
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/document_lighthouse.py runs end to end at toy sizes on the CPU and writes its
+    rows (every arm timed, the ratios derived from them)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "document_lighthouse.py"
+    spec = importlib.util.spec_from_file_location("document_lighthouse_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--smoke", "--out", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [r["documents"] for r in rows][-1] == 1  # the one-document mix
+    for r in rows:
+        assert r["dense_docs_over_lighthouse_docs"] == r["dense_docs_ms"] / r["lighthouse_docs_ms"]

@@ -196,3 +196,31 @@ def test_leak_is_exactly_zero_with_the_causal_selection_in_lighthouse_mode(runti
         pool=2, levels=3, topk=16, tile_budget=4
     )
     assert probe_leak(model, rt, recipe, probe)["val/leak_next_token_nats"] != 0.0
+
+
+def test_other_documents_leak_is_zero_with_document_masking_and_not_without(runtime):
+    """The cross-document probe: the documents before t' shuffled (end-of-document tokens kept,
+    so the boundaries stay). With documents read off the tokens it is exactly 0 in Lighthouse
+    and dense mode (docs/LIGHTHOUSE.md s.12); without masking the model reads them."""
+    recipe = _recipe(
+        32, 3, 2, {"pool": 2, "levels": 3, "topk": 16, "tile_budget": 4}, [0], seq_len=128
+    )
+    rt = runtime(recipe)
+    torch.manual_seed(0)
+    model = _model(recipe)
+    eod = 256
+    rng = np.random.default_rng(3)
+    stream = rng.integers(0, 256, size=6 * 128 + 1)
+    # documents of ~50 tokens: some hold whole 32-token tiles (regions), some none
+    stream[rng.choice(len(stream), size=15, replace=False)] = eod
+    probe = make_probe(stream.astype(np.uint16), 128, 6, seed=4, eod_id=eod)
+    assert probe.document_rows >= 4
+    clean, _ = probe.batch("documents_clean")
+    changed, _ = probe.batch("other_documents")
+    assert torch.equal(clean == eod, changed == eod) and not torch.equal(clean, changed)
+    for mode in ("lighthouse", "dense"):
+        model.set_attention(mode)
+        masked = probe_leak(model, rt, recipe, probe, eod_id=eod)
+        assert masked["val/leak_other_documents_nats"] == 0.0, mode
+        unmasked = probe_leak(model, rt, recipe, probe)
+        assert unmasked["val/leak_other_documents_nats"] != 0.0, mode

@@ -125,7 +125,7 @@ def probe_leak(
         dist.all_reduce(total, group=rt.loss_group)
         return float(total)
 
-    return leak_nats(loss_sums, probe.rows)
+    return leak_nats(loss_sums, probe.rows, probe.document_rows)
 
 
 def greedy_predictor(model, rt: Runtime, eod_id: int | None = None, positions: str = "window"):

@@ -226,7 +226,11 @@ class Trainer:
         self.leak_probe = None
         if measure_leak or recipe.eval.leak_in_dense_stages:
             self.leak_probe = make_probe(
-                self.val_stream, data.seq_len, recipe.eval.leak_positions, data.seed
+                self.val_stream,
+                data.seq_len,
+                recipe.eval.leak_positions,
+                data.seed,
+                self.tokenizer.eod_id,
             )
         # Same seed on every rank: identical initial weights before FSDP or ZeRO shards them.
         torch.manual_seed(recipe.run.seed)
