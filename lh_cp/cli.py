@@ -102,12 +102,13 @@ def _run_plan(args) -> int:
         plan_numbers,
     )
     from lh_cp.train.recipe import load_recipe
+    from lh_cp.train.storage import checkpoint_space, output_problems
 
     recipe = load_recipe(args.recipe, args.overrides)
     world = args.world_size or (
         int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     )
-    errors = check_recipe(recipe, world)
+    errors = check_recipe(recipe, world) + output_problems(recipe)
     host_memory = (
         int(args.host_memory_gib * 2**30) if args.host_memory_gib else machine_memory_bytes()
     )
@@ -121,6 +122,8 @@ def _run_plan(args) -> int:
             print(f"  - {error}", file=sys.stderr)
         return 2
     print(format_plan(recipe, plan_numbers(recipe)))
+    space, short = checkpoint_space(recipe)
+    print(f"  {'warning: too little space: ' if short else ''}{space}")
     return 0
 
 
@@ -235,21 +238,65 @@ def main(argv: list[str] | None = None) -> int:
         "plot": _run_plot,
         "export": _run_export,
     }
-    # Errors in what the user gave (recipe, paths, missing packages) print one message; any
-    # other exception during training keeps its traceback.
-    from lh_cp.train.engines import NonFiniteStep
-    from lh_cp.train.recipe import RecipeError
-
-    user_errors = (
-        (RecipeError, FileNotFoundError, ImportError, NonFiniteStep)
-        if args.command == "train"
-        else (ValueError, FileNotFoundError, ImportError, KeyError)
-    )
+    # Errors in what the user gave (recipe, paths, data, missing packages) print one message;
+    # any other exception during training keeps its traceback.
+    if args.command == "train":
+        return _train_with_errors(args, argv if argv is not None else sys.argv[1:])
+    user_errors = (ValueError, FileNotFoundError, ImportError, KeyError)
     try:
         return commands[args.command](args)
     except user_errors as err:
         print(f"lh-cp {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+QUIET_RANK_WAIT_S = 2.0  # lets torchrun name the rank that printed as the root cause
+
+
+def _train_with_errors(args, argv: list[str]) -> int:
+    """`lh-cp train` with its errors as one line each. Errors every rank of a node meets alike
+    (the recipe, its data files, the run folder, missing packages, a checkpoint that does not
+    fit) are printed by each node's first rank (LOCAL_RANK 0); the node's other ranks exit
+    quietly with the same code, a moment later. Errors of one rank's own (a failed save, a
+    non-finite step, an interruption) are printed by every rank that has them."""
+    import os
+    import shlex
+    import time
+
+    from lh_cp.data.corpus import DataError
+    from lh_cp.parallel.watchdog import EXIT_CODE as LAUNCHER_LOST_EXIT
+    from lh_cp.parallel.watchdog import LauncherLost
+    from lh_cp.train.checkpoint import CheckpointWriteError
+    from lh_cp.train.engines import NonFiniteStep
+    from lh_cp.train.recipe import RecipeError
+    from lh_cp.train.runlock import RunFolderLocked
+    from lh_cp.train.trainer import TrainingInterrupted
+
+    alike = (RecipeError, FileNotFoundError, ImportError, DataError, RunFolderLocked)
+    try:
+        return _run_train(args)
+    except alike as err:
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            time.sleep(QUIET_RANK_WAIT_S)
+            return 2
+        print(f"lh-cp train: error: {err}", file=sys.stderr)
+        return 2
+    except (NonFiniteStep, CheckpointWriteError) as err:
+        print(f"lh-cp train: error: {err}", file=sys.stderr)
+        return 2
+    except LauncherLost as err:
+        print(f"lh-cp train: {err}", file=sys.stderr)
+        return LAUNCHER_LOST_EXIT
+    except (TrainingInterrupted, KeyboardInterrupt) as err:
+        what = err if isinstance(err, TrainingInterrupted) else "interrupted while starting"
+        command = f"lh-cp {shlex.join(argv)}"
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+        print(
+            f"lh-cp train: {what}"
+            + (f" (each rank ran: {command})" if under_torchrun else f": {command}"),
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

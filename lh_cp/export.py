@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from lh_cp.model.transformer import ModelConfig, Transformer
 from lh_cp.train.checkpoint import (
     MANIFEST,
+    PARTIAL,
     checkpoint_engine,
     newest_verified,
     unwrapped_name,
@@ -43,13 +45,25 @@ class ExportError(ValueError):
     """What keeps a checkpoint from being exported, named with the path."""
 
 
-def find_checkpoint(path: Path) -> Path:
+def _to_stderr(line: str) -> None:
+    print(f"lh-cp export: {line}", file=sys.stderr)
+
+
+def find_checkpoint(path: Path, say=_to_stderr) -> Path:
     """The step folder `path` names: itself, or the newest verifying one under it (a
-    checkpoints folder, or a run folder holding checkpoints/)."""
+    checkpoints folder, or a run folder holding checkpoints/). Newer folders passed over (they
+    failed verification, or are unfinished `.partial` saves) are named through `say` with the
+    reason; an unfinished save given by name is refused."""
     path = Path(path)
     if not path.exists():
         raise ExportError(
             f"{path} does not exist (give a step folder, a checkpoints folder or a run folder)"
+        )
+    if path.name.endswith(PARTIAL):
+        raise ExportError(
+            f"{path} is an unfinished save (a run stopped while writing it, so its name still ends "
+            f"in {PARTIAL}): it is not a checkpoint; give a finished step folder, or the run folder "
+            f"for its newest checkpoint that verifies"
         )
     if (path / MANIFEST).is_file() or checkpoint_engine(path) is not None:
         verdict = verify_checkpoint(path)
@@ -58,6 +72,13 @@ def find_checkpoint(path: Path) -> Path:
         return path
     for root in (path, path / "checkpoints"):
         found, failed = newest_verified(root)
+        newest = found[0] if found is not None else -1
+        for partial in sorted(root.glob(f"step_*{PARTIAL}")) if root.is_dir() else ():
+            step = partial.name[len("step_") : -len(PARTIAL)]
+            if step.isdigit() and int(step) > newest:
+                say(f"skipped {partial}: an unfinished save (a run stopped while writing it)")
+        for skipped, reason in failed:
+            say(f"skipped {skipped}: it failed verification: {reason}")
         if found is not None:
             return found[1]
         if failed:
@@ -258,8 +279,10 @@ def export_hf(
     recipe: Recipe | None = None,
     dtype: str = "bfloat16",
     allow_lighthouse_stage: bool = False,
+    say=_to_stderr,
 ) -> Path:
-    """Write the Hugging Face folder; returns the step folder it was made from."""
+    """Write the Hugging Face folder; returns the step folder it was made from. Checkpoints
+    passed over on the way are named through `say` (find_checkpoint)."""
     try:
         from safetensors.torch import save_file
         from transformers import LlamaConfig
@@ -269,7 +292,7 @@ def export_hf(
         ) from err
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    folder = find_checkpoint(checkpoint)
+    folder = find_checkpoint(checkpoint, say)
     step, flat = _describe(folder, recipe)
     index, name, attention = stage_of(step, flat)
     if attention != "dense" and not allow_lighthouse_stage:

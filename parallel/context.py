@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from lh_cp.ops.attention import opaque_to_compile
 from lh_cp.ops.config import LighthouseConfig
-from lh_cp.ops.documents import DocumentsError, check_documents
-from lh_cp.parallel.agreement import agree_on_call, agree_on_documents
+from lh_cp.ops.documents import check_documents
+from lh_cp.parallel.agreement import agree_on_call, attention_call
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
 from lh_cp.parallel.headtail.lighthouse_documents import lighthouse_documents_cp
 from lh_cp.parallel.headtail.sharding import shard_positions, shard_sequence, unshard_sequence
@@ -36,15 +36,6 @@ DENSE_EXCHANGES = (*HEADTAIL_EXCHANGES, "ulysses")
 # Lighthouse exchanges that keep packed documents apart (LIGHTHOUSE.md s.12); dense exchanges
 # all do.
 DOCUMENT_LIGHTHOUSE_EXCHANGES = ("allgather", "ulysses")
-_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_AGREED: set[tuple] = set()  # (group, call signature) pairs every rank has confirmed
-_MAX_DIMS = 5  # shapes are sent padded to this many dims, so every rank sends as many integers
-
-
-def _padded_shape(t: torch.Tensor) -> tuple[int, ...]:
-    """(ndim, size of each dim, -1 for absent dims): a fixed-length description of t's shape."""
-    dims = tuple(t.shape[:_MAX_DIMS])
-    return (t.dim(), *dims, *(-1,) * (_MAX_DIMS - len(dims)))
 
 
 def document_exchange_problems(exchange: str, prefix: str = "") -> list[str]:
@@ -148,64 +139,17 @@ class ContextParallel:
         cfg: LighthouseConfig | None,
         documents: torch.Tensor | None = None,
     ) -> None:
-        """Before the first collective of each new call signature (shapes, dtype, config,
-        exchange, whether documents are given): every rank must pass the same one, or every
-        rank raises (not a hang). Documents, which change with every batch, are then checked
-        and compared at every call (agree_on_documents: one small all-gather). Whether
-        documents are given is part of the signature, so a rank passing None where the others
-        pass documents is caught at the signature's first call, as a shape mismatch is."""
-        lighthouse = (
-            (cfg.pool, cfg.levels, cfg.topk, cfg.tile_budget) if cfg is not None else (0, 0, 0, 0)
-        )
-        exchange = self.exchange if cfg is not None else self.dense_exchange
-        dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-        shapes = tuple(x for t in (q, k, v) for x in _padded_shape(t))
-        values = (
-            *shapes,
-            dtype,
-            *lighthouse,
-            LIGHTHOUSE_EXCHANGES.index(exchange),
-            int(documents is not None),
-        )
-        key = (id(self.group), values)
-        if key not in _AGREED and self.world > 1:
-            self._agree_on_signature(values, q.device)
-            _AGREED.add(key)
-        if documents is not None:
-            self._agree_on_documents(q, documents)
-
-    def _agree_on_signature(self, values: tuple[int, ...], device: torch.device) -> None:
-        names = (
-            *(
-                f"{t}.{field}"
-                for t in "qkv"
-                for field in ("ndim", *(f"shape[{i}]" for i in range(_MAX_DIMS)))
-            ),
-            "dtype (0 f64, 1 f32, 2 bf16, 3 f16)",
-            "pool",
-            "levels",
-            "topk",
-            "tile_budget",
-            "exchange",
-            "documents given (0 or 1)",
-        )
-        agree_on_call(names, values, self.group, device)
-
-    def _agree_on_documents(self, q: torch.Tensor, documents: torch.Tensor) -> None:
-        """Check the global boundaries against the whole batch (B windows of n / W * W tokens)
-        and compare them across ranks; a rank whose tensor is invalid makes every rank raise."""
-        try:
-            bounds, problem = (
-                check_documents(documents, q.shape[0], q.shape[1] * self.world, q.device),
-                None,
-            )
-        except DocumentsError as err:
-            bounds, problem = None, err
+        """Before the first collective of every call: every rank compares the call (every
+        field of cfg, shapes, dtype, exchange, the documents' contents, checked first against
+        the whole batch) and, for Lighthouse, that q, k and v are finite; a difference, invalid
+        documents or a NaN on any rank makes every rank raise (lh_cp.parallel.agreement), not a
+        hang. One all-gather of four words per call."""
         if self.world == 1:
-            if problem is not None:
-                raise problem
+            if documents is not None:
+                check_documents(documents, q.shape[0], q.shape[1], q.device)
             return
-        agree_on_documents(bounds, problem, self.group, q.device)
+        exchange = self.exchange if cfg is not None else self.dense_exchange
+        agree_on_call(attention_call(q, k, v, cfg, exchange, documents, self.world), self.group)
 
     # Both are opaque to torch.compile: collectives, autograd Functions around them and the
     # data-dependent selection; a compiled block breaks once, here (lh_cp.ops.attention.SingleDevice).

@@ -212,3 +212,30 @@ def test_large_finite_inputs_pass_the_check():
     q, k, v = qkv(1, 64, 2, 2, 8, dtype=torch.float32)
     v = v * 1e37
     assert torch.isfinite(lighthouse_attention(q, k, v, cfg)).all()
+
+
+@pytest.mark.parametrize(
+    "shape, named",
+    [((0, 64, 2, 8), "B=0"), ((1, 0, 2, 8), "N=0"), ((1, 64, 0, 8), "H=0"), ((1, 64, 2, 0), "D=0")],
+)
+def test_empty_dimensions_raise_a_named_error_in_every_public_function(shape, named):
+    """B, N, H or D = 0 used to fail inside amax (B = 0) or with ZeroDivisionError (H = 0)."""
+    from lh_cp.ops.entries import EmptyInput
+
+    cfg = LighthouseConfig(pool=2, levels=2, topk=8, tile_budget=2)
+    q = torch.randn(shape)
+    full = torch.randn(1, 64, 2, 8)
+    calls = {
+        "lighthouse_attention": lambda: lighthouse_attention(q, q, q, cfg),
+        "causal_attention": lambda: causal_attention(q, q, q),
+        "select": lambda: select(q, q, cfg),
+        "attend_selected": lambda: attend_selected(q, q, q, select(full, full, cfg), cfg),
+    }
+    for name, call in calls.items():
+        with pytest.raises(EmptyInput) as raised:
+            call()
+        assert f"q has shape {tuple(shape)} with {named}: attention needs" in str(raised.value), (
+            name
+        )
+    with pytest.raises(EmptyInput, match=r"k has shape \(1, 64, 0, 8\) with Hkv=0"):
+        causal_attention(full, full[:, :, :0], full[:, :, :0])

@@ -142,8 +142,8 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(
     runs, recipe_file, engine, tmp_path
 ):
     """Newest first: an empty step_8 folder and a step_6 with a flipped byte fail; a half-written
-    step_10.partial (a rank killed mid-save) is never a candidate; step 4 verifies, and the
-    resumed steps 5 and 6 repeat the uninterrupted run exactly."""
+    step_10.partial (a rank killed mid-save) is never a candidate, and is removed; step 4
+    verifies, and the resumed steps 5 and 6 repeat the uninterrupted run exactly."""
     straight = runs(engine)
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -162,7 +162,10 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(
         f"resumed from {checkpoint_path(checkpoints, 4)} (step 4), the newest checkpoint that verifies"
         in console
     )
-    assert "step_00000010" not in console
+    # The half-written save is never a candidate; the run folder lock makes it this run's own
+    # unfinished save, which the resume removes before writing.
+    assert f"removed {partial}, an unfinished save of an earlier invocation" in console
+    assert not partial.exists()
     assert logged_losses(out) == logged_losses(
         straight
     )  # steps 1-4 kept from before, 5-6 redone exactly

@@ -123,8 +123,8 @@ def _disagreements(rank: int, world: int, group) -> dict:
     def call(documents):
         return lambda: causal_attention(*local, cp=group, exchange="ring", documents=documents)
 
-    # Whether documents are given is agreed with the shapes, at a signature's first call:
-    # shapes no other call of this job uses (3 heads).
+    # Whether documents are given is agreed with the shapes (every call is compared; these
+    # shapes, 3 heads, are used by no other call of this job).
     fresh = [shard_sequence(t, group) for t in inputs(3, 3, torch.float32, seed=4)[:3]]
     cfg = LighthouseConfig(pool=2, levels=2, topk=2 * N // 8, tile_budget=2)
     return {
@@ -259,8 +259,10 @@ def test_cp_documents_equal_each_document_alone(world):
                 assert outside == 0.0, (rank, exchange, grads)
         messages = result["disagreements"]
         assert messages["different"].startswith(
-            "DocumentsError: the ranks of the context-parallel group pass different documents"
+            "RanksDisagree: the ranks of the context-parallel group call dense causal attention "
+            "with different inputs (documents"
         ), messages
+        assert "documents (contents): rank 1 [" in messages["different"], messages
         if rank == 1:
             assert messages["invalid"].startswith(
                 "DocumentsError: documents must start at 0 and end at B * N"
@@ -269,7 +271,7 @@ def test_cp_documents_equal_each_document_alone(world):
             assert messages["invalid"].startswith(
                 "DocumentsError: rank(s) [1] of the context-parallel group passed invalid documents"
             ), messages
-        assert "documents given (0 or 1): rank 1 0, rank 0 1" in messages["only_rank_0"], messages
+        assert "documents.shape: rank 1 None, rank 0 (" in messages["only_rank_0"], messages
         assert (
             "exchange='ring' does not take packed documents in Lighthouse layers yet"
             in (messages["lighthouse"])

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lh_cp.data.corpus import in_split, stdlib_files
+from lh_cp.data.corpus import (
+    DataError,
+    _jsonl_lines,
+    file_documents,
+    in_split,
+    stdlib_files,
+)
 from lh_cp.data.loader import BatchLoader, DataConfig, make_tokenizer, token_stream
 from lh_cp.data.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -143,7 +149,7 @@ def test_missing_paths_and_fields_are_clear_errors(tmp_path):
             DataConfig(source="files", path="/nonexistent/corpus", format="text"), tok, "train"
         )
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(KeyError, match=r"no field data.text_field='text'"):
+    with pytest.raises(DataError, match=r"a.jsonl:1: no field data.text_field='text'"):
         token_stream(
             DataConfig(
                 source="files", path=str(tmp_path), format="jsonl", validation_fraction=0.001
@@ -283,3 +289,71 @@ def test_a_run_that_would_repeat_data_is_refused_with_the_numbers(tmp_path):
         check_data_volume(recipe, train_windows=100, val_windows=6, dp=2)
     recipe.data.max_epochs = 0.0  # no limit
     check_data_volume(recipe, train_windows=1, val_windows=6, dp=1)
+
+
+def _file_documents(folder, fmt: str, on_invalid_utf8: str = "error") -> list[str]:
+    """Every document of both splits of local files (every line and file is read once)."""
+    return [
+        doc
+        for split in ("train", "validation")
+        for doc in file_documents(str(folder), fmt, "text", split, 0.5, on_invalid_utf8)
+    ]
+
+
+def test_bad_data_files_are_named_with_the_line_and_byte_offset(tmp_path):
+    """A malformed jsonl line, a record that is not an object or has no text, and invalid
+    UTF-8 in jsonl or .txt each raise DataError naming the file, the line and (for UTF-8) the
+    byte offset; data.on_invalid_utf8 = 'replace' reads the bad bytes as U+FFFD instead."""
+    good = json.dumps({"text": "fine"}) + "\n"
+    cases = {
+        "malformed.jsonl": (
+            (good * 2 + '{"text": "cut short\n' + good).encode(),
+            r"malformed.jsonl:3: not valid JSON \(Invalid control character at, column 20\)",
+        ),
+        "list.jsonl": (
+            (good + "[1, 2]\n").encode(),
+            r"list.jsonl:2: expected a JSON object, got list",
+        ),
+        "number.jsonl": (
+            (good + json.dumps({"text": 7}) + "\n").encode(),
+            r"number.jsonl:2: field 'text' holds int, not text",
+        ),
+        "utf8.jsonl": (
+            (good + '{"text": "caf').encode() + b"\xe9" + b'"}\n',
+            rf"utf8.jsonl:2: invalid UTF-8 at byte offset {len(good) + 13} \(b'\\xe9\"}}\\n': "
+            r"invalid continuation byte\); fix the file, or set data.on_invalid_utf8='replace'",
+        ),
+    }
+    for name, (data, message) in cases.items():
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_bytes(data)
+        with pytest.raises(DataError, match=message):
+            _file_documents(folder, "jsonl")
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "doc.txt").write_bytes(b"line one\nline \xff two\n")
+    with pytest.raises(DataError, match=r"doc.txt:2: invalid UTF-8 at byte offset 14 "):
+        _file_documents(text, "text")
+    assert _file_documents(text, "text", "replace") == ["line one\nline \ufffd two\n"]
+    assert "data.on_invalid_utf8 must be one of ('error', 'replace')" in "".join(
+        DataConfig(on_invalid_utf8="ignore").problems()
+    )
+
+
+def test_jsonl_lines_are_numbered_as_text_mode_numbers_them(tmp_path):
+    """The split of a jsonl record hashes its line number: reading bytes (to name offsets)
+    must number lines as Python's text mode did, lone carriage returns included."""
+    file = tmp_path / "mixed.jsonl"
+    file.write_bytes(b'{"text": "a"}\r\n{"text": "b"}\r{"text": "c"}\n\n{"text": "d"}')
+    with file.open(encoding="utf-8") as handle:
+        expected = list(enumerate(handle))
+    assert list(_jsonl_lines(file, "error")) == expected
+
+
+def test_hf_files_datasets_cannot_read_are_named(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "bad.jsonl").write_text('{"text": "one"}\n{"text": "two\n')
+    cfg = DataConfig(source="hf", path=str(tmp_path), format="jsonl", validation_fraction=0.5)
+    with pytest.raises(DataError, match=r"data.source='hf' could not read .*bad.jsonl: "):
+        token_stream(cfg, ByteTokenizer(), "train")

@@ -205,3 +205,27 @@ def test_a_deepspeed_zero3_checkpoint_exports(corpus, tmp_path):
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
     recipe = load_recipe(recipe_file, overrides + [f"run.out_dir='{out}'"])
     assert _validation_loss(hf, recipe) == pytest.approx(logged_losses(out, "val")[6], rel=1e-4)
+
+
+def test_export_names_what_it_skipped_and_refuses_an_unfinished_save(fsdp_run, tmp_path):
+    """A run folder whose newest step fails verification and whose newer save never finished:
+    the export takes the newest that verifies and says why it passed over the others; a
+    .partial folder given by name is refused as unfinished (not "written before manifests")."""
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_run, run)
+    checkpoints = run / "checkpoints"
+    shutil.copytree(checkpoints / "step_00000006", checkpoints / "step_00000008")
+    (checkpoints / "step_00000008" / "manifest.json").write_text("{")
+    partial = checkpoints / "step_00000010.partial"
+    shutil.copytree(checkpoints / "step_00000006", partial)
+    (partial / "manifest.json").unlink()
+    said = []
+    assert find_checkpoint(run, said.append) == checkpoints / "step_00000006"
+    assert said == [
+        f"skipped {partial}: an unfinished save (a run stopped while writing it)",
+        f"skipped {checkpoints / 'step_00000008'}: it failed verification: manifest.json is "
+        "unreadable (JSONDecodeError: Expecting property name enclosed in double quotes: line 1 "
+        "column 2 (char 1))",
+    ]
+    with pytest.raises(ExportError, match=r"step_00000010.partial is an unfinished save"):
+        find_checkpoint(partial, said.append)

@@ -368,3 +368,14 @@ def test_stage_containing_counts_steps_from_one_and_keeps_overrun_in_the_last_st
 
     assert [stage_containing(step, [3, 2]) for step in (1, 3, 4, 5, 9)] == [0, 0, 1, 1, 1]
     assert stage_containing(1, [1]) == 0
+
+
+def test_a_negative_stage_length_is_one_problem_not_three():
+    """Rules on the total step count (warmup, profile step) wait for valid stage lengths."""
+    recipe = recipe_from_dict(
+        {
+            "stages": [{"name": "a", "attention": "dense", "steps": -5}],
+            "schedule": {"warmup_steps": 2},
+        }
+    )
+    assert check_recipe(recipe, 1) == ["stages.0.steps must be >= 1, got -5"]

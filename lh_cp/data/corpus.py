@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import io
 import json
 import sys
 import sysconfig
@@ -21,6 +22,31 @@ from pathlib import Path
 SPLITS = ("train", "validation")
 FILE_FORMATS = ("text", "jsonl")
 HF_FORMATS = ("text", "jsonl", "parquet", "saved")
+INVALID_UTF8 = ("error", "replace")  # data.on_invalid_utf8
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as its format says, named with the file and the line,
+    record or byte offset."""
+
+
+def decode_utf8(
+    data: bytes, file: str, on_invalid: str, first_byte: int = 0, first_line: int = 1
+) -> str:
+    """`data` as text. Invalid UTF-8 raises DataError naming the file, the line and the byte
+    offset (`data` starts at byte `first_byte`, line `first_line` of its file) when
+    `on_invalid` is 'error'; 'replace' puts U+FFFD in place of each bad sequence."""
+    if on_invalid not in INVALID_UTF8:
+        raise ValueError(f"data.on_invalid_utf8 must be one of {INVALID_UTF8}, got {on_invalid!r}")
+    try:
+        return data.decode("utf-8", errors="strict" if on_invalid == "error" else "replace")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        raise DataError(
+            f"{file}:{line}: invalid UTF-8 at byte offset {first_byte + err.start} "
+            f"({data[err.start : err.start + 4]!r}: {err.reason}); fix the file, or set "
+            f"data.on_invalid_utf8='replace' to read each bad sequence as U+FFFD"
+        ) from None
 
 
 def in_split(name: str, split: str, validation_fraction: float) -> bool:
@@ -57,12 +83,20 @@ def stdlib_files() -> tuple[str, ...]:
     )
 
 
-def stdlib_documents(split: str, validation_fraction: float) -> Iterator[bytes]:
-    """The interpreter's own standard-library .py sources, in sorted path order."""
+def stdlib_documents(
+    split: str, validation_fraction: float, on_invalid_utf8: str | None = None
+) -> Iterator[bytes | str]:
+    """The interpreter's own standard-library .py sources, in sorted path order: bytes, or
+    text decoded under `on_invalid_utf8` (decode_utf8) when it is given."""
     root = stdlib_root()
     for name in stdlib_files():
         if in_split(name, split, validation_fraction):
-            yield (root / name).read_bytes()
+            yield _as_document(root / name, on_invalid_utf8)
+
+
+def _as_document(file: Path, on_invalid_utf8: str | None) -> bytes | str:
+    data = file.read_bytes()
+    return data if on_invalid_utf8 is None else decode_utf8(data, str(file), on_invalid_utf8)
 
 
 @dataclass(frozen=True)
@@ -167,15 +201,18 @@ def python_corpus_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def python_documents(split: str, validation_fraction: float) -> Iterator[bytes]:
-    """The 'python' corpus's documents of `split`: one per file, units in sorted name order."""
+def python_documents(
+    split: str, validation_fraction: float, on_invalid_utf8: str | None = None
+) -> Iterator[bytes | str]:
+    """The 'python' corpus's documents of `split`: one per file, units in sorted name order;
+    bytes, or text decoded under `on_invalid_utf8` when it is given."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     corpus = python_corpus(validation_fraction)
     for unit in corpus.units:
         if (unit.name in corpus.validation) == (split == "validation"):
             for file in unit.files:
-                yield file.read_bytes()
+                yield _as_document(file, on_invalid_utf8)
 
 
 def describe_python_corpus(validation_fraction: float) -> str:
@@ -215,10 +252,17 @@ def _local_files(path: str, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def file_documents(
-    path: str, fmt: str, text_field: str, split: str, validation_fraction: float
+    path: str,
+    fmt: str,
+    text_field: str,
+    split: str,
+    validation_fraction: float,
+    on_invalid_utf8: str = "error",
 ) -> Iterator[str]:
     """Local files read by lh-cp itself: each .txt file is a document (format 'text'), each
-    line of a .jsonl file is a JSON object whose `text_field` is a document (format 'jsonl')."""
+    line of a .jsonl file is a JSON object whose `text_field` is a document (format 'jsonl').
+    A line that is not such an object, and invalid UTF-8 (under on_invalid_utf8 = 'error'),
+    raise DataError naming the file and line (and the byte offset)."""
     if fmt not in FILE_FORMATS:
         raise ValueError(
             f"data.format must be one of {FILE_FORMATS} for data.source='files', got {fmt!r}"
@@ -231,26 +275,65 @@ def file_documents(
         name = file.relative_to(base).as_posix()
         if fmt == "text":
             if in_split(name, split, validation_fraction):
-                yield file.read_text(encoding="utf-8", errors="replace")
+                yield decode_utf8(file.read_bytes(), str(file), on_invalid_utf8)
             continue
-        with file.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines):
-                if not line.strip() or not in_split(f"{name}:{number}", split, validation_fraction):
-                    continue
-                record = json.loads(line)
-                if text_field not in record:
-                    raise KeyError(
-                        f"{file}:{number + 1}: no field data.text_field={text_field!r} in the JSON record"
-                    )
-                yield record[text_field]
+        for number, line in _jsonl_lines(file, on_invalid_utf8):
+            if not line.strip() or not in_split(f"{name}:{number}", split, validation_fraction):
+                continue
+            yield _jsonl_text(line, text_field, f"{file}:{number + 1}")
+
+
+def _jsonl_lines(file: Path, on_invalid_utf8: str) -> Iterator[tuple[int, str]]:
+    """(index, text) of each line of `file`, numbered as Python's text mode numbers them
+    (universal newlines: '\\n', '\\r\\n' and a lone '\\r' each end a line), each decoded under
+    `on_invalid_utf8` with its byte offset in the file."""
+    number, offset = 0, 0
+    with file.open("rb") as handle:
+        for raw in handle:  # split at b"\n"; a lone b"\r" inside is split below
+            text = decode_utf8(raw, str(file), on_invalid_utf8, offset, number + 1)
+            offset += len(raw)
+            for line in io.StringIO(text, newline=None):
+                yield number, line
+                number += 1
+
+
+def _jsonl_text(line: str, text_field: str, where: str) -> str:
+    """The document of one jsonl line; DataError names `where` (file:line) when the line is
+    not a JSON object holding a string under `text_field`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{where}: not valid JSON ({err.msg}, column {err.colno}): {line.strip()[:80]!r}"
+        ) from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if text_field not in record:
+        raise DataError(
+            f"{where}: no field data.text_field={text_field!r} in the JSON record "
+            f"(fields: {', '.join(map(repr, list(record)[:8]))})"
+        )
+    if not isinstance(record[text_field], str):
+        raise DataError(
+            f"{where}: field {text_field!r} holds {type(record[text_field]).__name__}, not text"
+        )
+    return record[text_field]
 
 
 def hf_documents(
-    path: str, fmt: str, text_field: str, split: str, validation_fraction: float
+    path: str,
+    fmt: str,
+    text_field: str,
+    split: str,
+    validation_fraction: float,
+    on_invalid_utf8: str = "error",
 ) -> Iterator[str]:
     """Records of a Hugging Face dataset read from local files ('text', 'jsonl', 'parquet')
     or from a `save_to_disk` folder ('saved'). Its 'train' split (else its first split by name)
-    is read and re-split here by record index, so every format splits the same way."""
+    is read and re-split here by record index, so every format splits the same way. A file
+    `datasets` cannot read raises DataError with datasets' own account (the row, the position)
+    and the files it was given; on_invalid_utf8 becomes the text and json builders'
+    encoding_errors ('strict' or 'replace')."""
     if fmt not in HF_FORMATS:
         raise ValueError(
             f"data.format must be one of {HF_FORMATS} for data.source='hf', got {fmt!r}"
@@ -275,7 +358,13 @@ def hf_documents(
         }[fmt]
         files = [str(f) for f in _local_files(path, suffixes)]
         builder = {"text": "text", "jsonl": "json", "parquet": "parquet"}[fmt]
-        loaded = datasets.load_dataset(builder, data_files=files)
+        options = {}
+        if builder != "parquet":
+            options["encoding_errors"] = "strict" if on_invalid_utf8 == "error" else "replace"
+        try:
+            loaded = datasets.load_dataset(builder, data_files=files, **options)
+        except Exception as err:
+            raise DataError(_datasets_failure(err, files)) from None
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded["train"] if "train" in loaded else loaded[sorted(loaded.keys())[0]]
     if text_field not in loaded.column_names:
@@ -285,6 +374,18 @@ def hf_documents(
     for index, record in enumerate(loaded):
         if in_split(str(index), split, validation_fraction):
             yield record[text_field]
+
+
+def _datasets_failure(err: BaseException, files: list[str]) -> str:
+    """One line on a file `datasets` could not read: its messages along the cause chain."""
+    messages, seen = [], err
+    while seen is not None and len(messages) < 4:
+        text = " ".join(str(seen).split())[:200]
+        if text and text not in messages:
+            messages.append(f"{type(seen).__name__}: {text}")
+        seen = seen.__cause__ or seen.__context__
+    named = files[0] if len(files) == 1 else f"one of {len(files)} files ({files[0]}, ...)"
+    return f"data.source='hf' could not read {named}: {'; '.join(messages)}"
 
 
 if __name__ == "__main__":

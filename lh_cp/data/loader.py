@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lh_cp.data.corpus import (
+    INVALID_UTF8,
     file_documents,
     hf_documents,
     python_corpus_fingerprint,
@@ -81,6 +82,11 @@ class DataConfig(Section):
         more sequences than max_epochs * (train windows) is refused before it starts, naming
         the numbers (a repeated pass is never silent). 0 = no limit.
     seed: seed of the sequence order; each epoch is a new permutation derived from it.
+    on_invalid_utf8: what to do with bytes that are not UTF-8 in text read as UTF-8 (.txt and
+        .jsonl files, the 'hf' text and json builders, and the .py sources of 'stdlib' and
+        'python' under a Hugging Face tokenizer; the byte tokenizer reads those sources' bytes
+        as they are): 'error' (default) stops before training, naming the file, the line and
+        the byte offset; 'replace' reads each bad sequence as U+FFFD (a choice, never a default).
     cache_dir: if set, each split's token stream is saved there once as a .npy file (keyed by
         a hash of everything that defines it) and later memory-mapped, shared by all ranks of
         a node through the page cache; empty = tokenize in memory at every start.
@@ -110,6 +116,7 @@ class DataConfig(Section):
     validation_fraction: float = 0.02
     max_epochs: float = 1.0
     seed: int = 0
+    on_invalid_utf8: str = "error"
     cache_dir: str = ""
     document_masking: bool = False
     positions: str = "document"
@@ -132,6 +139,10 @@ class DataConfig(Section):
             errors.append(
                 f"data.validation_fraction must lie strictly between 0 and 1, got {self.validation_fraction}"
             )
+        if self.on_invalid_utf8 not in INVALID_UTF8:
+            errors.append(
+                f"data.on_invalid_utf8 must be one of {INVALID_UTF8}, got {self.on_invalid_utf8!r}"
+            )
         if self.max_epochs < 0:
             errors.append(f"data.max_epochs must be >= 0 (0 = no limit), got {self.max_epochs}")
         return errors
@@ -146,13 +157,14 @@ def make_tokenizer(cfg: DataConfig) -> ByteTokenizer | HFTokenizer:
 
 
 def _documents(cfg: DataConfig, split: str):
-    if cfg.source == "stdlib":
-        return stdlib_documents(split, cfg.validation_fraction)
-    if cfg.source == "python":
-        return python_documents(split, cfg.validation_fraction)
-    if cfg.source == "files":
-        return file_documents(cfg.path, cfg.format, cfg.text_field, split, cfg.validation_fraction)
-    return hf_documents(cfg.path, cfg.format, cfg.text_field, split, cfg.validation_fraction)
+    fraction, policy = cfg.validation_fraction, cfg.on_invalid_utf8
+    if cfg.source in ("stdlib", "python"):
+        # The byte tokenizer reads source files as bytes; a text tokenizer needs them decoded.
+        decode = None if cfg.tokenizer == "bytes" else policy
+        read = stdlib_documents if cfg.source == "stdlib" else python_documents
+        return read(split, fraction, decode)
+    read = file_documents if cfg.source == "files" else hf_documents
+    return read(cfg.path, cfg.format, cfg.text_field, split, fraction, policy)
 
 
 def _tokenize_split(cfg: DataConfig, tokenizer, split: str) -> np.ndarray:
@@ -177,6 +189,7 @@ def _stream_fingerprint(cfg: DataConfig, split: str) -> str:
         "tokenizer",
         "eod_token",
         "validation_fraction",
+        "on_invalid_utf8",
     )
     spec = {k: v for k, v in asdict(cfg).items() if k in keys}
     spec["split"] = split

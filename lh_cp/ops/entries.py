@@ -83,12 +83,25 @@ def check_finite(
     )
 
 
+class EmptyInput(ValueError):
+    """q or k has a zero-sized dimension (B, N, H or D = 0): nothing to attend (check_heads)."""
+
+
 def check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
-    """q [B, N, H, D] and k [B, N, Hkv, D] must agree on B, N, D, and H % Hkv == 0."""
+    """q [B, N, H, D] and k [B, N, Hkv, D] must agree on B, N, D, and H % Hkv == 0; no
+    dimension may be 0 (EmptyInput: an empty batch, sequence, head or head dimension has no
+    attention to compute, and would otherwise fail deep inside a reduction or a division)."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(
             f"expected q [B, N, H, D] and k [B, N, Hkv, D], got shapes {tuple(q.shape)} and {tuple(k.shape)}"
         )
+    for name, t, dims in (("q", q, "BNHD"), ("k", k, ("B", "N", "Hkv", "D"))):
+        empty = [f"{dim}=0" for dim, size in zip(dims, t.shape) if size == 0]
+        if empty:
+            raise EmptyInput(
+                f"{name} has shape {tuple(t.shape)} with {', '.join(empty)}: attention needs B, N, "
+                f"H, Hkv and D >= 1 (q [B, N, H, D], k and v [B, N, Hkv, D])"
+            )
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B, N and D")
     if q.shape[2] % k.shape[2] != 0:

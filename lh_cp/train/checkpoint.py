@@ -26,6 +26,7 @@ verification, with a warning.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import zlib
@@ -35,7 +36,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from lh_cp.train.storage import checkpoint_bytes, failed_ranks, write_failure
 
 PREFIX = "step_"
 PARTIAL = ".partial"
@@ -144,18 +148,14 @@ def _checksums(folder: Path, names: list[str], group: dist.ProcessGroup | None) 
     return {name: crc for share in shares for name, crc in share.items()}
 
 
-def write_manifest(folder: Path, step: int, meta: dict, group: dist.ProcessGroup) -> None:
-    """Collective: the manifest of a finished folder (every rank's files written)."""
-    names = _files(folder)
-    sums = _checksums(folder, names, group)
-    if dist.get_rank(group) == 0:
-        files = {
-            name: {"size": (folder / name).stat().st_size, "crc32": sums[name]} for name in names
-        }
-        manifest = {"format": MANIFEST_FORMAT, "step": step, **meta, "files": files}
-        partial = folder / (MANIFEST + PARTIAL)
-        partial.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(partial, folder / MANIFEST)
+def write_manifest(folder: Path, step: int, meta: dict, names: list[str], sums: dict) -> None:
+    """The manifest of a finished folder (every rank's files written; `sums` their CRC-32s,
+    _checksums), written beside it and renamed into place."""
+    files = {name: {"size": (folder / name).stat().st_size, "crc32": sums[name]} for name in names}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, **meta, "files": files}
+    partial = folder / (MANIFEST + PARTIAL)
+    partial.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(partial, folder / MANIFEST)
 
 
 @dataclass
@@ -190,6 +190,10 @@ def verify_checkpoint(
         listed = manifest["files"]
         if not isinstance(listed, dict):
             raise TypeError("'files' is not a table")
+        for name, entry in listed.items():
+            lacking = [key for key in ("size", "crc32") if key not in (entry or {})]
+            if not isinstance(entry, dict) or lacking:
+                raise KeyError(f"the entry of {name} has no {' or '.join(lacking) or 'table'}")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return Verdict(False, f"{MANIFEST} is unreadable ({type(err).__name__}: {err})")
     missing, extra = sorted(set(listed) - set(names)), sorted(set(names) - set(listed))
@@ -229,23 +233,87 @@ def compatibility(manifest: dict, meta: dict) -> tuple[list[str], list[str]]:
     return shapes, settings
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (on some rank); raised on every rank, naming the
+    cause in one line (a full disk: "no space left on <path>, need ~X GB")."""
+
+
+def _expected_bytes(meta: dict) -> int:
+    """What the folder should take, from the parameter shapes in the manifest's meta."""
+    params = sum(math.prod(shape) for shape in meta.get("params", {}).values())
+    return checkpoint_bytes(params, meta.get("engine", "fsdp"))
+
+
+def _everyone_succeeded(
+    error: BaseException | None, folder: Path, step: int, meta: dict, group: dist.ProcessGroup
+) -> None:
+    """Collective: raise CheckpointWriteError on every rank if any rank's local part failed
+    (one line naming the ranks and the cause), after rank 0 removed the unfinished folder;
+    the older checkpoints are untouched."""
+    mine = None
+    if error is not None:  # DCP names the ranks whose writes failed; anything else is this rank
+        ranks = failed_ranks(error) or [dist.get_rank(group)]
+        mine = (ranks, write_failure(error, folder, _expected_bytes(meta)))
+    reports: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, mine, group=group)
+    failed = [report for report in reports if report is not None]
+    if not failed:
+        return
+    if dist.get_rank(group) == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    ranks = sorted({rank for report_ranks, _ in failed for rank in report_ranks})
+    causes = list(dict.fromkeys(cause for _, cause in failed))
+    raise CheckpointWriteError(
+        f"checkpoint of step {step} not saved (the write failed on rank"
+        f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}): {'; '.join(causes)}; "
+        f"its unfinished folder is removed, older checkpoints are kept"
+    )
+
+
+def remove_partial_folders(root: Path) -> list[Path]:
+    """Remove every unfinished `step_X.partial` folder under `root` (left by a run killed while
+    saving; the run folder lock makes them this run's own); returns what was removed."""
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.glob(f"{PREFIX}*{PARTIAL}")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def write_atomically(
     root: Path, step: int, group: dist.ProcessGroup, write, meta: dict | None = None
 ) -> Path:
     """Collective over `group`: `write(folder)` on every rank into step_XXXXXXXX.partial, then
     its manifest (with `meta`: engine, recipe, parameter shapes), then the rename to
     step_XXXXXXXX once every rank has finished, so a run killed mid-save leaves only a
-    .partial folder, which resume ignores. Returns the final folder."""
+    .partial folder, which resume ignores. A write that fails on any rank (a full disk, a
+    folder gone) raises CheckpointWriteError on every rank (_everyone_succeeded). Returns the
+    final folder."""
+    meta = meta or {}
     final = checkpoint_path(root, step)
     partial = final.with_name(final.name + PARTIAL)
     rank = dist.get_rank(group)
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier(group)
-    write(partial)
-    dist.barrier(group)
-    write_manifest(partial, step, meta or {}, group)
-    dist.barrier(group)
+    error = None
+    try:
+        write(partial)
+    except (Exception, CheckpointException) as err:  # DCP's, a BaseException, reaches every rank
+        error = err
+    _everyone_succeeded(error, partial, step, meta, group)
+    names = _files(partial)
+    sums = _checksums(partial, names, group)
+    error = None
+    if rank == 0:
+        try:
+            write_manifest(partial, step, meta, names, sums)
+        except OSError as err:
+            error = err
+    _everyone_succeeded(error, partial, step, meta, group)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)

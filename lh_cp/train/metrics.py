@@ -5,6 +5,7 @@ console line per logged step, metrics.jsonl). Only rank 0 builds a MetricsWriter
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -125,11 +126,36 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def read_metrics_lines(path: Path) -> tuple[list[str], list[str]]:
+    """(the lines of a metrics.jsonl that hold a JSON record with a step, what was dropped and
+    why). A crash in the middle of a write can cut the last line short; such a line (or any
+    line that is not a record) is dropped, never an error, so a torn file cannot block a
+    resume."""
+    kept, dropped = [], []
+    lines = path.read_bytes().split(b"\n") if path.is_file() else []
+    if lines and lines[-1] == b"":
+        lines.pop()  # the file ends with a newline, as every complete write leaves it
+    for number, raw in enumerate(lines, start=1):
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            where = "its last line" if number == len(lines) else f"line {number}"
+            dropped.append(f"{where} ({raw[:60]!r}), cut short or not a record")
+            continue
+        kept.append(raw.decode())
+    return kept, dropped
+
+
 class MetricsWriter:
     """TensorBoard scalars, a console line per logged step, and metrics.jsonl (rank 0).
 
     On resume, TensorBoard events and jsonl lines after the resumed step are dropped, so a
-    step redone after an interruption appears once.
+    step redone after an interruption appears once; a torn or unreadable jsonl line is dropped
+    with a console warning (read_metrics_lines). Each jsonl line is written with one write()
+    to a file opened for appending, so a line is never split between two writes; the file is
+    rewritten (on resume) beside itself and renamed into place.
     """
 
     def __init__(
@@ -143,22 +169,22 @@ class MetricsWriter:
         )
         jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if resume_step and jsonl_path.is_file():
-            kept = [
-                line
-                for line in jsonl_path.read_text().splitlines()
-                if json.loads(line)["step"] <= resume_step
-            ]
-        elif jsonl_path.is_file():
-            jsonl_path.unlink()
-        jsonl_path.write_text("".join(line + "\n" for line in kept))
-        self.jsonl = jsonl_path.open("a")
+        if resume_step:
+            lines, dropped = read_metrics_lines(jsonl_path)
+            for reason in dropped:
+                self.console(f"warning: {jsonl_path}: dropped {reason}")
+            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
+        rewritten = jsonl_path.with_name(jsonl_path.name + ".partial")
+        rewritten.write_text("".join(line + "\n" for line in kept))
+        os.replace(rewritten, jsonl_path)
+        self._jsonl = os.open(jsonl_path, os.O_WRONLY | os.O_APPEND)
 
     def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         for name, value in values.items():
             self.tensorboard.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        self.jsonl.flush()
+        line = memoryview((json.dumps({"step": step, "kind": kind, **values}) + "\n").encode())
+        while line:  # one write per line (a regular file takes it whole unless the disk is full)
+            line = line[os.write(self._jsonl, line) :]
         self.tensorboard.flush()
 
     def text(self, tag: str, value: str, step: int) -> None:
@@ -169,4 +195,4 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.tensorboard.close()
-        self.jsonl.close()
+        os.close(self._jsonl)

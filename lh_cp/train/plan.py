@@ -124,8 +124,11 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
         recipe.eval,
     ]
     errors = [problem for section in sections for problem in section.problems()]
-    errors += recipe.metrics.problems(recipe.total_steps)
-    errors += recipe.schedule.problems(recipe.total_steps)
+    # Rules that need the total step count wait for valid stage lengths (0 = unknown), so a
+    # negative stages.N.steps is one problem, not three.
+    total = recipe.total_steps if all(stage.steps >= 1 for stage in recipe.stages) else 0
+    errors += recipe.metrics.problems(total)
+    errors += recipe.schedule.problems(total)
     errors += [problem for i, stage in enumerate(recipe.stages) for problem in stage.problems(i)]
     for key, indices in (
         ("lighthouse.dense_layers", recipe.lighthouse.dense_layers),

@@ -33,6 +33,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_first_rank() -> bool:
+    """Whether this process is the job's rank 0 (torchrun's RANK), or runs alone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device='cuda' but torch sees no CUDA device")
@@ -104,6 +109,13 @@ def _runtime(
     for axis in GROUP_AXES:  # the mesh's groups are created with PyTorch's default timeout
         set_timeout(timeout, mesh[axis].get_group())
     watchdog = Watchdog.for_torchrun(dist.get_rank(), dist.get_world_size(), par.timeout_s / 2)
+    return runtime_on_mesh(mesh, par, device, watchdog.start() if watchdog else None)
+
+
+def runtime_on_mesh(
+    mesh: DeviceMesh, par, device: torch.device, watchdog: Watchdog | None = None
+) -> Runtime:
+    """The Runtime of this rank on `mesh` (build_mesh) for the [parallel] section `par`."""
     return Runtime(
         device=device,
         mesh=mesh,
@@ -115,7 +127,7 @@ def _runtime(
         dp_rank=mesh["dp"].get_local_rank(),
         dp_size=mesh["dp"].size(),
         rank=dist.get_rank(),
-        watchdog=watchdog.start() if watchdog else None,
+        watchdog=watchdog,
     )
 
 

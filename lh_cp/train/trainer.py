@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,15 @@ from lh_cp.data.loader import PATH_SOURCES, BatchLoader, make_tokenizer, token_s
 from lh_cp.data.passkey import passkey_accuracy
 from lh_cp.model.transformer import Transformer
 from lh_cp.ops.entries import NonFiniteInput
+from lh_cp.parallel.watchdog import LauncherLost
 from lh_cp.train.checkpoint import (
     checkpoint_engine,
+    checkpoint_path,
     compatibility,
     latest_checkpoint,
     newest_verified,
     prune_checkpoints,
+    remove_partial_folders,
     unwrapped_name,
 )
 from lh_cp.train.engines import NonFiniteStep, build_engine, check_finite_value
@@ -48,9 +53,18 @@ from lh_cp.train.metrics import (
 from lh_cp.train.plan import check_recipe, host_memory_problems, machine_memory_bytes
 from lh_cp.train.profiling import profile_paths, profiled
 from lh_cp.train.recipe import Recipe, RecipeError
-from lh_cp.train.runtime import Runtime, launched_world_size, run_fingerprint, start, stop
+from lh_cp.train.runlock import acquire_run_lock
+from lh_cp.train.runtime import (
+    Runtime,
+    is_first_rank,
+    launched_world_size,
+    run_fingerprint,
+    start,
+    stop,
+)
 from lh_cp.train.schedule import lr_at
 from lh_cp.train.steps import greedy_predictor, probe_leak, training_loss, validation_loss
+from lh_cp.train.storage import checkpoint_space, output_problems
 
 
 @dataclass
@@ -84,6 +98,7 @@ def check_machine(recipe: Recipe) -> list[str]:
         missing.append(
             f"data.tokenizer={data.tokenizer!r} does not exist (use 'bytes' or a local tokenizer.json)"
         )
+    missing += output_problems(recipe)
     if torch.cuda.is_available():  # on CPU offload pins nothing
         # torchrun says how many ranks share this machine; a plain run is one process.
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -96,6 +111,55 @@ def check_machine(recipe: Recipe) -> list[str]:
             f"but this run uses parallel.engine={engine!r}; resume with that engine or set another checkpoint.dir"
         )
     return missing
+
+
+@dataclass
+class RunData:
+    """The tokenizer and both splits' token streams, read before any process group starts so
+    that a bad data file stops the job with one line naming it."""
+
+    tokenizer: object
+    train: object  # 1-D token array (numpy, possibly memory-mapped)
+    validation: object
+
+
+def read_data(recipe: Recipe) -> RunData:
+    tokenizer = make_tokenizer(recipe.data)
+    return RunData(
+        tokenizer,
+        token_stream(recipe.data, tokenizer, "train"),
+        token_stream(recipe.data, tokenizer, "validation"),
+    )
+
+
+class TrainingInterrupted(RuntimeError):
+    """The run was interrupted (Ctrl-C, SIGINT); the message names the step it was on, the last
+    saved checkpoint and how to resume."""
+
+
+class _Interrupts:
+    """SIGINT while training: the first raises KeyboardInterrupt (and is remembered, so that an
+    error it causes elsewhere, such as a peer's closed connection, is still reported as the
+    interruption); later ones (torchrun forwards the terminal's Ctrl-C a second time) are
+    ignored while the run winds down."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if not self.received:
+            self.received = True
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def parameter_shapes(network: torch.nn.Module) -> dict[str, list[int]]:
@@ -130,17 +194,18 @@ def check_data_volume(recipe: Recipe, train_windows: int, val_windows: int, dp: 
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, rt: Runtime) -> None:
+    def __init__(self, recipe: Recipe, rt: Runtime, run_data: RunData | None = None) -> None:
         self.recipe, self.rt = recipe, rt
         data = recipe.data
-        self.tokenizer = make_tokenizer(data)
+        run_data = run_data or read_data(recipe)
+        self.tokenizer = run_data.tokenizer
         if self.tokenizer.vocab_size > recipe.model.vocab_size:
             raise ValueError(
                 f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
                 f"{self.tokenizer.vocab_size} tokens"
             )
-        self.train_stream = token_stream(data, self.tokenizer, "train")
-        self.val_stream = token_stream(data, self.tokenizer, "validation")
+        self.train_stream = run_data.train
+        self.val_stream = run_data.validation
         # The end-of-document token where documents are masked: training, validation, the leak
         # probe and the passkey evaluation all read their documents off it.
         self.eod_id = self.tokenizer.eod_id if data.document_masking else None
@@ -184,11 +249,20 @@ class Trainer:
             "params": parameter_shapes(self.network),
         }
         self.notices: list[str] = []  # resume events, for the console and TensorBoard
+        # (step, folder) of the newest checkpoint this run verified on resume or wrote since:
+        # what a rerun resumes from (a newer folder that failed verification is not).
+        self.last_saved: tuple[int, Path] | None = None
+        self.current_step = 0  # the step being worked on
         self.tokens_per_step = data.seq_len * data.batch_size * rt.dp_size
 
     def resume(self) -> int:
         """Load the newest checkpoint that verifies (falling back past the ones that do not,
         each named in self.notices), after checking it fits this run; 0 when there is none."""
+        if self.rt.is_main:  # the run folder lock makes any unfinished save this run's own
+            self.notices += [
+                f"removed {path}, an unfinished save of an earlier invocation"
+                for path in remove_partial_folders(self.ckpt_dir)
+            ]
         found, failed = newest_verified(
             self.ckpt_dir, self.rt.world, content=self.recipe.checkpoint.verify
         )
@@ -218,6 +292,7 @@ class Trainer:
                 f"could not load checkpoint {path}: {type(err).__name__}: {err}"
             ) from err
         self.loader.load_state_dict(data_state)
+        self.last_saved = (loaded, path)
         if failed:
             self.notices.append(
                 f"resumed from {path} (step {loaded}), the newest checkpoint that verifies"
@@ -241,6 +316,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         self.engine.save(self.ckpt_dir, step, self.loader.state_dict(), self.meta)
+        self.last_saved = (step, checkpoint_path(self.ckpt_dir, step))
         prune_checkpoints(
             self.ckpt_dir, self.recipe.checkpoint.keep_last, self.stage_ends, self.rt.world
         )
@@ -275,16 +351,60 @@ def train(recipe: Recipe) -> TrainSummary:
     problems = check_recipe(recipe, launched_world_size()) + check_machine(recipe)
     if problems:
         raise RecipeError("the recipe is not valid:\n  " + "\n  ".join(problems))
-    rt = start(recipe)
-    try:
-        return _train(recipe, rt)
-    finally:
-        stop(rt)
+    with _Interrupts() as interrupts:
+        try:
+            run_data = read_data(recipe)
+            # One job per run folder, taken by the job's first rank before any process group
+            # starts (lh_cp/train/runlock.py).
+            say = lambda line: print(f"[{recipe.run.name}] {line}", flush=True)  # noqa: E731
+            lock = acquire_run_lock(Path(recipe.run.out_dir), say) if is_first_rank() else None
+        except KeyboardInterrupt:
+            raise TrainingInterrupted("interrupted while starting, before step 1") from None
+        try:
+            try:
+                rt = start(recipe)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted("interrupted while starting, before step 1") from None
+            try:
+                return _train(recipe, rt, run_data, interrupts)
+            finally:
+                stop(rt)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
-def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
+def _train(recipe: Recipe, rt: Runtime, run_data: RunData, interrupts: _Interrupts) -> TrainSummary:
     began = time.perf_counter()
-    trainer = Trainer(recipe, rt)
+    trainer = None
+    try:
+        trainer = Trainer(recipe, rt, run_data)
+        return _run_stages(recipe, rt, trainer, began)
+    except BaseException as err:
+        if not interrupts.received or isinstance(err, TrainingInterrupted):
+            raise
+        raise _interrupted(trainer, rt) from None
+
+
+def _interrupted(trainer: Trainer | None, rt: Runtime) -> TrainingInterrupted:
+    """The one line of a rank whose run was interrupted: the step it was on, the checkpoint a
+    rerun resumes from."""
+    rank = f"rank {rt.rank}: " if rt.mesh.size() > 1 else ""
+    working = trainer.current_step if trainer is not None else 0
+    where = f"during step {working}" if working else "before step 1"
+    saved = trainer.last_saved if trainer is not None else None
+    kept = (
+        f"the last saved checkpoint is step {saved[0]} ({saved[1]})"
+        if saved
+        else "no checkpoint was saved yet"
+    )
+    again = f"from step {saved[0]}" if saved else "from the start"
+    return TrainingInterrupted(
+        f"{rank}interrupted {where}; {kept}; run the same command again to resume {again}"
+    )
+
+
+def _run_stages(recipe: Recipe, rt: Runtime, trainer: Trainer, began: float) -> TrainSummary:
     resumed = trainer.resume()
     summary = TrainSummary(last_step=resumed, resumed_from=resumed)
     out_dir = Path(recipe.run.out_dir)
@@ -302,6 +422,8 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
             writer.console(notice)
         if trainer.notices:
             writer.text("run/resume", "\n\n".join(trainer.notices), resumed)
+        space, short = checkpoint_space(recipe)
+        writer.console(("warning: too little space: " if short else "") + space)
         where = f"resumed from step {resumed}" if resumed else "from scratch"
         writer.console(
             f"{total} steps in {len(recipe.stages)} stages, {rt.mesh.size()} ranks on {rt.device.type}, "
@@ -322,6 +444,9 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
                     f"stage {stage + 1}/{len(recipe.stages)} {recipe.stages[stage].name!r}: "
                     f"{recipe.stages[stage].attention} attention from step {step}"
                 )
+        trainer.current_step = step
+        if rt.watchdog:
+            rt.watchdog.progress(step)
         tick = time.perf_counter()
         profiling = step == recipe.metrics.profile_step
         try:
@@ -338,8 +463,6 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
             writer.console(
                 f"step {step} profiled: {' and '.join(map(str, profile_paths(out_dir, step, rt.rank)))}"
             )
-        if rt.watchdog:
-            rt.watchdog.progress(step)
         window.add(loss, norm, elapsed)
         recent = (recent + [elapsed])[-20:]
         stage_end = step in trainer.stage_ends
@@ -359,6 +482,15 @@ def _train(recipe: Recipe, rt: Runtime) -> TrainSummary:
         if stage_end or step == stop_at or (interval and step % interval == 0):
             trainer.save(step)
         summary.last_step = step
+        lost = rt.watchdog.any_rank_lost(rt.world, rt.device) if rt.watchdog else None
+        if lost:  # every rank at this same step: save it, then stop together
+            if trainer.last_saved is None or trainer.last_saved[0] != step:
+                trainer.save(step)
+            raise LauncherLost(
+                f"rank {rt.rank} lost contact with the job's launcher: {lost}; nothing would end "
+                f"the job if a rank failed, so every rank saved step {step} "
+                f"({trainer.last_saved[1]}) and stopped; run the same command again to resume"
+            )
     if summary.last_step >= total and recipe.eval.passkey.enabled:
         summary.passkey = _passkey(trainer, rt, recipe, writer, out_dir)
     summary.seconds = time.perf_counter() - began
@@ -381,7 +513,7 @@ def _stopped_by(
 ) -> NonFiniteStep:
     """The error that ends a run at a non-finite step, naming the step, stage, rank and the
     checkpoint a rerun resumes from (nothing of this step is saved)."""
-    found = latest_checkpoint(trainer.ckpt_dir)
+    found = trainer.last_saved
     kept = (
         f"the last good checkpoint is {found[1]} (step {found[0]})"
         if found
