@@ -285,7 +285,14 @@ def _merge_rows(out_acc, lse_acc, rows: torch.Tensor, out: torch.Tensor, lse: to
     """Fold a partial result (out [M, H, D], lse [M, H]) of the stream's rows `rows` into the
     running out_acc [P, H, D] and lse_acc [P, H], in place."""
     running, running_lse = out_acc.index_select(0, rows), lse_acc.index_select(0, rows)
-    merge_into(running[None], running_lse[None], out[None], lse.to(running_lse.dtype)[None])
+    dim = out.shape[-1]
+    # As [1, 1, M * H, D] rows: the merge kernel's programs take 16 rows of one (b, h) each.
+    merge_into(
+        running.view(1, 1, -1, dim),
+        running_lse.view(1, 1, -1),
+        out.reshape(1, 1, -1, dim),
+        lse.to(running_lse.dtype).reshape(1, 1, -1),
+    )
     out_acc.index_copy_(0, rows, running)
     lse_acc.index_copy_(0, rows, running_lse)
 
