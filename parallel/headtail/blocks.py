@@ -14,6 +14,10 @@ Document masking (documents.py) keeps every remote call an unmasked rectangle: e
 piece (rows of one chunk) attends to one range of a block's columns. Only the rank's own block
 changes: causal attention restricted to the documents' runs in local order, a same-document
 mask here and one varlen kernel call on GPUs (fused_blocks.py).
+
+segments_forward / segments_backward: the same steps over rows [T, H, D] cut into segments,
+each segment's queries against its own keys (the Lighthouse ring with documents,
+stream_ring.py), one block call per segment; fused_blocks.fused_segments_* are their fast twins.
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ attention's varlen kernel (aten's _flash_attention_forward / _backward with cumu
 lengths; the same ops torch.nn.attention.varlen wraps, here called directly because the
 backward must take the final merged output and LSE, as the block backward above does). Flash
 only: cuDNN's varlen entry differs between torch 2.11 and 2.14. Its LSE comes as [H, total
-tokens] and is handed out as a [B, H, 2S] view.
+tokens] and is handed out as a [B, H, 2S] view. fused_segments_forward / _backward are the
+same kernel over rows [T, H, D] with separate query and key segments (cu_q, cu_k), causal or
+unmasked: the Lighthouse ring with documents (stream_ring.py) runs its steps on them, and
+blocks.segments_forward / _backward are their reference twins.
 """
 
 from __future__ import annotations
