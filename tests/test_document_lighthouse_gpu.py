@@ -141,6 +141,36 @@ def test_fused_segments_match_reference(causal):
         assert err <= 2e-2, (name, err)
 
 
+def test_stream_merge_with_the_kernel():
+    """The ring's merge of a step's rows into the running result (merge_rows: rows [M, H, D]
+    seen as [1, 1, M * H, D] by the Triton merge, the step's LSE a transposed view as flash
+    returns it) against the reference merge on the same values: within float32 rounding."""
+    from lh_cp.parallel.headtail.stream_ring import merge_rows
+
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    rows, heads, dim = 1000, 8, 64
+    out_acc = torch.randn(rows, heads, dim, device=DEV, generator=gen)
+    lse_acc = torch.randn(heads, rows, device=DEV, generator=gen).t()  # [P, H], as flash's
+    picked = torch.randperm(rows, device=DEV, generator=gen)[:300]
+    out = torch.randn(300, heads, dim, device=DEV, generator=gen).bfloat16()
+    lse = torch.randn(heads, 300, device=DEV, generator=gen).t()
+    results = []
+    for use_kernel in (True, False):
+        acc, acc_lse = out_acc.clone(), lse_acc.clone()
+        if use_kernel:
+            merge_rows(acc, acc_lse, picked, out, lse)
+        else:
+            with kernels.disabled():
+                merge_rows(acc, acc_lse, picked, out, lse)
+        results.append((acc, acc_lse))
+    (got, got_lse), (want, want_lse) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
+    untouched = torch.ones(rows, dtype=torch.bool, device=DEV)
+    untouched[picked] = False
+    assert torch.equal(got[untouched], out_acc[untouched])
+
+
 @pytest.mark.parametrize("exchange", ["allgather", "ring", "ulysses_compressed"])
 @pytest.mark.parametrize("selection", ["tile_topk", "causal"])
 def test_cp_one_rank_equals_one_device(selection, exchange):

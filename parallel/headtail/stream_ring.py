@@ -281,7 +281,7 @@ def _post_kv(kv: torch.Tensor, step: int, plan: StreamRingPlan, group, category:
     return exchange_p2p(sends, recvs, group, category)
 
 
-def _merge_rows(out_acc, lse_acc, rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+def merge_rows(out_acc, lse_acc, rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
     """Fold a partial result (out [M, H, D], lse [M, H]) of the stream's rows `rows` into the
     running out_acc [P, H, D] and lse_acc [P, H], in place."""
     running, running_lse = out_acc.index_select(0, rows), lse_acc.index_select(0, rows)
@@ -315,7 +315,7 @@ def stream_ring_forward(q, k, v, group, plan: StreamRingPlan):
             part = _segments_forward(
                 q.index_select(0, entry.query_rows), keys, values, entry.segments, False
             )
-            _merge_rows(out, lse, entry.query_rows, *part)
+            merge_rows(out, lse, entry.query_rows, *part)
     return out, lse
 
 
