@@ -225,12 +225,11 @@ class ContextParallel:
             problems = document_exchange_problems(self.exchange)
             if problems:
                 raise ValueError(problems[0])
-            if self.exchange != "ulysses":
+            if self.exchange != "ulysses":  # plain Ulysses hands them to each head group's layer
                 bounds = check_documents(documents, q.shape[0], q.shape[1] * self.world, q.device)
-            if self.exchange in HEADTAIL_EXCHANGES:
+                if self.exchange == "ulysses_compressed":
+                    return compressed_ulysses_documents(q, k, v, cfg, bounds, self.group)
                 return lighthouse_documents_cp(q, k, v, cfg, bounds, self.group, self.exchange)
-            if self.exchange == "ulysses_compressed":
-                return compressed_ulysses_documents(q, k, v, cfg, bounds, self.group)
         if self.exchange == "ulysses":
             return ulysses_attention(q, k, v, cfg, self.group, documents)
         if self.exchange == "ulysses_compressed":
