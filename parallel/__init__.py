@@ -32,7 +32,12 @@ from lh_cp.parallel.headtail.sharding import (
     shard_sequence,
     unshard_sequence,
 )
-from lh_cp.parallel.headtail.traffic import CommBytes, dense_cp_bytes, lighthouse_cp_bytes
+from lh_cp.parallel.headtail.traffic import (
+    CommBytes,
+    dense_cp_bytes,
+    lighthouse_cp_bytes,
+    lighthouse_documents_cp_bytes,
+)
 from lh_cp.parallel.loss import global_token_mean, global_token_mean_loss
 from lh_cp.parallel.mesh import MESH_AXES, build_mesh, check_mesh_shape
 from lh_cp.parallel.transport import SentBytes
@@ -55,6 +60,7 @@ __all__ = [
     "global_token_mean_loss",
     "head_tail_positions",
     "lighthouse_cp_bytes",
+    "lighthouse_documents_cp_bytes",
     "parallelize",
     "shard_positions",
     "shard_sequence",

@@ -1,4 +1,5 @@
-"""Every byte the CP code sends goes through here: point-to-point batches and two collectives.
+"""Every byte the CP code sends goes through here: point-to-point batches and three collectives
+(all-gather, reduce-scatter, and the all-to-all of uneven row counts).
 
 Keeping the send paths in one file lets `SentBytes` count what each rank actually sends, which
 the tests compare with the closed-form accounting of headtail/traffic.py and
@@ -163,3 +164,33 @@ def reduce_scatter_start(x: torch.Tensor, group: dist.ProcessGroup, category: st
 def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> torch.Tensor:
     """Sum over ranks of x [W, *shape], rank r keeping row r: -> [*shape]."""
     return reduce_scatter_start(x, group, category).wait()
+
+
+def all_to_all_uneven(
+    x: torch.Tensor,
+    send_rows: list[int],
+    receive_rows: list[int],
+    group: dist.ProcessGroup,
+    category: str,
+) -> torch.Tensor:
+    """All-to-all of rows of uneven counts: the first send_rows[0] rows of x [sum(send_rows), ..]
+    go to rank 0, the next send_rows[1] to rank 1, ...; the result [sum(receive_rows), ..] holds
+    receive_rows[i] rows from rank i, in rank order. Counts the rows that leave the rank."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if len(send_rows) != world or len(receive_rows) != world or x.shape[0] != sum(send_rows):
+        raise ValueError(
+            f"all_to_all_uneven over {world} ranks needs {world} send and receive counts and "
+            f"sum(send_rows) rows: got x {tuple(x.shape)}, send_rows {send_rows}, receive_rows "
+            f"{receive_rows}"
+        )
+    if world == 1:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((sum(receive_rows), *x.shape[1:]))
+    dist.all_to_all_single(
+        out, x, output_split_sizes=receive_rows, input_split_sizes=send_rows, group=group
+    )
+    leaving = (sum(send_rows) - send_rows[rank]) * x[0].numel() * x.element_size()
+    if leaving:
+        _record(category, leaving)
+    return out

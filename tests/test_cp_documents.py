@@ -7,8 +7,8 @@ assertions happen here. Head-tail layout, both exchanges: the layouts of documen
 document, many short documents, documents aligned to chunk starts, one document per window),
 float64 and float32, GQA and MHA; bytes sent equal the accounting (traffic.dense_cp_bytes,
 counted from token ids); no gradient crosses a boundary; the ranks disagreeing (different or
-invalid documents on one rank, documents on one rank only) raise a named error on every rank;
-Lighthouse refuses documents. The GPU bookkeeping (bf16 block results, float32 LSE, the own
+invalid documents on one rank, documents on one rank only) raise a named error on every rank.
+The GPU bookkeeping (bf16 block results, float32 LSE, the own
 block in a varlen call) runs with emulated kernels, as tests/test_cp_fused_path.py does.
 Plain Ulysses (W = 2, 4, DeepSpeed over gloo): the contiguous shard of each document alone.
 
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from document_cases import LAYOUTS, N, bounds_of, documents_of, each_document_alone, inputs
 
-from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention
+from lh_cp import causal_attention
 from lh_cp.parallel import SentBytes, dense_cp_bytes, shard_sequence
 
 TOLERANCE = {"torch.float64": 1e-9, "torch.float32": 1e-5, "torch.bfloat16": 2e-2}
@@ -115,7 +115,7 @@ def _no_gradient_across(group) -> dict:
 
 def _disagreements(rank: int, world: int, group) -> dict:
     """Every rank's error message when one rank passes other documents, invalid documents,
-    or documents where the others pass None; and Lighthouse with documents."""
+    or documents where the others pass None."""
     q, k, v, _ = inputs(4, 2, torch.float32, seed=2)
     local = [shard_sequence(t, group) for t in (q, k, v)]
     crossing = documents_of(LAYOUTS["crossing"])
@@ -126,7 +126,6 @@ def _disagreements(rank: int, world: int, group) -> dict:
     # Whether documents are given is agreed with the shapes (every call is compared; these
     # shapes, 3 heads, are used by no other call of this job).
     fresh = [shard_sequence(t, group) for t in inputs(3, 3, torch.float32, seed=4)[:3]]
-    cfg = LighthouseConfig(pool=2, levels=2, topk=2 * N // 8, tile_budget=2)
     return {
         "different": _raised(call(documents_of(LAYOUTS["short"]) if rank == 0 else crossing)),
         "invalid": _raised(
@@ -136,9 +135,6 @@ def _disagreements(rank: int, world: int, group) -> dict:
             lambda: causal_attention(
                 *fresh, cp=group, exchange="ring", documents=crossing if rank == 0 else None
             )
-        ),
-        "lighthouse": _raised(
-            lambda: lighthouse_attention(*local, cfg, cp=group, exchange="ring", documents=crossing)
         ),
     }
 
@@ -272,10 +268,6 @@ def test_cp_documents_equal_each_document_alone(world):
                 "DocumentsError: rank(s) [1] of the context-parallel group passed invalid documents"
             ), messages
         assert "documents.shape: rank 1 None, rank 0 (" in messages["only_rank_0"], messages
-        assert (
-            "exchange='ring' does not take packed documents in Lighthouse layers yet"
-            in (messages["lighthouse"])
-        )
         fused = result["fused_path"]
         assert fused.pop("varlen_calls") > 0
         for key, (errors, dtype) in fused.items():

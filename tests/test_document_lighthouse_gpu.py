@@ -106,16 +106,85 @@ def test_isolation_on_the_kernels():
     assert torch.equal(before[:, 1000:9000], after[:, 1000:9000])
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_segments_match_reference(causal):
+    """flash attention's varlen kernel over separate query and key segments (the ring's steps:
+    unmasked rectangles; its own stream: causal runs, keys ending with the queries) against
+    the reference twin in float64 on the same bf16 values: out, lse, dq, dk, dv."""
+    from lh_cp.parallel.headtail.blocks import segments_backward, segments_forward
+    from lh_cp.parallel.headtail.fused_blocks import fused_segments_backward, fused_segments_forward
+
+    rng = random.Random(5)
+    queries = [rng.randint(1, 300) for _ in range(9)]
+    keys = [q if causal else rng.randint(1, 500) for q in queries]
+    qb, kb = [0], [0]
+    for a, b in zip(queries, keys):
+        qb.append(qb[-1] + a)
+        kb.append(kb[-1] + b)
+    gen = torch.Generator(device=DEV).manual_seed(int(causal))
+    q, dout = (torch.randn(qb[-1], 4, 64, device=DEV, generator=gen).bfloat16() for _ in "qo")
+    k, v = (torch.randn(kb[-1], 4, 64, device=DEV, generator=gen).bfloat16() for _ in "kv")
+    cu_q, cu_k = (torch.tensor(b, dtype=torch.int32, device=DEV) for b in (qb, kb))
+    out, lse = fused_segments_forward(q, k, v, cu_q, cu_k, max(queries), max(keys), causal)
+    exact = [x.double() for x in (q, k, v, dout)]
+    ref_out, ref_lse = segments_forward(*exact[:3], qb, kb, causal)
+    grads = fused_segments_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, max(queries), max(keys), causal
+    )
+    delta = (exact[3] * ref_out).sum(-1)
+    ref_grads = segments_backward(exact[3], *exact[:3], ref_lse, delta, qb, kb, causal)
+    for name, got, want in zip(
+        ("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (ref_out, ref_lse, *ref_grads)
+    ):
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err <= 2e-2, (name, err)
+
+
+def test_stream_merge_with_the_kernel():
+    """The ring's merge of a step's rows into the running result (merge_rows: rows [M, H, D]
+    seen as [1, 1, M * H, D] by the Triton merge, the step's LSE a transposed view as flash
+    returns it) against the reference merge on the same values: within float32 rounding."""
+    from lh_cp.parallel.headtail.stream_ring import merge_rows
+
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    rows, heads, dim = 1000, 8, 64
+    out_acc = torch.randn(rows, heads, dim, device=DEV, generator=gen)
+    lse_acc = torch.randn(heads, rows, device=DEV, generator=gen).t()  # [P, H], as flash's
+    picked = torch.randperm(rows, device=DEV, generator=gen)[:300]
+    out = torch.randn(300, heads, dim, device=DEV, generator=gen).bfloat16()
+    lse = torch.randn(heads, 300, device=DEV, generator=gen).t()
+    results = []
+    for use_kernel in (True, False):
+        acc, acc_lse = out_acc.clone(), lse_acc.clone()
+        if use_kernel:
+            merge_rows(acc, acc_lse, picked, out, lse)
+        else:
+            with kernels.disabled():
+                merge_rows(acc, acc_lse, picked, out, lse)
+        results.append((acc, acc_lse))
+    (got, got_lse), (want, want_lse) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
+    untouched = torch.ones(rows, dtype=torch.bool, device=DEV)
+    untouched[picked] = False
+    assert torch.equal(got[untouched], out_acc[untouched])
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "ring", "ulysses_compressed"])
 @pytest.mark.parametrize("selection", ["tile_topk", "causal"])
-def test_cp_one_rank_equals_one_device(selection):
-    """The CP path at W = 1 (two chunks on one rank: the tail chunk's pieces attend to keys
-    from the head chunk, so the varlen call has more keys than queries and its causal mask
-    must align at the end) against the single-device layer, both on the kernels, in bf16."""
+def test_cp_one_rank_equals_one_device(selection, exchange):
+    """The CP paths at W = 1 against the single-device layer, both on the kernels, in bf16.
+    Head-tail (two chunks on one rank): the tail chunk's pieces attend to keys from the head
+    chunk, so the all-gather's varlen call has more keys than queries and its causal mask must
+    align at the end, and the ring's own stream runs the fused segment kernel on runs that
+    span both chunks. Compressed Ulysses: the shard's stream through the varlen kernel."""
     import torch.distributed as dist
     from dist_utils import free_port
 
     from lh_cp.ops.documents import check_documents
     from lh_cp.parallel.headtail.lighthouse_documents import lighthouse_documents_cp
+    from lh_cp.parallel.ulysses.compressed_documents import compressed_ulysses_documents
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
@@ -127,13 +196,15 @@ def test_cp_one_rank_equals_one_device(selection):
         docs = torch.tensor(bounds, dtype=torch.int32, device=DEV)
         q, k, v = _inputs(batch, n, 4, 2, 64, 11)
         grad_out = torch.randn(batch, n, 4, 64, device=DEV)
+
+        def cp(a, b, c):
+            checked = check_documents(docs, batch, n, a.device)
+            if exchange == "ulysses_compressed":
+                return compressed_ulysses_documents(a, b, c, cfg, checked, dist.group.WORLD)
+            return lighthouse_documents_cp(a, b, c, cfg, checked, dist.group.WORLD, exchange)
+
         results = []
-        for fn in (
-            lambda a, b, c: lighthouse_attention(a, b, c, cfg, documents=docs),
-            lambda a, b, c: lighthouse_documents_cp(
-                a, b, c, cfg, check_documents(docs, batch, n, a.device), dist.group.WORLD
-            ),
-        ):
+        for fn in (lambda a, b, c: lighthouse_attention(a, b, c, cfg, documents=docs), cp):
             a, b, c = (x.detach().clone().requires_grad_() for x in (q, k, v))
             out = fn(a, b, c)
             out.backward(grad_out.to(out.dtype))

@@ -179,12 +179,22 @@ def test_masked_lighthouse_training_under_cp2_equals_one_process(tmp_path, long_
         assert losses[step] == pytest.approx(single.train_loss[step], rel=1e-3)
 
 
-def test_masked_lighthouse_needs_a_document_exchange_under_cp(tmp_path, corpus):
+def test_masked_lighthouse_takes_every_exchange_under_cp(tmp_path, corpus):
+    """Every Lighthouse exchange keeps documents apart (docs/document_masking.md); the rule
+    still refuses an exchange that is not listed as doing so."""
+    from lh_cp.parallel.context import LIGHTHOUSE_EXCHANGES, document_exchange_problems
+
     masked_cp2 = ["data.document_masking=true", "parallel.cp=2", "lighthouse.topk=16"]
-    ring = tiny_recipe(tmp_path, corpus, [*masked_cp2, "parallel.exchange='ring'"])
-    problems = check_recipe(ring, world_size=2)
-    message = "parallel.exchange='ring' does not take packed documents in Lighthouse layers yet"
-    assert any(message in p for p in problems), problems
+    ulysses = ["parallel.dense_exchange='ulysses'", "parallel.engine='deepspeed'"]
+    for exchange, others in (("ring", []), ("ulysses_compressed", ulysses)):
+        options = [f"parallel.exchange='{exchange}'", *others]
+        recipe = tiny_recipe(tmp_path, corpus, [*masked_cp2, *options])
+        assert check_recipe(recipe, world_size=2) == [], exchange
+    assert all(document_exchange_problems(exchange) == [] for exchange in LIGHTHOUSE_EXCHANGES)
+    assert document_exchange_problems("future", prefix="parallel.") == [
+        "parallel.exchange='future' does not take packed documents in Lighthouse layers yet: use "
+        "one of ('allgather', 'ring', 'ulysses', 'ulysses_compressed') (docs/document_masking.md)"
+    ]
     one_process = tiny_recipe(tmp_path, corpus, ["data.document_masking=true"])
     assert check_recipe(one_process) == []
     bad = tiny_recipe(tmp_path, corpus, ["data.positions='absolute'"])

@@ -14,6 +14,10 @@ Document masking (documents.py) keeps every remote call an unmasked rectangle: e
 piece (rows of one chunk) attends to one range of a block's columns. Only the rank's own block
 changes: causal attention restricted to the documents' runs in local order, a same-document
 mask here and one varlen kernel call on GPUs (fused_blocks.py).
+
+segments_forward / segments_backward: the same steps over rows [T, H, D] cut into segments,
+each segment's queries against its own keys (the Lighthouse ring with documents,
+stream_ring.py), one block call per segment; fused_blocks.fused_segments_* are their fast twins.
 """
 
 from __future__ import annotations
@@ -116,6 +120,70 @@ def block_backward(
     dq = torch.matmul(dscores, k_acc.unsqueeze(2)).reshape(batch, heads, sq, dim)
     dk = torch.matmul(dscores.transpose(-1, -2), qg).sum(dim=2)
     return dq, dk, dv
+
+
+def _segment_pairs(query_bounds: list[int], key_bounds: list[int]):
+    """((q0, q1), (k0, k1)) of each segment, from the cumulative bounds of both sides."""
+    return zip(zip(query_bounds[:-1], query_bounds[1:]), zip(key_bounds[:-1], key_bounds[1:]))
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """Rows [L, H, ..] of one segment -> [1, H, L, ..] (block_forward's layout)."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def segments_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_bounds: list[int],
+    key_bounds: list[int],
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen attention over rows with its LSE, the reference twin of
+    fused_blocks.fused_segments_forward: segment i's queries q[query_bounds[i]:query_bounds[i+1]]
+    attend to keys k[key_bounds[i]:key_bounds[i+1]] (causal: aligned at the end, the keys end
+    with the queries' own rows; else unmasked). q [Tq, H, D], k and v [Tk, Hk, D] -> out
+    [Tq, H, D] and lse [Tq, H], both in the accumulation dtype. One block_forward per segment."""
+    outs, lses = [], []
+    for (q0, q1), (k0, k1) in _segment_pairs(query_bounds, key_bounds):
+        out, lse = block_forward(
+            _heads_first(q[q0:q1]), _heads_first(k[k0:k1]), _heads_first(v[k0:k1]), causal
+        )  # [1, H, L, D], [1, H, L]
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0].transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+def segments_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    query_bounds: list[int],
+    key_bounds: list[int],
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of segments_forward's call given the *final* lse [Tq, H] and delta =
+    rowsum(dout * out) [Tq, H] (as block_backward): dq [Tq, H, D], dk and dv [Tk, Hk, D] in the
+    accumulation dtype. The key segments must tile k (each key row in one segment)."""
+    dqs, dks, dvs = [], [], []
+    for (q0, q1), (k0, k1) in _segment_pairs(query_bounds, key_bounds):
+        dq, dk, dv = block_backward(
+            _heads_first(dout[q0:q1]),
+            _heads_first(q[q0:q1]),
+            _heads_first(k[k0:k1]),
+            _heads_first(v[k0:k1]),
+            _heads_first(lse[q0:q1]),
+            _heads_first(delta[q0:q1]),
+            causal,
+        )
+        dqs.append(dq[0].transpose(0, 1))
+        dks.append(dk[0].transpose(0, 1))
+        dvs.append(dv[0].transpose(0, 1))
+    return torch.cat(dqs), torch.cat(dks), torch.cat(dvs)
 
 
 def _forward_fn(q: torch.Tensor):

@@ -23,7 +23,10 @@ attention's varlen kernel (aten's _flash_attention_forward / _backward with cumu
 lengths; the same ops torch.nn.attention.varlen wraps, here called directly because the
 backward must take the final merged output and LSE, as the block backward above does). Flash
 only: cuDNN's varlen entry differs between torch 2.11 and 2.14. Its LSE comes as [H, total
-tokens] and is handed out as a [B, H, 2S] view.
+tokens] and is handed out as a [B, H, 2S] view. fused_segments_forward / _backward are the
+same kernel over rows [T, H, D] with separate query and key segments (cu_q, cu_k), causal or
+unmasked: the Lighthouse ring with documents (stream_ring.py) runs its steps on them, and
+blocks.segments_forward / _backward are their reference twins.
 """
 
 from __future__ import annotations
@@ -167,16 +170,75 @@ def _blocks_major(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.view(batch, -1, *x.shape[1:]).transpose(1, 2)
 
 
+def fused_segments_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    longest_q: int,
+    longest_k: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention's varlen kernel over rows: segment i's queries q[cu_q[i]:cu_q[i+1]]
+    attend to keys k[cu_k[i]:cu_k[i+1]] (causal: aligned at the end, as flash aligns it when
+    keys outnumber queries; else unmasked). q [Tq, H, D], k and v [Tk, H, D] (equal heads),
+    cu_q and cu_k int32 cumulative lengths -> out [Tq, H, D] (q's dtype) and lse [Tq, H]
+    (float32, a view of the kernel's [H, Tq]). The fast twin of blocks.segments_forward."""
+    _check_varlen(q)
+    out, lse = _varlen_forward(q, k, v, cu_q, cu_k, longest_q, longest_k, 0.0, causal, False)[:2]
+    if lse.shape != (q.shape[1], q.shape[0]):
+        raise ValueError(
+            f"flash varlen returned an LSE of shape {tuple(lse.shape)}, expected [H, tokens] = "
+            f"{[q.shape[1], q.shape[0]]}: this torch's varlen layout is not the one lh-cp reads"
+        )
+    return out, lse.transpose(0, 1)
+
+
+def fused_segments_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    longest_q: int,
+    longest_k: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of fused_segments_forward's call given the *final* out [Tq, H, D] and lse
+    [Tq, H] of the merged attention: dq [Tq, H, D], dk and dv [Tk, H, D], in q's dtype."""
+    _check_varlen(q)
+    _, _, rng_state, unused = _backward_extras("flash", q.device, q.dtype)
+    return _varlen_backward(
+        dout.to(q.dtype).contiguous(),
+        q,
+        k,
+        v,
+        out.to(q.dtype).contiguous(),
+        lse.float().transpose(0, 1).contiguous(),  # [H, Tq], the kernel's layout
+        cu_q,
+        cu_k,
+        longest_q,
+        longest_k,
+        0.0,
+        causal,
+        rng_state,
+        unused,
+    )
+
+
 def fused_varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int
 ):
     """Causal attention inside each run of q [B, H, L, D], k and v [B, Hk, L, D] flattened to
     B * L tokens, the runs given by cu (int32 cumulative lengths): out [B, H, L, D] (q's dtype)
     and lse [B, H, L] (float32; views of the kernel's token-major results)."""
-    _check_varlen(q)
     batch, heads = q.shape[:2]
     group = heads // k.shape[1]
-    out, lse = _varlen_forward(
+    out, lse = fused_segments_forward(
         _tokens_major(q),
         _tokens_major(k, group),
         _tokens_major(v, group),
@@ -184,42 +246,30 @@ def fused_varlen_forward(
         cu,
         longest,
         longest,
-        0.0,
         True,
-        False,
-    )[:2]
-    if lse.shape != (heads, out.shape[0]):
-        raise ValueError(
-            f"flash varlen returned an LSE of shape {tuple(lse.shape)}, expected [H, tokens] = "
-            f"{[heads, out.shape[0]]}: this torch's varlen layout is not the one lh-cp reads"
-        )
-    return _blocks_major(out, batch), lse.view(heads, batch, -1).transpose(0, 1)
+    )  # [B * L, H, D], [B * L, H]
+    return _blocks_major(out, batch), lse.transpose(0, 1).view(heads, batch, -1).transpose(0, 1)
 
 
 def fused_varlen_backward(dout, q, k, v, out, lse, cu: torch.Tensor, longest: int):
     """Gradients of fused_varlen_forward's call given the final out [B, H, L, D] and lse
     [B, H, L]: dq [B, H, L, D] in q's dtype, dk and dv [B, Hk, L, D] (float32 where GQA sums
     a group's heads)."""
-    _check_varlen(q)
     batch, kv_heads, length, dim = k.shape
     heads = q.shape[1]
     group = heads // kv_heads
-    _, _, rng_state, unused = _backward_extras("flash", q.device, q.dtype)
-    dq, dk, dv = _varlen_backward(
+    dq, dk, dv = fused_segments_backward(
         _tokens_major(dout.to(q.dtype)),
         _tokens_major(q),
         _tokens_major(k, group),
         _tokens_major(v, group),
         _tokens_major(out.to(q.dtype)),
-        lse.float().transpose(0, 1).reshape(heads, -1).contiguous(),
+        lse.float().transpose(0, 1).reshape(heads, -1).transpose(0, 1),  # [B * L, H]
         cu,
         cu,
         longest,
         longest,
-        0.0,
         True,
-        rng_state,
-        unused,
     )
     dq, dk, dv = (_blocks_major(x, batch) for x in (dq, dk, dv))
     if group > 1:

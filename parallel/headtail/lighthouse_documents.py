@@ -8,10 +8,15 @@ tokens, region entries, tail tokens). A document's rows in the whole window are 
 chunk order, so a piece's queries see the document's rows in every earlier chunk and, causally,
 its own piece.
 
-Exchange: the packed K and V of every chunk are all-gathered (padded to the longest rank's
-stream); each rank then attends its pieces to the gathered rows of their documents up to the
-piece: one varlen attention whose key sequence ends with the query piece (causal, aligned at
-the end). The backward is the all-gather's adjoint, a reduce-scatter of the K/V gradients.
+Exchange "allgather": the packed K and V of every chunk are all-gathered (padded to the
+longest rank's stream); each rank then attends its pieces to the gathered rows of their
+documents up to the piece: one varlen attention whose key sequence ends with the query piece
+(causal, aligned at the end). The backward is the all-gather's adjoint, a reduce-scatter of the
+K/V gradients. Every rank sends its whole (padded) stream to every other rank.
+Exchange "ring" (stream_ring.py): the rank's own stream first, causally inside each document,
+then at step s the rows of rank r - s's stream that this rank's pieces attend to, sent straight
+from their owner, merged by log-sum-exp; the dK/dV of those rows go back to their owner. A rank
+receives only rows of documents its chunks continue, and nothing from ranks it shares none with.
 Deliveries run as in the unmasked layer, with the halo carrying spills into the next chunk
 (the tail rule keeps every region's deliveries inside its document).
 
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from lh_cp.ops.compress import compress, selection_carry
 from lh_cp.ops.config import LighthouseConfig
 from lh_cp.ops.document_lighthouse import (
+    ChunkStream,
     chunk_stream,
     document_regions,
     entry_rows,
@@ -37,8 +43,15 @@ from lh_cp.ops.document_lighthouse import (
     token_rows,
     unpacked,
 )
+from lh_cp.ops.documents import is_whole_windows
+from lh_cp.parallel.headtail.exchange import exchange_function
 from lh_cp.parallel.headtail.halo import add_halos
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
+from lh_cp.parallel.headtail.stream_ring import (
+    stream_offsets,
+    stream_ring_attention,
+    stream_ring_plan,
+)
 from lh_cp.parallel.selection_carry import preceding_thresholds
 from lh_cp.parallel.transport import all_gather, reduce_scatter
 
@@ -50,11 +63,11 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, group):
         ctx.group = group
-        return all_gather(rows, group, "document_entries")
+        return all_gather(rows, group, "kv_forward")
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter(grad, ctx.group, "document_entries_grad"), None
+        return reduce_scatter(grad, ctx.group, "dkv_backward"), None
 
 
 def _attend_prefixes(
@@ -89,6 +102,51 @@ def _attend_prefixes(
     return torch.cat(outs)
 
 
+def _gathered_attention(
+    packed: list[torch.Tensor],
+    streams: list[list[ChunkStream]],
+    rank: int,
+    world: int,
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """The "allgather" exchange: every rank's packed K and V all-gathered (padded to the longest
+    rank's stream), then each query piece attends to its document's rows up to it in one varlen
+    call. packed: this rank's q, k, v [P, H, D] -> out [P, H, D]."""
+    offsets = stream_offsets(streams, world)
+    longest = max(
+        sum(chunks[c].length for chunks in streams for c in local_chunk_ids(r, world))
+        for r in range(world)
+    )
+    padding = longest - packed[0].shape[0]
+    gathered = [
+        _GatherRows.apply(F.pad(x, (0, 0, 0, 0, 0, padding)), group).flatten(0, 1)
+        for x in packed[1:]
+    ]  # K, V of every rank: [W * longest, H, D]
+
+    # Each query piece's keys: its document's rows in the chunks before it, then its own.
+    key_runs, query_bounds, key_bounds, keys = [], [0], [0], 0
+    for b, chunks in enumerate(streams):
+        for c in local_chunk_ids(rank, world):
+            for doc, lo, hi in chunks[c].pieces:
+                for earlier in range(c + 1):
+                    owner = chunk_owner(earlier, world)[0]
+                    offset = offsets[owner, b, earlier]
+                    for other, first, end in chunks[earlier].pieces:
+                        if other == doc:
+                            key_runs.append((owner * longest + offset + first, keys, end - first))
+                            keys += end - first
+                query_bounds.append(query_bounds[-1] + hi - lo)
+                key_bounds.append(keys)
+    index, _ = expand_runs(key_runs, packed[0].device)
+    return _attend_prefixes(
+        packed[0],
+        gathered[0].index_select(0, index),
+        gathered[1].index_select(0, index),
+        query_bounds,
+        key_bounds,
+    )
+
+
 def lighthouse_documents_cp(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,15 +154,21 @@ def lighthouse_documents_cp(
     cfg: LighthouseConfig,
     bounds: list[int],
     group: dist.ProcessGroup,
+    exchange: str = "allgather",
 ) -> torch.Tensor:
     """This rank's head-tail shard q [B, 2C, H, D], k/v [B, 2C, Hkv, D] with the global checked
-    boundaries `bounds` (check_documents over B windows of 2CW tokens) -> [B, 2C, H, D]."""
-    from lh_cp.parallel.headtail.attention import chunk_config
+    boundaries `bounds` (check_documents over B windows of 2CW tokens) -> [B, 2C, H, D];
+    exchange "allgather" or "ring" (stream_ring.py). One document per window is the unmasked
+    layer (as on one device)."""
+    from lh_cp.parallel.headtail.attention import chunk_config, lighthouse_attention_cp
 
+    exchange_function(exchange)  # a head-tail exchange, or ValueError naming them
     batch, n_local, heads, dim = q.shape
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    chunk = n_local // 2
     n = n_local * world
+    if is_whole_windows(bounds, batch, n):
+        return lighthouse_attention_cp(q, k, v, cfg, group, exchange)
+    chunk = n_local // 2
     local_cfg = chunk_config(cfg, n, world)
     regions = document_regions(bounds, batch, n, cfg)
     streams = [
@@ -138,44 +202,11 @@ def lighthouse_documents_cp(
     entries = compress(q_rows, k_rows, v_rows, local_cfg, preceding=preceding, restart=plan.restart)
     sources = zip(token_rows(q_rows, k_rows, v_rows), entry_rows(entries))
     packed = [packed_rows(t, e, plan) for t, e in sources]  # [P, H, D]
-
-    # Every rank's stream length, and where each chunk's stream starts in its owner's.
-    lengths = {(b, c): streams[b][c].length for b in range(batch) for c in range(2 * world)}
-    starts, longest = {}, 0
-    for r in range(world):
-        offset = 0
-        for b in range(batch):
-            for c in local_chunk_ids(r, world):
-                starts[b, c] = r, offset
-                offset += lengths[b, c]
-        longest = max(longest, offset)
-    padding = longest - plan.length
-    gathered = [
-        _GatherRows.apply(F.pad(x, (0, 0, 0, 0, 0, padding)), group).flatten(0, 1)
-        for x in packed[1:]
-    ]  # K, V of every rank: [W * longest, H, D]
-
-    # Each query piece's keys: its document's rows in the chunks before it, then its own.
-    key_runs, query_bounds, key_bounds, keys = [], [0], [0], 0
-    for b in range(batch):
-        for c in mine:
-            for doc, lo, hi in streams[b][c].pieces:
-                for earlier in range(c + 1):
-                    owner, offset = starts[b, earlier]
-                    for other, first, end in streams[b][earlier].pieces:
-                        if other == doc:
-                            key_runs.append((owner * longest + offset + first, keys, end - first))
-                            keys += end - first
-                query_bounds.append(query_bounds[-1] + hi - lo)
-                key_bounds.append(keys)
-    index, _ = expand_runs(key_runs, q.device)
-    out = _attend_prefixes(
-        packed[0],
-        gathered[0].index_select(0, index),
-        gathered[1].index_select(0, index),
-        query_bounds,
-        key_bounds,
-    )  # [P, H, D]
+    if exchange == "ring":
+        ring_plan = stream_ring_plan(streams, plan.pieces, rank, world, q.device)
+        out = stream_ring_attention(*packed, group, ring_plan)  # [P, H, D]
+    else:
+        out = _gathered_attention(packed, streams, rank, world, group)  # [P, H, D]
     spill = local_cfg.coarsest_span - 1
     rows, spill_rows = unpacked(out, plan, 2 * batch, chunk, entries, spill)  # [2B, C, H, D]
     if spill > 0:

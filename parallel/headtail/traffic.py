@@ -19,6 +19,8 @@ with what the code actually sends. Conventions (they follow the implementation):
   rank r + s attends to (an earlier key of its own document), K and V for all B rows, in
   forward and again in backward; and the dK/dV of the columns it received back to their
   owner. Counted here from the documents' token ids, independently of the exchange's pieces.
+- Lighthouse with documents (LIGHTHOUSE.md s.12): the exchanges move packed streams (head and
+  tail tokens, region entries) instead of S_c entries per chunk; lighthouse_documents_cp_bytes.
 
 `python -m lh_cp.parallel.headtail.traffic [--world 8] [--heads 8] ...` prints the table of docs/context_parallel.md
 (Lighthouse versus dense, an interior rank; MiB = 2**20 bytes).
@@ -34,7 +36,8 @@ import numpy as np
 import torch
 
 from lh_cp.ops.config import LighthouseConfig
-from lh_cp.ops.documents import check_documents
+from lh_cp.ops.document_lighthouse import chunk_stream, document_regions
+from lh_cp.ops.documents import check_documents, is_whole_windows
 from lh_cp.parallel.headtail.attention import chunk_config
 from lh_cp.parallel.headtail.exchange import exchange_function
 from lh_cp.parallel.headtail.sharding import local_chunk_ids
@@ -92,6 +95,30 @@ def _exchange_bytes(
     }
 
 
+def _halo_and_thresholds(
+    n: int,
+    world: int,
+    rank: int,
+    cfg: LighthouseConfig,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+) -> dict[str, int]:
+    """The halo and causal-threshold traffic of a Lighthouse layer (with or without documents)."""
+    counts = {}
+    spill = chunk_config(cfg, n, world).coarsest_span - 1
+    if spill and world > 1:
+        messages = int(rank < world - 1) + int(rank > 0)
+        halo = messages * batch * spill * heads * head_dim * dtype_bytes
+        counts["halo_forward"] = halo
+        counts["halo_backward"] = halo
+    if cfg.uses_thresholds and world > 1:
+        # selection_carry.py: float32 [B, H, L-1, 2] per chunk, two chunks, all-gathered.
+        counts["selection_thresholds"] = (world - 1) * 2 * batch * heads * (cfg.levels - 1) * 2 * 4
+    return counts
+
+
 def lighthouse_cp_bytes(
     n: int,
     world: int,
@@ -110,16 +137,86 @@ def lighthouse_cp_bytes(
     entries_per_chunk = local_cfg.selected_length(chunk)  # S_c
     block = 2 * batch * heads * 2 * entries_per_chunk * head_dim  # K and V of two chunks
     counts = _exchange_bytes(block, world, dtype_bytes, exchange)
-    spill = local_cfg.coarsest_span - 1
-    if spill and world > 1:
-        messages = int(rank < world - 1) + int(rank > 0)
-        halo = messages * batch * spill * heads * head_dim * dtype_bytes
-        counts["halo_forward"] = halo
-        counts["halo_backward"] = halo
-    if cfg.uses_thresholds and world > 1:
-        # selection_carry.py: float32 [B, H, L-1, 2] per chunk, two chunks, all-gathered.
-        counts["selection_thresholds"] = (world - 1) * 2 * batch * heads * (cfg.levels - 1) * 2 * 4
+    counts |= _halo_and_thresholds(n, world, rank, cfg, batch, heads, head_dim, dtype_bytes)
     return CommBytes(**counts)
+
+
+def _document_streams(bounds: list[int], batch: int, n: int, world: int, cfg: LighthouseConfig):
+    """streams[b][c]: the ChunkStream of window b's head-tail chunk c (LIGHTHOUSE.md s.12)."""
+    chunk = n // (2 * world)
+    regions = document_regions(bounds, batch, n, cfg)
+    return [
+        [chunk_stream(regions, b, c * chunk, chunk, cfg, n) for c in range(2 * world)]
+        for b in range(batch)
+    ]
+
+
+def attended_stream_rows(streams, world: int, receiver: int, owner: int) -> int:
+    """Rows of `owner`'s packed stream that some query of `receiver` attends to: the rows of a
+    document's piece in one of owner's chunks whose document has a piece in a later chunk of
+    receiver's. Counted from the pieces alone, independently of the ring's plan."""
+    rows = 0
+    for chunks in streams:
+        latest: dict[int, int] = {}  # document -> the receiver's last chunk holding a piece
+        for c in local_chunk_ids(receiver, world):
+            for doc, _, _ in chunks[c].pieces:
+                latest[doc] = max(latest.get(doc, -1), c)
+        for e in local_chunk_ids(owner, world):
+            rows += sum(hi - lo for doc, lo, hi in chunks[e].pieces if latest.get(doc, -1) > e)
+    return rows
+
+
+def lighthouse_documents_cp_bytes(
+    documents: Sequence[int] | torch.Tensor,
+    n: int,
+    world: int,
+    rank: int,
+    cfg: LighthouseConfig,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    exchange: str,
+) -> CommBytes:
+    """Bytes rank `rank` sends in one Lighthouse layer with packed documents (forward +
+    backward) at window length n; documents: the batch's cumulative boundaries.
+
+    Each rank's packed stream holds P_r rows of H heads (K/V repeated to the query heads).
+    All-gather (lighthouse_documents.py): K and V padded to the longest stream, P_max rows,
+    W - 1 shares each forward, and their gradients reduce-scattered in the activation dtype.
+    Ring (stream_ring.py): at step s the rows of this rank's stream that rank r + s attends to,
+    K and V, forward and again backward; the dK/dV of the rows it received from rank r - s back
+    to it, in float32 (float64 for float64). One document per window is the unmasked layer
+    (lighthouse_cp_bytes). Halo and thresholds as without documents."""
+    tensor = torch.as_tensor(documents, dtype=torch.int32).cpu()
+    bounds = check_documents(tensor, batch, n, tensor.device)
+    shape = dict(batch=batch, heads=heads, head_dim=head_dim, dtype_bytes=dtype_bytes)
+    if is_whole_windows(bounds, batch, n):
+        return lighthouse_cp_bytes(n, world, rank, cfg, exchange=exchange, **shape)
+    exchange_function(exchange)  # a known exchange
+    counts = _halo_and_thresholds(n, world, rank, cfg, batch, heads, head_dim, dtype_bytes)
+    if world == 1:
+        return CommBytes(**counts)
+    streams = _document_streams(bounds, batch, n, world, cfg)
+    row = 2 * heads * head_dim  # K and V elements of one row
+    if exchange == "allgather":
+        longest = max(
+            sum(chunks[c].length for chunks in streams for c in local_chunk_ids(r, world))
+            for r in range(world)
+        )
+        counts["kv_forward"] = (world - 1) * longest * row * dtype_bytes
+        counts["dkv_backward"] = (world - 1) * longest * row * dtype_bytes
+    else:
+        sent = sum(
+            attended_stream_rows(streams, world, (rank + s) % world, rank) for s in range(1, world)
+        )
+        received = sum(
+            attended_stream_rows(streams, world, rank, (rank - s) % world) for s in range(1, world)
+        )
+        counts["kv_forward"] = counts["kv_backward"] = sent * row * dtype_bytes
+        counts["dkv_backward"] = received * row * _grad_bytes(dtype_bytes)
+    return CommBytes(**{name: value for name, value in counts.items() if value})
 
 
 def _local_positions(rank: int, world: int, chunk: int) -> np.ndarray:

@@ -4,7 +4,9 @@ Ulysses (DeepSpeed-Ulysses) shards the sequence contiguously: rank r of W holds 
 [r*C, (r+1)*C). The all-to-all trades sequence shards for head groups and back; the halo
 carries the scatter's spill past a shard end to the next shard, which is on rank r + 1.
 The head-tail halo of the CP code (halo.py) pairs two chunks per rank and cannot serve this
-layout, but both send through transport.exchange_p2p, so the CP byte meters see this traffic.
+layout, but both send through transport.exchange_p2p, so the CP byte meters see this traffic;
+the all-to-alls go through transport.all_to_all_uneven (even or uneven row counts) and are
+metered as well.
 """
 
 from __future__ import annotations
@@ -12,23 +14,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lh_cp.parallel.transport import exchange_p2p
+from lh_cp.parallel.transport import all_to_all_uneven, exchange_p2p
 
 # One tag for the spill of a shard to the next rank; a single message per pair and direction.
 _HALO_TAG = 31
 
 
-def _all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Row j of x [W, ...] goes to rank j; row i of the result came from rank i."""
+def _all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup, category: str) -> torch.Tensor:
+    """Row j of x [W, ...] goes to rank j; row i of the result came from rank i (through
+    transport, metered under `category`)."""
     world = dist.get_world_size(group)
     if x.shape[0] != world:
         raise ValueError(
             f"all-to-all expects a leading dim equal to the group size {world}, got {tuple(x.shape)}"
         )
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
+    return all_to_all_uneven(x, [1] * world, [1] * world, group, category)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -42,11 +42,11 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_to_all_rows(x, group)
+        return _all_to_all_rows(x, group, "alltoall_forward")
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_to_all_rows(grad, ctx.group), None
+        return _all_to_all_rows(grad, ctx.group, "alltoall_backward"), None
 
 
 def all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -54,6 +54,33 @@ def all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     if dist.get_world_size(group) == 1:
         return x
     return _AllToAll.apply(x, group)
+
+
+class _AllToAllUneven(torch.autograd.Function):
+    """transport.all_to_all_uneven, differentiable: the gradient of the rows sent to rank j
+    comes back from rank j by the same exchange with the counts swapped (its adjoint)."""
+
+    @staticmethod
+    def forward(ctx, x, send_rows, receive_rows, group):
+        ctx.counts, ctx.group = (send_rows, receive_rows), group
+        return all_to_all_uneven(x, send_rows, receive_rows, group, "alltoall_forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_rows, receive_rows = ctx.counts
+        returned = all_to_all_uneven(grad, receive_rows, send_rows, ctx.group, "alltoall_backward")
+        return returned, None, None, None
+
+
+def all_to_all_uneven_rows(
+    x: torch.Tensor, send_rows: list[int], receive_rows: list[int], group: dist.ProcessGroup
+) -> torch.Tensor:
+    """Differentiable all-to-all of x [sum(send_rows), ..]: send_rows[j] rows to rank j, in
+    order; returns [sum(receive_rows), ..], receive_rows[i] rows from rank i, in rank order.
+    Through transport (metered as alltoall_forward, its gradient as alltoall_backward)."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _AllToAllUneven.apply(x, send_rows, receive_rows, group)
 
 
 def _shift_forward(spill: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -13,13 +13,19 @@ Counts follow the implementations (forward and backward of one layer, per rank):
   the last forward, and their gradients from every rank but the first backward. The causal
   selection (LIGHTHOUSE.md s.11) adds a forward all-gather of float32 thresholds [B, H, L-1, 2]
   per shard (selection_carry.py), counted as selection_thresholds.
+- Compressed Ulysses with packed documents (compressed_documents.py): the all-to-alls move
+  each shard's packed stream of P_i rows (not S_c entries), in uneven counts; halo and
+  thresholds as above (compressed_ulysses_document_bytes).
 
 `python -m lh_cp.parallel.ulysses.traffic` prints the table of docs/context_parallel.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import torch
 
 from lh_cp.ops.config import LighthouseConfig
 from lh_cp.parallel.ulysses.compressed import check_heads_divisible, shard_config
@@ -102,6 +108,51 @@ def compressed_ulysses_bytes(
         selection_thresholds=(world - 1) * batch * heads * (cfg.levels - 1) * 2 * 4
         if cfg.uses_thresholds
         else 0,
+    )
+
+
+def compressed_ulysses_document_bytes(
+    documents,
+    n: int,
+    world: int,
+    rank: int,
+    cfg: LighthouseConfig,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+) -> UlyssesBytes:
+    """Bytes rank `rank` sends in one layer of compressed Ulysses with packed documents
+    (compressed_documents.py) at window length n; documents: the batch's cumulative boundaries.
+    Shard i's stream holds P_i rows (its documents' head and tail tokens and region entries,
+    LIGHTHOUSE.md s.12); the all-to-alls move rows of H / W heads: forward the rank's q, k, v
+    rows of the other head groups and the output rows of the other shards for its heads,
+    backward their gradients (the same counts, swapped). One document per window is the
+    unmasked layer (compressed_ulysses_bytes)."""
+    from lh_cp.ops.documents import check_documents, is_whole_windows
+    from lh_cp.parallel.ulysses.compressed_documents import shard_streams
+
+    shard = _check_length(n, world)
+    check_heads_divisible(heads, world)
+    shard_config(cfg, shard, world)  # the shard rules, as the layer checks them
+    shape = dict(batch=batch, heads=heads, head_dim=head_dim, dtype_bytes=dtype_bytes)
+    tensor = torch.as_tensor(documents, dtype=torch.int32).cpu()
+    bounds = check_documents(tensor, batch, n, tensor.device)
+    unmasked = compressed_ulysses_bytes(n, world, rank, cfg, **shape)
+    if is_whole_windows(bounds, batch, n) or world == 1:
+        return unmasked
+    streams = shard_streams(bounds, batch, n, world, cfg)
+    rows = [sum(streams[b][i].length for b in range(batch)) for i in range(world)]  # P_i
+    row = heads // world * head_dim * dtype_bytes  # one row of one head group
+    mine, others = rows[rank], sum(rows) - rows[rank]
+    # Forward: q, k, v rows to the other head groups, output rows to the other shards;
+    # backward: the output's gradient rows back (mine), the q, k, v gradients back (others').
+    # The halo and the thresholds are those of the unmasked layer.
+    return dataclasses.replace(
+        unmasked,
+        alltoall_forward=(3 * (world - 1) * mine + others) * row,
+        alltoall_backward=((world - 1) * mine + 3 * others) * row,
     )
 
 
