@@ -73,3 +73,41 @@ def test_levels_one_is_allowed():
     cfg = LighthouseConfig(pool=2, levels=1, topk=4, tile_budget=2)
     assert cfg.tile_size(16) == 8
     assert cfg.selected_length(16) == 16
+
+
+def test_every_lighthouse_field_reaches_the_recipe_and_torchtitan():
+    """One declaration: each LighthouseConfig field is a [lighthouse] recipe key with the same
+    default, a --set of it reaches the config the layers run with, and torchtitan's inner
+    attention is built with that config. A field added to LighthouseConfig alone passes."""
+    import dataclasses
+
+    from lh_cp.train.recipe import LighthouseSection, recipe_from_dict
+
+    defaults = LighthouseConfig()
+    section_fields = {f.name: f for f in dataclasses.fields(LighthouseSection)}
+    # a value other than the default, valid with the others (topk stays a multiple of budget)
+    changed = {
+        "pool": 2,
+        "levels": 2,
+        "topk": 256,
+        "tile_budget": 64,
+        "selection": "causal",
+        "min_document_tokens": 7,
+    }
+    for field in dataclasses.fields(LighthouseConfig):
+        assert field.name in section_fields, field.name
+        assert section_fields[field.name].default == getattr(defaults, field.name), field.name
+        assert field.name in changed, f"add a non-default value for {field.name} to this test"
+    overrides = [
+        f"lighthouse.{k}={v!r}" if isinstance(v, str) else f"lighthouse.{k}={v}"
+        for k, v in changed.items()
+    ]
+    recipe = recipe_from_dict({}, overrides)
+    assert recipe.lighthouse.config() == LighthouseConfig(**changed)
+    try:
+        from lh_cp.torchtitan.model import _inner_attention
+        from lh_cp.torchtitan.stage import StageOptions
+    except ImportError:  # torchtitan is an optional extra
+        return
+    inner = _inner_attention("lighthouse", recipe.lighthouse, StageOptions())
+    assert inner.lighthouse == LighthouseConfig(**changed)
