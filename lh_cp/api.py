@@ -14,6 +14,7 @@ import torch
 
 from lh_cp.ops import attention
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.documents import refuse_lighthouse_documents
 
 
 def lighthouse_attention(
@@ -23,14 +24,17 @@ def lighthouse_attention(
     cfg: LighthouseConfig,
     cp=None,
     exchange: str = "allgather",
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lighthouse attention (LIGHTHOUSE.md): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
     cp: None (one device) or the ProcessGroup of the CP ranks. exchange: "allgather" or "ring"
     (head-tail shards, compressed K/V exchanged), "ulysses" (contiguous shards through
     DeepSpeed's DistributedAttention; needs deepspeed.comm initialised) or "ulysses_compressed"
-    (contiguous shards, only the compressed entries all-to-all'd).
+    (contiguous shards, only the compressed entries all-to-all'd). documents: not supported yet
+    (ValueError unless None; lh_cp/ops/documents.py refuse_lighthouse_documents).
     """
+    refuse_lighthouse_documents(documents)
     if cp is None:
         return attention.single_device_lighthouse(q, k, v, cfg)
     from lh_cp.parallel.context import ContextParallel
@@ -39,15 +43,22 @@ def lighthouse_attention(
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp=None, exchange: str = "allgather"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp=None,
+    exchange: str = "allgather",
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense causal attention: q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
     cp: None or the CP ProcessGroup; exchange: "allgather" or "ring" (head-tail shards) or
-    "ulysses" (contiguous shards); there is nothing to compress.
+    "ulysses" (contiguous shards); there is nothing to compress. documents: None, or the int32
+    cumulative document lengths over the B * N tokens of the whole batch (lh_cp/ops/documents.py;
+    under CP every rank passes the same, global tensor): each document attends only to itself.
     """
     if cp is None:
-        return attention.single_device_causal(q, k, v)
+        return attention.single_device_causal(q, k, v, documents)
     from lh_cp.parallel.context import ContextParallel
 
-    return ContextParallel.for_dense(cp, exchange).dense(q, k, v)
+    return ContextParallel.for_dense(cp, exchange).dense(q, k, v, documents)

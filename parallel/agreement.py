@@ -9,9 +9,13 @@ transport.py meters.
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from lh_cp.ops.documents import DocumentsError
 from lh_cp.parallel.transport import all_gather_flat
 
 
@@ -68,3 +72,40 @@ def agree_on_call(
                 f"the ranks of the context-parallel group call attention with different inputs ({'; '.join(differing)}); "
                 f"every rank must pass its shard of the same sequence with the same configuration"
             )
+
+
+def _digest(bounds: list[int]) -> int:
+    """A 56-bit digest of the boundaries: equal lists give equal digests on every process."""
+    data = np.asarray(bounds, dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "little")
+
+
+def agree_on_documents(
+    bounds: list[int] | None,
+    problem: DocumentsError | None,
+    group: dist.ProcessGroup,
+    device: torch.device,
+) -> None:
+    """Collective: every rank of `group` passes its checked document boundaries (or, where
+    they failed the check, None and the DocumentsError); raise DocumentsError on every rank
+    unless all are valid and equal. One all-gather of three integers per rank."""
+    mine = (0, 0, 0) if problem is not None else (1, len(bounds), _digest(bounds))
+    gathered = torch.empty(3 * dist.get_world_size(group), dtype=torch.int64, device=device)
+    all_gather_flat(gathered, torch.tensor(mine, dtype=torch.int64, device=device), group=group)
+    rows = gathered.view(-1, 3).tolist()
+    if problem is not None:
+        raise problem
+    invalid = [rank for rank, row in enumerate(rows) if row[0] == 0]
+    if invalid:
+        raise DocumentsError(
+            f"rank(s) {invalid} of the context-parallel group passed invalid documents (their "
+            f"error names the rule); every rank must pass the same, valid global boundaries"
+        )
+    differing = [rank for rank, row in enumerate(rows) if row != rows[0]]
+    if differing:
+        raise DocumentsError(
+            "the ranks of the context-parallel group pass different documents: "
+            + "; ".join(f"rank {r}: {rows[r][1] - 1} documents" for r in [0, *differing])
+            + " (or the same count at other boundaries); every rank must pass the same global "
+            "tensor of the whole batch"
+        )

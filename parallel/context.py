@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from lh_cp.ops.attention import opaque_to_compile
 from lh_cp.ops.config import LighthouseConfig
-from lh_cp.parallel.agreement import agree_on_call
+from lh_cp.ops.documents import DocumentsError, check_documents, refuse_lighthouse_documents
+from lh_cp.parallel.agreement import agree_on_call, agree_on_documents
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
 from lh_cp.parallel.headtail.sharding import shard_positions, shard_sequence, unshard_sequence
 from lh_cp.parallel.ulysses.compressed import compressed_ulysses_attention
@@ -73,6 +74,8 @@ class ContextParallel:
     back, and give the global positions of the shard's tokens (for RoPE); lighthouse / dense
     take the rank's shard of q [B, n, H, D], k/v [B, n, Hkv, D] and return that shard of the
     single-device result (the methods lh_cp.ops.attention.SingleDevice has for one device).
+    Their `documents` are the global boundaries of the whole batch (lh_cp/ops/documents.py),
+    the same tensor on every rank: checked, and compared across ranks, at every call.
     """
 
     def __init__(
@@ -122,17 +125,32 @@ class ContextParallel:
         return shard_positions(n, self.group, device)
 
     def _agree(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cfg: LighthouseConfig | None,
+        documents: torch.Tensor | None = None,
     ) -> None:
         """Before the first collective of each new call signature (shapes, dtype, config,
-        exchange): every rank must pass the same one, or every rank raises (not a hang)."""
+        exchange, whether documents are given): every rank must pass the same one, or every
+        rank raises (not a hang). Documents, which change with every batch, are then checked
+        and compared at every call (agree_on_documents: one small all-gather)."""
         lighthouse = (
             (cfg.pool, cfg.levels, cfg.topk, cfg.tile_budget) if cfg is not None else (0, 0, 0, 0)
         )
         exchange = self.exchange if cfg is not None else self.dense_exchange
         dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
         shapes = tuple(x for t in (q, k, v) for x in _padded_shape(t))
-        values = (*shapes, dtype, *lighthouse, LIGHTHOUSE_EXCHANGES.index(exchange))
+        values = (
+            *shapes,
+            dtype,
+            *lighthouse,
+            LIGHTHOUSE_EXCHANGES.index(exchange),
+            int(documents is not None),
+        )
+        if documents is not None:
+            self._agree_on_documents(q, documents)
         key = (id(self.group), values)
         if key in _AGREED or self.world == 1:
             return
@@ -148,16 +166,39 @@ class ContextParallel:
             "topk",
             "tile_budget",
             "exchange",
+            "documents given (0 or 1)",
         )
         agree_on_call(names, values, self.group, q.device)
         _AGREED.add(key)
+
+    def _agree_on_documents(self, q: torch.Tensor, documents: torch.Tensor) -> None:
+        """Check the global boundaries against the whole batch (B windows of n / W * W tokens)
+        and compare them across ranks; a rank whose tensor is invalid makes every rank raise."""
+        try:
+            bounds, problem = (
+                check_documents(documents, q.shape[0], q.shape[1] * self.world, q.device),
+                None,
+            )
+        except DocumentsError as err:
+            bounds, problem = None, err
+        if self.world == 1:
+            if problem is not None:
+                raise problem
+            return
+        agree_on_documents(bounds, problem, self.group, q.device)
 
     # Both are opaque to torch.compile: collectives, autograd Functions around them and the
     # data-dependent selection; a compiled block breaks once, here (lh_cp.ops.attention.SingleDevice).
     @opaque_to_compile
     def lighthouse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LighthouseConfig
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cfg: LighthouseConfig,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        refuse_lighthouse_documents(documents)
         self._agree(q, k, v, cfg)
         if self.exchange == "ulysses":
             return ulysses_attention(q, k, v, cfg, self.group)
@@ -166,11 +207,17 @@ class ContextParallel:
         return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange)
 
     @opaque_to_compile
-    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._agree(q, k, v, None)
+    def dense(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._agree(q, k, v, None, documents)
         if self.dense_exchange == "ulysses":
-            return ulysses_attention(q, k, v, None, self.group)
-        return causal_attention_cp(q, k, v, self.group, self.dense_exchange)
+            return ulysses_attention(q, k, v, None, self.group, documents)
+        return causal_attention_cp(q, k, v, self.group, self.dense_exchange, documents)
 
     def __repr__(self) -> str:
         return f"ContextParallel(world={self.world}, exchange={self.exchange!r}, dense_exchange={self.dense_exchange!r})"

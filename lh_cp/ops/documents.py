@@ -78,3 +78,39 @@ def document_ids(bounds: list[int], batch: int, n: int, device: torch.device) ->
 def whole_windows(batch: int, n: int, device: torch.device) -> torch.Tensor:
     """The boundaries of one document per window: what documents=None means."""
     return torch.arange(0, batch * n + 1, n, dtype=torch.int32, device=device)
+
+
+def is_whole_windows(bounds: list[int], batch: int, n: int) -> bool:
+    """Whether `bounds` (checked) hold one document per window: the unmasked attention, which
+    every path then runs unchanged."""
+    return len(bounds) == batch + 1
+
+
+def longest_document(bounds: list[int]) -> int:
+    """The length of the longest document (the max_q / max_k of a varlen kernel)."""
+    return max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def document_positions(
+    bounds: list[int], batch: int, n: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Each token's position inside its document (0 at every document start): int64 [B, N],
+    the RoPE positions of data.positions = "document"."""
+    starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=device)
+    lengths = torch.tensor(
+        [b - a for a, b in zip(bounds[:-1], bounds[1:])], dtype=torch.int64, device=device
+    )
+    flat = torch.arange(batch * n, dtype=torch.int64, device=device)
+    return (flat - torch.repeat_interleave(starts, lengths)).view(batch, n)
+
+
+def refuse_lighthouse_documents(documents: torch.Tensor | None) -> None:
+    """The one place that says Lighthouse attention takes no documents yet: every Lighthouse
+    entry point (lh_cp.lighthouse_attention, the context objects' `lighthouse`, hence the model,
+    the Ulysses exchanges and the torchtitan inner attention) calls it first."""
+    if documents is not None:
+        raise ValueError(
+            "Lighthouse attention with documents= is not supported yet; document masking runs in "
+            "dense attention only (lh_cp.causal_attention(..., documents=...), a model's dense "
+            "layers and dense stages)"
+        )

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from lh_cp.ops.attention import check_qkv
 from lh_cp.ops.compress import compress, selection_carry
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.documents import check_documents
+from lh_cp.parallel.headtail.documents import shard_plan
 from lh_cp.parallel.headtail.exchange import exchange_attention
 from lh_cp.parallel.headtail.halo import add_halos
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
@@ -124,11 +126,14 @@ def causal_attention_cp(
     v: torch.Tensor,
     group: dist.ProcessGroup,
     exchange: str = "allgather",
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense causal attention of this rank's head-tail shard: q [B, 2C, H, D] -> [B, 2C, H, D].
 
     The levels=1 case of Lighthouse: every token is an entry, so the same exchange runs on the
     uncompressed K/V (with Hkv heads: GQA is resolved inside the block attention).
+    documents: the global boundaries (lh_cp/ops/documents.py), the same on every rank; each
+    document then attends only to itself (headtail/documents.py).
     """
     check_qkv(q, k, v)
     batch, n_local, heads, dim = q.shape
@@ -136,7 +141,12 @@ def causal_attention_cp(
         raise ValueError(
             f"a head-tail shard holds two equal chunks: local length {n_local} must be even"
         )
+    plan = None
+    if documents is not None:
+        world = dist.get_world_size(group)
+        bounds = check_documents(documents, batch, n_local * world, q.device)
+        plan = shard_plan(bounds, batch, n_local * world, dist.get_rank(group), world, q.device)
     out = exchange_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, exchange
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, exchange, plan
     )  # [B, H, 2C, D]
     return out.transpose(1, 2)

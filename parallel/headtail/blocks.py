@@ -9,6 +9,11 @@ path to the tolerances the tests state.
 
 Layout: q [B, H, Sq, D], k and v [B, Hk, Sk, D] with H % Hk == 0 (GQA: query head h reads
 key/value head h // (H // Hk)); scale 1/sqrt(D), as the single-device SDPA.
+
+Document masking (documents.py) keeps every remote call an unmasked rectangle: each query
+piece (rows of one chunk) attends to one range of a block's columns. Only the rank's own block
+changes: causal attention restricted to the documents' runs in local order, a same-document
+mask here and one varlen kernel call on GPUs (fused_blocks.py).
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ import torch
 from lh_cp.ops import kernels
 from lh_cp.ops.kernels.merge_reference import merge_reference
 from lh_cp.ops.pyramid import accumulation_dtype
+from lh_cp.parallel.headtail.documents import (
+    OwnSegments,
+    QueryPiece,
+    whole_chunks,
+)
 from lh_cp.parallel.headtail.fused_blocks import (
     fused_block_backward,
     fused_block_forward,
     fused_supported,
+    fused_varlen_backward,
+    fused_varlen_forward,
 )
 
 
@@ -33,30 +45,40 @@ def _causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
     return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(diagonal=1 + sk - sq)
 
 
-def _scores(qg: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
-    """qg [B, Hk, G, Sq, D], k [B, Hk, Sk, D] -> scaled scores [B, Hk, G, Sq, Sk]."""
+def _scores(
+    qg: torch.Tensor, k: torch.Tensor, causal: bool, same_document: torch.Tensor | None = None
+) -> torch.Tensor:
+    """qg [B, Hk, G, Sq, D], k [B, Hk, Sk, D] -> scaled scores [B, Hk, G, Sq, Sk]; keys in the
+    future (causal) or outside the query's document (same_document [B, Sq, Sk] False) are -inf."""
     scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * qg.shape[-1] ** -0.5
     if causal:
         scores = scores.masked_fill(
             _causal_mask(scores.shape[-2], scores.shape[-1], scores.device), float("-inf")
         )
+    if same_document is not None:
+        scores = scores.masked_fill(~same_document[:, None, None], float("-inf"))
     return scores
 
 
 def block_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    same_document: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of one block: returns out [B, H, Sq, D] and lse [B, H, Sq].
 
     Both in the accumulation dtype (float32, or float64 for float64 inputs). causal=True: the
     keys end with the query block itself (Sq <= Sk), query i sees keys 0 .. i + Sk - Sq; with
-    Sq == Sk that is the diagonal block of a chunk with itself.
+    Sq == Sk that is the diagonal block of a chunk with itself. same_document [B, Sq, Sk]: also
+    only keys where it is True (every query must keep at least one key).
     """
     acc = accumulation_dtype(q.dtype)
     batch, heads, sq, dim = q.shape
     kv_heads = k.shape[1]
     qg = q.to(acc).reshape(batch, kv_heads, heads // kv_heads, sq, dim)
-    scores = _scores(qg, k.to(acc), causal)  # [B, Hk, G, Sq, Sk]
+    scores = _scores(qg, k.to(acc), causal, same_document)  # [B, Hk, G, Sq, Sk]
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, G, Sq]
     probs = torch.exp(scores - lse.unsqueeze(-1))
     out = torch.matmul(probs, v.to(acc).unsqueeze(2))  # [B, Hk, G, Sq, D]
@@ -71,12 +93,13 @@ def block_backward(
     lse: torch.Tensor,
     delta: torch.Tensor,
     causal: bool,
+    same_document: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the *final* lse [B, H, Sq] and delta = rowsum(dout * out).
 
     With the final LSE, exp(scores - lse) is this block's share of the full softmax, so the
     per-block gradients simply add up: dq [B, H, Sq, D], dk and dv [B, Hk, Sk, D], all in the
-    accumulation dtype.
+    accumulation dtype. causal and same_document mask as in block_forward.
     """
     acc = accumulation_dtype(q.dtype)
     batch, heads, sq, dim = q.shape
@@ -85,7 +108,7 @@ def block_backward(
     qg = q.to(acc).reshape(batch, kv_heads, group, sq, dim)
     doutg = dout.to(acc).reshape(batch, kv_heads, group, sq, dim)
     k_acc, v_acc = k.to(acc), v.to(acc)
-    scores = _scores(qg, k_acc, causal)
+    scores = _scores(qg, k_acc, causal, same_document)
     probs = torch.exp(scores - lse.reshape(batch, kv_heads, group, sq, 1))  # masked -> 0
     dv = torch.matmul(probs.transpose(-1, -2), doutg).sum(dim=2)  # [B, Hk, Sk, D]
     dprobs = torch.matmul(doutg, v_acc.unsqueeze(2).transpose(-1, -2))  # [B, Hk, G, Sq, Sk]
@@ -106,24 +129,19 @@ def chunk_rows(x: torch.Tensor, slot: int, length: int) -> torch.Tensor:
     return x.narrow(2, slot * length, length).contiguous()
 
 
-def visible_prefix(q_id: int, kv_ids: list[int] | tuple[int, ...]) -> int:
-    """How many leading chunks of a key block (chunk ids kv_ids, ascending, none of them q_id)
-    query chunk q_id sees: those before it. They always form a prefix of the block, so one
-    unmasked call covers them."""
-    seen = sum(1 for c in kv_ids if c < q_id)
-    if any(c > q_id for c in kv_ids[:seen]) or q_id in kv_ids:
-        raise ValueError(f"chunks {kv_ids} are not an ascending block of chunks other than {q_id}")
-    return seen
-
-
 def own_block_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: OwnSegments | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rank's two chunks against themselves, q [B, H, 2S, D], k/v [B, Hk, 2S, D] in local
     order (head chunk r, then tail chunk 2W-1-r): one square causal call, since the tail
-    chunk sees all of the earlier head chunk and the head chunk only itself, causally.
+    chunk sees all of the earlier head chunk and the head chunk only itself, causally; with
+    documents (segments), causal inside each run of one document (documents.py).
     Returns out [B, H, 2S, D] (the kernel's dtype) and lse [B, H, 2S] (float32 or float64)."""
-    return _forward_fn(q)(q, k, v, True)
+    if segments is None:
+        return _forward_fn(q)(q, k, v, True)
+    if fused_supported(q):
+        return fused_varlen_forward(q, k, v, segments.cu, segments.longest)
+    return block_forward(q, k, v, True, segments.same_document())
 
 
 def merge_into(
@@ -144,9 +162,26 @@ def merge_into(
         merge_reference(out_acc, lse_acc, out, lse, dest)
 
 
-def merges_per_chunk(q_ids: tuple[int, int], key_blocks: list) -> list[int]:
-    """How many of the key blocks (chunk ids of each, in arrival order) each query chunk sees."""
-    return [sum(1 for kv_ids in key_blocks if visible_prefix(q_id, kv_ids) > 0) for q_id in q_ids]
+def merges_per_piece(
+    pieces: tuple[QueryPiece, ...], q_ids: tuple[int, int], key_blocks: list, length: int
+) -> list[int]:
+    """How many of the key blocks (chunk ids of each, in arrival order) each query piece
+    attends to."""
+    return [
+        sum(
+            1
+            for kv_ids in key_blocks
+            if piece.key_columns(q_ids[piece.slot], kv_ids, length) is not None
+        )
+        for piece in pieces
+    ]
+
+
+def piece_rows(x: torch.Tensor, piece: QueryPiece, length: int) -> torch.Tensor:
+    """The piece's rows of a [B, H, 2S, ..] tensor of the rank's two chunks, contiguous."""
+    if piece.is_whole_chunk(length):
+        return chunk_rows(x, piece.slot, length)
+    return x[piece.batch, :, piece.local_rows(length)].contiguous()
 
 
 class Accumulated:
@@ -154,42 +189,55 @@ class Accumulated:
     seen so far, starting from the own block's result (at W = 1 that is all: nothing is
     converted or merged).
 
-    Every remote block is folded in by one merge (merge_into) whose destination is chosen so
-    that nothing is converted apart: a chunk's last merge writes its final rows into `out`
-    itself (in the block kernel's dtype: the layer's output); a chunk that has more merges to
-    come keeps a running sum in the accumulation dtype in between (the ring at W >= 3), so the
-    partial results of W - 1 blocks are never rounded to bf16 on the way.
-    `key_blocks`: the chunk ids of each remote block, in the order add_remote receives them.
+    Every remote block is folded in by one merge (merge_into) per query piece (documents.py;
+    without documents a piece is a whole chunk) whose destination is chosen so that nothing is
+    converted apart: a piece's last merge writes its final rows into `out` itself (in the
+    block kernel's dtype: the layer's output); a piece that has more merges to come keeps a
+    running sum in the accumulation dtype in between (the ring at W >= 3), so the partial
+    results of W - 1 blocks are never rounded to bf16 on the way.
+    `key_blocks`: the chunk ids of each remote block, in the order add_remote receives them;
+    `pieces`: the query pieces (default: each chunk whole, no documents).
     """
 
     def __init__(
-        self, out: torch.Tensor, lse: torch.Tensor, q_ids: tuple[int, int], key_blocks: list
+        self,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        q_ids: tuple[int, int],
+        key_blocks: list,
+        pieces: tuple[QueryPiece, ...] | None = None,
     ) -> None:
         self.out, self.lse, self.q_ids = out, lse, q_ids
-        self.merges_left = merges_per_chunk(q_ids, key_blocks)
-        self.running: list[torch.Tensor | None] = [None, None]
-        self.query_rows: dict[int, torch.Tensor] = {}  # each chunk's contiguous q rows, copied once
+        length = out.shape[2] // 2
+        self.pieces = whole_chunks(length) if pieces is None else pieces
+        self.merges_left = merges_per_piece(self.pieces, q_ids, key_blocks, length)
+        self.running: list[torch.Tensor | None] = [None] * len(self.pieces)
+        self.query_rows: dict[int, torch.Tensor] = {}  # each piece's contiguous q rows, copied once
 
-    def add_remote(self, q: torch.Tensor, kv: torch.Tensor, kv_ids, length: int) -> None:
-        """Attend each query chunk to the prefix of the block kv [2, B, Hk, M*S, D] (chunks
-        kv_ids, ascending) it sees, one unmasked call each, and merge by LSE."""
+    def add_remote(
+        self, q: torch.Tensor, kv: torch.Tensor, kv_ids, length: int, first_column: int = 0
+    ) -> None:
+        """Attend each query piece to the columns of the block kv [2, B, Hk, M, D] (chunks
+        kv_ids, ascending; its column 0 is the block's column `first_column`, where only a
+        part of it travelled) it sees, one unmasked call each, and merge by LSE."""
         block = _forward_fn(q)
-        for slot, q_id in enumerate(self.q_ids):
-            seen = visible_prefix(q_id, kv_ids)
-            if seen == 0:
+        for index, piece in enumerate(self.pieces):
+            q_id = self.q_ids[piece.slot]
+            columns = piece.key_columns(q_id, kv_ids, length)
+            if columns is None:
                 continue
-            if self.merges_left[slot] == 0:
+            if self.merges_left[index] == 0:
                 raise ValueError(
                     f"key block {kv_ids} reaches query chunk {q_id} after its last listed block"
                 )
-            keys = kv[:, :, :, : seen * length]
-            if slot not in self.query_rows:
-                self.query_rows[slot] = chunk_rows(q, slot, length)
-            out, lse = block(self.query_rows[slot], keys[0], keys[1], False)
-            rows = slice(slot * length, (slot + 1) * length)
-            self.merges_left[slot] -= 1
-            final_rows, running = self.out[:, :, rows], self.running[slot]
-            if self.merges_left[slot] == 0:
+            keys = kv[:, piece.batch, :, columns[0] - first_column : columns[1] - first_column]
+            if index not in self.query_rows:
+                self.query_rows[index] = piece_rows(q, piece, length)
+            out, lse = block(self.query_rows[index], keys[0], keys[1], False)
+            rows = piece.local_rows(length)
+            self.merges_left[index] -= 1
+            final_rows, running = self.out[piece.batch, :, rows], self.running[index]
+            if self.merges_left[index] == 0:
                 dest = final_rows
             else:
                 dest = (
@@ -200,9 +248,13 @@ class Accumulated:
                     )
                 )
             merge_into(
-                final_rows if running is None else running, self.lse[:, :, rows], out, lse, dest
+                final_rows if running is None else running,
+                self.lse[piece.batch, :, rows],
+                out,
+                lse,
+                dest,
             )
-            self.running[slot] = dest if self.merges_left[slot] else None
+            self.running[index] = dest if self.merges_left[index] else None
 
     def saved_output(self, q: torch.Tensor) -> torch.Tensor:
         """The output as the block backward reads it: in q's dtype for the fused kernels, in
@@ -226,32 +278,34 @@ class BackwardInputs:
     fused: bool
     _chunks: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def chunk(self, slot: int, length: int) -> tuple:
-        """q, dout, out, lse, delta of query chunk `slot` (`length` rows each), contiguous."""
-        if slot not in self._chunks:
-            self._chunks[slot] = tuple(
-                None if x is None else chunk_rows(x, slot, length)
+    def piece(self, piece: QueryPiece, length: int) -> tuple:
+        """q, dout, out, lse, delta of a query piece's rows, contiguous."""
+        key = (piece.slot, piece.batch.start, piece.batch.stop, piece.rows)
+        if key not in self._chunks:
+            self._chunks[key] = tuple(
+                None if x is None else piece_rows(x, piece, length)
                 for x in (self.q, self.dout, self.out, self.lse, self.delta)
             )
-        return self._chunks[slot]
+        return self._chunks[key]
 
-    def block_backward(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        causal: bool,
-        slot: int | None = None,
-        length: int = 0,
-    ):
-        """dq, dk, dv of the queries (all 2S rows with slot None, else chunk `slot` of `length`
-        rows) against keys k, v."""
-        if slot is None:
-            q, dout, out, lse, delta = self.q, self.dout, self.out, self.lse, self.delta
-        else:
-            q, dout, out, lse, delta = self.chunk(slot, length)
+    def own_backward(self, k: torch.Tensor, v: torch.Tensor, segments: OwnSegments | None = None):
+        """dq, dk, dv of all 2S query rows against the rank's own keys k, v (own_block_forward's
+        call: causal, inside each document's run with segments)."""
+        q, dout, out, lse, delta = self.q, self.dout, self.out, self.lse, self.delta
+        if segments is None:
+            if self.fused:
+                return fused_block_backward(dout, q, k, v, out, lse, True)
+            return block_backward(dout, q, k, v, lse, delta, True)
         if self.fused:
-            return fused_block_backward(dout, q, k, v, out, lse, causal)
-        return block_backward(dout, q, k, v, lse, delta, causal)
+            return fused_varlen_backward(dout, q, k, v, out, lse, segments.cu, segments.longest)
+        return block_backward(dout, q, k, v, lse, delta, True, segments.same_document())
+
+    def piece_backward(self, k: torch.Tensor, v: torch.Tensor, piece: QueryPiece, length: int):
+        """dq, dk, dv of a query piece's rows against keys k, v (an unmasked call)."""
+        q, dout, out, lse, delta = self.piece(piece, length)
+        if self.fused:
+            return fused_block_backward(dout, q, k, v, out, lse, False)
+        return block_backward(dout, q, k, v, lse, delta, False)
 
 
 def backward_inputs(
@@ -274,25 +328,29 @@ def remote_backward(
     kv_ids,
     length: int,
     dkv_acc: torch.Tensor,
-) -> list[tuple[slice, torch.Tensor]]:
-    """The gradients of the unmasked calls of Accumulated.add_remote for one block: dK/dV are
-    added into dkv_acc [2, B, Hk, M*S, D] (accumulation dtype); each query chunk's dq is
-    returned with its rows of the rank's [B, H, 2S, D] queries, for the caller to add where
-    its own sum lives (in the kernel's dtype after the own block's dq, or a float32 sum)."""
+    pieces: tuple[QueryPiece, ...] | None = None,
+    first_column: int = 0,
+) -> list[tuple[tuple[slice, slice], torch.Tensor]]:
+    """The gradients of the unmasked calls of Accumulated.add_remote for one block (kv
+    [2, B, Hk, M, D], whose column 0 is the block's column `first_column`): dK/dV are added
+    into dkv_acc (kv's shape, accumulation dtype); each query piece's dq is returned with its
+    (batch rows, rows) of the rank's [B, H, 2S, D] queries, for the caller to add where its own
+    sum lives (in the kernel's dtype after the own block's dq, or a float32 sum)."""
     dq_parts = []
-    for slot, q_id in enumerate(q_ids):
-        seen = visible_prefix(q_id, kv_ids)
-        if seen == 0:
+    for piece in whole_chunks(length) if pieces is None else pieces:
+        columns = piece.key_columns(q_ids[piece.slot], kv_ids, length)
+        if columns is None:
             continue
-        keys = kv[:, :, :, : seen * length]
-        dq, dk, dv = grads.block_backward(keys[0], keys[1], False, slot, length)
-        dq_parts.append((slice(slot * length, (slot + 1) * length), dq))
-        dkv_acc[0, :, :, : seen * length] += dk
-        dkv_acc[1, :, :, : seen * length] += dv
+        first, last = columns[0] - first_column, columns[1] - first_column
+        keys = kv[:, piece.batch, :, first:last]
+        dq, dk, dv = grads.piece_backward(keys[0], keys[1], piece, length)
+        dq_parts.append(((piece.batch, piece.local_rows(length)), dq))
+        dkv_acc[0, piece.batch, :, first:last] += dk
+        dkv_acc[1, piece.batch, :, first:last] += dv
     return dq_parts
 
 
-def add_rows(dq: torch.Tensor, dq_parts: list[tuple[slice, torch.Tensor]]) -> None:
-    """dq [B, H, 2S, D] += each (rows, part) of remote_backward, in place."""
-    for rows, part in dq_parts:
-        dq[:, :, rows] += part
+def add_rows(dq: torch.Tensor, dq_parts: list[tuple[tuple[slice, slice], torch.Tensor]]) -> None:
+    """dq [B, H, 2S, D] += each ((batch rows, rows), part) of remote_backward, in place."""
+    for (batch, rows), part in dq_parts:
+        dq[batch, :, rows] += part

@@ -11,6 +11,14 @@ every other chunk a query chunk sees lies wholly in its past, and of any block o
 ascending order it sees a prefix, so each query chunk makes one unmasked call per block and
 merges it by log-sum-exp. At W = 1 the layer is that one square call, as on one device: no
 merge, no float32 accumulator, no conversion.
+
+With documents (documents.py; a ShardPlan per call) every remote call becomes one rectangle
+per query piece, a block with no columns for any piece is not attended, and the own block is
+causal inside each document's run. What travels: the all-gather sends every rank's whole block
+(one collective of equal shares: the documents cannot make one rank's share smaller for some
+peers only), so its bytes do not change with documents. The ring sends blocks one by one, so
+with documents each block goes straight from its owner to each rank that attends to it, cut to
+the columns that rank shares a document with (ring.py).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from lh_cp.parallel.headtail.blocks import (
     own_block_forward,
     remote_backward,
 )
+from lh_cp.parallel.headtail.documents import ShardPlan, whole_chunks
 from lh_cp.parallel.headtail.ring import RingAttention
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
 from lh_cp.parallel.transport import all_gather_start, reduce_scatter_start
@@ -96,30 +105,32 @@ class AllGatherAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, group):
+    def forward(ctx, q, k, v, group, plan=None):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         length = q.shape[2] // 2
+        plan = plan or ShardPlan(whole_chunks(length), None, None)
         gathering = (
             all_gather_start(torch.stack([k, v]), group, "kv_forward") if world > 1 else None
         )
         remote_ids = _remote_chunk_ids(rank, world)
         acc = Accumulated(
-            *own_block_forward(q, k, v),
+            *own_block_forward(q, k, v, plan.segments),
             local_chunk_ids(rank, world),
             [remote_ids] if world > 1 else [],
+            plan.pieces,
         )
         kv_remote = q.new_empty(0)
         if gathering is not None:
             kv_remote = _remote_sequence(gathering.wait(), rank, world, length)
             acc.add_remote(q, kv_remote, remote_ids, length)
         ctx.save_for_backward(q, k, v, kv_remote, acc.saved_output(q), acc.lse)
-        ctx.group = group
+        ctx.group, ctx.plan = group, plan
         return acc.out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, kv_remote, out, lse = ctx.saved_tensors
-        group = ctx.group
+        group, plan = ctx.group, ctx.plan
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         length = q.shape[2] // 2
         grads = backward_inputs(dout, q, out, lse)
@@ -133,13 +144,13 @@ class AllGatherAttention(torch.autograd.Function):
                 _remote_chunk_ids(rank, world),
                 length,
                 dkv_remote,
+                plan.pieces,
             )
             pending = reduce_scatter_start(
                 _to_owners(dkv_remote, owners, rank, world, length), group, "dkv_backward"
             )
-        dq, dk, dv = grads.block_backward(
-            k, v, True
-        )  # the own block, while the others' sums travel
+        # The own block, while the others' sums travel.
+        dq, dk, dv = grads.own_backward(k, v, plan.segments)
         # One remote call per query chunk: its dq is added to the own block's in place (a bf16
         # add computes in float32 and rounds once, as a float32 sum converted at the end would).
         add_rows(dq, dq_parts)
@@ -148,7 +159,7 @@ class AllGatherAttention(torch.autograd.Function):
                 pending.wait()
             )  # [2, B, Hk, 2S, D]: what every other rank's queries gave this block
             dk, dv = dkv[0] + dk, dkv[1] + dv
-        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None
 
 
 EXCHANGE_FUNCTIONS = {"allgather": AllGatherAttention, "ring": RingAttention}
@@ -165,7 +176,13 @@ def exchange_function(exchange: str):
 
 
 def exchange_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, exchange: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup,
+    exchange: str,
+    plan: ShardPlan | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the local chunks over the full sequence: [B, H, 2S, D]."""
-    return exchange_function(exchange).apply(q, k, v, group)
+    """Causal attention of the local chunks over the full sequence: [B, H, 2S, D]; plan: this
+    rank's ShardPlan with documents (None: the unmasked exchange)."""
+    return exchange_function(exchange).apply(q, k, v, group, plan)

@@ -16,6 +16,14 @@ cuDNN older than 9, a GPU older than sm80, or a head dimension above 128. Both f
 
 GQA: the kernels want equal head counts, so K/V heads are repeated for the kernel and their
 gradients summed back over each group.
+
+With documents the rank's own block is causal attention inside each run of one document
+(documents.py): fused_varlen_forward / fused_varlen_backward run it as one call of flash
+attention's varlen kernel (aten's _flash_attention_forward / _backward with cumulative run
+lengths; the same ops torch.nn.attention.varlen wraps, here called directly because the
+backward must take the final merged output and LSE, as the block backward above does). Flash
+only: cuDNN's varlen entry differs between torch 2.11 and 2.14. Its LSE comes as [H, total
+tokens] and is handed out as a [B, H, 2S] view.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ _cudnn_forward = torch.ops.aten._scaled_dot_product_cudnn_attention.default
 _cudnn_backward = torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention.default
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_backward.default
+_varlen_forward = torch.ops.aten._flash_attention_forward.default
+_varlen_backward = torch.ops.aten._flash_attention_backward.default
 
 
 def fused_backend(q: torch.Tensor) -> str | None:
@@ -131,4 +141,88 @@ def fused_block_backward(dout, q, k, v, out, lse, causal: bool):
     if group > 1:
         dk = dk.reshape(batch, kv_heads, group, sk, dim).sum(dim=2, dtype=torch.float32)
         dv = dv.reshape(batch, kv_heads, group, sk, dim).sum(dim=2, dtype=torch.float32)
+    return dq, dk, dv
+
+
+def _check_varlen(q: torch.Tensor) -> None:
+    """The varlen kernel is flash attention's: refuse, naming why, where flash cannot run."""
+    dim = q.shape[-1]
+    if not torch.backends.cuda.flash_sdp_enabled() or dim > 256:
+        raise ValueError(
+            f"document-masked CP attention runs the rank's own block in flash attention's varlen "
+            f"kernel, which needs head size <= 256 (got {dim}) and flash SDPA enabled "
+            f"(torch.backends.cuda.enable_flash_sdp(True); now "
+            f"{torch.backends.cuda.flash_sdp_enabled()})"
+        )
+
+
+def _tokens_major(x: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """[B, Hx, L, D] -> [B * L, Hx * group, D] (heads repeated for GQA), as varlen kernels take it."""
+    x = _repeat_heads(x, group)
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1])
+
+
+def _blocks_major(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B * L, H, D] -> [B, H, L, D] (a view)."""
+    return x.view(batch, -1, *x.shape[1:]).transpose(1, 2)
+
+
+def fused_varlen_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int
+):
+    """Causal attention inside each run of q [B, H, L, D], k and v [B, Hk, L, D] flattened to
+    B * L tokens, the runs given by cu (int32 cumulative lengths): out [B, H, L, D] (q's dtype)
+    and lse [B, H, L] (float32; views of the kernel's token-major results)."""
+    _check_varlen(q)
+    batch, heads = q.shape[:2]
+    group = heads // k.shape[1]
+    out, lse = _varlen_forward(
+        _tokens_major(q),
+        _tokens_major(k, group),
+        _tokens_major(v, group),
+        cu,
+        cu,
+        longest,
+        longest,
+        0.0,
+        True,
+        False,
+    )[:2]
+    if lse.shape != (heads, out.shape[0]):
+        raise ValueError(
+            f"flash varlen returned an LSE of shape {tuple(lse.shape)}, expected [H, tokens] = "
+            f"{[heads, out.shape[0]]}: this torch's varlen layout is not the one lh-cp reads"
+        )
+    return _blocks_major(out, batch), lse.view(heads, batch, -1).transpose(0, 1)
+
+
+def fused_varlen_backward(dout, q, k, v, out, lse, cu: torch.Tensor, longest: int):
+    """Gradients of fused_varlen_forward's call given the final out [B, H, L, D] and lse
+    [B, H, L]: dq [B, H, L, D] in q's dtype, dk and dv [B, Hk, L, D] (float32 where GQA sums
+    a group's heads)."""
+    _check_varlen(q)
+    batch, kv_heads, length, dim = k.shape
+    heads = q.shape[1]
+    group = heads // kv_heads
+    _, _, rng_state, unused = _backward_extras("flash", q.device, q.dtype)
+    dq, dk, dv = _varlen_backward(
+        _tokens_major(dout.to(q.dtype)),
+        _tokens_major(q),
+        _tokens_major(k, group),
+        _tokens_major(v, group),
+        _tokens_major(out.to(q.dtype)),
+        lse.float().transpose(0, 1).reshape(heads, -1).contiguous(),
+        cu,
+        cu,
+        longest,
+        longest,
+        0.0,
+        True,
+        rng_state,
+        unused,
+    )
+    dq, dk, dv = (_blocks_major(x, batch) for x in (dq, dk, dv))
+    if group > 1:
+        dk = dk.reshape(batch, kv_heads, group, length, dim).sum(dim=2, dtype=torch.float32)
+        dv = dv.reshape(batch, kv_heads, group, length, dim).sum(dim=2, dtype=torch.float32)
     return dq, dk, dv

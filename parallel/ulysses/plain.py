@@ -23,22 +23,32 @@ from torch import nn
 
 from lh_cp.ops.attention import check_qkv, single_device_causal, single_device_lighthouse
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.documents import refuse_lighthouse_documents
 from lh_cp.parallel.ulysses.compressed import check_heads_divisible
 
 
 class LocalAttention(nn.Module):
     """What each rank runs on its head group: q [B, N, h, D], k/v [B, N, hkv, D] -> [B, N, h, D].
 
-    cfg None means dense causal attention (dense layers, the recovery stage).
+    cfg None means dense causal attention (dense layers, the recovery stage). After the
+    all-to-all a rank holds the whole sequence of its heads, so documents (the global
+    boundaries, the same on every rank) are those of the single-device call.
     """
 
     def __init__(self, cfg: LighthouseConfig | None) -> None:
         super().__init__()
         self.cfg = cfg
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.cfg is None:
-            return single_device_causal(q, k, v)
+            return single_device_causal(q, k, v, documents)
+        refuse_lighthouse_documents(documents)
         return single_device_lighthouse(q, k, v, self.cfg)
 
 
@@ -69,7 +79,13 @@ class UlyssesAttention(nn.Module):
         self.cfg, self.group = cfg, group
         self.inner = DistributedAttention(LocalAttention(cfg), group, scatter_idx=2, gather_idx=1)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_qkv(q, k, v)
         world = dist.get_world_size(self.group)
         heads, kv_heads = q.shape[2], k.shape[2]
@@ -80,7 +96,7 @@ class UlyssesAttention(nn.Module):
         if sent_kv != kv_heads:
             k = k.repeat_interleave(sent_kv // kv_heads, dim=2)  # [B, C, lcm(Hkv, W), D]
             v = v.repeat_interleave(sent_kv // kv_heads, dim=2)
-        return self.inner(q, k, v, batch_dim_idx=0)
+        return self.inner(q, k, v, batch_dim_idx=0, documents=documents)
 
 
 def ulysses_attention(
@@ -89,6 +105,8 @@ def ulysses_attention(
     v: torch.Tensor,
     cfg: LighthouseConfig | None,
     group: dist.ProcessGroup,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Functional UlyssesAttention: q [B, C, H, D], k/v [B, C, Hkv, D] -> [B, C, H, D]."""
-    return UlyssesAttention(cfg, group)(q, k, v)
+    """Functional UlyssesAttention: q [B, C, H, D], k/v [B, C, Hkv, D] -> [B, C, H, D];
+    documents: the global boundaries (dense attention only)."""
+    return UlyssesAttention(cfg, group)(q, k, v, documents)
