@@ -13,6 +13,12 @@ with what the code actually sends. Conventions (they follow the implementation):
   interior rank sends two per direction, the first and last rank one (see halo.py).
 - The causal selection (LIGHTHOUSE.md s.11) also all-gathers float32 thresholds, [B, H, L-1, 2]
   per chunk (selection_carry.py); the paper's selection sends none.
+- Dense attention with documents (headtail/documents.py): the all-gather sends what it sends
+  without them (a collective of equal shares). The ring sends, at each step s, rank r's block
+  straight to rank r + s, only the columns from the first to the last one that any query of
+  rank r + s attends to (an earlier key of its own document), K and V for all B rows, in
+  forward and again in backward; and the dK/dV of the columns it received back to their
+  owner. Counted here from the documents' token ids, independently of the exchange's pieces.
 
 `python -m lh_cp.parallel.headtail.traffic [--world 8] [--heads 8] ...` prints the README table
 (Lighthouse versus dense, an interior rank; MiB = 2**20 bytes).
@@ -21,11 +27,17 @@ with what the code actually sends. Conventions (they follow the implementation):
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+import torch
+
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.documents import check_documents
 from lh_cp.parallel.headtail.attention import chunk_config
 from lh_cp.parallel.headtail.exchange import exchange_function
+from lh_cp.parallel.headtail.sharding import local_chunk_ids
 
 
 @dataclass(frozen=True)
@@ -110,14 +122,71 @@ def lighthouse_cp_bytes(
     return CommBytes(**counts)
 
 
+def _local_positions(rank: int, world: int, chunk: int) -> np.ndarray:
+    """Window positions of a rank's 2 * chunk tokens, in local order (head chunk, tail chunk)."""
+    return np.concatenate(
+        [np.arange(c * chunk, (c + 1) * chunk) for c in local_chunk_ids(rank, world)]
+    )
+
+
+def shared_column_count(ids: np.ndarray, world: int, receiver: int, owner: int) -> int:
+    """Columns of `owner`'s block (its 2S tokens in local order) from the first to the last one
+    that some query of `receiver` attends to, over all rows of ids [B, N] (each token's
+    document); 0 when none. A key is attended to when a later query of the receiver lies in
+    its document."""
+    chunk = ids.shape[1] // (2 * world)
+    queries = _local_positions(receiver, world, chunk)
+    keys = _local_positions(owner, world, chunk)
+    needed = np.zeros(keys.size, dtype=bool)
+    for row in ids:
+        latest = np.full(int(row.max()) + 1, -1)
+        np.maximum.at(latest, row[queries], queries)  # the receiver's last query per document
+        needed |= latest[row[keys]] > keys
+    columns = np.flatnonzero(needed)
+    return 0 if columns.size == 0 else int(columns[-1] - columns[0] + 1)
+
+
+def document_ids_array(documents: Sequence[int] | torch.Tensor, batch: int, n: int) -> np.ndarray:
+    """Each token's document index, int64 [B, N], from cumulative boundaries (checked by
+    lh_cp.ops.documents.check_documents: DocumentsError names a broken rule)."""
+    tensor = torch.as_tensor(documents, dtype=torch.int32).cpu()
+    bounds = check_documents(tensor, batch, n, tensor.device)
+    return np.repeat(np.arange(len(bounds) - 1), np.diff(bounds)).reshape(batch, n)
+
+
 def dense_cp_bytes(
-    n: int, world: int, *, batch: int, kv_heads: int, head_dim: int, dtype_bytes: int, exchange: str
+    n: int,
+    world: int,
+    *,
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    exchange: str,
+    documents: Sequence[int] | torch.Tensor | None = None,
+    rank: int = 0,
 ) -> CommBytes:
-    """Bytes each rank sends in one dense causal layer under CP (forward + backward) at length n."""
+    """Bytes rank `rank` sends in one dense causal layer under CP (forward + backward) at
+    length n; documents: the batch's cumulative boundaries (the same for every rank without
+    them, or with the all-gather)."""
     if n % (2 * world) != 0:
         raise ValueError(f"N must be a multiple of 2 * W for head-tail sharding: N={n}, W={world}")
     block = 2 * batch * kv_heads * (n // world) * head_dim
-    return CommBytes(**_exchange_bytes(block, world, dtype_bytes, exchange))
+    if documents is None or exchange != "ring" or world == 1:
+        return CommBytes(**_exchange_bytes(block, world, dtype_bytes, exchange))
+    ids = document_ids_array(documents, batch, n)
+    if ids[:, -1].tolist() == list(range(batch)):  # one document per window: unmasked
+        return CommBytes(**_exchange_bytes(block, world, dtype_bytes, exchange))
+    column = 2 * batch * kv_heads * head_dim  # K and V elements of one column
+    sent = sum(shared_column_count(ids, world, (rank + s) % world, rank) for s in range(1, world))
+    returned = sum(
+        shared_column_count(ids, world, rank, (rank - s) % world) for s in range(1, world)
+    )
+    return CommBytes(
+        kv_forward=sent * column * dtype_bytes,
+        kv_backward=sent * column * dtype_bytes,
+        dkv_backward=returned * column * _grad_bytes(dtype_bytes),
+    )
 
 
 MIB = 2**20
