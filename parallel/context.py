@@ -135,7 +135,9 @@ class ContextParallel:
         """Before the first collective of each new call signature (shapes, dtype, config,
         exchange, whether documents are given): every rank must pass the same one, or every
         rank raises (not a hang). Documents, which change with every batch, are then checked
-        and compared at every call (agree_on_documents: one small all-gather)."""
+        and compared at every call (agree_on_documents: one small all-gather). Whether
+        documents are given is part of the signature, so a rank passing None where the others
+        pass documents is caught at the signature's first call, as a shape mismatch is."""
         lighthouse = (
             (cfg.pool, cfg.levels, cfg.topk, cfg.tile_budget) if cfg is not None else (0, 0, 0, 0)
         )
@@ -149,11 +151,14 @@ class ContextParallel:
             LIGHTHOUSE_EXCHANGES.index(exchange),
             int(documents is not None),
         )
+        key = (id(self.group), values)
+        if key not in _AGREED and self.world > 1:
+            self._agree_on_signature(values, q.device)
+            _AGREED.add(key)
         if documents is not None:
             self._agree_on_documents(q, documents)
-        key = (id(self.group), values)
-        if key in _AGREED or self.world == 1:
-            return
+
+    def _agree_on_signature(self, values: tuple[int, ...], device: torch.device) -> None:
         names = (
             *(
                 f"{t}.{field}"
@@ -168,8 +173,7 @@ class ContextParallel:
             "exchange",
             "documents given (0 or 1)",
         )
-        agree_on_call(names, values, self.group, q.device)
-        _AGREED.add(key)
+        agree_on_call(names, values, self.group, device)
 
     def _agree_on_documents(self, q: torch.Tensor, documents: torch.Tensor) -> None:
         """Check the global boundaries against the whole batch (B windows of n / W * W tokens)
