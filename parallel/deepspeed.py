@@ -7,7 +7,7 @@ numbers. The engine then replaces FSDP2 + optimizer in a training step:
 
     engine = build_deepspeed_engine(model, build_optimizer(model, recipe), zero_stage=3, grad_clip=1.0)
     set_learning_rate(engine, lr_at(step, ...))     # the schedule stays a pure function of the step
-    loss, mean_loss = training_loss(engine, rt, inputs, targets)   # lh_cp/train/steps.py
+    loss, mean_loss = training_loss(engine, rt, batch)   # lh_cp/train/steps.py, a loader's Batch
     engine.backward(loss)
     engine.step()                                   # clips, steps, zeroes the gradients
     norm = engine.get_global_grad_norm()

@@ -59,7 +59,8 @@ def test_loader_is_deterministic_and_resumes_exactly():
 
 def test_targets_are_inputs_shifted_by_one():
     loader = BatchLoader(_stream(), 64, 2, 0, 1, seed=0, shuffle=True)
-    inputs, targets = loader.next_batch()
+    inputs, targets, documents = loader.next_batch()
+    assert documents is None
     assert inputs.shape == targets.shape == (2, 64) and inputs.dtype == torch.int64
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
 

@@ -73,7 +73,7 @@ def _validation_loss(hf_model, recipe) -> float:
     """The exported model's mean token loss on the run's first validation batch."""
     data = recipe.data
     stream = token_stream(data, make_tokenizer(data), "validation")
-    inputs, targets = BatchLoader(
+    inputs, targets, _ = BatchLoader(
         stream, data.seq_len, data.batch_size, 0, 1, data.seed, shuffle=False
     ).next_batch()
     with torch.no_grad():

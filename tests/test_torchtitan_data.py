@@ -55,7 +55,7 @@ def test_batches_are_lh_cp_windows_with_global_positions(tmp_path):
     batches = iter(_loader(path, dp_rank=1))
     for _ in range(3):
         inputs, labels = next(batches)
-        expected_inputs, expected_labels = reference.next_batch()
+        expected_inputs, expected_labels, _ = reference.next_batch()
         assert torch.equal(inputs["input"], expected_inputs) and torch.equal(
             labels, expected_labels
         )

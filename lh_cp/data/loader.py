@@ -7,6 +7,15 @@ batch is the next dp_size * batch_size windows; data-parallel rank r takes its o
 only state is the number of windows consumed, saved in every checkpoint, so a resumed run
 reads exactly what the uninterrupted run would have read. Context-parallel ranks of one
 replica receive the same batch; the trainer cuts each its head-tail shard.
+
+Document masking (data.document_masking): each batch also carries its documents, the
+cumulative lengths of the documents in the batch's flattened windows (lh_cp/ops/documents.py),
+read off the end-of-document tokens: a document ends with (and includes) its end-of-document
+token, and every window starts a document (a document cut by the window edge continues as a
+document of its own in the next window that holds it). The target of an end-of-document
+token, the next document's first token, is ignored (IGNORE_INDEX): attention cannot see it
+from inside the document, so the loss would only teach the marginal of first tokens. Under
+context parallelism the tensor stays global: every rank of a replica gets the same one.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,10 +39,12 @@ from lh_cp.data.corpus import (
     stdlib_documents,
 )
 from lh_cp.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from lh_cp.model.loss import IGNORE_INDEX
 from lh_cp.section import Section
 
 SOURCES = ("stdlib", "python", "files", "hf")
 PATH_SOURCES = ("files", "hf")  # the sources that read data.path
+POSITIONS = ("document", "window")
 
 
 @dataclass
@@ -70,6 +82,18 @@ class DataConfig(Section):
     cache_dir: if set, each split's token stream is saved there once as a .npy file (keyed by
         a hash of everything that defines it) and later memory-mapped, shared by all ranks of
         a node through the page cache; empty = tokenize in memory at every start.
+    document_masking: each document of a packed window attends only to itself (dense
+        attention with documents=, docs/document_masking.md); documents end at the
+        end-of-document token, whose target (the next document's first token) is ignored.
+        Validation, the leak probe and the passkey evaluation read their batches the same way.
+        Lighthouse layers do not take documents yet: a recipe with document masking must train
+        dense stages only (checked by lh-cp plan).
+    positions: RoPE positions with document masking: 'document' restarts at 0 at every
+        document start, 'window' counts from the window start. Attention scores depend only
+        on position differences inside a document, so both give the same model up to
+        rounding; 'document' (the default) makes a document's computation the same wherever
+        it lies in the window, and matches feeding the exported model one document at a time.
+        Without document masking the window is one document, so both mean window positions.
     """
 
     source: str = "stdlib"
@@ -85,9 +109,13 @@ class DataConfig(Section):
     max_epochs: float = 1.0
     seed: int = 0
     cache_dir: str = ""
+    document_masking: bool = False
+    positions: str = "document"
 
     def problems(self) -> list[str]:
         errors = []
+        if self.positions not in POSITIONS:
+            errors.append(f"data.positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.source not in SOURCES:
             errors.append(f"data.source must be one of {SOURCES}, got {self.source!r}")
         if self.source in PATH_SOURCES and not self.path:
@@ -178,11 +206,39 @@ def token_stream(cfg: DataConfig, tokenizer, split: str) -> np.ndarray:
     return np.load(cache, mmap_mode="r")
 
 
+class Batch(NamedTuple):
+    """One rank's batch: inputs and targets int64 [B, N]; documents None (no masking) or the
+    int32 cumulative document lengths over the B * N tokens (lh_cp/ops/documents.py)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    documents: torch.Tensor | None = None
+
+
+def document_batch(inputs: torch.Tensor, targets: torch.Tensor, eod_id: int | None) -> Batch:
+    """The batch of windows inputs, targets [B, N] with document masking (eod_id: the
+    end-of-document token) or without it (eod_id None: documents None, targets unchanged).
+
+    A document starts at every window start and after every end-of-document input; the
+    targets of end-of-document inputs become IGNORE_INDEX."""
+    if eod_id is None:
+        return Batch(inputs, targets, None)
+    batch, n = inputs.shape
+    ends = inputs == eod_id  # [B, N]
+    starts = torch.zeros_like(ends)
+    starts[:, 0] = True
+    starts[:, 1:] = ends[:, :-1]
+    first_tokens = torch.nonzero(starts.flatten()).flatten()
+    documents = torch.cat([first_tokens, first_tokens.new_tensor([batch * n])]).to(torch.int32)
+    return Batch(inputs, targets.masked_fill(ends, IGNORE_INDEX), documents)
+
+
 class BatchLoader:
     """Batches of one data-parallel rank over windows of seq_len + 1 tokens of `stream`.
 
     shuffle=True visits the windows in a permutation seeded by (seed, epoch); shuffle=False
     in stream order (validation). `consumed` counts windows taken by all ranks together.
+    eod_id: the end-of-document token with document masking (document_batch), else None.
     """
 
     def __init__(
@@ -195,8 +251,10 @@ class BatchLoader:
         seed: int,
         shuffle: bool,
         name: str = "train",
+        eod_id: int | None = None,
     ) -> None:
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
+        self.eod_id = eod_id
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
         self.windows = (len(stream) - 1) // seq_len
         if self.windows < batch_size * dp_size:
@@ -217,8 +275,9 @@ class BatchLoader:
             self._order, self._order_epoch = torch.randperm(self.windows, generator=gen), epoch
         return int(self._order[within])
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 [batch_size, seq_len] each, for this rank's slice."""
+    def next_batch(self) -> Batch:
+        """(inputs, targets, documents) of this rank's slice: int64 [batch_size, seq_len] each,
+        documents as document_batch makes them."""
         first = self.consumed + self.dp_rank * self.batch_size
         rows = []
         for index in range(first, first + self.batch_size):
@@ -228,7 +287,7 @@ class BatchLoader:
             )
         self.consumed += self.batch_size * self.dp_size
         window = torch.stack(rows)  # [B, seq_len + 1]
-        return window[:, :-1], window[:, 1:]
+        return document_batch(window[:, :-1], window[:, 1:], self.eod_id)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"consumed": torch.tensor(self.consumed, dtype=torch.int64)}

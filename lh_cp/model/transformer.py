@@ -7,6 +7,11 @@ default) or the lh_cp.parallel.ContextParallel that parallelize hands it, which 
 exchange. Under context parallelism a rank holds a shard whose positions need not be
 contiguous (head-tail), which is why positions are passed in instead of derived from the
 shard length.
+
+Packed documents: `documents` (lh_cp/ops/documents.py, the batch's global boundaries) is
+handed to every layer's attention unchanged; positions may then be per row ([B, n]: RoPE
+restarting at each document, data.positions = "document"). The model never reads the
+boundaries itself.
 """
 
 from __future__ import annotations
@@ -116,22 +121,24 @@ def normalize_layer_indices(
 def rope_tables(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [n, head_dim / 2] for int64 global positions [n].
+    """cos, sin [n, head_dim / 2] for int64 positions [n] shared by every row, or
+    [B, n, head_dim / 2] for positions [B, n] of each row.
 
     Angles are formed in float64: at a million positions float32 products lose ~0.1 rad.
     """
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
     )
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [n, head_dim / 2]
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # [.., n, head_dim / 2]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head (HF Llama layout): x [B, n, H, D], cos/sin [n, D/2]."""
+    """Rotate the two halves of each head (HF Llama layout): x [B, n, H, D], cos/sin [n, D/2]
+    or [B, n, D/2]."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [.., n, 1, D/2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -167,16 +174,16 @@ class Attention(nn.Module):
         """Run attention through `context` (lh_cp.parallel.attach_context_parallel calls this)."""
         self.context = context
 
-    def forward(self, x, cos, sin) -> torch.Tensor:
+    def forward(self, x, cos, sin, documents: torch.Tensor | None = None) -> torch.Tensor:
         batch, n, _ = x.shape  # [B, n, dim]; n is the local length under CP
         q = self.wq(x).view(batch, n, self.n_heads, self.head_dim)  # [B, n, H, D]
         k = self.wk(x).view(batch, n, self.n_kv_heads, self.head_dim)  # [B, n, Hkv, D]
         v = self.wv(x).view(batch, n, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.mode == "lighthouse":
-            out = self.context.lighthouse(q, k, v, self.lighthouse)
+            out = self.context.lighthouse(q, k, v, self.lighthouse, documents)
         else:
-            out = self.context.dense(q, k, v)
+            out = self.context.dense(q, k, v, documents)
         return self.wo(out.reshape(batch, n, self.n_heads * self.head_dim))  # [B, n, dim]
 
 
@@ -203,8 +210,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, documents: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, documents)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -281,8 +288,12 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
         predict: bool = False,
+        documents: torch.Tensor | None = None,
     ):
-        """tokens [B, n] int64 at global positions [n] int64 (the rank's shard under CP).
+        """tokens [B, n] int64 at positions [n] or [B, n] int64 (the rank's shard under CP).
+
+        documents: None (each window one causal sequence) or the batch's int32 cumulative
+        document lengths (lh_cp/ops/documents.py; global under CP), handed to every layer.
 
         With targets [B, n]: (sum of the token cross-entropies, number of targets !=
         ignore_index), both scalars, so the caller can form the mean over every real token of
@@ -292,7 +303,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # [B, n, dim]
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, documents)
         h = self.norm(h)
         if predict:
             return chunked_argmax(h, self.output_weight, self.cfg.loss_chunk_tokens)

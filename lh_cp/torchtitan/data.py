@@ -31,7 +31,7 @@ class TokenWindows(IterableDataset, Stateful):
 
     def __iter__(self):
         while True:
-            inputs, labels = self.loader.next_batch()  # [batch_size, seq_len] each
+            inputs, labels, _ = self.loader.next_batch()  # [batch_size, seq_len] each
             for row in range(inputs.shape[0]):
                 yield {"input": inputs[row], "positions": self.positions}, labels[row]
 

@@ -59,6 +59,12 @@ def run_folder(recipe: Recipe) -> str:
 def trainer_config_from_recipe(recipe: Recipe, stage: int | str = 0) -> LighthouseTrainer.Config:
     """The torchtitan config of one stage of `recipe` (validated on construction)."""
     index = stage_index(recipe, stage)
+    if recipe.data.document_masking:
+        raise ValueError(
+            "data.document_masking=true cannot be converted: lh_cp.torchtitan's dataloader "
+            "yields window positions and no document masks, so the run would attend across "
+            "documents (docs/torchtitan.md); train it with lh-cp's own trainer"
+        )
     ends, stage_cfg = recipe.stage_ends(), recipe.stages[index]
     par, data, optim, schedule = recipe.parallel, recipe.data, recipe.optim, recipe.schedule
     return LighthouseTrainer.Config(

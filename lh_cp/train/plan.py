@@ -94,6 +94,34 @@ def _parallel_rules(recipe: Recipe) -> list[str]:
     return errors
 
 
+def document_masking_problems(recipe: Recipe) -> list[str]:
+    """The rule of a document-masked run (data.document_masking): every stage it trains must
+    run dense attention in every layer, because Lighthouse attention takes no documents yet
+    (lh_cp.ops.documents.refuse_lighthouse_documents). The one place this rule lives."""
+    if not recipe.data.document_masking or recipe.model.n_layers < 1:
+        return []
+    try:
+        dense = normalize_layer_indices(recipe.lighthouse.dense_layers, recipe.model.n_layers)
+    except ValueError:
+        return []  # reported by itself
+    if len(dense) == recipe.model.n_layers:
+        return []  # the Lighthouse stages run every layer dense
+    stages = [
+        f"stages.{i} ({s.name!r})"
+        for i, s in enumerate(recipe.stages)
+        if s.attention == "lighthouse"
+    ]
+    if not stages:
+        return []
+    return [
+        f"data.document_masking=true, but {', '.join(stages)} train Lighthouse attention in the "
+        f"layers outside lighthouse.dense_layers={list(recipe.lighthouse.dense_layers)}, and "
+        f"Lighthouse attention with documents is not supported yet (dense attention is; "
+        f"docs/document_masking.md): set those stages' attention to 'dense' (e.g. --set "
+        f"stages.0.attention=dense) or data.document_masking=false"
+    ]
+
+
 def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     """Every violated rule of `recipe` (empty when it is valid). `world_size`: the number of
     processes that will run it, when known (torchrun's WORLD_SIZE)."""
@@ -126,6 +154,7 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
         )
     par, data = recipe.parallel, recipe.data
     errors.extend(_parallel_rules(recipe))
+    errors.extend(document_masking_problems(recipe))
     if world_size is not None and par.world_size != world_size:
         errors.append(
             f"parallel.cp * dp_shard * dp_replicate = {par.cp} * {par.dp_shard} * {par.dp_replicate} = "

@@ -133,6 +133,9 @@ class Trainer:
             )
         self.train_stream = token_stream(data, self.tokenizer, "train")
         self.val_stream = token_stream(data, self.tokenizer, "validation")
+        # The end-of-document token where documents are masked: training, validation, the leak
+        # probe and the passkey evaluation all read their documents off it.
+        self.eod_id = self.tokenizer.eod_id if data.document_masking else None
         self.loader = BatchLoader(
             self.train_stream,
             data.seq_len,
@@ -141,6 +144,7 @@ class Trainer:
             rt.dp_size,
             data.seed,
             shuffle=True,
+            eod_id=self.eod_id,
         )
         check_data_volume(
             recipe, self.loader.windows, (len(self.val_stream) - 1) // data.seq_len, rt.dp_size
@@ -233,7 +237,9 @@ class Trainer:
         """One optimizer step; returns (global mean loss, gradient norm before clipping, lr)."""
         lr = lr_at(step, self.recipe.total_steps, self.recipe.optim, self.recipe.schedule)
         try:
-            loss, mean_loss = training_loss(self.model, self.rt, *self.loader.next_batch())
+            loss, mean_loss = training_loss(
+                self.model, self.rt, self.loader.next_batch(), self.recipe.data.positions
+            )
         except NonFiniteInput as err:  # a Lighthouse layer's q, k or v overflowed
             raise NonFiniteStep("attention input", str(err)) from err
         check_finite_value(
@@ -386,20 +392,22 @@ def _validate(
     leak metric where it applies; logged to TensorBoard, metrics.jsonl and the console."""
     recipe, rt, network = trainer.recipe, trainer.rt, trainer.network
     mode = recipe.stages[stage].attention
-    values = {"val/loss": validation_loss(trainer.model, rt, recipe, trainer.val_stream)}
+    values = {
+        "val/loss": validation_loss(trainer.model, rt, recipe, trainer.val_stream, trainer.eod_id)
+    }
     leak_here = trainer.leak_probe is not None and (
         (mode == "lighthouse" and recipe.eval.leak)
         or (mode == "dense" and recipe.eval.leak_in_dense_stages)
     )
     if leak_here:
-        values.update(probe_leak(trainer.model, rt, recipe, trainer.leak_probe))
+        values.update(probe_leak(trainer.model, rt, recipe, trainer.leak_probe, trainer.eod_id))
     if mode == "dense":
         values["val/loss_dense"] = values["val/loss"]
     else:
         network.set_attention("dense")
         try:
             values["val/loss_dense"] = validation_loss(
-                trainer.model, rt, recipe, trainer.val_stream
+                trainer.model, rt, recipe, trainer.val_stream, trainer.eod_id
             )
         finally:
             network.set_attention(mode)
@@ -489,7 +497,7 @@ def _passkey(
     final = recipe.stages[-1]
     trainer.network.set_attention(final.attention)
     length = recipe.eval.passkey.length or recipe.data.seq_len
-    predict = greedy_predictor(trainer.model, rt)
+    predict = greedy_predictor(trainer.model, rt, trainer.eod_id, recipe.data.positions)
     accuracy = passkey_accuracy(predict, trainer.tokenizer, recipe.eval.passkey, length)
     if writer:
         step = recipe.total_steps
