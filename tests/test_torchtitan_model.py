@@ -107,10 +107,29 @@ def test_state_dict_mapping_round_trip_and_tied_embeddings():
         lh_cp_to_torchtitan(twin.state_dict(), tie_embeddings=True)
 
 
+def test_inner_attention_takes_varlen_document_masks_in_dense_layers():
+    """torchtitan's VarlenMetadata of per-document positions is lh-cp's documents=: a dense
+    layer equals causal_attention with those documents; a Lighthouse layer refuses it."""
+    from torchtitan.models.common.attention import create_varlen_metadata_for_document
+
+    from lh_cp import causal_attention
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
+    masks = create_varlen_metadata_for_document(positions)
+    assert masks.cu_seq_q.tolist() == [0, 3, 8, 16]
+    q, k, v = (torch.randn(2, 8, 2, 4) for _ in range(3))
+    dense = LighthouseInnerAttention.Config(mode="dense").build()
+    want = causal_attention(q, k, v, documents=masks.cu_seq_q)
+    assert torch.equal(dense(q, k, v, attention_masks=masks), want)
+    lighthouse = LighthouseInnerAttention.Config(mode="lighthouse").build()
+    with pytest.raises(ValueError, match="Lighthouse attention with documents= is not supported"):
+        lighthouse(q, k, v, attention_masks=masks)
+
+
 def test_inner_attention_rejects_masks_and_foreign_scale():
     module = LighthouseInnerAttention.Config(mode="dense").build()
     q = torch.randn(1, 8, 2, 4)
-    with pytest.raises(ValueError, match="takes no attention masks"):
+    with pytest.raises(ValueError, match="got object: a FlexAttention BlockMask holds"):
         module(q, q, q, attention_masks=object())
     with pytest.raises(ValueError, match="scale=0.1"):
         module(q, q, q, scale=0.1)

@@ -6,6 +6,15 @@ so this module only chooses the function. Under context parallelism the parallel
 it a ContextParallel (use_context, as lh-cp's own Attention gets one); the tensors are then the
 rank's head-tail shard and lh-cp's exchange moves compressed K/V (Lighthouse) or K/V blocks
 (dense) between ranks.
+
+Document masks: torchtitan 0.3.0 builds `attention_masks` from per-document positions, as a
+VarlenMetadata (cu_seq_q, cu_seq_k: int32 cumulative document lengths over the flattened
+batch, the varlen layout) for its varlen backend or a FlexAttention BlockMask for its flex
+backend. A VarlenMetadata whose query and key boundaries are equal is exactly lh-cp's
+documents= contract, so dense layers take it (documents=cu_seq_q; under CP it must be the
+global one, as torchtitan builds it before sharding the inputs); Lighthouse layers refuse it
+(not supported yet). A BlockMask is refused: it holds an arbitrary mask function compiled to
+block indices, from which document boundaries cannot be read back.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torchtitan.models.common.attention import VarlenMetadata
 from torchtitan.protocols.module import Module
 
 from lh_cp.ops.attention import SINGLE_DEVICE
@@ -77,17 +87,38 @@ class LighthouseInnerAttention(Module):
         enable_gqa: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        """q [B, L, H, D], k/v [B, L, Hkv, D] (GQA when Hkv < H) -> [B, L, H, D]."""
-        if attention_masks is not None:
-            raise ValueError(
-                "LighthouseInnerAttention is causal over the whole sequence and takes no attention "
-                f"masks (document masking is not supported), got {type(attention_masks).__name__}"
-            )
+        """q [B, L, H, D], k/v [B, L, Hkv, D] (GQA when Hkv < H) -> [B, L, H, D];
+        attention_masks: None (causal over each whole sequence) or a VarlenMetadata of
+        documents (document_masks)."""
+        documents = document_masks(attention_masks)
         head_dim = q_BLNH.shape[-1]
         if scale is not None and abs(scale - head_dim**-0.5) > 1e-12 * scale:
             raise ValueError(
                 f"LighthouseInnerAttention uses scale 1/sqrt(head_dim) = {head_dim**-0.5}, got scale={scale}"
             )
         if self.mode == "lighthouse":
-            return self.context.lighthouse(q_BLNH, k_BLNH, v_BLNH, self.lighthouse)
-        return self.context.dense(q_BLNH, k_BLNH, v_BLNH)
+            return self.context.lighthouse(q_BLNH, k_BLNH, v_BLNH, self.lighthouse, documents)
+        return self.context.dense(q_BLNH, k_BLNH, v_BLNH, documents)
+
+
+def document_masks(attention_masks) -> torch.Tensor | None:
+    """lh-cp's documents= from torchtitan's attention masks: None -> None; a VarlenMetadata of
+    self-attention (cu_seq_q equal to cu_seq_k) -> its cu_seq_q; anything else is refused,
+    naming why."""
+    if attention_masks is None:
+        return None
+    if isinstance(attention_masks, VarlenMetadata):
+        if attention_masks.cu_seq_q is not attention_masks.cu_seq_k and not torch.equal(
+            attention_masks.cu_seq_q, attention_masks.cu_seq_k
+        ):
+            raise ValueError(
+                "LighthouseInnerAttention takes a VarlenMetadata of documents (cu_seq_q equal to "
+                "cu_seq_k: each document attends to itself); these query and key boundaries differ"
+            )
+        return attention_masks.cu_seq_q
+    raise ValueError(
+        f"LighthouseInnerAttention takes document masks as torchtitan's VarlenMetadata (the "
+        f"varlen backend's cumulative document lengths, lh-cp's documents=), got "
+        f"{type(attention_masks).__name__}: a FlexAttention BlockMask holds a compiled mask "
+        f"function from which document boundaries cannot be read back"
+    )
