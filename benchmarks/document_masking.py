@@ -1,0 +1,285 @@
+"""Dense attention with document masking: time on one GPU, CP traffic and CP load balance.
+
+Document mixes over one window of N tokens: exponentially distributed document lengths of
+mean 2K, 16K and 64K tokens (seeded; the last document cut at the window end) and one
+document filling the window (at N = 128K).
+
+1. Time (GPU; CPU with --smoke): forward+backward of one dense layer, bf16, B = 1, H = 8
+   heads of D = 128 (K/V heads as many), median of CUDA-event times:
+   - single device, `causal_attention(q, k, v, documents=...)` (torch's varlen kernel);
+   - the CP path at W = 1 (a process group of one, nccl on CUDA: nothing is sent; the rank's
+     own block is flash's varlen kernel, parallel/headtail/fused_blocks.py), both exchanges;
+   - full causal attention over the window (documents=None), single device and CP W = 1;
+   - the varlen kernel on the one-document mix (documents equal to whole windows take the
+     unmasked call, so the 128K row of the first two is full causal attention by design).
+2. Bytes each rank sends per dense layer under CP (forward + backward), W = 2, 4, 8, from
+   lh_cp.parallel.headtail.traffic.dense_cp_bytes (tested against the byte meter): the ring
+   with documents (max and mean over ranks) against the unmasked ring; the all-gather sends
+   the same with or without documents.
+3. Attention work per rank under head-tail sharding: the causal (query, key) pairs that share
+   a document, summed over each rank's queries; max over mean across ranks, W = 2, 4, 8.
+
+Parts 2 and 3 run on CPU at the full size. Prints the tables; writes everything as JSON:
+
+    python benchmarks/document_masking.py --out benchmarks/results/document_masking_h100.json
+    python benchmarks/document_masking.py --smoke --out /tmp/document_masking.json   # CPU, toy sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lh_cp import causal_attention
+from lh_cp.ops.documents import longest_document
+from lh_cp.parallel.headtail.sharding import head_tail_positions
+from lh_cp.parallel.headtail.traffic import dense_cp_bytes
+
+MIB = 2**20
+WORLDS = (2, 4, 8)
+
+
+def mixes(n: int, means: dict[str, int], seed: int) -> dict[str, list[int]]:
+    """Name -> cumulative document boundaries of one window of n tokens: exponential lengths
+    of each mean (at least 1 token, the last one cut at n), and one document ('one')."""
+    rng = np.random.default_rng(seed)
+    found = {}
+    for name, mean in means.items():
+        bounds = [0]
+        while bounds[-1] < n:
+            length = max(1, int(round(rng.exponential(mean))))
+            bounds.append(min(n, bounds[-1] + length))
+        found[name] = bounds
+    found["one"] = [0, n]
+    return found
+
+
+def attention_pairs(bounds: list[int], n: int, world: int) -> list[int]:
+    """Per rank of a head-tail layout of one window: the causal (query, key) pairs inside a
+    document, summed over the rank's queries (query p of a document starting at s has p - s + 1)."""
+    starts = np.repeat(np.array(bounds[:-1]), np.diff(bounds))  # each token's document start
+    pairs = []
+    for rank in range(world):
+        queries = head_tail_positions(n, rank, world).numpy()
+        pairs.append(int((queries - starts[queries] + 1).sum()))
+    return pairs
+
+
+def traffic(
+    bounds: list[int], n: int, world: int, heads: int, dim: int, dtype_bytes: int
+) -> dict[str, float]:
+    """MiB one rank sends per dense layer (forward + backward) under CP at W = world."""
+    shape = dict(batch=1, kv_heads=heads, head_dim=dim, dtype_bytes=dtype_bytes)
+    masked = [
+        dense_cp_bytes(n, world, exchange="ring", documents=bounds, rank=r, **shape).total
+        for r in range(world)
+    ]
+    return {
+        "ring_masked_max_mib": max(masked) / MIB,
+        "ring_masked_mean_mib": statistics.mean(masked) / MIB,
+        "ring_unmasked_mib": dense_cp_bytes(n, world, exchange="ring", **shape).total / MIB,
+        "allgather_mib": dense_cp_bytes(n, world, exchange="allgather", **shape).total / MIB,
+    }
+
+
+def _timer(device: torch.device):
+    """A function timing one call of fn() in ms: CUDA events on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+
+        def timed(fn) -> float:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(stop)
+
+        return timed
+
+    def timed_cpu(fn) -> float:
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+    return timed_cpu
+
+
+def forward_backward_ms(attend, n, heads, dim, dtype, device, warmup: int, repeats: int) -> float:
+    """Median ms of attend(q, k, v) forward + backward on random [1, n, heads, dim] inputs."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, grad = (
+        torch.randn(1, n, heads, dim, device=device, dtype=dtype, generator=gen) for _ in range(4)
+    )
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    timed = _timer(device)
+
+    def step():
+        attend(q, k, v).backward(grad)
+
+    times = [timed(step) for _ in range(warmup + repeats)]
+    return statistics.median(times[warmup:])
+
+
+def _one_rank_group(device: torch.device):
+    """A process group of this process alone (nccl on CUDA, gloo on CPU)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=120),
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
+    return dist.group.WORLD
+
+
+def timings(windows, n, heads, dim, dtype, device, warmup, repeats) -> dict:
+    """ms of each attention variant per mix, and full causal attention."""
+    from lh_cp.ops.attention import _document_causal_varlen, varlen_supported
+
+    group = _one_rank_group(device)
+    try:
+        found = {}
+
+        def measure(attend):
+            return forward_backward_ms(attend, n, heads, dim, dtype, device, warmup, repeats)
+
+        for name, bounds in {**windows, "full_causal": None}.items():
+            docs = (
+                None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=device)
+            )
+            row = {
+                "single_device": measure(
+                    lambda q, k, v, docs=docs: causal_attention(q, k, v, documents=docs)
+                )
+            }
+            for exchange in ("allgather", "ring"):
+                row[f"cp_w1_{exchange}"] = measure(
+                    lambda q, k, v, ex=exchange, docs=docs: causal_attention(
+                        q, k, v, cp=group, exchange=ex, documents=docs
+                    )
+                )
+            found[name] = row
+        probe = torch.empty(1, 1, heads, dim, device=device, dtype=dtype)
+        if varlen_supported(probe):
+            whole = torch.tensor([0, n], dtype=torch.int32, device=device)
+            found["one"]["varlen_kernel"] = measure(
+                lambda q, k, v: _document_causal_varlen(q, k, v, whole, n)
+            )
+        return found
+    finally:
+        dist.destroy_process_group()
+
+
+def _label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="path of the JSON result file")
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes on CPU (a test of the script)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        n, heads, dim, dtype, device = 256, 2, 16, torch.float32, torch.device("cpu")
+        means = {"mean_4": 4, "mean_32": 32, "mean_128": 128}  # the 2K/16K/64K ratios to N
+        warmup, repeats = 0, 1
+    else:
+        if not torch.cuda.is_available():
+            print("the timing part needs a CUDA GPU (or run --smoke on CPU)", file=sys.stderr)
+            return 2
+        n, heads, dim, dtype, device = 131072, 8, 128, torch.bfloat16, torch.device("cuda")
+        means = {"mean_2K": 2048, "mean_16K": 16384, "mean_64K": 65536}
+        warmup, repeats = 3, args.repeats
+    windows = mixes(n, means, args.seed)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "shape": {"N": n, "B": 1, "H": heads, "Hkv": heads, "D": dim, "dtype": str(dtype)},
+        "mixes": {
+            name: {
+                "documents": len(b) - 1,
+                "longest": longest_document(b),
+                "mean": n / (len(b) - 1),
+            }
+            for name, b in windows.items()
+        },
+        "timing_ms": timings(windows, n, heads, dim, dtype, device, warmup, repeats),
+        "traffic_mib": {
+            str(w): {name: traffic(b, n, w, heads, dim, dtype_bytes) for name, b in windows.items()}
+            for w in WORLDS
+        },
+        "work": {},
+    }
+    for world in WORLDS:
+        result["work"][str(world)] = {}
+        for name, bounds in {**windows, "unmasked": [0, n]}.items():
+            pairs = attention_pairs(bounds, n, world)
+            result["work"][str(world)][name] = {
+                "pairs_per_rank": pairs,
+                "max_over_mean": max(pairs) / statistics.mean(pairs),
+            }
+    _print_tables(result, n)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _print_tables(result: dict, n: int) -> None:
+    shape = result["shape"]
+    print(
+        f"{result['device']}, torch {result['torch']}; N={_label(n)}, B=1, H={shape['H']}, "
+        f"D={shape['D']}, {shape['dtype']}"
+    )
+    print("\nforward+backward ms (median):")
+    columns = ["single_device", "cp_w1_allgather", "cp_w1_ring", "varlen_kernel"]
+    print(f"{'mix':>12} {'documents':>9} " + " ".join(f"{c:>16}" for c in columns))
+    for name, row in result["timing_ms"].items():
+        count = result["mixes"].get(name, {}).get("documents", "-")
+        cells = " ".join(f"{row[c]:>16.2f}" if c in row else f"{'':>16}" for c in columns)
+        print(f"{name:>12} {count!s:>9} {cells}")
+    print("\nMiB sent per rank per dense layer (forward + backward):")
+    header = ("ring masked max", "ring masked mean", "ring unmasked", "all-gather")
+    print(f"{'W':>3} {'mix':>12} " + " ".join(f"{h:>17}" for h in header))
+    for world, by_mix in result["traffic_mib"].items():
+        for name, row in by_mix.items():
+            cells = (
+                row["ring_masked_max_mib"],
+                row["ring_masked_mean_mib"],
+                row["ring_unmasked_mib"],
+                row["allgather_mib"],
+            )
+            print(f"{world:>3} {name:>12} " + " ".join(f"{c:>17.2f}" for c in cells))
+    print("\nattention work per rank under head-tail sharding, max over mean:")
+    names = list(next(iter(result["work"].values())))
+    print(f"{'W':>3} " + " ".join(f"{name:>12}" for name in names))
+    for world, by_mix in result["work"].items():
+        print(
+            f"{world:>3} " + " ".join(f"{by_mix[name]['max_over_mean']:>12.3f}" for name in names)
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
