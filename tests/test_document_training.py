@@ -89,37 +89,64 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.timeout(300)
-def test_masked_training_one_process_cp2_and_exact_resume(tmp_path, corpus):
-    single_out = tmp_path / "single"
-    single = train(tiny_recipe(single_out, corpus, MASKED))
-    assert sorted(single.train_loss) == list(range(1, 7))
-    assert single.val_loss and single.passkey is not None
-    assert all(v["val/leak_next_token_nats"] == 0.0 for v in single.leak.values()), single.leak
-    unmasked = train(tiny_recipe(tmp_path / "unmasked", corpus, MASKED[1:]))
-    assert unmasked.train_loss[1] != single.train_loss[1]  # the masking changes the loss
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, corpus):
+    """The masked run on one process that the others are compared with."""
+    out = tmp_path_factory.mktemp("single")
+    summary = train(tiny_recipe(out, corpus, MASKED))
+    assert sorted(summary.train_loss) == list(range(1, 7))
+    assert summary.val_loss and summary.passkey is not None
+    assert all(v["val/leak_next_token_nats"] == 0.0 for v in summary.leak.values()), summary.leak
+    return summary
 
-    # Exact resume: 3 steps, stop, resume to 6: the uninterrupted losses, bit for bit.
-    resumed_out = tmp_path / "resumed"
-    first = train(tiny_recipe(resumed_out, corpus, MASKED + ["run.stop_after_step=3"]))
-    assert 3 in complete_checkpoints(resumed_out / "checkpoints")
-    second = train(tiny_recipe(resumed_out, corpus, MASKED))
+
+def _assert_same_losses(out: Path, single) -> None:
+    losses = logged_losses(out)
+    assert sorted(losses) == list(range(1, 7))
+    for step in (1, 2):
+        assert losses[step] == pytest.approx(single.train_loss[step], rel=1e-5)
+    for step in range(3, 7):
+        assert losses[step] == pytest.approx(single.train_loss[step], rel=1e-3)
+    assert logged_losses(out, "val")[6] == pytest.approx(single.val_loss[6], rel=1e-3)
+    assert logged_losses(out, "val", "val/leak_next_token_nats")[6] == 0.0
+
+
+def test_masking_changes_the_loss_and_resumes_exactly(tmp_path, corpus, single):
+    unmasked = train(tiny_recipe(tmp_path / "unmasked", corpus, MASKED[1:]))
+    assert unmasked.train_loss[1] != single.train_loss[1]
+    # 3 steps, stop, resume to 6: the uninterrupted losses, bit for bit.
+    first = train(tiny_recipe(tmp_path, corpus, MASKED + ["run.stop_after_step=3"]))
+    assert 3 in complete_checkpoints(tmp_path / "checkpoints")
+    second = train(tiny_recipe(tmp_path, corpus, MASKED))
     assert second.resumed_from == 3
     assert {**first.train_loss, **second.train_loss} == single.train_loss
 
+
+@pytest.mark.timeout(300)
+def test_masked_training_under_cp2_equals_one_process(tmp_path, corpus, single):
+    """torchrun CP = 2, FSDP2, head-tail shards with the ring exchange."""
     recipe_file = tmp_path / "tiny.toml"
     write_toml(recipe_file, tiny_recipe_dict(tmp_path / "unused", corpus))
-    cp_out = tmp_path / "cp2"
-    torchrun_train(recipe_file, cp_out, MASKED + ["parallel.cp=2"])
-    cp_losses = logged_losses(cp_out)
-    assert sorted(cp_losses) == list(range(1, 7))
-    for step in (1, 2):
-        assert cp_losses[step] == pytest.approx(single.train_loss[step], rel=1e-5)
-    for step in range(3, 7):
-        assert cp_losses[step] == pytest.approx(single.train_loss[step], rel=1e-3)
-    cp_val = logged_losses(cp_out, "val")
-    assert cp_val[6] == pytest.approx(single.val_loss[6], rel=1e-3)
-    assert logged_losses(cp_out, "val", "val/leak_next_token_nats")[6] == 0.0
+    torchrun_train(recipe_file, tmp_path / "cp2", MASKED + ["parallel.cp=2"])
+    _assert_same_losses(tmp_path / "cp2", single)
+
+
+@pytest.mark.timeout(420)
+def test_masked_training_under_deepspeed_ulysses_equals_one_process(tmp_path, corpus, single):
+    """torchrun CP = 2, DeepSpeed ZeRO-3, contiguous shards with plain Ulysses (positions and
+    documents through the contiguous layout and DeepSpeed's engine)."""
+    pytest.importorskip("deepspeed", reason="needs DeepSpeed")
+    recipe_file = tmp_path / "tiny.toml"
+    write_toml(recipe_file, tiny_recipe_dict(tmp_path / "unused", corpus))
+    ulysses = [
+        "parallel.cp=2",
+        "parallel.engine='deepspeed'",
+        "parallel.zero_stage=3",
+        "parallel.exchange='ulysses'",
+        "parallel.dense_exchange='ulysses'",
+    ]
+    torchrun_train(recipe_file, tmp_path / "ds", MASKED + ulysses, timeout=400)
+    _assert_same_losses(tmp_path / "ds", single)
 
 
 def test_masked_recipe_with_lighthouse_stages_is_refused(tmp_path, corpus):
