@@ -153,7 +153,7 @@ def test_masked_recipe_with_lighthouse_stages_is_refused(tmp_path, corpus):
     recipe = tiny_recipe(tmp_path, corpus, ["data.document_masking=true"])
     problems = check_recipe(recipe)
     assert any(
-        "data.document_masking=true, but stages.0 ('lighthouse') train Lighthouse attention" in p
+        "data.document_masking=true, but stages.0 ('lighthouse') trains Lighthouse attention" in p
         and "--set stages.0.attention=dense" in p
         for p in problems
     ), problems
@@ -179,3 +179,30 @@ def test_torchtitan_conversion_refuses_document_masking(tmp_path, corpus):
     recipe = tiny_recipe(tmp_path, corpus, MASKED)
     with pytest.raises(ValueError, match="data.document_masking=true cannot be converted"):
         trainer_config_from_recipe(recipe, 0)
+
+
+def test_hugging_face_llama_takes_packed_documents_by_position_ids():
+    """What docs/document_masking.md tells users of the exported model: transformers (5.x)
+    masks packed documents when position_ids restart at 0 per document, no attention_mask is
+    given and no cache is used; each document's logits then equal the document alone."""
+    transformers = pytest.importorskip("transformers", minversion="5.0")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    lengths = [5, 1, 10]
+    tokens = torch.randint(0, 32, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(length) for length in lengths])[None]
+    with torch.no_grad():
+        packed = model(tokens, position_ids=positions, use_cache=False).logits[0]
+        start = 0
+        for length in lengths:
+            alone = model(tokens[:, start : start + length], use_cache=False).logits[0]
+            assert (packed[start : start + length] - alone).abs().max().item() <= 1e-5
+            start += length

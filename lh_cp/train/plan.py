@@ -113,8 +113,9 @@ def document_masking_problems(recipe: Recipe) -> list[str]:
     ]
     if not stages:
         return []
+    verb = "trains" if len(stages) == 1 else "train"
     return [
-        f"data.document_masking=true, but {', '.join(stages)} train Lighthouse attention in the "
+        f"data.document_masking=true, but {', '.join(stages)} {verb} Lighthouse attention in the "
         f"layers outside lighthouse.dense_layers={list(recipe.lighthouse.dense_layers)}, and "
         f"Lighthouse attention with documents is not supported yet (dense attention is; "
         f"docs/document_masking.md): set those stages' attention to 'dense' (e.g. --set "
@@ -324,6 +325,11 @@ def format_plan(recipe: Recipe, numbers: PlanNumbers) -> str:
         f"  sequence: N = {numbers.seq_len:,} tokens; per rank per step {numbers.tokens_per_rank:,} tokens; "
         f"global batch {numbers.tokens_per_step:,} tokens",
     ]
+    if recipe.data.document_masking:
+        lines.append(
+            f"  document masking: each document attends only to itself (dense attention), RoPE "
+            f"positions per {recipe.data.positions}; end-of-document targets ignored"
+        )
     if par.engine == "deepspeed":
         lines.append(
             f"  engine: DeepSpeed ZeRO stage {par.zero_stage} over all {numbers.world_size} ranks"
