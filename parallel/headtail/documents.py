@@ -29,6 +29,7 @@ and the own block is plain causal: the unmasked exchange, unchanged.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -85,17 +86,20 @@ def whole_chunks(length: int) -> tuple[QueryPiece, QueryPiece]:
 
 @dataclass(frozen=True)
 class OwnSegments:
-    """The rank's own block under documents: cu [segments + 1] int32, the cumulative lengths of
-    the runs of one document over the B * 2S local tokens (flattened row by row, as varlen
-    kernels take them), the longest run, and ids [B, 2S] int64, each local token's run."""
+    """The rank's own block under documents: cu [runs + 1] int32, the cumulative lengths of the
+    runs of one document over the B * 2S local tokens (flattened row by row, as varlen kernels
+    take them), the longest run, and the batch size B."""
 
     cu: torch.Tensor
     longest: int
-    ids: torch.Tensor
+    batch: int
 
     def same_document(self) -> torch.Tensor:
-        """bool [B, 2S, 2S]: True where query and key lie in one document (the reference's mask)."""
-        return self.ids[:, :, None] == self.ids[:, None, :]
+        """bool [B, 2S, 2S]: True where query and key lie in one run (the reference's mask)."""
+        lengths = (self.cu[1:] - self.cu[:-1]).long()
+        ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.cu.device), lengths)
+        ids = ids.view(self.batch, -1)  # [B, 2S]: each local token's run
+        return ids[:, :, None] == ids[:, None, :]
 
 
 class HeadTailDocuments:
@@ -117,13 +121,11 @@ class HeadTailDocuments:
         for a, b in zip(bounds[:-1], bounds[1:]):
             row = a // n
             self.windows[row].append((a - row * n, b - row * n))
+        self._starts = [[start for start, _ in window] for window in self.windows]
 
-    def _document_at(self, row: int, position: int) -> tuple[int, int]:
-        """(start, end) of the document of window `row` holding `position`."""
-        for start, end in self.windows[row]:
-            if start <= position < end:
-                return start, end
-        raise AssertionError(f"position {position} lies in no document of window {row}")
+    def _document_at(self, row: int, position: int) -> int:
+        """Index in self.windows[row] of the document holding window position `position`."""
+        return bisect.bisect_right(self._starts[row], position) - 1
 
     def pieces(self, rank: int) -> tuple[QueryPiece, ...]:
         """The query pieces of `rank`: per chunk and batch row, the rows of the chunk's first
@@ -135,7 +137,7 @@ class HeadTailDocuments:
         for slot, chunk in enumerate(local_chunk_ids(rank, self.world)):
             first = chunk * self.length
             for row in range(self.batch):
-                start, end = self._document_at(row, first)
+                start, end = self.windows[row][self._document_at(row, first)]
                 if start < first:
                     found.append(
                         QueryPiece(slot, slice(row, row + 1), min(end - first, self.length), start)
@@ -145,30 +147,24 @@ class HeadTailDocuments:
 
     def segments(self, rank: int, device: torch.device) -> OwnSegments:
         """The runs of one document over the rank's local tokens (head chunk, then tail chunk)."""
-        runs, ids, run = [], [], -1
+        runs: list[int] = []
         for row in range(self.batch):
-            previous = None
-            row_ids = []
+            window, previous = self.windows[row], None
             for chunk in local_chunk_ids(rank, self.world):
-                for start, end in self.windows[row]:
-                    first = max(start, chunk * self.length)
-                    last = min(end, (chunk + 1) * self.length)
-                    if first >= last:
-                        continue
-                    if start != previous:  # a new document: a new run
-                        run += 1
+                begin, stop = chunk * self.length, (chunk + 1) * self.length
+                for index in range(self._document_at(row, begin), len(window)):
+                    start, end = window[index]
+                    if start >= stop:
+                        break
+                    if index != previous:  # a new document: a new run
                         runs.append(0)
-                        previous = start
-                    runs[-1] += last - first
-                    row_ids += [run] * (last - first)
-            ids.append(row_ids)
+                        previous = index
+                    runs[-1] += min(end, stop) - max(start, begin)
         cu = [0]
         for size in runs:
             cu.append(cu[-1] + size)
         return OwnSegments(
-            torch.tensor(cu, dtype=torch.int32, device=device),
-            max(runs),
-            torch.tensor(ids, dtype=torch.int64, device=device),
+            torch.tensor(cu, dtype=torch.int32, device=device), max(runs), self.batch
         )
 
     def shared_columns(self, receiver: int, owner: int) -> tuple[int, int] | None:
