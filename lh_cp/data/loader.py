@@ -11,8 +11,8 @@ replica receive the same batch; the trainer cuts each its head-tail shard.
 Document masking (data.document_masking): each batch also carries its documents, the
 cumulative lengths of the documents in the batch's flattened windows (lh_cp/ops/documents.py),
 read off the end-of-document tokens: a document ends with (and includes) its end-of-document
-token, and every window starts a document (a document cut by the window edge continues as a
-document of its own in the next window that holds it). The target of an end-of-document
+token, and every window starts a document (the parts of a document cut by a window edge are
+documents of their own in the windows that hold them). The target of an end-of-document
 token, the next document's first token, is ignored (IGNORE_INDEX): attention cannot see it
 from inside the document, so the loss would only teach the marginal of first tokens. Under
 context parallelism the tensor stays global: every rank of a replica gets the same one.
