@@ -57,6 +57,34 @@ def _from_exchange_layout(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(2, (2, rows // 2)).transpose(1, 2).reshape(2 * batch, heads, rows // 2, dim)
 
 
+def chunk_preceding(
+    q_chunks: torch.Tensor,
+    k_chunks: torch.Tensor,
+    v_chunks: torch.Tensor,
+    local_cfg: LighthouseConfig,
+    group: dist.ProcessGroup,
+) -> torch.Tensor | None:
+    """The causal selection's thresholds each of this rank's two chunks starts from (chunks as
+    batch rows [2B, C, ...], row 2b + slot) -> [2B, H, L-1, 2]; None for a selection without
+    thresholds (selection_carry.py)."""
+    if not local_cfg.uses_thresholds:
+        return None
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    # [2B, H, L-1, 2] (row 2b + slot) -> chunk-major [2, B, H, L-1, 2] and back
+    carry = (
+        selection_carry(q_chunks, k_chunks, v_chunks, local_cfg)
+        .unflatten(0, (q_chunks.shape[0] // 2, 2))
+        .transpose(0, 1)
+    )
+    preceding = preceding_thresholds(
+        carry.contiguous(),
+        list(local_chunk_ids(rank, world)),
+        lambda c: chunk_owner(c, world),
+        group,
+    )
+    return preceding.transpose(0, 1).flatten(0, 1)
+
+
 def lighthouse_attention_cp(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,22 +108,7 @@ def lighthouse_attention_cp(
     q_chunks = q.reshape(2 * batch, chunk, heads, dim)
     k_chunks = k.reshape(2 * batch, chunk, *k.shape[2:])
     v_chunks = v.reshape(2 * batch, chunk, *v.shape[2:])
-    preceding = None
-    if local_cfg.uses_thresholds:
-        rank = dist.get_rank(group)
-        # [2B, H, L-1, 2] (row 2b + slot) -> chunk-major [2, B, H, L-1, 2] and back
-        carry = (
-            selection_carry(q_chunks, k_chunks, v_chunks, local_cfg)
-            .unflatten(0, (batch, 2))
-            .transpose(0, 1)
-        )
-        preceding = preceding_thresholds(
-            carry.contiguous(),
-            list(local_chunk_ids(rank, world)),
-            lambda c: chunk_owner(c, world),
-            group,
-        )
-        preceding = preceding.transpose(0, 1).flatten(0, 1)
+    preceding = chunk_preceding(q_chunks, k_chunks, v_chunks, local_cfg, group)
     # Heads-outer entries: the exchange layout below is then a view (at B = 1 no copy either
     # way, forward or backward), not a transpose of every entry tensor.
     entries = compress(

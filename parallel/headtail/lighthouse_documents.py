@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lh_cp.ops.compress import compress, selection_carry
+from lh_cp.ops.compress import compress
 from lh_cp.ops.config import LighthouseConfig
 from lh_cp.ops.document_lighthouse import (
     ChunkStream,
@@ -44,6 +44,11 @@ from lh_cp.ops.document_lighthouse import (
     unpacked,
 )
 from lh_cp.ops.documents import is_whole_windows
+from lh_cp.parallel.headtail.attention import (
+    chunk_config,
+    chunk_preceding,
+    lighthouse_attention_cp,
+)
 from lh_cp.parallel.headtail.exchange import exchange_function
 from lh_cp.parallel.headtail.halo import add_halos
 from lh_cp.parallel.headtail.sharding import chunk_owner, local_chunk_ids
@@ -52,7 +57,6 @@ from lh_cp.parallel.headtail.stream_ring import (
     stream_ring_attention,
     stream_ring_plan,
 )
-from lh_cp.parallel.selection_carry import preceding_thresholds
 from lh_cp.parallel.transport import all_gather, reduce_scatter
 
 
@@ -160,8 +164,6 @@ def lighthouse_documents_cp(
     boundaries `bounds` (check_documents over B windows of 2CW tokens) -> [B, 2C, H, D];
     exchange "allgather" or "ring" (stream_ring.py). One document per window is the unmasked
     layer (as on one device)."""
-    from lh_cp.parallel.headtail.attention import chunk_config, lighthouse_attention_cp
-
     exchange_function(exchange)  # a head-tail exchange, or ValueError naming them
     batch, n_local, heads, dim = q.shape
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -186,19 +188,7 @@ def lighthouse_documents_cp(
     )
     q_rows = q.reshape(2 * batch, chunk, heads, dim)  # chunk row 2b + slot
     k_rows, v_rows = (x.reshape(2 * batch, chunk, *x.shape[2:]) for x in (k, v))
-    preceding = None
-    if local_cfg.uses_thresholds:
-        carry = selection_carry(q_rows, k_rows, v_rows, local_cfg).unflatten(0, (batch, 2))
-        preceding = (
-            preceding_thresholds(
-                carry.transpose(0, 1).contiguous(),
-                list(mine),
-                lambda c: chunk_owner(c, world),
-                group,
-            )
-            .transpose(0, 1)
-            .flatten(0, 1)
-        )  # [2B, H, L-1, 2]
+    preceding = chunk_preceding(q_rows, k_rows, v_rows, local_cfg, group)  # [2B, H, L-1, 2]
     entries = compress(q_rows, k_rows, v_rows, local_cfg, preceding=preceding, restart=plan.restart)
     sources = zip(token_rows(q_rows, k_rows, v_rows), entry_rows(entries))
     packed = [packed_rows(t, e, plan) for t, e in sources]  # [P, H, D]
