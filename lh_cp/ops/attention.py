@@ -67,7 +67,6 @@ def single_device_lighthouse(
     if documents is not None:
         batch, n = q.shape[:2]
         bounds = check_documents(documents, batch, n, q.device)
-        cfg.tile_size(n)
         if not is_whole_windows(bounds, batch, n):
             return lighthouse_documents(q, k, v, cfg, documents, bounds)
     return _attend(compress(q, k, v, cfg))
