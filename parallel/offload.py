@@ -133,10 +133,13 @@ class BlockInputOffload:
     def checkpoint(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) under non-reentrant activation checkpointing, with args[0] (the
         block's input) offloaded while it waits for backward."""
-        block_input = args[0]
+        # The pack hook lives as long as each tensor it saved (autograd keeps it with the saved
+        # variable), so it must not hold the input itself, or the input would never be freed:
+        # it keeps only the input's identity.
+        block_input = _identity(args[0])
 
         def pack(tensor: torch.Tensor):
-            if not _is_same_tensor(tensor, block_input):
+            if _identity(tensor) != block_input:
                 return tensor
             return self._pack(tensor)
 
@@ -227,13 +230,8 @@ def _copy_pieces(flat: torch.Tensor, pieces: list[torch.Tensor], to_pieces: bool
         begin += piece.numel()
 
 
-def _is_same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a saved tensor is the block's input (the same memory, shape and type): FSDP2
-    hands the block an alias of the tensor the model passed, and autograd may wrap it anew."""
-    return (
-        a.device == b.device
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.data_ptr() == b.data_ptr()
-    )
+def _identity(tensor: torch.Tensor) -> tuple:
+    """What tells a saved tensor to be the block's input (the same memory, shape and type):
+    FSDP2 hands the block an alias of the tensor the model passed, and autograd may wrap it
+    anew, so object identity would not do."""
+    return (tensor.device, tensor.dtype, tensor.shape, tensor.stride(), tensor.data_ptr())

@@ -101,6 +101,30 @@ def test_pieces_are_powers_of_two_that_sum_to_the_input():
     assert piece_sizes(3 * 2**30 // 2) == [2**30, 2**29]  # 1.5 GiB pins 1.5 GiB, not 2
 
 
+def test_the_block_input_is_freed_once_packed():
+    """What offload is for: after the forward, nothing but the host copy holds a checkpointed
+    block's input. (The pack hook outlives the forward, kept by autograd with each tensor it
+    saved, so a hook that held the input kept it alive: on CUDA the input stayed on the GPU
+    beside its host copy.)"""
+    import gc
+    import weakref
+
+    from lh_cp.parallel.offload import BlockInputOffload
+
+    offload = BlockInputOffload()
+    weight = torch.randn(16, 16, requires_grad=True)
+    block_input = torch.randn(4, 16).requires_grad_()
+    hidden = block_input * 2  # a non-leaf, as a block's input is in a model
+    input_alive = weakref.ref(hidden)
+    out = offload.checkpoint(lambda x: torch.tanh(x @ weight), hidden)
+    del hidden
+    gc.collect()
+    assert offload.stats.packed == 1
+    assert input_alive() is None, "the block input outlived its packing"
+    out.sum().backward()
+    assert offload.stats.host_bytes == 0 and block_input.grad is not None
+
+
 @pytest.mark.parametrize("kept", [[], [0]])
 def test_offload_changes_no_loss_or_gradient(kept):
     """The quickstart model on one process, 3 AdamW steps (2 Lighthouse, 1 dense): offload on
