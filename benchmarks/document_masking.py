@@ -35,9 +35,7 @@ writes everything as JSON to --out:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import socket
 import statistics
 import sys
 import time
@@ -46,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from one_rank import one_rank_group
 
 from lh_cp import causal_attention
 from lh_cp.ops.documents import longest_document
@@ -157,33 +156,12 @@ def forward_backward_ms(attend, n, heads, dim, dtype, device, warmup: int, repea
     return statistics.median(times[warmup:])
 
 
-def _one_rank_group(device: torch.device):
-    """A process group of this process alone (nccl on CUDA, gloo on CPU)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=120),
-        # nccl wants the device with its index
-        **(
-            {"device_id": torch.device("cuda", torch.cuda.current_device())}
-            if device.type == "cuda"
-            else {}
-        ),
-    )
-    return dist.group.WORLD
-
-
 def timings(mixes_, n, heads, dim, dtype, device, warmup, repeats, windows: int) -> dict:
     """ms of each attention variant per mix (the mean over its first `windows` windows of the
     median per window), and of full causal attention."""
     from lh_cp.ops.dense import _document_causal_varlen, varlen_supported
 
-    group = _one_rank_group(device)
+    group = one_rank_group(device)
     try:
         found = {}
 

@@ -232,7 +232,7 @@ def test_bad_documents_raise_named_errors():
 
 def test_benchmark_smoke(tmp_path):
     """benchmarks/document_lighthouse.py runs end to end at toy sizes on the CPU and writes its
-    rows (every arm timed, the ratios derived from them)."""
+    rows (every arm timed, the CP arms at W = 1 too, the ratios derived from them)."""
     import importlib.util
     import json
     from pathlib import Path
@@ -246,3 +246,10 @@ def test_benchmark_smoke(tmp_path):
     assert [r["documents"] for r in rows][-1] == 1  # the one-document mix
     for r in rows:
         assert r["dense_docs_over_lighthouse_docs"] == r["dense_docs_ms"] / r["lighthouse_docs_ms"]
+        for exchange in ("allgather", "ring"):  # the CP path at W = 1 (gloo), every arm
+            for arm in ("lighthouse_docs", "dense_docs", "lighthouse"):
+                assert r[f"{arm}_cp_{exchange}_ms"] > 0
+            assert r[f"dense_docs_over_lighthouse_docs_cp_{exchange}"] == (
+                r[f"dense_docs_cp_{exchange}_ms"] / r[f"lighthouse_docs_cp_{exchange}_ms"]
+            )
+    assert rows[-1]["paired_one_document"] > 0 and "paired_one_document" not in rows[0]
