@@ -63,7 +63,9 @@ class LighthouseConfig:
                 f"LighthouseConfig.selection must be one of {SELECTIONS}, got selection={self.selection!r}"
             )
         if self.scorer not in SCORERS:
-            raise ValueError(f"LighthouseConfig.scorer must be one of {SCORERS}, got scorer={self.scorer!r}")
+            raise ValueError(
+                f"LighthouseConfig.scorer must be one of {SCORERS}, got scorer={self.scorer!r}"
+            )
         if self.dilation < 1:
             raise ValueError(f"dilation must be a positive int, got dilation={self.dilation}")
         if self.min_document_tokens < 0:

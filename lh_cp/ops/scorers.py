@@ -58,7 +58,9 @@ def to_strided(x: torch.Tensor, dilation: int) -> torch.Tensor:
 def from_strided(x: torch.Tensor, batch: int, dilation: int) -> torch.Tensor:
     """Inverse of to_strided for per-token scores: [B * dilation, N / dilation, H] -> [B, H, N]."""
     rows, m, heads = x.shape
-    return x.reshape(batch, dilation, m, heads).permute(0, 3, 2, 1).reshape(batch, heads, m * dilation)
+    return (
+        x.reshape(batch, dilation, m, heads).permute(0, 3, 2, 1).reshape(batch, heads, m * dilation)
+    )
 
 
 def strided_bounds(bounds: list[int], batch: int, n: int, dilation: int) -> list[int]:
@@ -69,7 +71,11 @@ def strided_bounds(bounds: list[int], batch: int, n: int, dilation: int) -> list
     m = n // dilation
     cuts = [0]
     for b in range(batch):
-        docs = [(lo - b * n, hi - b * n) for lo, hi in zip(bounds[:-1], bounds[1:]) if b * n <= lo < (b + 1) * n]
+        docs = [
+            (lo - b * n, hi - b * n)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+            if b * n <= lo < (b + 1) * n
+        ]
         for r in range(dilation):
             base = (b * dilation + r) * m
             for _, z in docs:
@@ -118,7 +124,10 @@ def gla_reference(
     )
     piece = torch.searchsorted(bounds, flat, right=True).view(rows, m)
     # pad the end with steps of a piece of their own (-1): nothing before them reads them
-    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).view(rows, chunks, chunk, heads, dim) for x in (queries, keys, values))
+    q, k, v = (
+        F.pad(x, (0, 0, 0, 0, 0, pad)).view(rows, chunks, chunk, heads, dim)
+        for x in (queries, keys, values)
+    )
     piece = F.pad(piece, (0, pad), value=-1).view(rows, chunks, chunk)
     steps = torch.arange(chunk, device=queries.device, dtype=queries.dtype)
     lag = steps[:, None] - steps[None, :]  # [C, C] i - j
@@ -135,7 +144,9 @@ def gla_reference(
     for c in range(chunks):
         ids = piece[:, c]  # [R, C]
         reads = (ids == last[:, None]).to(q.dtype) * into  # [R, C]
-        out[:, c] += torch.einsum("rihd,rhde->rihe", q[:, c], state) * scale * reads[:, :, None, None]
+        out[:, c] += (
+            torch.einsum("rihd,rhde->rihe", q[:, c], state) * scale * reads[:, :, None, None]
+        )
         end = ids[:, -1]
         keeps = (end == last).to(q.dtype) * math.exp(GLA_LOG_DECAY * chunk)  # [R]
         adds = (ids == end[:, None]).to(q.dtype) * out_of  # [R, C]
@@ -143,7 +154,7 @@ def gla_reference(
             "rjhd,rjhe,rj->rhde", k[:, c], v[:, c], adds
         )
         last = end
-    return out.view(rows, chunks * chunk, heads, dim)[:, :m]
+    return out.reshape(rows, chunks * chunk, heads, dim)[:, :m]
 
 
 def _gla_fla(
