@@ -206,6 +206,17 @@ def test_context_parallel_refuses_the_strided_scorers():
     assert scorer_exchange_problems("gla", "ulysses") == []
 
 
+def test_pieces_refuse_them():
+    """The head-tail and compressed-Ulysses layers derive their piece config here: refused
+    even when called without ContextParallel."""
+    cfg = LighthouseConfig(**CFG, scorer="dilated")
+    with pytest.raises(
+        ValueError, match="scorer='dilated' cannot select inside each head-tail chunk"
+    ):
+        cfg.for_pieces(48, 2, "each head-tail chunk")
+    assert cfg.for_pieces(24, 1) == cfg
+
+
 def test_the_recipe_refuses_them_before_training():
     from lh_cp.train.plan import check_recipe
     from lh_cp.train.recipe import load_recipe

@@ -167,6 +167,12 @@ class LighthouseConfig:
         "each head-tail chunk". Raises ValueError naming the rule and the numbers.
         """
         tile = self.tile_size(n)
+        if self.scorer != "norm" and pieces > 1:
+            raise ValueError(
+                f"scorer={self.scorer!r} cannot select inside {piece}: it scores a token from the whole "
+                f"prefix of its strided sub-sequence, which a piece of the sequence does not hold; use "
+                f"scorer='norm', or context parallelism with exchange 'ulysses' (whole sequences per rank)"
+            )
         if pieces < 1 or n % pieces != 0 or (n // pieces) % tile != 0:
             raise ValueError(
                 f"{piece} of {n} / {pieces} = {n / pieces:g} tokens must be a multiple of the tile size T={tile} "
