@@ -255,3 +255,26 @@ def test_missing_fla_raises_the_install_hint(monkeypatch):
     x = torch.randn(2, 8, 1, 4)
     with pytest.raises(ImportError, match=r"pip install 'lh-cp\[gla\]'"):
         scorers._gla_fla(x, x, x, None)
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/scorers.py runs every default variant at toy sizes on the CPU, and one more
+    given as a string of overrides; ratios are against the first."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scorers.py"
+    spec = importlib.util.spec_from_file_location("scorers_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    variants = [*module.DEFAULT_VARIANTS, "scorer=dilated,dilation=8"]
+    module.main(["--smoke", "--out", str(tmp_path / "out.json"), "--variants", *variants])
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == variants
+    assert rows[-1]["config"]["dilation"] == 8 and rows[-1]["config"]["scorer"] == "dilated"
+    for r in rows:
+        assert "error" not in r, r
+        assert r["layer_over_first"] == r["layer_ms"] / rows[0]["layer_ms"]
+    with pytest.raises(ValueError, match="'skorer' is not a LighthouseConfig field"):
+        module.parse_variant("skorer=gla", LighthouseConfig())

@@ -116,6 +116,21 @@ def scatter_plan(entries: torch.Tensor, plan: Plan, cfg: LighthouseConfig, spill
     return _ScatterEntries.apply(entries, plan, cfg, spill)
 
 
+def kernel_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: LighthouseConfig,
+    v: torch.Tensor | None = None,
+    document_bounds: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token scores the kernel path selects from: Triton norms for "norm" (key norms per kv
+    head), lh_cp.ops.select.selection_scores for the other scorers; float32 [B, H or Hkv, N]."""
+    with torch.no_grad():
+        if cfg.scorer == "norm":
+            return token_norms(q.detach()), token_norms(k.detach())
+        return selection_scores(q.detach(), k.detach(), v, cfg, document_bounds)
+
+
 def select_with_plan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -130,12 +145,8 @@ def select_with_plan(
     lh_cp.ops.kernels.selection_reference.select_from_scores; scorers other than "norm" and
     `document_bounds`: see lh_cp.ops.select.selection_scores."""
     with torch.no_grad():
-        if cfg.scorer == "norm":
-            scores = token_norms(q.detach()), token_norms(k.detach())
-        else:
-            scores = selection_scores(q.detach(), k.detach(), v, cfg, document_bounds)
         return select_plan(
-            *scores,
+            *kernel_scores(q, k, cfg, v, document_bounds),
             cfg,
             None if v is None else v.detach(),
             preceding,
