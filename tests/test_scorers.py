@@ -230,11 +230,20 @@ def test_the_recipe_refuses_them_before_training():
             "parallel.dense_exchange=ring",
         ],
     )
-    problems = check_recipe(recipe)
-    assert any(
-        p.startswith("lighthouse.scorer='dilated' cannot run with parallel.exchange='ring'")
-        for p in problems
+    problems = [p for p in check_recipe(recipe) if "scorer" in p]  # listed once, by name
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "lighthouse.scorer='dilated' cannot run with parallel.exchange='ring'"
     )
+    ulysses = [
+        "parallel.exchange=ulysses",
+        "parallel.dense_exchange=ulysses",
+        "parallel.engine=deepspeed",
+    ]
+    plain = load_recipe(
+        "recipes/quickstart.toml", overrides=["lighthouse.scorer=gla", "parallel.cp=2", *ulysses]
+    )
+    assert not [p for p in check_recipe(plain) if "scorer" in p]
 
 
 def test_fla_is_imported_only_for_gla_on_cuda():

@@ -74,7 +74,13 @@ def _sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
         cfg.tile_size(n)
     except ValueError as err:
         return [f"{what}={n} with [lighthouse]: {err}"]
-    if par.cp > 1 and par.exchange != "ulysses":  # plain Ulysses compresses the whole sequence
+    # plain Ulysses compresses the whole sequence; a scorer the exchange refuses is listed once,
+    # by scorer_problems
+    if (
+        par.cp > 1
+        and par.exchange != "ulysses"
+        and not scorer_exchange_problems(cfg.scorer, par.exchange)
+    ):
         piece = (
             "each contiguous shard (compressed on its own rank)"
             if ulysses
