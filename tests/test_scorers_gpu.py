@@ -5,7 +5,7 @@ The CUDA paths compute in bf16 with float32 accumulation (FlashAttention, torch'
 kernel, fla's chunk_simple_gla), the twins in float64 from the same bf16-rounded inputs: each
 token's score within 3e-2 relative (bf16 outputs carry ~4e-3 relative rounding per element,
 their norms less; the bound leaves room for fla's bf16 chunk states) plus 1e-3 absolute, and
-the median relative error below 5e-3. The whole layer then runs on the kernel path with each
+the median relative error below 1e-2. The whole layer then runs on the kernel path with each
 scorer, forward and backward, with finite results.
 """
 
@@ -53,7 +53,7 @@ def test_cuda_scores_match_the_float64_twin(scorer, bounds, dilation):
         g = g.double().cpu()
         assert g.shape == w.shape == (BATCH, HEADS, N)
         torch.testing.assert_close(g, w, rtol=3e-2, atol=1e-3)
-        assert ((g - w).abs() / w.clamp(min=1e-3)).median() < 5e-3
+        assert ((g - w).abs() / w.clamp(min=1e-3)).median() < 1e-2
 
 
 @pytest.mark.parametrize("scorer", ["dilated", "gla"])
