@@ -206,6 +206,16 @@ def test_context_parallel_refuses_the_strided_scorers():
     assert scorer_exchange_problems("gla", "ulysses") == []
 
 
+def test_context_parallel_refuses_them_before_any_communication():
+    """The check comes first: a ContextParallel on no process group at all raises it."""
+    from lh_cp.parallel import ContextParallel
+
+    q, k, v = _qkv()
+    cfg = LighthouseConfig(**CFG, scorer="gla")
+    with pytest.raises(ValueError, match="scorer='gla' cannot run with exchange='allgather'"):
+        ContextParallel(None, "allgather", "ring").lighthouse(q, k, v, cfg)
+
+
 def test_pieces_refuse_them():
     """The head-tail and compressed-Ulysses layers derive their piece config here: refused
     even when called without ContextParallel."""
