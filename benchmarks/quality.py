@@ -19,6 +19,9 @@ of one seed share initial weights and data order. Arms (steps for the default 1,
                       a source file is a document)
   paper_split_docs    the paper's split with document masking in both stages (LIGHTHOUSE.md
                       s.12), compared with dense_docs
+  paper_split_dilated, paper_split_gla  the paper's split with the "dilated" or "gla" selection
+                      scorer (LIGHTHOUSE.md s.13; gla needs fla-core on CUDA), compared with
+                      paper_split
 Comparisons use val/loss_dense (every layer dense, same validation batches). Per arm:
 the final dense-mode validation loss of each seed, mean and standard deviation (n - 1); the
 loss jump at the switch (mean training loss of the first 10 dense steps minus that of the
@@ -146,6 +149,11 @@ ARMS = {
                 "lighthouse.tile_budget=128",
             ),
         ),
+        # The paper's other two selection scorers (docs/LIGHTHOUSE.md s.13), against its split.
+        *(
+            Arm(f"paper_split_{scorer}", 0.625, "paper_split", (f"lighthouse.scorer='{scorer}'",))
+            for scorer in ("dilated", "gla")
+        ),
     )
 }
 DENSE_ARM, PAPER_SPLIT_ARM = "dense", "paper_split"
@@ -167,12 +175,19 @@ TIMED = {
         "lighthouse.topk=1024",
         "lighthouse.tile_budget=128",
     ],
+    **{
+        f"lighthouse_{scorer}": ["stages.0.attention='lighthouse'", f"lighthouse.scorer='{scorer}'"]
+        for scorer in ("dilated", "gla")
+    },
 }
 
 
 def stage_timing_key(arm: Arm, attention: str) -> str:
     if attention == "dense":
         return "dense"
+    scorers = [s.split("=")[1].strip("'") for s in arm.sets if s.startswith("lighthouse.scorer=")]
+    if scorers:
+        return f"lighthouse_{scorers[0]}"
     causal = "_causal" if "lighthouse.selection='causal'" in arm.sets else ""
     if "lighthouse.pool=2" in arm.sets:
         return f"lighthouse{causal}_pool2"

@@ -52,6 +52,29 @@ def document_exchange_problems(exchange: str, prefix: str = "") -> list[str]:
     ]
 
 
+# Lighthouse exchanges whose ranks each hold whole sequences (for a group of heads) and run the
+# one-device layer: the only ones that can score with the "dilated" and "gla" scorers.
+WHOLE_SEQUENCE_EXCHANGES = ("ulysses",)
+
+
+def scorer_exchange_problems(
+    scorer: str, exchange: str, scorer_prefix: str = "", exchange_prefix: str = ""
+) -> list[str]:
+    """The rule of the selection scorers under CP (LIGHTHOUSE.md s.13): "dilated" and "gla"
+    score a token from every earlier token of its strided sub-sequence, while the head-tail
+    exchanges and compressed Ulysses select inside each rank's own shard; so they run under
+    WHOLE_SEQUENCE_EXCHANGES only. The one place this rule lives (ContextParallel and the
+    recipe check)."""
+    if scorer == "norm" or exchange in WHOLE_SEQUENCE_EXCHANGES:
+        return []
+    return [
+        f"{scorer_prefix}scorer={scorer!r} cannot run with {exchange_prefix}exchange={exchange!r}: it scores a "
+        f"token from the whole prefix of its strided sub-sequence, but {exchange!r} selects inside each rank's "
+        f"own shard of the sequence; use scorer='norm', or exchange 'ulysses' (each rank the whole sequence "
+        f"for a group of heads)"
+    ]
+
+
 def exchange_problems(exchange: str, dense_exchange: str, prefix: str = "") -> list[str]:
     """Every rule the pair (exchange of Lighthouse layers, exchange of dense layers) breaks;
     `prefix` ('parallel.' in recipes) is put before the option names in the messages."""
@@ -164,6 +187,9 @@ class ContextParallel:
         cfg: LighthouseConfig,
         documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        problems = scorer_exchange_problems(cfg.scorer, self.exchange)
+        if problems:  # every rank holds the same cfg: every rank raises, before any collective
+            raise ValueError(problems[0])
         self._agree(q, k, v, cfg, documents)
         if documents is not None:
             problems = document_exchange_problems(self.exchange)

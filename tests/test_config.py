@@ -93,6 +93,8 @@ def test_every_lighthouse_field_reaches_the_recipe_and_torchtitan():
         "tile_budget": 64,
         "selection": "causal",
         "min_document_tokens": 7,
+        "scorer": "dilated",
+        "dilation": 8,
     }
     for field in dataclasses.fields(LighthouseConfig):
         assert field.name in section_fields, field.name

@@ -41,7 +41,9 @@ def configs(world: int) -> dict[str, LighthouseConfig | None]:
 
     p2L3: tile 16, two tiles per shard, spill c_L - 1 = 3. p4L3: tile 32 = one tile per
     shard, c_L = 16, spill 15 rows into the next rank. p2L3causal: p2L3 with the strictly
-    causal selection (its thresholds cross ranks). dense: no compression (cfg None).
+    causal selection (its thresholds cross ranks). p2L3dilated, p2L3gla: p2L3 with those
+    scorers (plain Ulysses only, float64 only: they change the selection, not the exchange).
+    dense: no compression (cfg None).
     """
     n = world * SHARD
     return {
@@ -50,6 +52,13 @@ def configs(world: int) -> dict[str, LighthouseConfig | None]:
         # strictly causal selection: shard r's first tile starts from shard r-1's thresholds
         "p2L3causal": LighthouseConfig(
             pool=2, levels=3, topk=n * 2 // 16, tile_budget=2, selection="causal"
+        ),
+        # the strided scorers (LIGHTHOUSE.md s.13): each head group scores its whole sequences
+        "p2L3dilated": LighthouseConfig(
+            pool=2, levels=3, topk=n * 2 // 16, tile_budget=2, scorer="dilated", dilation=4
+        ),
+        "p2L3gla": LighthouseConfig(
+            pool=2, levels=3, topk=n * 2 // 16, tile_budget=2, scorer="gla", dilation=2
         ),
         "dense": None,
     }
@@ -176,6 +185,11 @@ def _rejections(group) -> dict[str, str]:
         )
     except ValueError as err:
         messages["compressed_tiles"] = str(err)
+    q2 = torch.randn(1, SHARD, 2 * world, HEAD_DIM)
+    try:
+        compressed_ulysses_attention(q2, q2, q2, configs(world)["p2L3gla"], group)
+    except ValueError as err:
+        messages["compressed_scorer"] = str(err)
     q3 = torch.randn(1, SHARD, 3, HEAD_DIM)
     good = configs(world)["p2L3"]
     for name, fn in (
@@ -210,6 +224,12 @@ def ulysses_job(rank: int, world: int) -> dict:
         inputs = _inputs(world * SHARD, heads, kv_heads, dtype, seed=heads * 10 + kv_heads)
         if variant == "compressed" and cfg is None:
             continue  # the compressed variant is Lighthouse only; dense runs plain Ulysses
+        if (
+            cfg is not None
+            and cfg.scorer != "norm"
+            and (variant == "compressed" or dtype != torch.float64)
+        ):
+            continue  # compressed Ulysses refuses them (_rejections)
         results["cases"][(variant, name, heads, kv_heads, str(dtype))] = _case(
             variant, cfg, inputs, group
         )
@@ -222,8 +242,8 @@ def test_deepspeed_ulysses_equals_single_process(world):
     results = run_distributed(ulysses_job, world, timeout=200)
     for rank, result in enumerate(results):
         assert (
-            len(result["cases"]) == 3 * 2 * 2 * 2 + 2 * 2
-        )  # (3 Lighthouse configs x heads x dtypes x variants) + dense
+            len(result["cases"]) == 3 * 2 * 2 * 2 + 2 * 2 + 2 * 2
+        )  # (3 Lighthouse configs x heads x dtypes x variants) + dense + 2 scorers x heads
         for key, case in result["cases"].items():
             dtype = torch.float64 if "float64" in key[-1] else torch.float32
             worst = max(case["errors"].values())
@@ -237,6 +257,9 @@ def test_deepspeed_ulysses_equals_single_process(world):
         assert (
             f"shard (compressed Ulysses compresses it on its own rank) of {24 * world} / {world} "
             "= 24 tokens must be a multiple of the tile size T=" in rejections["compressed_tiles"]
+        )
+        assert rejections["compressed_scorer"].startswith(
+            "scorer='gla' cannot select inside each contiguous shard (compressed Ulysses compresses it on its own rank)"
         )
         for name in ("compressed_heads", "ulysses_heads"):
             assert f"H=3 is not a multiple of W={world}" in rejections[name]

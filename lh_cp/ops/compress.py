@@ -70,13 +70,14 @@ def compress_reference(
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
+    document_bounds: list[int] | None = None,
 ) -> Compressed:
     """Pure-PyTorch twin: q [B, N, H, D], k/v [B, N, Hkv, D]; `selection` given or computed
-    (`preceding`, `heads_outer`: see compress; the entries here are contiguous whatever the
-    layout asked, which changes no value)."""
+    (`preceding`, `heads_outer`, `document_bounds`: see compress; the entries here are
+    contiguous whatever the layout asked, which changes no value)."""
     n = q.shape[1]
     sel = (
-        select(q.detach(), k.detach(), cfg, v.detach(), preceding, restart)
+        select(q.detach(), k.detach(), cfg, v.detach(), preceding, restart, document_bounds)
         if selection is None
         else selection
     )  # [B, H, S]
@@ -106,13 +107,14 @@ def compress_kernels(
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
+    document_bounds: list[int] | None = None,
 ) -> Compressed:
     """Triton twin (lh_cp.ops.kernels.ops): same arguments, same selection."""
     from lh_cp.ops.kernels.ops import gather_plan, scatter_plan, select_with_plan
     from lh_cp.ops.kernels.slot_plan import Plan
 
     if selection is None:
-        plan = select_with_plan(q, k, cfg, v, preceding, restart)[0]
+        plan = select_with_plan(q, k, cfg, v, preceding, restart, document_bounds)[0]
     else:
         plan = Plan.from_selection(selection, q.shape[1], cfg)
     q_entries, k_entries, v_entries = gather_plan(
@@ -135,6 +137,7 @@ def compress(
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
+    document_bounds: list[int] | None = None,
 ) -> Compressed:
     """The kernel twin where the kernels run (CUDA, kernel dtypes, Triton), else the reference.
 
@@ -143,10 +146,13 @@ def compress(
     `heads_outer`: the kernels store the entries heads-outermost (lh_cp.ops.kernels.rows.empty_entries),
     so that a CP shard's chunk rows reach the exchange layout without a copy.
     `restart` [B, tiles] bool (causal selection only): tiles whose thresholds start afresh, the
-    first whole tile of each packed document's region (LIGHTHOUSE.md s.12)."""
+    first whole tile of each packed document's region (LIGHTHOUSE.md s.12).
+    `document_bounds` (check_documents' list): the packed documents of the batch, which the
+    "dilated" and "gla" scorers keep apart (s.13); "norm" reads each token alone."""
+    args = (q, k, v, cfg, selection, preceding, heads_outer, restart, document_bounds)
     if kernels.available(q, k, v):
-        return compress_kernels(q, k, v, cfg, selection, preceding, heads_outer, restart)
-    return compress_reference(q, k, v, cfg, selection, preceding, heads_outer, restart)
+        return compress_kernels(*args)
+    return compress_reference(*args)
 
 
 def selection_carry(
@@ -155,7 +161,13 @@ def selection_carry(
     """What the last tile of this piece (q [B, N, H, D], k [B, N, Hkv, D]) hands to the piece
     after it under the causal selection (LIGHTHOUSE.md s.11): [B, H, L-1, 2] float32, from the
     same token scores compress's selection reads, so that a CP chunk gets exactly the
-    thresholds the single device computes there. Cheap: the norms of one tile."""
+    thresholds the single device computes there. Cheap: the norms of one tile. The "dilated"
+    and "gla" scorers read the whole prefix, which a CP piece does not hold: refused."""
+    if cfg.scorer != "norm":
+        raise ValueError(
+            f"scorer={cfg.scorer!r} scores a token from every earlier token of its sub-sequence: "
+            f"a piece of the sequence cannot hand its selection on (only scorer='norm' can)"
+        )
     tile = cfg.tile_size(q.shape[1])
     q_last, k_last = q.detach()[:, -tile:], k.detach()[:, -tile:]
     if kernels.available(q, k, v):

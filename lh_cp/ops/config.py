@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 SELECTIONS = ("tile_topk", "causal")
+SCORERS = ("norm", "dilated", "gla")
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -34,6 +35,13 @@ class LighthouseConfig:
     min_document_tokens: with packed documents (documents=, LIGHTHOUSE.md s.12), documents
         shorter than this run exact dense attention whatever their tiles; 0 leaves the rule of
         s.12 alone (a document compresses the whole tiles inside it, the rest is dense).
+    scorer: what scores a token for the selection (LIGHTHOUSE.md s.13). "norm" (the paper's
+        default, s.3): the L2 norms of its q and k. "dilated": the norms of a causal softmax
+        attention's output over the strided sub-sequence of every `dilation`-th token;
+        "gla": the same with a fixed-decay gated linear attention (on CUDA it needs the
+        optional fla-core: pip install 'lh-cp[gla]').
+    dilation: the stride of the "dilated" and "gla" scorers (unused by "norm"); N must be a
+        multiple of it.
     """
 
     pool: int = 4
@@ -42,9 +50,11 @@ class LighthouseConfig:
     tile_budget: int = 128
     selection: str = "tile_topk"
     min_document_tokens: int = 0
+    scorer: str = "norm"
+    dilation: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("pool", "levels", "topk", "tile_budget", "min_document_tokens"):
+        for name in ("pool", "levels", "topk", "tile_budget", "min_document_tokens", "dilation"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"LighthouseConfig.{name} must be an int, got {value!r}")
@@ -52,6 +62,12 @@ class LighthouseConfig:
             raise ValueError(
                 f"LighthouseConfig.selection must be one of {SELECTIONS}, got selection={self.selection!r}"
             )
+        if self.scorer not in SCORERS:
+            raise ValueError(
+                f"LighthouseConfig.scorer must be one of {SCORERS}, got scorer={self.scorer!r}"
+            )
+        if self.dilation < 1:
+            raise ValueError(f"dilation must be a positive int, got dilation={self.dilation}")
         if self.min_document_tokens < 0:
             raise ValueError(
                 f"min_document_tokens must be >= 0, got min_document_tokens={self.min_document_tokens}"
@@ -101,6 +117,11 @@ class LighthouseConfig:
                 f"{n} * {self.tile_budget} / {self.topk} is not a whole number; "
                 f"N must be a multiple of topk / gcd(topk, tile_budget)"
             )
+        if self.scorer != "norm" and n % self.dilation != 0:
+            raise ValueError(
+                f"N % dilation == 0 fails: scorer={self.scorer!r} views the sequence as {self.dilation} "
+                f"strided sub-sequences, so N={n} must be a multiple of dilation={self.dilation}"
+            )
         tile = n * self.tile_budget // self.topk
         if tile % self.coarsest_span != 0:
             raise ValueError(
@@ -146,6 +167,12 @@ class LighthouseConfig:
         "each head-tail chunk". Raises ValueError naming the rule and the numbers.
         """
         tile = self.tile_size(n)
+        if self.scorer != "norm" and pieces > 1:
+            raise ValueError(
+                f"scorer={self.scorer!r} cannot select inside {piece}: it scores a token from the whole "
+                f"prefix of its strided sub-sequence, which a piece of the sequence does not hold; use "
+                f"scorer='norm', or context parallelism with exchange 'ulysses' (whole sequences per rank)"
+            )
         if pieces < 1 or n % pieces != 0 or (n // pieces) % tile != 0:
             raise ValueError(
                 f"{piece} of {n} / {pieces} = {n / pieces:g} tokens must be a multiple of the tile size T={tile} "

@@ -278,7 +278,7 @@ def lighthouse_documents(
     plan = plan_documents(bounds, batch, n, cfg, q.device)
     if plan.restart is None:  # no document holds a whole tile: every entry is a token
         return document_causal(q, k, v, documents, bounds)
-    entries = compress(q, k, v, cfg, restart=plan.restart)
+    entries = compress(q, k, v, cfg, restart=plan.restart, document_bounds=bounds)
     sources = zip(token_rows(q, k, v), entry_rows(entries))
     packed = [packed_rows(t, e, plan)[None] for t, e in sources]  # [1, P, H, D]
     cu = torch.tensor(plan.bounds, dtype=torch.int32, device=q.device)

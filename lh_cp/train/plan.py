@@ -20,7 +20,11 @@ from pathlib import Path
 
 from lh_cp.model.transformer import ModelConfig, count_parameters, normalize_layer_indices
 from lh_cp.ops.config import LighthouseConfig
-from lh_cp.parallel.context import ULYSSES_EXCHANGES, document_exchange_problems
+from lh_cp.parallel.context import (
+    ULYSSES_EXCHANGES,
+    document_exchange_problems,
+    scorer_exchange_problems,
+)
 from lh_cp.parallel.offload import pinned_bytes
 from lh_cp.train.recipe import ATTENTION_MODES, Recipe
 
@@ -70,7 +74,13 @@ def _sequence_rules(recipe: Recipe, n: int, mode: str, what: str) -> list[str]:
         cfg.tile_size(n)
     except ValueError as err:
         return [f"{what}={n} with [lighthouse]: {err}"]
-    if par.cp > 1 and par.exchange != "ulysses":  # plain Ulysses compresses the whole sequence
+    # plain Ulysses compresses the whole sequence; a scorer the exchange refuses is listed once,
+    # by scorer_problems
+    if (
+        par.cp > 1
+        and par.exchange != "ulysses"
+        and not scorer_exchange_problems(cfg.scorer, par.exchange)
+    ):
         piece = (
             "each contiguous shard (compressed on its own rank)"
             if ulysses
@@ -110,6 +120,17 @@ def document_masking_problems(recipe: Recipe) -> list[str]:
     return document_exchange_problems(recipe.parallel.exchange, prefix="parallel.")
 
 
+def scorer_problems(recipe: Recipe) -> list[str]:
+    """The rule of lighthouse.scorer under CP (lh_cp.parallel.context.scorer_exchange_problems,
+    where it lives), for runs whose stages train Lighthouse layers."""
+    trains_lighthouse = any(s.attention == "lighthouse" for s in recipe.stages)
+    if recipe.parallel.cp < 2 or not trains_lighthouse:
+        return []
+    return scorer_exchange_problems(
+        recipe.lighthouse.scorer, recipe.parallel.exchange, "lighthouse.", "parallel."
+    )
+
+
 def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     """Every violated rule of `recipe` (empty when it is valid). `world_size`: the number of
     processes that will run it, when known (torchrun's WORLD_SIZE)."""
@@ -146,6 +167,7 @@ def check_recipe(recipe: Recipe, world_size: int | None = None) -> list[str]:
     par, data = recipe.parallel, recipe.data
     errors.extend(_parallel_rules(recipe))
     errors.extend(document_masking_problems(recipe))
+    errors.extend(scorer_problems(recipe))
     if world_size is not None and par.world_size != world_size:
         errors.append(
             f"parallel.cp * dp_shard * dp_replicate = {par.cp} * {par.dp_shard} * {par.dp_replicate} = "

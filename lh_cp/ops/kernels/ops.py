@@ -17,6 +17,7 @@ from lh_cp.ops.kernels.rows import empty_entries, expand_rows, pool_rows
 from lh_cp.ops.kernels.scores import token_norms
 from lh_cp.ops.kernels.selection import select_plan
 from lh_cp.ops.kernels.slot_plan import Plan, selection_from_fields
+from lh_cp.ops.select import selection_scores
 
 
 def _plan_tensors(ctx) -> Plan:
@@ -115,6 +116,21 @@ def scatter_plan(entries: torch.Tensor, plan: Plan, cfg: LighthouseConfig, spill
     return _ScatterEntries.apply(entries, plan, cfg, spill)
 
 
+def kernel_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: LighthouseConfig,
+    v: torch.Tensor | None = None,
+    document_bounds: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token scores the kernel path selects from: Triton norms for "norm" (key norms per kv
+    head), lh_cp.ops.select.selection_scores for the other scorers; float32 [B, H or Hkv, N]."""
+    with torch.no_grad():
+        if cfg.scorer == "norm":
+            return token_norms(q.detach()), token_norms(k.detach())
+        return selection_scores(q.detach(), k.detach(), v, cfg, document_bounds)
+
+
 def select_with_plan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -122,14 +138,15 @@ def select_with_plan(
     v: torch.Tensor | None = None,
     preceding: torch.Tensor | None = None,
     restart: torch.Tensor | None = None,
+    document_bounds: list[int] | None = None,
 ):
     """Triton scores and selection: (plan, start int32, level int8, internal int8); non-finite
     q, k (or v, when given) raise. `preceding`, `restart`: see
-    lh_cp.ops.kernels.selection_reference.select_from_scores."""
+    lh_cp.ops.kernels.selection_reference.select_from_scores; scorers other than "norm" and
+    `document_bounds`: see lh_cp.ops.select.selection_scores."""
     with torch.no_grad():
         return select_plan(
-            token_norms(q.detach()),
-            token_norms(k.detach()),
+            *kernel_scores(q, k, cfg, v, document_bounds),
             cfg,
             None if v is None else v.detach(),
             preceding,
@@ -138,8 +155,13 @@ def select_with_plan(
 
 
 def select(
-    q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, preceding: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: LighthouseConfig,
+    preceding: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> Selection:
-    """Kernel twin of lh_cp.ops.select.select: the public Selection, int64 fields in causal order."""
-    _, start, level, internal = select_with_plan(q, k, cfg, preceding=preceding)
+    """Kernel twin of lh_cp.ops.select.select: the public Selection, int64 fields in causal
+    order (v: needed by the "dilated" and "gla" scorers)."""
+    _, start, level, internal = select_with_plan(q, k, cfg, v, preceding=preceding)
     return selection_from_fields(start, level, internal, cfg)
