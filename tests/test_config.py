@@ -93,6 +93,7 @@ def test_every_lighthouse_field_reaches_the_recipe_and_torchtitan():
         "tile_budget": 64,
         "selection": "causal",
         "min_document_tokens": 7,
+        "rope": "entries",
     }
     for field in dataclasses.fields(LighthouseConfig):
         assert field.name in section_fields, field.name
@@ -109,5 +110,9 @@ def test_every_lighthouse_field_reaches_the_recipe_and_torchtitan():
         from lh_cp.torchtitan.stage import StageOptions
     except ImportError:  # torchtitan is an optional extra
         return
-    inner = _inner_attention("lighthouse", recipe.lighthouse, StageOptions())
-    assert inner.lighthouse == LighthouseConfig(**changed)
+    # torchtitan rotates q and k before its inner attention: rope="entries" is refused there.
+    with pytest.raises(ValueError, match="rope='entries' is not available with torchtitan"):
+        _inner_attention("lighthouse", recipe.lighthouse, StageOptions())
+    tokens = recipe_from_dict({}, [o for o in overrides if not o.startswith("lighthouse.rope=")])
+    inner = _inner_attention("lighthouse", tokens.lighthouse, StageOptions())
+    assert inner.lighthouse == LighthouseConfig(**{**changed, "rope": "tokens"})

@@ -32,6 +32,7 @@ from lh_cp.ops.config import LighthouseConfig
 from lh_cp.ops.entries import Selection
 from lh_cp.ops.kernels.selection_reference import carry_from_scores
 from lh_cp.ops.pyramid import gather_entries
+from lh_cp.ops.rope import RopeTables, check_rope, rotate_entries
 from lh_cp.ops.scatter import scatter_entries
 from lh_cp.ops.select import select, selection_scores
 
@@ -70,11 +71,13 @@ def compress_reference(
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
+    rope: RopeTables | None = None,
 ) -> Compressed:
     """Pure-PyTorch twin: q [B, N, H, D], k/v [B, N, Hkv, D]; `selection` given or computed
     (`preceding`, `heads_outer`: see compress; the entries here are contiguous whatever the
     layout asked, which changes no value)."""
     n = q.shape[1]
+    rope = check_rope(rope, cfg, q)
     sel = (
         select(q.detach(), k.detach(), cfg, v.detach(), preceding, restart)
         if selection is None
@@ -84,6 +87,8 @@ def compress_reference(
     entries = [
         gather_entries(x, slots, cfg) for x in (q, k, v)
     ]  # [B, H, S, D]; k, v via kv head h // group
+    if rope is not None:
+        entries[:2] = [rotate_entries(x, sel.end - 1, rope) for x in entries[:2]]
 
     def deliver(out: torch.Tensor, spill: int = 0):
         check_spill(spill, cfg)
@@ -106,18 +111,25 @@ def compress_kernels(
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
+    rope: RopeTables | None = None,
 ) -> Compressed:
     """Triton twin (lh_cp.ops.kernels.ops): same arguments, same selection."""
     from lh_cp.ops.kernels.ops import gather_plan, scatter_plan, select_with_plan
     from lh_cp.ops.kernels.slot_plan import Plan
 
+    rope = check_rope(rope, cfg, q)
     if selection is None:
-        plan = select_with_plan(q, k, cfg, v, preceding, restart)[0]
+        plan, start, level, _ = select_with_plan(q, k, cfg, v, preceding, restart)
+        last = start.long() + cfg.pool ** (level.long() - 1) - 1  # [B, H, S]
     else:
         plan = Plan.from_selection(selection, q.shape[1], cfg)
+        last = selection.end - 1
     q_entries, k_entries, v_entries = gather_plan(
         q, k, v, plan, cfg, heads_outer
     )  # [B, H, S, D] each
+    if rope is not None:
+        # A pass of its own over the S gathered entries, not fused into the gather kernel.
+        q_entries, k_entries = (rotate_entries(x, last, rope) for x in (q_entries, k_entries))
 
     def deliver(out: torch.Tensor, spill: int = 0):
         check_spill(spill, cfg)
@@ -135,6 +147,7 @@ def compress(
     preceding: torch.Tensor | None = None,
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
+    rope: RopeTables | None = None,
 ) -> Compressed:
     """The kernel twin where the kernels run (CUDA, kernel dtypes, Triton), else the reference.
 
@@ -143,10 +156,13 @@ def compress(
     `heads_outer`: the kernels store the entries heads-outermost (lh_cp.ops.kernels.rows.empty_entries),
     so that a CP shard's chunk rows reach the exchange layout without a copy.
     `restart` [B, tiles] bool (causal selection only): tiles whose thresholds start afresh, the
-    first whole tile of each packed document's region (LIGHTHOUSE.md s.12)."""
+    first whole tile of each packed document's region (LIGHTHOUSE.md s.12).
+    `rope` (cfg.rope "entries" only, required then): the (cos, sin) tables of q's tokens,
+    [N, D/2] or [B, N, D/2] (lh_cp.ops.rope.check_rope); q and k are then unrotated and each
+    q and k entry is rotated at table row end - 1 (LIGHTHOUSE.md s.13)."""
     if kernels.available(q, k, v):
-        return compress_kernels(q, k, v, cfg, selection, preceding, heads_outer, restart)
-    return compress_reference(q, k, v, cfg, selection, preceding, heads_outer, restart)
+        return compress_kernels(q, k, v, cfg, selection, preceding, heads_outer, restart, rope)
+    return compress_reference(q, k, v, cfg, selection, preceding, heads_outer, restart, rope)
 
 
 def selection_carry(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 SELECTIONS = ("tile_topk", "causal")
+ROPES = ("tokens", "entries")
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -34,6 +35,10 @@ class LighthouseConfig:
     min_document_tokens: with packed documents (documents=, LIGHTHOUSE.md s.12), documents
         shorter than this run exact dense attention whatever their tiles; 0 leaves the rule of
         s.12 alone (a document compresses the whole tiles inside it, the rest is dense).
+    rope: where RoPE rotates q and k. "tokens" (the paper's): the model rotates every token
+        and the layer pools rotated vectors. "entries" (LIGHTHOUSE.md s.13): the layer gets q
+        and k unrotated plus the rotation tables (rope=(cos, sin)) and rotates each gathered
+        entry at the position of the last token it covers.
     """
 
     pool: int = 4
@@ -42,6 +47,7 @@ class LighthouseConfig:
     tile_budget: int = 128
     selection: str = "tile_topk"
     min_document_tokens: int = 0
+    rope: str = "tokens"
 
     def __post_init__(self) -> None:
         for name in ("pool", "levels", "topk", "tile_budget", "min_document_tokens"):
@@ -51,6 +57,10 @@ class LighthouseConfig:
         if self.selection not in SELECTIONS:
             raise ValueError(
                 f"LighthouseConfig.selection must be one of {SELECTIONS}, got selection={self.selection!r}"
+            )
+        if self.rope not in ROPES:
+            raise ValueError(
+                f"LighthouseConfig.rope must be one of {ROPES}, got rope={self.rope!r}"
             )
         if self.min_document_tokens < 0:
             raise ValueError(
