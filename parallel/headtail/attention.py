@@ -128,7 +128,13 @@ def lighthouse_attention_cp(
     # Heads-outer entries: the exchange layout below is then a view (at B = 1 no copy either
     # way, forward or backward), not a transpose of every entry tensor.
     entries = compress(
-        q_chunks, k_chunks, v_chunks, local_cfg, preceding, True, rope=rope_chunks
+        q_chunks,
+        k_chunks,
+        v_chunks,
+        local_cfg,
+        preceding=preceding,
+        heads_outer=True,
+        rope=rope_chunks,
     )  # [2B, H, S_c, D], heads-outer
 
     out_entries = exchange_attention(
