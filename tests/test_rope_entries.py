@@ -6,9 +6,13 @@ order differs); level-1 entries and levels=1 are compared bit for bit (the same 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from naive_lighthouse import naive_lighthouse, naive_lighthouse_documents, naive_rotated
+from triton_interpreter import run_under_triton_interpreter
 
 from lh_cp import LighthouseConfig, lighthouse_attention
 from lh_cp.model.transformer import ModelConfig, Transformer, apply_rope, rope_tables
@@ -187,3 +191,13 @@ def test_model_with_entries_trains_and_its_dense_mode_is_unchanged():
     model.set_attention("dense")
     same_weights.set_attention("dense")
     assert torch.equal(model(tokens, positions), same_weights(tokens, positions))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_kernel_path_equals_the_reference_under_triton_interpreter():
+    """The kernel path (Triton selection and gather, then the entry rotation at the last token
+    taken from the kernel selection) against the reference path: tests/rope_twins.py on CPU
+    through Triton's interpreter, one tiny shape."""
+    run_under_triton_interpreter(
+        Path(__file__).with_name("rope_twins.py"), "rope twins agree", timeout=300
+    )
