@@ -199,7 +199,8 @@ def _rope_entries(world: int, group) -> dict[str, list[float]]:
     """rope="entries" (LIGHTHOUSE.md s.13) with positions restarting per document: every
     exchange against one process, on the crossing layout and on one document per window (the
     unmasked CP paths); the shards' tables are the window's tables sharded like q. Returns
-    the worst errors of out, dq, dk, dv per case."""
+    the worst errors of out, dq, dk, dv per case, and of the logits of a model (one dense and
+    one Lighthouse layer, float64) whose Attention hands its shard's tables to the layer."""
     from lh_cp.model.transformer import rope_tables
 
     errors = {}
@@ -220,6 +221,28 @@ def _rope_entries(world: int, group) -> dict[str, list[float]]:
         for exchange in _exchanges(world):
             got, _ = _cp_run(q, k, v, dout, cfg, docs, group, exchange, rope)
             errors[f"{index}/{exchange}"] = [(a - b).abs().max().item() for a, b in zip(got, want)]
+        errors.update(_rope_entries_model(cfg, n, bounds, flat.view(2, n), index, group))
+    return errors
+
+
+def _rope_entries_model(cfg, n, bounds, positions, index, group) -> dict[str, list[float]]:
+    from lh_cp.model.transformer import ModelConfig, Transformer
+    from lh_cp.ops.attention import SINGLE_DEVICE
+    from lh_cp.parallel.context import ContextParallel, attach_context_parallel
+
+    torch.manual_seed(index)
+    shape = ModelConfig(vocab_size=32, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32)
+    model = Transformer(shape, cfg, dense_layers=(0,)).double()
+    tokens = torch.randint(0, 32, (2, n), generator=torch.Generator().manual_seed(index))
+    docs = torch.tensor(bounds, dtype=torch.int32)
+    want = model(tokens, positions, documents=docs)  # [B, n, vocab]
+    errors = {}
+    for exchange in ("allgather", "ring"):
+        context = ContextParallel(group, exchange, "ring")
+        attach_context_parallel(model, context)
+        got = model(context.shard(tokens), context.shard(positions), documents=docs)
+        attach_context_parallel(model, SINGLE_DEVICE)
+        errors[f"{index}/model/{exchange}"] = [(got - context.shard(want)).abs().max().item()]
     return errors
 
 
@@ -233,7 +256,7 @@ def test_cp_equals_one_process(world):
         for case, (meter, expected) in result["sent"].items():
             assert meter == expected, (world, rank, case, meter, expected)
         if world == 2:
-            assert len(result["rope_entries"]) == 2 * len(_exchanges(world))
+            assert len(result["rope_entries"]) == 2 * (len(_exchanges(world)) + 2)
         for case, errs in result["rope_entries"].items():
             assert max(errs) <= TOLERANCE, (world, rank, "rope entries", case, errs)
         fused = result["fused_ring"]
