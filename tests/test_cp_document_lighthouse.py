@@ -18,6 +18,9 @@ The ring's attention is also run on random packed streams with the fused kernels
 contract emulated on CPU (bf16 blocks, float32 LSE and accumulators, as
 tests/test_cp_documents.py does for dense layers) against float64 on the same inputs: relative
 error <= 2e-2 (bf16 operands).
+At W = 2 the job also runs rope="entries" (LIGHTHOUSE.md s.13, positions restarting per
+document) through every exchange, and a small model with it under allgather and ring, against
+one process (1e-9).
 """
 
 from __future__ import annotations
