@@ -101,6 +101,19 @@ def test_layer_equals_the_loop_twin(selection):
     assert (got - tokens).abs().max() > 1e-3
 
 
+def test_tokens_mode_rotation_is_the_rotate_half_formula_bit_for_bit():
+    """rope="tokens" is today's layer: the model's apply_rope (now lh_cp.ops.rope.rotate) is the
+    rotate-half formula written out, bit for bit, for shared and per-row tables (bf16 too)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        q = _qkv(7, dtype)[0]
+        for positions in (torch.arange(N), torch.stack([torch.arange(N), torch.arange(N) + 3])):
+            cos, sin = _tables(positions, dtype)
+            c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+            x1, x2 = q[..., : D // 2], q[..., D // 2 :]
+            want = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+            assert torch.equal(apply_rope(q, cos, sin), want)
+
+
 def test_levels_1_is_the_tokens_layer_bit_for_bit():
     """levels=1: every entry is a token, so rope="entries" is dense attention over the model's
     rotated tokens, exactly as rope="tokens" (float32, torch.equal)."""

@@ -120,14 +120,17 @@ def compress_kernels(
     rope = check_rope(rope, cfg, q)
     if selection is None:
         plan, start, level, _ = select_with_plan(q, k, cfg, v, preceding, restart)
-        last = start.long() + cfg.pool ** (level.long() - 1) - 1  # [B, H, S]
     else:
         plan = Plan.from_selection(selection, q.shape[1], cfg)
-        last = selection.end - 1
     q_entries, k_entries, v_entries = gather_plan(
         q, k, v, plan, cfg, heads_outer
     )  # [B, H, S, D] each
     if rope is not None:
+        # The last token of each entry, [B, H, S]: from the kernel selection's start and level.
+        if selection is None:
+            last = start.long() + cfg.pool ** (level.long() - 1) - 1
+        else:
+            last = selection.end - 1
         # A pass of its own over the S gathered entries, not fused into the gather kernel.
         q_entries, k_entries = (rotate_entries(x, last, rope) for x in (q_entries, k_entries))
 
