@@ -121,9 +121,9 @@ _opaque_causal = opaque_to_compile(single_device_causal)
 
 class SingleDevice:
     """The attention of a model that is not split over ranks. A model's attention modules call
-    `context.lighthouse(q, k, v, cfg, documents, rope=None)` or `context.dense(q, k, v, documents)` on
-    this, or on the lh_cp.parallel.ContextParallel that parallelize hands them, without knowing
-    which.
+    `context.lighthouse(q, k, v, cfg, documents, rope=None)` or
+    `context.dense(q, k, v, documents)` on this, or on the lh_cp.parallel.ContextParallel that
+    parallelize hands them, without knowing which.
 
     Under torch.compile the Lighthouse call is one opaque step (opaque_to_compile): its
     selection is data-dependent (sorting, the finiteness check's host sync) and would split the
