@@ -22,6 +22,9 @@ of one seed share initial weights and data order. Arms (steps for the default 1,
   paper_split_dilated, paper_split_gla  the paper's split with the "dilated" or "gla" selection
                       scorer (LIGHTHOUSE.md s.13; gla needs fla-core on CUDA), compared with
                       paper_split
+  paper_split_rope_entries  the paper's split with lighthouse.rope='entries' (RoPE applied to
+                      each pooled entry at its last token, LIGHTHOUSE.md s.14), compared with
+                      paper_split
 Comparisons use val/loss_dense (every layer dense, same validation batches). Per arm:
 the final dense-mode validation loss of each seed, mean and standard deviation (n - 1); the
 loss jump at the switch (mean training loss of the first 10 dense steps minus that of the
@@ -33,6 +36,10 @@ from runs alone on the GPU (--timing-steps: each attention configuration trains 
 few steps; an arm's wall time = sum over its stages of steps * tokens per step / that
 throughput). The training runs themselves share the GPU (--parallel), so their own
 tokens/s are not speed measurements.
+Retrieval probe: with --passkey-length L > 0 (default 2048) every run ends with the passkey
+evaluation ([eval.passkey], lh_cp/data/passkey.py) at L tokens in its final stage's attention
+(dense after the recovery); per arm the mean accuracy over depths and samples, per seed and
+averaged (printed after the table; --passkey-length 0 skips it).
 
     python benchmarks/quality.py --out /tmp/quality --parallel 6        # on the GPU machine
     python benchmarks/quality.py --plot benchmarks/results/quality.json  # here: the PNGs (<stem>_*.png)
@@ -138,6 +145,9 @@ ARMS = {
         # source file is a document; both arms mask, so they compare like with like.
         Arm("dense_docs", 0.0, "dense_docs", (*DENSE_LEAK_CHECK, *DOCUMENTS)),
         Arm("paper_split_docs", 0.625, "dense_docs", DOCUMENTS),
+        # RoPE at pooled entries (LIGHTHOUSE.md s.14): same selection, only coarse entries
+        # change, so it is compared with the paper's split itself.
+        Arm("paper_split_rope_entries", 0.625, "paper_split", ("lighthouse.rope='entries'",)),
         Arm(
             "paper_split_causal_pool2",
             0.625,
@@ -179,6 +189,7 @@ TIMED = {
         f"lighthouse_{scorer}": ["stages.0.attention='lighthouse'", f"lighthouse.scorer='{scorer}'"]
         for scorer in ("dilated", "gla")
     },
+    "lighthouse_rope_entries": ["stages.0.attention='lighthouse'", "lighthouse.rope='entries'"],
 }
 
 
@@ -188,6 +199,8 @@ def stage_timing_key(arm: Arm, attention: str) -> str:
     scorers = [s.split("=")[1].strip("'") for s in arm.sets if s.startswith("lighthouse.scorer=")]
     if scorers:
         return f"lighthouse_{scorers[0]}"
+    if "lighthouse.rope='entries'" in arm.sets:
+        return "lighthouse_rope_entries"
     causal = "_causal" if "lighthouse.selection='causal'" in arm.sets else ""
     if "lighthouse.pool=2" in arm.sets:
         return f"lighthouse{causal}_pool2"
@@ -267,6 +280,7 @@ def time_alone(args, common: list[str]) -> dict:
             "schedule.warmup_steps=1",
             "eval.leak=false",
             "eval.leak_in_dense_stages=false",
+            "eval.passkey.enabled=false",
             "checkpoint.interval=0",
         ]
         seconds, code, tail = train(
@@ -368,6 +382,7 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
                     metrics, "val", "val/leak_other_documents_nats"
                 ),
                 "leak_at_switch": leak,
+                "passkey_accuracy": passkey_accuracy(metrics),
                 "switch_jump_train_nats": loss_jump(train_loss, last) if last else None,
                 "train_loss": train_loss,
             }
@@ -413,12 +428,39 @@ def summarise(args, runs: list[dict], timing: dict | None) -> dict:
             "leak_other_documents_nats": statistics.fmean(leaks["leak_other_documents_nats"])
             if leaks["leak_other_documents_nats"]
             else None,
+            "passkey_accuracy_mean": mean_of([r["passkey_accuracy"] for r in per_seed.values()]),
             "tokens_per_s_alone": rates,
             "train_wall_s_alone": wall,
             "per_seed": {str(s): r for s, r in per_seed.items()},
         }
     derive_comparisons(arms)
     return {"dense_arm": DENSE_ARM, "paper_split_arm": PAPER_SPLIT_ARM, "arms": arms, "runs": runs}
+
+
+def passkey_accuracy(metrics: list[dict]) -> float | None:
+    """Mean passkey accuracy over the depths of the run's passkey record (kind "passkey",
+    keys passkey/depth_<d>), None if the run has none."""
+    records = [r for r in metrics if r["kind"] == "passkey"]
+    if not records:
+        return None
+    depths = [v for k, v in records[-1].items() if k.startswith("passkey/depth_")]
+    return statistics.fmean(depths) if depths else None
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def format_passkey(result: dict) -> str:
+    """One line per arm: passkey accuracy per seed and its mean (the retrieval probe)."""
+    lines = [f"passkey retrieval at {result.get('passkey_length')} tokens, mean over depths:"]
+    for name, arm in result["arms"].items():
+        per_seed = [r.get("passkey_accuracy") for r in arm["per_seed"].values()]
+        shown = ", ".join("-" if v is None else f"{v:.0%}" for v in per_seed)
+        mean = arm.get("passkey_accuracy_mean")
+        lines.append(f"  {name}: {shown} (mean {'-' if mean is None else f'{mean:.0%}'})")
+    return "\n".join(lines)
 
 
 def derive_comparisons(arms: dict) -> None:
@@ -608,6 +650,12 @@ def main(argv=None) -> int:
         help="steps of each alone-on-the-GPU timing run (0: none)",
     )
     p.add_argument("--run-timeout", type=float, default=3600)
+    p.add_argument(
+        "--passkey-length",
+        type=int,
+        default=2048,
+        help="tokens of the passkey evaluation every run ends with (0: none)",
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument(
         "--tiny", action="store_true", help="a shrunken model and sequence: a CPU smoke test"
@@ -661,6 +709,11 @@ def main(argv=None) -> int:
         [f"run.device='{args.device}'"]
         + (TINY if args.tiny else [])
         + [f"data.cache_dir='{args.out / 'token_cache'}'"]
+        + (
+            ["eval.passkey.enabled=true", f"eval.passkey.length={args.passkey_length}"]
+            if args.passkey_length
+            else []
+        )
     )
     recipe = load_recipe(REPO / RECIPE, common)
     args.seq_len, args.batch_size = recipe.data.seq_len, recipe.data.batch_size
@@ -697,6 +750,7 @@ def main(argv=None) -> int:
         "recipe": RECIPE,
         "common_overrides": common,
         "steps": args.steps,
+        "passkey_length": args.passkey_length,
         "seeds": args.seeds,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
@@ -710,6 +764,7 @@ def main(argv=None) -> int:
     path = args.out / "quality.json"
     path.write_text(json.dumps(result, indent=1))
     print(format_table(result))
+    print(format_passkey(result))
     print(f"[quality] wrote {path}", flush=True)
     return 0 if all(r["exit_code"] == 0 for r in runs) else 1
 

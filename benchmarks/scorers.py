@@ -1,10 +1,11 @@
 """Cost of the selection scorers (docs/LIGHTHOUSE.md s.3 and s.13), one GPU, one run.
 
 For each length (128K and 512K tokens by default) and each variant (a list of LighthouseConfig
-overrides; by default scorer=norm, scorer=dilated, scorer=gla), with B = 1, H = 8, D = 128, bf16
-and pool 4, levels 3, topk 2048, tile budget 128:
-- `layer`: lighthouse_attention forward + backward (median of CUDA-event times over rotating
-  fresh inputs);
+overrides; by default scorer=norm, scorer=dilated, scorer=gla, rope=entries), with B = 1, H = 8,
+D = 128, bf16 and pool 4, levels 3, topk 2048, tile budget 128:
+- `layer`: lighthouse_attention forward + backward with RoPE as the model applies it (median
+  of CUDA-event times over rotating fresh inputs): the tokens rotated before the layer, or
+  with rope=entries the entries rotated inside it (LIGHTHOUSE.md s.14);
 - `scores`: the scoring step alone (what the layer's selection computes its scores with).
 Ratios are against the first variant (the paper's "norm"). A variant that cannot run (e.g.
 "gla" without fla-core) is reported with its error and the run goes on.
@@ -33,10 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lh_cp import LighthouseConfig, lighthouse_attention  # noqa: E402
+from lh_cp.model.transformer import ModelConfig, apply_rope, rope_tables  # noqa: E402
 from lh_cp.ops import kernels  # noqa: E402
 from lh_cp.ops.select import selection_scores  # noqa: E402
 
-DEFAULT_VARIANTS = ["scorer=norm", "scorer=dilated", "scorer=gla"]
+DEFAULT_VARIANTS = ["scorer=norm", "scorer=dilated", "scorer=gla", "rope=entries"]
+ROPE_THETA = ModelConfig.rope_theta  # the model's default
 
 
 def parse_variant(text: str, base: LighthouseConfig) -> LighthouseConfig:
@@ -80,9 +83,20 @@ def time_ms(fn, sets: list[list[torch.Tensor]], warmup: int, repeats: int) -> fl
     return statistics.median(times)
 
 
-def layer_step(cfg: LighthouseConfig, grad_out: torch.Tensor):
-    def step(q, k, v):
-        lighthouse_attention(q, k, v, cfg).backward(grad_out)
+def layer_step(cfg: LighthouseConfig, grad_out: torch.Tensor, tables):
+    """Forward + backward of the layer as the model runs it, RoPE included: the model rotates
+    q and k before the layer under rope="tokens", the layer rotates its entries under
+    rope="entries" (LIGHTHOUSE.md s.14); `tables` = (cos, sin) [N, D/2]."""
+    if cfg.rope == "entries":
+
+        def step(q, k, v):
+            lighthouse_attention(q, k, v, cfg, rope=tables).backward(grad_out)
+
+    else:
+
+        def step(q, k, v):
+            q, k = apply_rope(q, *tables), apply_rope(k, *tables)
+            lighthouse_attention(q, k, v, cfg).backward(grad_out)
 
     return step
 
@@ -113,12 +127,14 @@ def run(args) -> list[dict]:
             for _ in range(args.input_sets)
         ]
         grad_out = torch.randn(shape, device=device, dtype=dtype)
+        positions = torch.arange(n, device=device)
+        tables = rope_tables(positions, args.dim, ROPE_THETA, dtype)  # [N, D/2] each
         reference = None
         for text, cfg in variants:
             row = {"n": n, "variant": text, "config": dataclasses.asdict(cfg)}
             try:
                 row["layer_ms"] = time_ms(
-                    layer_step(cfg, grad_out), sets, args.warmup, args.repeats
+                    layer_step(cfg, grad_out, tables), sets, args.warmup, args.repeats
                 )
                 row["scores_ms"] = time_ms(scoring_step(cfg), sets, args.warmup, args.repeats)
             except (ImportError, RuntimeError) as err:  # e.g. scorer=gla without fla-core

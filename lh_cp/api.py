@@ -24,6 +24,8 @@ def lighthouse_attention(
     cp=None,
     exchange: str = "allgather",
     documents: torch.Tensor | None = None,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Lighthouse attention (LIGHTHOUSE.md): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
@@ -33,12 +35,18 @@ def lighthouse_attention(
     (contiguous shards, only the compressed entries all-to-all'd).
     documents: packed documents kept apart (LIGHTHOUSE.md s.12): int32 cumulative lengths over
     the flattened batch of whole windows (lh_cp/ops/documents.py), the same on every CP rank.
+    rope: with cfg.rope = "entries" (required then, refused otherwise) q and k are unrotated
+    and rope = (cos, sin) are the rotation tables of the given tokens, each [N, D/2] or
+    [B, N, D/2] (under CP: of the rank's shard, in its order); each pooled q and k entry is
+    rotated at the row of the last token it covers (LIGHTHOUSE.md s.14).
     """
     if cp is None:
-        return attention.single_device_lighthouse(q, k, v, cfg, documents)
+        return attention.single_device_lighthouse(q, k, v, cfg, documents, rope)
     from lh_cp.parallel.context import ContextParallel
 
-    return ContextParallel.for_lighthouse(cp, exchange).lighthouse(q, k, v, cfg, documents)
+    return ContextParallel.for_lighthouse(cp, exchange).lighthouse(
+        q, k, v, cfg, documents, rope=rope
+    )
 
 
 def causal_attention(

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from lh_cp.ops.attention import opaque_to_compile
 from lh_cp.ops.config import LighthouseConfig
 from lh_cp.ops.documents import check_documents
+from lh_cp.ops.rope import RopeTables, check_rope
 from lh_cp.parallel.agreement import agree_on_call, attention_call
 from lh_cp.parallel.headtail.attention import causal_attention_cp, lighthouse_attention_cp
 from lh_cp.parallel.headtail.lighthouse_documents import lighthouse_documents_cp
@@ -186,11 +187,15 @@ class ContextParallel:
         v: torch.Tensor,
         cfg: LighthouseConfig,
         documents: torch.Tensor | None = None,
+        rope: RopeTables | None = None,
     ) -> torch.Tensor:
+        """`rope` (cfg.rope = "entries"): the (cos, sin) tables of this rank's shard, [n, D/2]
+        or [B, n, D/2] in its token order (LIGHTHOUSE.md s.14)."""
         problems = scorer_exchange_problems(cfg.scorer, self.exchange)
         if problems:  # every rank holds the same cfg: every rank raises, before any collective
             raise ValueError(problems[0])
         self._agree(q, k, v, cfg, documents)
+        rope = check_rope(rope, cfg, q)  # after the agreement: every rank has the same cfg
         if documents is not None:
             problems = document_exchange_problems(self.exchange)
             if problems:
@@ -198,13 +203,15 @@ class ContextParallel:
             if self.exchange != "ulysses":  # plain Ulysses hands them to each head group's layer
                 bounds = check_documents(documents, q.shape[0], q.shape[1] * self.world, q.device)
                 if self.exchange == "ulysses_compressed":
-                    return compressed_ulysses_documents(q, k, v, cfg, bounds, self.group)
-                return lighthouse_documents_cp(q, k, v, cfg, bounds, self.group, self.exchange)
+                    return compressed_ulysses_documents(q, k, v, cfg, bounds, self.group, rope)
+                return lighthouse_documents_cp(
+                    q, k, v, cfg, bounds, self.group, self.exchange, rope
+                )
         if self.exchange == "ulysses":
-            return ulysses_attention(q, k, v, cfg, self.group, documents)
+            return ulysses_attention(q, k, v, cfg, self.group, documents, rope)
         if self.exchange == "ulysses_compressed":
-            return compressed_ulysses_attention(q, k, v, cfg, self.group)
-        return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange)
+            return compressed_ulysses_attention(q, k, v, cfg, self.group, rope)
+        return lighthouse_attention_cp(q, k, v, cfg, self.group, self.exchange, rope)
 
     @opaque_to_compile
     def dense(

@@ -127,10 +127,33 @@ def naive_causal_refine(
     return refined
 
 
+def naive_rotated(x, b: int, end: int, rope):
+    """s.14: a pooled entry [D] of window b ending at token end - 1, rotated pair by pair at
+    that token's angles (rope = (cos, sin) [B, N, D/2]); unchanged when rope is None."""
+    if rope is None:
+        return x
+    half = x.shape[0] // 2
+    out = torch.empty_like(x)
+    for i in range(half):
+        c, s = float(rope[0][b, end - 1, i]), float(rope[1][b, end - 1, i])
+        out[i] = x[i] * c - x[i + half] * s
+        out[i + half] = x[i + half] * c + x[i] * s
+    return out
+
+
 def naive_lighthouse(
-    q, k, v, pool: int, levels: int, topk: int, budget: int, selection: str = "tile_topk"
+    q,
+    k,
+    v,
+    pool: int,
+    levels: int,
+    topk: int,
+    budget: int,
+    selection: str = "tile_topk",
+    rope=None,
 ):
-    """Output [B, N, H, D] (float64) and the per-(b, h) sorted entry lists."""
+    """Output [B, N, H, D] (float64) and the per-(b, h) sorted entry lists. `rope` (cos, sin)
+    [B, N, D/2]: q and k are unrotated and every q, k entry is rotated at its last token."""
     batch, n, heads, dim = q.shape
     group = heads // k.shape[2]
     out = torch.zeros(batch, n, heads, dim, dtype=torch.float64)
@@ -147,8 +170,12 @@ def naive_lighthouse(
             entries = naive_select_head(q_norm, k_norm, pool, levels, topk, budget, selection)
             selections[b, h] = entries
             pooled = lambda x, s, e: x[s:e].mean(dim=0)
-            qe = torch.stack([pooled(qh, s, e) for _, s, e, _, _ in entries])
-            ke = torch.stack([pooled(kh, s, e) for _, s, e, _, _ in entries])
+            qe = torch.stack(
+                [naive_rotated(pooled(qh, s, e), b, e, rope) for _, s, e, _, _ in entries]
+            )
+            ke = torch.stack(
+                [naive_rotated(pooled(kh, s, e), b, e, rope) for _, s, e, _, _ in entries]
+            )
             ve = torch.stack([pooled(vh, s, e) for _, s, e, _, _ in entries])
             keys = [entry[0] for entry in entries]
             logits = qe @ ke.T / math.sqrt(dim)
@@ -191,6 +218,7 @@ def naive_lighthouse_documents(
     bounds: list[int],
     selection: str = "tile_topk",
     min_document_tokens: int = 0,
+    rope=None,
 ):
     """s.12 with loops: per window, head and document, the entries are the document's head and
     tail tokens plus the unmasked selection of its region as a sequence of its own (keys and
@@ -227,8 +255,12 @@ def naive_lighthouse_documents(
             entries += [(levels * t, t, t + 1, 1, False) for t in range(max(first, last), z)]
             entries.sort()
             selections[b, h, index] = entries
-            qe = torch.stack([qh[s:e].mean(dim=0) for _, s, e, _, _ in entries])
-            ke = torch.stack([kh[s:e].mean(dim=0) for _, s, e, _, _ in entries])
+            qe = torch.stack(
+                [naive_rotated(qh[s:e].mean(dim=0), b, e, rope) for _, s, e, _, _ in entries]
+            )
+            ke = torch.stack(
+                [naive_rotated(kh[s:e].mean(dim=0), b, e, rope) for _, s, e, _, _ in entries]
+            )
             ve = torch.stack([vh[s:e].mean(dim=0) for _, s, e, _, _ in entries])
             keys = [entry[0] for entry in entries]
             logits = qe @ ke.T / math.sqrt(dim)

@@ -95,21 +95,33 @@ def test_every_lighthouse_field_reaches_the_recipe_and_torchtitan():
         "min_document_tokens": 7,
         "scorer": "dilated",
         "dilation": 8,
+        "rope": "entries",
     }
     for field in dataclasses.fields(LighthouseConfig):
         assert field.name in section_fields, field.name
         assert section_fields[field.name].default == getattr(defaults, field.name), field.name
         assert field.name in changed, f"add a non-default value for {field.name} to this test"
-    overrides = [
-        f"lighthouse.{k}={v!r}" if isinstance(v, str) else f"lighthouse.{k}={v}"
-        for k, v in changed.items()
-    ]
-    recipe = recipe_from_dict({}, overrides)
-    assert recipe.lighthouse.config() == LighthouseConfig(**changed)
+
+    def overrides_of(values: dict) -> list[str]:
+        return [
+            f"lighthouse.{k}={v!r}" if isinstance(v, str) else f"lighthouse.{k}={v}"
+            for k, v in values.items()
+        ]
+
+    # rope='entries' works with scorer='norm' only: each goes with the other at its default.
+    scorer_changed = {**changed, "rope": "tokens"}
+    rope_changed = {**changed, "scorer": "norm"}
+    recipes = {}
+    for name, values in (("scorer", scorer_changed), ("rope", rope_changed)):
+        recipes[name] = recipe_from_dict({}, overrides_of(values))
+        assert recipes[name].lighthouse.config() == LighthouseConfig(**values)
     try:
         from lh_cp.torchtitan.model import _inner_attention
         from lh_cp.torchtitan.stage import StageOptions
     except ImportError:  # torchtitan is an optional extra
         return
-    inner = _inner_attention("lighthouse", recipe.lighthouse, StageOptions())
-    assert inner.lighthouse == LighthouseConfig(**changed)
+    # torchtitan rotates q and k before its inner attention: rope="entries" is refused there.
+    with pytest.raises(ValueError, match="rope='entries' is not available with torchtitan"):
+        _inner_attention("lighthouse", recipes["rope"].lighthouse, StageOptions())
+    inner = _inner_attention("lighthouse", recipes["scorer"].lighthouse, StageOptions())
+    assert inner.lighthouse == LighthouseConfig(**scorer_changed)

@@ -18,6 +18,9 @@ The ring's attention is also run on random packed streams with the fused kernels
 contract emulated on CPU (bf16 blocks, float32 LSE and accumulators, as
 tests/test_cp_documents.py does for dense layers) against float64 on the same inputs: relative
 error <= 2e-2 (bf16 operands).
+At W = 2 the job also runs rope="entries" (LIGHTHOUSE.md s.14, positions restarting per
+document) through every exchange, and a small model with it under allgather and ring, against
+one process (1e-9).
 """
 
 from __future__ import annotations
@@ -84,12 +87,16 @@ def _layout_of(exchange: str):
     return shard_sequence, lambda x, group: unshard_sequence(x.detach(), group)
 
 
-def _cp_run(q, k, v, dout, cfg, docs, group, exchange):
-    """out, dq, dk, dv of the whole window (gathered from the shards) and this rank's bytes."""
+def _cp_run(q, k, v, dout, cfg, docs, group, exchange, rope=None):
+    """out, dq, dk, dv of the whole window (gathered from the shards) and this rank's bytes;
+    rope: the whole window's (cos, sin) [B, n, D/2] (cfg.rope = "entries"), sharded here."""
     shard, unshard = _layout_of(exchange)
     local = [shard(x, group).clone().requires_grad_() for x in (q, k, v)]
+    local_rope = None if rope is None else tuple(shard(t, group) for t in rope)
     with SentBytes() as meter:
-        out = lighthouse_attention(*local, cfg, cp=group, exchange=exchange, documents=docs)
+        out = lighthouse_attention(
+            *local, cfg, cp=group, exchange=exchange, documents=docs, rope=local_rope
+        )
         (out * shard(dout, group)).sum().backward()
     got = [unshard(x.detach(), group) for x in (out, *(t.grad for t in local))]
     return got, dict(meter.by_category)
@@ -183,7 +190,63 @@ def _job(rank: int, world: int) -> dict:
                     meter,
                     _expected_bytes(exchange, bounds, cfg, n, world, rank, heads),
                 )
-    return {"errors": errors, "sent": sent, "fused_ring": _fused_ring(rank, world, group)}
+    return {
+        "errors": errors,
+        "sent": sent,
+        "fused_ring": _fused_ring(rank, world, group),
+        "rope_entries": _rope_entries(world, group) if world == 2 else {},
+    }
+
+
+def _rope_entries(world: int, group) -> dict[str, list[float]]:
+    """rope="entries" (LIGHTHOUSE.md s.14) with positions restarting per document: every
+    exchange against one process, on the crossing layout and on one document per window (the
+    unmasked CP paths); the shards' tables are the window's tables sharded like q. Returns
+    the worst errors of out, dq, dk, dv per case, and of the logits of a model (one dense and
+    one Lighthouse layer, float64) whose Attention hands its shard's tables to the layer."""
+    from lh_cp.model.transformer import rope_tables
+
+    errors = {}
+    _, cfg, n, _ = next(iter(_cases(world)))
+    cfg = dataclasses.replace(cfg, rope="entries")
+    for index in (0, 4):
+        bounds = _layouts(n)[index]
+        flat = torch.cat([torch.arange(z - a) for a, z in zip(bounds[:-1], bounds[1:])])
+        rope = rope_tables(flat.view(2, n), 8, 100.0, torch.float64)  # [B, n, D/2] each
+        gen = torch.Generator().manual_seed(index)
+        q, dout = (torch.randn(2, n, 4, 8, generator=gen, dtype=torch.float64) for _ in "ab")
+        k, v = (torch.randn(2, n, 2, 8, generator=gen, dtype=torch.float64) for _ in "ab")
+        docs = torch.tensor(bounds, dtype=torch.int32)
+        ref = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = lighthouse_attention(*ref, cfg, documents=docs, rope=rope)
+        (out * dout).sum().backward()
+        want = [out.detach()] + [t.grad for t in ref]
+        for exchange in _exchanges(world):
+            got, _ = _cp_run(q, k, v, dout, cfg, docs, group, exchange, rope)
+            errors[f"{index}/{exchange}"] = [(a - b).abs().max().item() for a, b in zip(got, want)]
+        errors.update(_rope_entries_model(cfg, n, bounds, flat.view(2, n), index, group))
+    return errors
+
+
+def _rope_entries_model(cfg, n, bounds, positions, index, group) -> dict[str, list[float]]:
+    from lh_cp.model.transformer import ModelConfig, Transformer
+    from lh_cp.ops.attention import SINGLE_DEVICE
+    from lh_cp.parallel.context import ContextParallel, attach_context_parallel
+
+    torch.manual_seed(index)
+    shape = ModelConfig(vocab_size=32, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32)
+    model = Transformer(shape, cfg, dense_layers=(0,)).double()
+    tokens = torch.randint(0, 32, (2, n), generator=torch.Generator().manual_seed(index))
+    docs = torch.tensor(bounds, dtype=torch.int32)
+    want = model(tokens, positions, documents=docs)  # [B, n, vocab]
+    errors = {}
+    for exchange in ("allgather", "ring"):
+        context = ContextParallel(group, exchange, "ring")
+        attach_context_parallel(model, context)
+        got = model(context.shard(tokens), context.shard(positions), documents=docs)
+        attach_context_parallel(model, SINGLE_DEVICE)
+        errors[f"{index}/model/{exchange}"] = [(got - context.shard(want)).abs().max().item()]
+    return errors
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -195,6 +258,10 @@ def test_cp_equals_one_process(world):
             assert max(errs) <= TOLERANCE, (world, rank, case, errs)
         for case, (meter, expected) in result["sent"].items():
             assert meter == expected, (world, rank, case, meter, expected)
+        if world == 2:
+            assert len(result["rope_entries"]) == 2 * (len(_exchanges(world)) + 2)
+        for case, errs in result["rope_entries"].items():
+            assert max(errs) <= TOLERANCE, (world, rank, "rope entries", case, errs)
         fused = result["fused_ring"]
         assert fused["dtype"] == "torch.bfloat16" and fused["forward"] > 0, fused
         assert fused["backward"] > 0 and max(fused["errors"]) <= BF16_TOLERANCE, fused

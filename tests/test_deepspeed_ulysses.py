@@ -18,6 +18,7 @@ Byte counts must match exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -134,16 +135,23 @@ def _case(variant: str, cfg, inputs, group) -> dict:
     shard = n // world
     local = slice(rank * shard, (rank + 1) * shard)
 
+    # rope="entries" (LIGHTHOUSE.md s.14): tables of the global positions, sharded like q.
+    rope = None
+    if cfg is not None and cfg.rope == "entries":
+        from lh_cp.model.transformer import rope_tables
+
+        rope = rope_tables(torch.arange(n), dim, 100.0, q.dtype)  # [n, D/2] each
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
-    out_ref = causal_attention(*ref) if cfg is None else lighthouse_attention(*ref, cfg)
+    out_ref = causal_attention(*ref) if cfg is None else lighthouse_attention(*ref, cfg, rope=rope)
     (out_ref * dout).sum().backward()
 
     loc = [ulysses_shard(t, group).clone().requires_grad_() for t in (q, k, v)]
+    loc_rope = None if rope is None else tuple(ulysses_shard(t, group, dim=0) for t in rope)
     with WireTap() as forward_tap:
         if variant == "ulysses":
-            out = ulysses_attention(*loc, cfg, group)
+            out = ulysses_attention(*loc, cfg, group, rope=loc_rope)
         else:
-            out = compressed_ulysses_attention(*loc, cfg, group)
+            out = compressed_ulysses_attention(*loc, cfg, group, rope=loc_rope)
     with WireTap() as backward_tap:
         (out * dout[:, local]).sum().backward()
 
@@ -233,6 +241,14 @@ def ulysses_job(rank: int, world: int) -> dict:
         results["cases"][(variant, name, heads, kv_heads, str(dtype))] = _case(
             variant, cfg, inputs, group
         )
+    # rope="entries": one float64 GQA case per variant (the tables of the whole sequence reach
+    # plain Ulysses' head groups through an all-gather, which the wire tap does not count)
+    cfg = dataclasses.replace(configs(world)["p2L3"], rope="entries")
+    heads, kv_heads = head_cases(world)[-1]
+    for variant in ("ulysses", "compressed"):
+        inputs = _inputs(world * SHARD, heads, kv_heads, torch.float64, seed=5)
+        key = (variant, "p2L3rope", heads, kv_heads, str(torch.float64))
+        results["cases"][key] = _case(variant, cfg, inputs, group)
     return results
 
 
@@ -242,8 +258,9 @@ def test_deepspeed_ulysses_equals_single_process(world):
     results = run_distributed(ulysses_job, world, timeout=200)
     for rank, result in enumerate(results):
         assert (
-            len(result["cases"]) == 3 * 2 * 2 * 2 + 2 * 2 + 2 * 2
+            len(result["cases"]) == 3 * 2 * 2 * 2 + 2 * 2 + 2 * 2 + 2
         )  # (3 Lighthouse configs x heads x dtypes x variants) + dense + 2 scorers x heads
+        # + rope="entries" x variants
         for key, case in result["cases"].items():
             dtype = torch.float64 if "float64" in key[-1] else torch.float32
             worst = max(case["errors"].values())

@@ -361,3 +361,11 @@ def test_kernel_path_refuses_non_finite_inputs(tensor, value):
     {"q": q, "k": k, "v": v}[tensor][0, 700, 1, 5] = value
     with pytest.raises(ValueError, match=rf"NaN or inf in {tensor} at 1 token position"):
         kernel_lighthouse(q, k, v, cfg)
+
+
+def test_rope_entries_twins_compiled():
+    """rope="entries" (LIGHTHOUSE.md s.14) on the kernel path against the reference path
+    (tests/rope_twins.py: entries, rows, gradients within 1e-5 in float32)."""
+    from rope_twins import check_rope_twins
+
+    check_rope_twins(DEV)

@@ -27,6 +27,7 @@ from lh_cp.data.loader import IGNORE_INDEX
 from lh_cp.model.loss import chunked_argmax, cross_entropy_sum
 from lh_cp.ops.attention import SINGLE_DEVICE
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.rope import rotate
 from lh_cp.section import Section
 
 AttentionMode = Literal["lighthouse", "dense"]
@@ -137,10 +138,7 @@ def rope_tables(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head (HF Llama layout): x [B, n, H, D], cos/sin [n, D/2]
     or [B, n, D/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [.., n, 1, D/2]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotate(x, cos.unsqueeze(-2), sin.unsqueeze(-2))  # cos, sin [.., n, 1, D/2]
 
 
 class RMSNorm(nn.Module):
@@ -180,11 +178,15 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, n, self.n_heads, self.head_dim)  # [B, n, H, D]
         k = self.wk(x).view(batch, n, self.n_kv_heads, self.head_dim)  # [B, n, Hkv, D]
         v = self.wv(x).view(batch, n, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.mode == "lighthouse":
-            out = self.context.lighthouse(q, k, v, self.lighthouse, documents)
+        if self.mode == "lighthouse" and self.lighthouse.rope == "entries":
+            # The layer rotates its pooled entries itself (LIGHTHOUSE.md s.14).
+            out = self.context.lighthouse(q, k, v, self.lighthouse, documents, rope=(cos, sin))
         else:
-            out = self.context.dense(q, k, v, documents)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.mode == "lighthouse":
+                out = self.context.lighthouse(q, k, v, self.lighthouse, documents)
+            else:
+                out = self.context.dense(q, k, v, documents)
         return self.wo(out.reshape(batch, n, self.n_heads * self.head_dim))  # [B, n, dim]
 
 

@@ -23,6 +23,7 @@ from lh_cp.ops.dense import dense_sdpa, document_causal
 from lh_cp.ops.document_lighthouse import lighthouse_documents
 from lh_cp.ops.documents import check_documents, is_whole_windows
 from lh_cp.ops.entries import Selection, check_heads
+from lh_cp.ops.rope import RopeTables, check_rope
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -45,11 +46,16 @@ def _attend(entries: Compressed) -> torch.Tensor:
 
 
 def attend_selected(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: Selection, cfg: LighthouseConfig
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: Selection,
+    cfg: LighthouseConfig,
+    rope: RopeTables | None = None,
 ) -> torch.Tensor:
     """Lighthouse attention with a given selection (differentiable in q, k, v): [B, N, H, D]."""
     check_qkv(q, k, v)
-    return _attend(compress(q, k, v, cfg, selection=sel))
+    return _attend(compress(q, k, v, cfg, selection=sel, rope=rope))
 
 
 def single_device_lighthouse(
@@ -58,18 +64,22 @@ def single_device_lighthouse(
     v: torch.Tensor,
     cfg: LighthouseConfig,
     documents: torch.Tensor | None = None,
+    rope: RopeTables | None = None,
 ) -> torch.Tensor:
     """Lighthouse attention (LIGHTHOUSE.md) on one device: q [B, N, H, D], k/v [B, N, Hkv, D]
     -> [B, N, H, D]. The selection is computed without gradient from float32 norms; gradients
     flow through pooling, gather, SDPA and scatter. `documents` (lh_cp.ops.documents): packed
-    documents kept apart (LIGHTHOUSE.md s.12); one document per window is the unmasked op."""
+    documents kept apart (LIGHTHOUSE.md s.12); one document per window is the unmasked op.
+    `rope`: the (cos, sin) tables of the tokens, [N, D/2] or [B, N, D/2], required by
+    cfg.rope = "entries" (q, k unrotated; LIGHTHOUSE.md s.14) and refused otherwise."""
     check_qkv(q, k, v)
+    rope = check_rope(rope, cfg, q)
     if documents is not None:
         batch, n = q.shape[:2]
         bounds = check_documents(documents, batch, n, q.device)
         if not is_whole_windows(bounds, batch, n):
-            return lighthouse_documents(q, k, v, cfg, documents, bounds)
-    return _attend(compress(q, k, v, cfg))
+            return lighthouse_documents(q, k, v, cfg, documents, bounds, rope)
+    return _attend(compress(q, k, v, cfg, rope=rope))
 
 
 def single_device_causal(
@@ -111,9 +121,9 @@ _opaque_causal = opaque_to_compile(single_device_causal)
 
 class SingleDevice:
     """The attention of a model that is not split over ranks. A model's attention modules call
-    `context.lighthouse(q, k, v, cfg, documents)` or `context.dense(q, k, v, documents)` on
-    this, or on the lh_cp.parallel.ContextParallel that parallelize hands them, without knowing
-    which.
+    `context.lighthouse(q, k, v, cfg, documents, rope=None)` or
+    `context.dense(q, k, v, documents)` on this, or on the lh_cp.parallel.ContextParallel that
+    parallelize hands them, without knowing which.
 
     Under torch.compile the Lighthouse call is one opaque step (opaque_to_compile): its
     selection is data-dependent (sorting, the finiteness check's host sync) and would split the
@@ -128,8 +138,9 @@ class SingleDevice:
         v: torch.Tensor,
         cfg: LighthouseConfig,
         documents: torch.Tensor | None = None,
+        rope: RopeTables | None = None,
     ) -> torch.Tensor:
-        return single_device_lighthouse(q, k, v, cfg, documents)
+        return single_device_lighthouse(q, k, v, cfg, documents, rope)
 
     def dense(
         self,

@@ -32,6 +32,7 @@ from lh_cp.ops.config import LighthouseConfig
 from lh_cp.ops.entries import Selection
 from lh_cp.ops.kernels.selection_reference import carry_from_scores
 from lh_cp.ops.pyramid import gather_entries
+from lh_cp.ops.rope import RopeTables, check_rope, rotate_entries
 from lh_cp.ops.scatter import scatter_entries
 from lh_cp.ops.select import select, selection_scores
 
@@ -71,11 +72,13 @@ def compress_reference(
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
     document_bounds: list[int] | None = None,
+    rope: RopeTables | None = None,
 ) -> Compressed:
     """Pure-PyTorch twin: q [B, N, H, D], k/v [B, N, Hkv, D]; `selection` given or computed
     (`preceding`, `heads_outer`, `document_bounds`: see compress; the entries here are
     contiguous whatever the layout asked, which changes no value)."""
     n = q.shape[1]
+    rope = check_rope(rope, cfg, q)
     sel = (
         select(q.detach(), k.detach(), cfg, v.detach(), preceding, restart, document_bounds)
         if selection is None
@@ -85,6 +88,8 @@ def compress_reference(
     entries = [
         gather_entries(x, slots, cfg) for x in (q, k, v)
     ]  # [B, H, S, D]; k, v via kv head h // group
+    if rope is not None:
+        entries[:2] = [rotate_entries(x, sel.end - 1, rope) for x in entries[:2]]
 
     def deliver(out: torch.Tensor, spill: int = 0):
         check_spill(spill, cfg)
@@ -108,18 +113,28 @@ def compress_kernels(
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
     document_bounds: list[int] | None = None,
+    rope: RopeTables | None = None,
 ) -> Compressed:
     """Triton twin (lh_cp.ops.kernels.ops): same arguments, same selection."""
     from lh_cp.ops.kernels.ops import gather_plan, scatter_plan, select_with_plan
     from lh_cp.ops.kernels.slot_plan import Plan
 
+    rope = check_rope(rope, cfg, q)
     if selection is None:
-        plan = select_with_plan(q, k, cfg, v, preceding, restart, document_bounds)[0]
+        plan, start, level, _ = select_with_plan(q, k, cfg, v, preceding, restart, document_bounds)
     else:
         plan = Plan.from_selection(selection, q.shape[1], cfg)
     q_entries, k_entries, v_entries = gather_plan(
         q, k, v, plan, cfg, heads_outer
     )  # [B, H, S, D] each
+    if rope is not None:
+        # The last token of each entry, [B, H, S]: from the kernel selection's start and level.
+        if selection is None:
+            last = start.long() + cfg.pool ** (level.long() - 1) - 1
+        else:
+            last = selection.end - 1
+        # A pass of its own over the S gathered entries, not fused into the gather kernel.
+        q_entries, k_entries = (rotate_entries(x, last, rope) for x in (q_entries, k_entries))
 
     def deliver(out: torch.Tensor, spill: int = 0):
         check_spill(spill, cfg)
@@ -138,6 +153,7 @@ def compress(
     heads_outer: bool = False,
     restart: torch.Tensor | None = None,
     document_bounds: list[int] | None = None,
+    rope: RopeTables | None = None,
 ) -> Compressed:
     """The kernel twin where the kernels run (CUDA, kernel dtypes, Triton), else the reference.
 
@@ -148,8 +164,11 @@ def compress(
     `restart` [B, tiles] bool (causal selection only): tiles whose thresholds start afresh, the
     first whole tile of each packed document's region (LIGHTHOUSE.md s.12).
     `document_bounds` (check_documents' list): the packed documents of the batch, which the
-    "dilated" and "gla" scorers keep apart (s.13); "norm" reads each token alone."""
-    args = (q, k, v, cfg, selection, preceding, heads_outer, restart, document_bounds)
+    "dilated" and "gla" scorers keep apart (s.13); "norm" reads each token alone.
+    `rope` (cfg.rope "entries" only, required then): the (cos, sin) tables of q's tokens,
+    [N, D/2] or [B, N, D/2] (lh_cp.ops.rope.check_rope); q and k are then unrotated and each
+    q and k entry is rotated at table row end - 1 (LIGHTHOUSE.md s.14)."""
+    args = (q, k, v, cfg, selection, preceding, heads_outer, restart, document_bounds, rope)
     if kernels.available(q, k, v):
         return compress_kernels(*args)
     return compress_reference(*args)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 SELECTIONS = ("tile_topk", "causal")
 SCORERS = ("norm", "dilated", "gla")
+ROPES = ("tokens", "entries")
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -42,6 +43,10 @@ class LighthouseConfig:
         optional fla-core: pip install 'lh-cp[gla]').
     dilation: the stride of the "dilated" and "gla" scorers (unused by "norm"); N must be a
         multiple of it.
+    rope: where RoPE rotates q and k. "tokens" (the paper's): the model rotates every token
+        and the layer pools rotated vectors. "entries" (LIGHTHOUSE.md s.14): the layer gets q
+        and k unrotated plus the rotation tables (rope=(cos, sin)) and rotates each gathered
+        entry at the position of the last token it covers.
     """
 
     pool: int = 4
@@ -52,6 +57,7 @@ class LighthouseConfig:
     min_document_tokens: int = 0
     scorer: str = "norm"
     dilation: int = 4
+    rope: str = "tokens"
 
     def __post_init__(self) -> None:
         for name in ("pool", "levels", "topk", "tile_budget", "min_document_tokens", "dilation"):
@@ -68,6 +74,17 @@ class LighthouseConfig:
             )
         if self.dilation < 1:
             raise ValueError(f"dilation must be a positive int, got dilation={self.dilation}")
+        if self.rope not in ROPES:
+            raise ValueError(
+                f"LighthouseConfig.rope must be one of {ROPES}, got rope={self.rope!r}"
+            )
+        if self.rope == "entries" and self.scorer != "norm":
+            raise ValueError(
+                f"rope='entries' works with scorer='norm' only, got scorer={self.scorer!r}: the "
+                f"'dilated' and 'gla' scorers attend between tokens, so their scores depend on "
+                f"the tokens' rotation, which rope='entries' leaves to the entries "
+                f"(LIGHTHOUSE.md s.14); use rope='tokens' or scorer='norm'"
+            )
         if self.min_document_tokens < 0:
             raise ValueError(
                 f"min_document_tokens must be >= 0, got min_document_tokens={self.min_document_tokens}"

@@ -32,6 +32,7 @@ import torch
 from lh_cp.ops.compress import Compressed, compress
 from lh_cp.ops.config import LighthouseConfig
 from lh_cp.ops.dense import document_causal
+from lh_cp.ops.rope import RopeTables, rotate_tokens
 
 
 @dataclass(frozen=True)
@@ -270,16 +271,18 @@ def lighthouse_documents(
     cfg: LighthouseConfig,
     documents: torch.Tensor,
     bounds: list[int],
+    rope: RopeTables | None = None,
 ) -> torch.Tensor:
     """Lighthouse attention with document masking (s.12) on one device: q [B, N, H, D], k/v
     [B, N, Hkv, D], `documents` and its checked boundaries `bounds` (check_documents) ->
-    [B, N, H, D]."""
+    [B, N, H, D]. `rope`: the checked tables (check_rope) when cfg.rope = "entries": the
+    entries are rotated at their last token, the head and tail tokens at their own (s.14)."""
     batch, n = q.shape[:2]
     plan = plan_documents(bounds, batch, n, cfg, q.device)
     if plan.restart is None:  # no document holds a whole tile: every entry is a token
-        return document_causal(q, k, v, documents, bounds)
-    entries = compress(q, k, v, cfg, restart=plan.restart, document_bounds=bounds)
-    sources = zip(token_rows(q, k, v), entry_rows(entries))
+        return document_causal(*rotate_tokens(q, k, rope), v, documents, bounds)
+    entries = compress(q, k, v, cfg, restart=plan.restart, document_bounds=bounds, rope=rope)
+    sources = zip(token_rows(*rotate_tokens(q, k, rope), v), entry_rows(entries))
     packed = [packed_rows(t, e, plan)[None] for t, e in sources]  # [1, P, H, D]
     cu = torch.tensor(plan.bounds, dtype=torch.int32, device=q.device)
     out = document_causal(*packed, cu, plan.bounds)[0]  # [P, H, D]: each document one sequence

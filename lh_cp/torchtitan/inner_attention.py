@@ -64,6 +64,15 @@ class LighthouseInnerAttention(Module):
                 raise ValueError(
                     f"inner attention lighthouse must be a LighthouseConfig, got {self.lighthouse!r}"
                 )
+            if self.lighthouse.rope != "tokens":
+                # torchtitan's GQAttention rotates q and k before it calls its inner attention,
+                # so this module never sees them unrotated (LIGHTHOUSE.md s.14).
+                raise ValueError(
+                    f"lighthouse.rope={self.lighthouse.rope!r} is not available with torchtitan: "
+                    f"its GQAttention applies RoPE to q and k before the inner attention, which "
+                    f'needs them unrotated for rope="entries"; use rope="tokens" or lh-cp\'s own '
+                    f"trainer"
+                )
 
     def __init__(self, config: Config) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ from lh_cp.ops.attention import check_qkv
 from lh_cp.ops.compress import compress, selection_carry
 from lh_cp.ops.config import LighthouseConfig
 from lh_cp.ops.documents import check_documents
+from lh_cp.ops.rope import RopeTables, check_rope
 from lh_cp.parallel.headtail.documents import shard_plan
 from lh_cp.parallel.headtail.exchange import exchange_attention
 from lh_cp.parallel.headtail.halo import add_halos
@@ -55,6 +56,16 @@ def _from_exchange_layout(x: torch.Tensor) -> torch.Tensor:
     reads with its strides."""
     batch, heads, rows, dim = x.shape
     return x.unflatten(2, (2, rows // 2)).transpose(1, 2).reshape(2 * batch, heads, rows // 2, dim)
+
+
+def chunk_tables(rope: RopeTables | None, q: torch.Tensor) -> RopeTables | None:
+    """The shard's checked rotation tables (check_rope: [B, 2C, D/2]) as chunk rows
+    [2B, C, D/2], row 2b + slot, as q's chunks are; None stays None."""
+    if rope is None:
+        return None
+    batch, n_local = q.shape[:2]
+    cos, sin = (t.reshape(2 * batch, n_local // 2, t.shape[-1]) for t in rope)
+    return cos, sin
 
 
 def chunk_preceding(
@@ -92,9 +103,13 @@ def lighthouse_attention_cp(
     cfg: LighthouseConfig,
     group: dist.ProcessGroup,
     exchange: str = "allgather",
+    rope: RopeTables | None = None,
 ) -> torch.Tensor:
-    """Lighthouse attention of this rank's head-tail shard: q [B, 2C, H, D] -> [B, 2C, H, D]."""
+    """Lighthouse attention of this rank's head-tail shard: q [B, 2C, H, D] -> [B, 2C, H, D].
+    `rope` (cfg.rope = "entries"): the shard's (cos, sin) tables (check_rope); entries are
+    rotated where they are compressed, so the exchange carries rotated entries as before."""
     check_qkv(q, k, v)
+    rope = check_rope(rope, cfg, q)
     batch, n_local, heads, dim = q.shape
     world = dist.get_world_size(group)
     if n_local % 2 != 0:
@@ -109,11 +124,18 @@ def lighthouse_attention_cp(
     k_chunks = k.reshape(2 * batch, chunk, *k.shape[2:])
     v_chunks = v.reshape(2 * batch, chunk, *v.shape[2:])
     preceding = chunk_preceding(q_chunks, k_chunks, v_chunks, local_cfg, group)
+    rope_chunks = chunk_tables(rope, q)
     # Heads-outer entries: the exchange layout below is then a view (at B = 1 no copy either
     # way, forward or backward), not a transpose of every entry tensor.
     entries = compress(
-        q_chunks, k_chunks, v_chunks, local_cfg, preceding=preceding, heads_outer=True
-    )  # [2B, H, S_c, D]
+        q_chunks,
+        k_chunks,
+        v_chunks,
+        local_cfg,
+        preceding=preceding,
+        heads_outer=True,
+        rope=rope_chunks,
+    )  # [2B, H, S_c, D], heads-outer
 
     out_entries = exchange_attention(
         _to_exchange_layout(entries.q, batch),

@@ -44,9 +44,11 @@ from lh_cp.ops.document_lighthouse import (
     unpacked,
 )
 from lh_cp.ops.documents import is_whole_windows
+from lh_cp.ops.rope import RopeTables, check_rope, rotate_tokens
 from lh_cp.parallel.headtail.attention import (
     chunk_config,
     chunk_preceding,
+    chunk_tables,
     lighthouse_attention_cp,
 )
 from lh_cp.parallel.headtail.exchange import exchange_function
@@ -159,17 +161,20 @@ def lighthouse_documents_cp(
     bounds: list[int],
     group: dist.ProcessGroup,
     exchange: str = "allgather",
+    rope: RopeTables | None = None,
 ) -> torch.Tensor:
     """This rank's head-tail shard q [B, 2C, H, D], k/v [B, 2C, Hkv, D] with the global checked
     boundaries `bounds` (check_documents over B windows of 2CW tokens) -> [B, 2C, H, D];
     exchange "allgather" or "ring" (stream_ring.py). One document per window is the unmasked
-    layer (as on one device)."""
+    layer (as on one device). `rope` (cfg.rope = "entries"): the shard's tables; entries and
+    head/tail tokens are rotated here, before the exchange (LIGHTHOUSE.md s.14)."""
     exchange_function(exchange)  # a head-tail exchange, or ValueError naming them
+    rope = check_rope(rope, cfg, q)
     batch, n_local, heads, dim = q.shape
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = n_local * world
     if is_whole_windows(bounds, batch, n):
-        return lighthouse_attention_cp(q, k, v, cfg, group, exchange)
+        return lighthouse_attention_cp(q, k, v, cfg, group, exchange, rope)
     chunk = n_local // 2
     local_cfg = chunk_config(cfg, n, world)
     regions = document_regions(bounds, batch, n, cfg)
@@ -189,8 +194,13 @@ def lighthouse_documents_cp(
     q_rows = q.reshape(2 * batch, chunk, heads, dim)  # chunk row 2b + slot
     k_rows, v_rows = (x.reshape(2 * batch, chunk, *x.shape[2:]) for x in (k, v))
     preceding = chunk_preceding(q_rows, k_rows, v_rows, local_cfg, group)  # [2B, H, L-1, 2]
-    entries = compress(q_rows, k_rows, v_rows, local_cfg, preceding=preceding, restart=plan.restart)
-    sources = zip(token_rows(q_rows, k_rows, v_rows), entry_rows(entries))
+    rope_rows = chunk_tables(rope, q)  # [2B, C, D/2] each, or None
+    entries = compress(
+        q_rows, k_rows, v_rows, local_cfg, preceding=preceding, restart=plan.restart, rope=rope_rows
+    )
+    sources = zip(
+        token_rows(*rotate_tokens(q_rows, k_rows, rope_rows), v_rows), entry_rows(entries)
+    )
     packed = [packed_rows(t, e, plan) for t, e in sources]  # [P, H, D]
     if exchange == "ring":
         ring_plan = stream_ring_plan(streams, plan.pieces, rank, world, q.device)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lh_cp.ops.attention import check_qkv
 from lh_cp.ops.compress import compress, entries_sdpa, selection_carry
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.rope import RopeTables
 from lh_cp.parallel.selection_carry import preceding_thresholds
 from lh_cp.parallel.spill import add_to_first_rows
 from lh_cp.parallel.ulysses.comm import all_to_all_rows, shift_to_next_rank
@@ -71,12 +72,14 @@ def compressed_ulysses_attention(
     v: torch.Tensor,
     cfg: LighthouseConfig,
     group: dist.ProcessGroup,
+    rope: RopeTables | None = None,
 ) -> torch.Tensor:
     """Lighthouse attention of rank r's contiguous shard: q [B, C, H, D], k/v [B, C, Hkv, D] -> [B, C, H, D].
 
     The shards of the W ranks of `group`, in rank order, form the sequence of N = W * C
     tokens; the result is rank r's shard of the single-device lighthouse_attention. All shape
-    rules are checked before any communication.
+    rules are checked before any communication. `rope` (cfg.rope = "entries"): the shard's
+    (cos, sin) tables; entries are rotated before the all-to-all (LIGHTHOUSE.md s.14).
     """
     check_qkv(q, k, v)
     batch, shard_len, heads, _ = q.shape
@@ -92,7 +95,7 @@ def compressed_ulysses_attention(
             carry, [dist.get_rank(group)], lambda shard: (shard, 0), group
         )[0]
     local = compress(
-        q, k, v, local_cfg, preceding=preceding
+        q, k, v, local_cfg, preceding=preceding, rope=rope
     )  # [B, H, S_c, D] each, spans local to the shard; k, v per query head
     entries = torch.stack([local.q, local.k, local.v])  # [3, B, H, S_c, D]
     q_all, k_all, v_all = _shards_to_heads(entries, group)  # each [B, H/W, W * S_c, D]

@@ -51,6 +51,7 @@ from lh_cp.ops.document_lighthouse import (
     unpacked,
 )
 from lh_cp.ops.documents import is_whole_windows
+from lh_cp.ops.rope import RopeTables, check_rope, rotate_tokens
 from lh_cp.parallel.selection_carry import preceding_thresholds
 from lh_cp.parallel.spill import add_to_first_rows
 from lh_cp.parallel.ulysses.comm import all_to_all_uneven_rows, shift_to_next_rank
@@ -122,6 +123,7 @@ def compressed_ulysses_documents(
     cfg: LighthouseConfig,
     bounds: list[int],
     group: dist.ProcessGroup,
+    rope: RopeTables | None = None,
 ) -> torch.Tensor:
     """Lighthouse with documents of rank r's contiguous shard: q [B, C, H, D], k/v [B, C, Hkv, D]
     with the global checked boundaries `bounds` (check_documents over B windows of W C tokens)
@@ -129,13 +131,14 @@ def compressed_ulysses_documents(
     unmasked compressed Ulysses (as on one device). Shape rules are checked before any
     communication."""
     check_qkv(q, k, v)
+    rope = check_rope(rope, cfg, q)  # the shard's tables (cfg.rope = "entries", s.14)
     batch, shard, heads, _ = q.shape
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     check_heads_divisible(heads, world)
     local_cfg = shard_config(cfg, shard, world)
     n = shard * world
     if is_whole_windows(bounds, batch, n):
-        return compressed_ulysses_attention(q, k, v, cfg, group)
+        return compressed_ulysses_attention(q, k, v, cfg, group, rope)
     streams = shard_streams(bounds, batch, n, world, cfg)
     plan = plan_streams(
         [streams[b][rank] for b in range(batch)],
@@ -149,8 +152,8 @@ def compressed_ulysses_documents(
         # The causal selection's first tile of shard r starts from shard r-1's last tile.
         carry = selection_carry(q, k, v, local_cfg).unsqueeze(0)  # [1, B, H, L-1, 2]
         preceding = preceding_thresholds(carry, [rank], lambda s: (s, 0), group)[0]
-    entries = compress(q, k, v, local_cfg, preceding=preceding, restart=plan.restart)
-    sources = zip(token_rows(q, k, v), entry_rows(entries))
+    entries = compress(q, k, v, local_cfg, preceding=preceding, restart=plan.restart, rope=rope)
+    sources = zip(token_rows(*rotate_tokens(q, k, rope), v), entry_rows(entries))
     packed = torch.stack([packed_rows(t, e, plan) for t, e in sources], dim=1)  # [P_r, 3, H, D]
 
     lengths = [sum(streams[b][i].length for b in range(batch)) for i in range(world)]  # P_i

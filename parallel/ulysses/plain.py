@@ -23,7 +23,9 @@ from torch import nn
 
 from lh_cp.ops.attention import check_qkv, single_device_causal, single_device_lighthouse
 from lh_cp.ops.config import LighthouseConfig
+from lh_cp.ops.rope import RopeTables, check_rope
 from lh_cp.parallel.ulysses.compressed import check_heads_divisible
+from lh_cp.parallel.ulysses.sharding import ulysses_unshard
 
 
 class LocalAttention(nn.Module):
@@ -31,7 +33,8 @@ class LocalAttention(nn.Module):
 
     cfg None means dense causal attention (dense layers, the recovery stage). After the
     all-to-all a rank holds the whole sequence of its heads, so documents (the global
-    boundaries, the same on every rank) are those of the single-device call.
+    boundaries, the same on every rank) are those of the single-device call, and so are the
+    rotation tables `rope` of the whole sequence (cfg.rope = "entries").
     """
 
     def __init__(self, cfg: LighthouseConfig | None) -> None:
@@ -44,10 +47,11 @@ class LocalAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         documents: torch.Tensor | None = None,
+        rope: RopeTables | None = None,
     ) -> torch.Tensor:
         if self.cfg is None:
             return single_device_causal(q, k, v, documents)
-        return single_device_lighthouse(q, k, v, self.cfg, documents)
+        return single_device_lighthouse(q, k, v, self.cfg, documents, rope)
 
 
 def kv_heads_for_ulysses(heads: int, kv_heads: int, world: int) -> int:
@@ -83,8 +87,13 @@ class UlyssesAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         documents: torch.Tensor | None = None,
+        rope: RopeTables | None = None,
     ) -> torch.Tensor:
+        """`rope` (cfg.rope = "entries"): the (cos, sin) tables of this rank's shard; each head
+        group holds the whole sequence, so the tables are all-gathered (no gradient: they are
+        constants of the positions) and the local layer gets the whole sequence's."""
         check_qkv(q, k, v)
+        rope = check_rope(rope, self.cfg, q)  # [B, C, D/2] each, or None
         world = dist.get_world_size(self.group)
         heads, kv_heads = q.shape[2], k.shape[2]
         check_heads_divisible(heads, world)
@@ -94,7 +103,9 @@ class UlyssesAttention(nn.Module):
         if sent_kv != kv_heads:
             k = k.repeat_interleave(sent_kv // kv_heads, dim=2)  # [B, C, lcm(Hkv, W), D]
             v = v.repeat_interleave(sent_kv // kv_heads, dim=2)
-        return self.inner(q, k, v, batch_dim_idx=0, documents=documents)
+        if rope is not None:
+            rope = tuple(ulysses_unshard(t.contiguous(), self.group, dim=1) for t in rope)
+        return self.inner(q, k, v, batch_dim_idx=0, documents=documents, rope=rope)
 
 
 def ulysses_attention(
@@ -104,7 +115,9 @@ def ulysses_attention(
     cfg: LighthouseConfig | None,
     group: dist.ProcessGroup,
     documents: torch.Tensor | None = None,
+    rope: RopeTables | None = None,
 ) -> torch.Tensor:
     """Functional UlyssesAttention: q [B, C, H, D], k/v [B, C, Hkv, D] -> [B, C, H, D];
-    documents: the global boundaries (Lighthouse: LIGHTHOUSE.md s.12 on the whole sequence)."""
-    return UlyssesAttention(cfg, group)(q, k, v, documents)
+    documents: the global boundaries (Lighthouse: LIGHTHOUSE.md s.12 on the whole sequence);
+    rope: the shard's rotation tables (cfg.rope = "entries", LIGHTHOUSE.md s.14)."""
+    return UlyssesAttention(cfg, group)(q, k, v, documents, rope)
