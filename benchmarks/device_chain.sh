@@ -23,9 +23,9 @@ start)
     python3 -m pytest -q -p no:cacheprovider tests/test_offload_gpu.py tests/test_scorers_gpu.py 2>&1 | tail -n 15
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k rope 2>&1 | tail -n 5
     python3 benchmarks/scorers.py --out /tmp/chain/scorers.json
+    python3 benchmarks/offload.py --attention lighthouse --offload on --contexts 1048576 --results /tmp/chain/offload.json --out /tmp/chain/offload_runs
     python3 benchmarks/document_lighthouse.py --lengths 131072 --out /tmp/chain/document_lighthouse_cp.json
     python3 benchmarks/document_lighthouse.py --lengths 131072 --means 16384 --tile-budget 64 --cp-lengths --out /tmp/chain/document_lighthouse_b64.json
-    python3 benchmarks/offload.py --attention lighthouse --offload on --contexts 1048576 --results /tmp/chain/offload.json --out /tmp/chain/offload_runs
     echo timings-finished
     if [ -n "$QUALITY_ARMS" ]; then
       QUALITY_OUT=/tmp/quality benchmarks/device_quality.sh start --arms "$QUALITY_ARMS" --seeds 0,1,2 --parallel 9 --timing-steps 0
@@ -40,6 +40,8 @@ poll)
     # without quality runs the chain is done once it has started everything
     if grep -q chain-started-all /tmp/chain/chain.log 2> /dev/null && [ ! -f /tmp/quality/bench.log ]; then break; fi
     sleep 10
+    # what is done so far, in case the call is cut short
+    cp /tmp/chain/*.json /tmp/chain/chain.log "${OUT:-/tmp}/" 2> /dev/null
   done
   grep -v "Warning\|warn(" /tmp/chain/chain.log | tail -n 60
   [ -f /tmp/quality/bench.log ] && QUALITY_OUT=/tmp/quality benchmarks/device_quality.sh poll 1 2> /dev/null | tail -n 16
