@@ -17,7 +17,7 @@ case "${1:?start or poll}" in
 start)
   python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/lh_cp_pip.log 2>&1 || { cat /tmp/lh_cp_pip.log; exit 1; }
   if ls .whl/*.whl > /dev/null 2>&1; then python3 -m pip install -q --no-deps .whl/*.whl; fi
-  export QUALITY_ARMS=${QUALITY_ARMS-paper_split_dilated,paper_split_gla,paper_split_rope_entries}
+  export QUALITY_ARMS=${QUALITY_ARMS-paper_split,paper_split_dilated,paper_split_gla,paper_split_rope_entries}
   PYTHONUNBUFFERED=1 setsid nohup bash -c '
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; free -g | head -2
     python3 -m pytest -q -p no:cacheprovider tests/test_offload_gpu.py tests/test_scorers_gpu.py 2>&1 | tail -n 15
@@ -28,7 +28,7 @@ start)
     python3 benchmarks/document_lighthouse.py --lengths 131072 --means 16384 --tile-budget 64 --cp-lengths --out /tmp/chain/document_lighthouse_b64.json
     echo timings-finished
     if [ -n "$QUALITY_ARMS" ]; then
-      QUALITY_OUT=/tmp/quality benchmarks/device_quality.sh start --arms "$QUALITY_ARMS" --seeds 0,1,2 --parallel 9 --timing-steps 0
+      QUALITY_OUT=/tmp/quality benchmarks/device_quality.sh start --arms "$QUALITY_ARMS" --seeds 0,1,2 --parallel 12 --timing-steps 0
     fi
     echo chain-started-all
   ' > /tmp/chain/chain.log 2>&1 < /dev/null &
