@@ -32,7 +32,6 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
 from one_rank import one_rank_group  # noqa: E402
+from timing import call_ms  # noqa: E402
 
 from lh_cp import LighthouseConfig, causal_attention, lighthouse_attention  # noqa: E402
 
@@ -60,20 +60,8 @@ def layout(n: int, mean: int | None, seed: int) -> list[int]:
 
 
 def _once_ms(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> float:
-    """One fn(*inputs).backward(), timed with CUDA events on a GPU, the host clock on a CPU."""
-    cuda = inputs[0].is_cuda
-    for t in inputs:
-        t.grad = None
-    if cuda:
-        start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        start.record()
-    begin = time.perf_counter()
-    fn(*inputs).backward(grad_out)
-    if cuda:
-        stop.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(stop)
-    return (time.perf_counter() - begin) * 1e3
+    """One fn(*inputs).backward(grad_out), timed (benchmarks/timing.py)."""
+    return call_ms(lambda: fn(*inputs).backward(grad_out), inputs)
 
 
 def _grad_out(fn, sets: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -26,12 +26,14 @@ import json
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import call_ms  # noqa: E402
 
 from lh_cp import LighthouseConfig, lighthouse_attention  # noqa: E402
 from lh_cp.model.transformer import ModelConfig, apply_rope, rope_tables  # noqa: E402
@@ -59,28 +61,12 @@ def parse_variant(text: str, base: LighthouseConfig) -> LighthouseConfig:
 
 
 def time_ms(fn, sets: list[list[torch.Tensor]], warmup: int, repeats: int) -> float:
-    """Median time of fn(*inputs) over rotating input sets (CUDA events on a GPU, the host clock
-    on a CPU)."""
-    cuda = sets[0][0].is_cuda
+    """Median time of fn(*inputs) over rotating input sets (benchmarks/timing.py)."""
     times = []
     for i in range(warmup + repeats):
         inputs = sets[i % len(sets)]
-        for t in inputs:
-            t.grad = None
-        if cuda:
-            start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-        begin = time.perf_counter()
-        fn(*inputs)
-        if cuda:
-            stop.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(stop)
-        else:
-            elapsed = (time.perf_counter() - begin) * 1e3
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+        times.append(call_ms(lambda: fn(*inputs), inputs))  # noqa: B023 (called at once)
+    return statistics.median(times[warmup:])
 
 
 def layer_step(cfg: LighthouseConfig, grad_out: torch.Tensor, tables):
