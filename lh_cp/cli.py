@@ -253,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
 QUIET_RANK_WAIT_S = 2.0  # lets torchrun name the rank that printed as the root cause
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: every rank of a job may say its line at the same moment
+    into the same pipe, and print's two writes (the text, then the newline) would interleave
+    them ("...resumelh-cp train: rank 0 ..."); a write of under 4 KiB into a pipe is atomic."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _train_with_errors(args, argv: list[str]) -> int:
     """`lh-cp train` with its errors as one line each. Errors every rank of a node meets alike
     (the recipe, its data files, the run folder, missing packages, a checkpoint that does not
@@ -279,22 +287,21 @@ def _train_with_errors(args, argv: list[str]) -> int:
         if os.environ.get("LOCAL_RANK", "0") != "0":
             time.sleep(QUIET_RANK_WAIT_S)
             return 2
-        print(f"lh-cp train: error: {err}", file=sys.stderr)
+        say(f"lh-cp train: error: {err}")
         return 2
     except (NonFiniteStep, CheckpointWriteError) as err:
-        print(f"lh-cp train: error: {err}", file=sys.stderr)
+        say(f"lh-cp train: error: {err}")
         return 2
     except LauncherLost as err:
-        print(f"lh-cp train: {err}", file=sys.stderr)
+        say(f"lh-cp train: {err}")
         return LAUNCHER_LOST_EXIT
     except (TrainingInterrupted, KeyboardInterrupt) as err:
         what = err if isinstance(err, TrainingInterrupted) else "interrupted while starting"
         command = f"lh-cp {shlex.join(argv)}"
         under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-        print(
+        say(
             f"lh-cp train: {what}"
-            + (f" (each rank ran: {command})" if under_torchrun else f": {command}"),
-            file=sys.stderr,
+            + (f" (each rank ran: {command})" if under_torchrun else f": {command}")
         )
         return 130
 
